@@ -1,0 +1,37 @@
+# The two setup commands: `make demo` and `make test`. Both work on a fresh machine with Python 3.11 only.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip --disable-pip-version-check -q
+EXTRAS ?= agent,controlplane,dev
+
+.PHONY: demo test bench lint typecheck clean venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall when the dependency list changes; the stamp file remembers which extras are in.
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+	$(PIP) install -e ".[$*]"
+	touch $@
+
+venv: $(VENV)/.installed-$(EXTRAS)
+
+demo: $(VENV)/.installed-all
+	$(BIN)/edgefleet demo
+
+test: $(VENV)/.installed-$(EXTRAS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-$(EXTRAS)
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/agent_footprint.py
+
+lint: $(VENV)/.installed-$(EXTRAS)
+	$(BIN)/ruff check agent controlplane federated firmware_profiles tests bench
+
+typecheck: $(VENV)/.installed-$(EXTRAS)
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

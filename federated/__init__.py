@@ -1,0 +1,1 @@
+"""Federated learning: tasks, Flower apps, model build/quantize/sign, burst worker."""

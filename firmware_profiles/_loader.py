@@ -1,0 +1,85 @@
+"""Load and validate profile files; errors name the file and the field."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+import msgspec
+
+from firmware_profiles._schema import Profile
+
+__all__ = ["ProfileError", "ProfileNotFound", "load_profile", "load_profiles", "profile_dir", "get_profile"]
+
+
+class ProfileError(Exception):
+    """A profile file is missing, unreadable or invalid.
+
+    ProfileError
+    └── ProfileNotFound
+    """
+
+    def __init__(self, message: str, *, path: Path | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.field = field
+
+
+class ProfileNotFound(ProfileError):
+    """No profile of that name exists."""
+
+
+_FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def profile_dir() -> Path:
+    """The directory of the profiles shipped with the package."""
+    return Path(str(resources.files("firmware_profiles") / "data"))
+
+
+def load_profile(path: Path) -> Profile:
+    """Load one profile file.
+
+    Raises
+    ------
+    ProfileError
+        The message names the file and, for schema errors, the dotted field path.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read profile file: {exc}", path=path) from exc
+    try:
+        profile = msgspec.toml.decode(raw, type=Profile)
+    except msgspec.ValidationError as exc:
+        match = _FIELD_RE.search(str(exc))
+        field = match.group(1) if match else None
+        reason = _FIELD_RE.sub("", str(exc)).strip(" -")
+        where = f" field '{field}'" if field else ""
+        raise ProfileError(f"{path}:{where}: {reason}", path=path, field=field) from exc
+    except msgspec.DecodeError as exc:
+        raise ProfileError(f"{path}: not valid TOML: {exc}", path=path) from exc
+    if profile.name != path.stem:
+        raise ProfileError(
+            f"{path}: field 'name': '{profile.name}' must match the file name '{path.stem}'",
+            path=path,
+            field="name",
+        )
+    return profile
+
+
+def load_profiles(directory: Path | None = None) -> dict[str, Profile]:
+    """All profiles in a directory (the shipped ones by default), by name."""
+    directory = directory or profile_dir()
+    return {p.name: p for p in (load_profile(f) for f in sorted(directory.glob("*.toml")))}
+
+
+def get_profile(name: str, directory: Path | None = None) -> Profile:
+    """One profile by name."""
+    directory = directory or profile_dir()
+    path = directory / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in directory.glob("*.toml")))
+        raise ProfileNotFound(f"unknown profile '{name}' (known: {known})", path=path)
+    return load_profile(path)
