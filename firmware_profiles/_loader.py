@@ -10,7 +10,7 @@ import msgspec
 
 from firmware_profiles._schema import Profile
 
-__all__ = ["ProfileError", "ProfileNotFound", "load_profile", "load_profiles", "profile_dir", "get_profile"]
+__all__ = ["ProfileError", "ProfileNotFound", "get_profile", "load_profile", "load_profiles", "profile_dir"]
 
 
 class ProfileError(Exception):
@@ -30,7 +30,9 @@ class ProfileNotFound(ProfileError):
     """No profile of that name exists."""
 
 
-_FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
+_FIELD_RE = re.compile(r"\s*-\s*at `\$\.?([^`]*)`")
+# msgspec names the *parent* object for these two errors; the field itself is in the message.
+_NAMED_FIELD_RE = re.compile(r"(?:missing required|unknown) field `([^`]+)`")
 
 
 def profile_dir() -> Path:
@@ -53,13 +55,13 @@ def load_profile(path: Path) -> Profile:
     try:
         profile = msgspec.toml.decode(raw, type=Profile)
     except msgspec.ValidationError as exc:
-        match = _FIELD_RE.search(str(exc))
-        field = match.group(1) if match else None
-        reason = _FIELD_RE.sub("", str(exc)).strip(" -")
-        where = f" field '{field}'" if field else ""
-        raise ProfileError(f"{path}:{where}: {reason}", path=path, field=field) from exc
+        field, reason = _field_of(str(exc))
+        where = f" field '{field}':" if field else ""
+        raise ProfileError(f"{path}:{where} {reason}", path=path, field=field) from exc
     except msgspec.DecodeError as exc:
         raise ProfileError(f"{path}: not valid TOML: {exc}", path=path) from exc
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"{path}: not valid TOML: not UTF-8 text: {exc}", path=path) from exc
     if profile.name != path.stem:
         raise ProfileError(
             f"{path}: field 'name': '{profile.name}' must match the file name '{path.stem}'",
@@ -67,6 +69,17 @@ def load_profile(path: Path) -> Profile:
             field="name",
         )
     return profile
+
+
+def _field_of(message: str) -> tuple[str | None, str]:
+    """The dotted field path a msgspec validation message points at, and the message without it."""
+    match = _FIELD_RE.search(message)
+    parent = match.group(1) if match else ""
+    reason = _FIELD_RE.sub("", message).strip()
+    named = _NAMED_FIELD_RE.search(reason)
+    if named:
+        parent = f"{parent}.{named.group(1)}" if parent else named.group(1)
+    return parent or None, reason
 
 
 def load_profiles(directory: Path | None = None) -> dict[str, Profile]:
@@ -79,7 +92,8 @@ def get_profile(name: str, directory: Path | None = None) -> Profile:
     """One profile by name."""
     directory = directory or profile_dir()
     path = directory / f"{name}.toml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in directory.glob("*.toml")))
+    # A name is a file stem, never a path: "../x" or "a/b" must not reach outside the directory.
+    if not name or Path(name).name != name or not path.is_file():
+        known = ", ".join(sorted(p.stem for p in directory.glob("*.toml"))) or "none"
         raise ProfileNotFound(f"unknown profile '{name}' (known: {known})", path=path)
     return load_profile(path)

@@ -1,0 +1,392 @@
+"""The agent daemon: one loop that owns the MQTT connection, the outbox, telemetry and commands.
+
+Reconnection is this loop's job, not the client's: every connection attempt gets a fresh paho client, so
+nothing is buffered anywhere but the on-disk outbox, which is the single source of truth for what the control
+plane has not yet acknowledged.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import random
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+
+from agent import __version__
+from agent import protocol as wire
+from agent._errors import ConfigError
+from agent._mqtt import BrokerAddress, MqttProtocol, make_client
+from agent._outbox import Outbox
+from agent._telemetry import PowerMode, PowerSensor, SystemSensor
+from firmware_profiles import Profile
+
+__all__ = ["Agent", "AgentSettings", "LifecycleState", "write_atomic"]
+
+log = structlog.get_logger("edgefleet.agent")
+
+# What `set_config` may change, with the accepted range.
+_TUNABLE: dict[str, tuple[float, float]] = {
+    "telemetry_interval_s": (0.1, 86_400.0),
+    "inference_rate_hz": (0.0, 1000.0),
+}
+
+
+class LifecycleState(enum.StrEnum):
+    STARTING = "starting"
+    CONNECTING = "connecting"
+    ONLINE = "online"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass
+class AgentSettings:
+    device_id: str
+    profile: Profile
+    broker: BrokerAddress
+    data_dir: Path
+    controlplane_url: str | None = None
+    telemetry_interval_s: float | None = None  # default: the profile's
+    inference_rate_hz: float = 5.0
+    power_mode: PowerMode = PowerMode.AUTO
+    outbox_max_bytes: int = 16 * 1024 * 1024
+    model_path: Path | None = None  # default: the shipped starter model
+    data_path: Path | None = None  # default: the shipped digits sample
+    inflight_window: int = 100
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    keepalive_s: int = 30
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that a crash at any point leaves either the old or the new content."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Agent:
+    """A device agent. `run()` blocks until `stop()` is called (e.g. from a SIGTERM handler)."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        wire.validate_device_id(settings.device_id)
+        self.settings = settings
+        self.device_id = settings.device_id
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self._log = log.bind(device_id=self.device_id)
+        self._config_path = settings.data_dir / "config.json"
+        self.config = self._load_config()
+        self.outbox = Outbox(settings.data_dir / "outbox.db", settings.outbox_max_bytes)
+        self._stop = threading.Event()
+        self.state = LifecycleState.STARTING
+        self._system = SystemSensor(settings.data_dir)
+        self._power = PowerSensor(self.device_id, settings.power_mode, settings.profile.power_source)
+        self._client: mqtt.Client | None = None
+        self._protocol = (
+            MqttProtocol.V5 if settings.broker.protocol is MqttProtocol.AUTO else settings.broker.protocol
+        )
+        self._connected = False
+        self._connect_failed: str | None = None
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox id
+        self._last_sent_id = 0
+        self._seen_commands: OrderedDict[str, wire.Ack] = OrderedDict()
+        self.connects = 0
+        self.runtime_name: str | None = None
+        self.runtime_version: str | None = None
+        self.model_version: str | None = None
+        self._inference: Any = None  # agent._runtime.InferenceLoop, started in run()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def set_state(self, state: LifecycleState) -> None:
+        if state is not self.state:
+            self._log.info("agent.state", state=str(state), previous=str(self.state))
+            self.state = state
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def telemetry_interval_s(self) -> float:
+        value = self.config.get("telemetry_interval_s")
+        if value is not None:
+            return float(value)
+        return self.settings.telemetry_interval_s or self.settings.profile.telemetry.interval_s
+
+    def run(self) -> None:
+        self._start_inference()
+        backoff = self.settings.backoff_initial_s
+        next_attempt = 0.0
+        next_telemetry = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_telemetry:
+                    self._enqueue_telemetry()
+                    interval = self.telemetry_interval_s
+                    next_telemetry = max(next_telemetry + interval, now + interval / 10)
+                if self._client is None and now >= next_attempt:
+                    if self._connect():
+                        backoff = self.settings.backoff_initial_s
+                    else:
+                        self.set_state(LifecycleState.BACKOFF)
+                        next_attempt = now + backoff * random.uniform(0.5, 1.0)
+                        backoff = min(backoff * 2, self.settings.backoff_max_s)
+                if self._client is not None:
+                    self._pump()
+                    rc = self._client.loop(timeout=min(0.2, max(0.0, next_telemetry - time.monotonic())))
+                    if rc != mqtt.MQTT_ERR_SUCCESS or not self._connected:
+                        self._log.warning("mqtt.disconnected", rc=mqtt.error_string(rc))
+                        self._drop_client()
+                        self.set_state(LifecycleState.BACKOFF)
+                        next_attempt = time.monotonic() + backoff * random.uniform(0.5, 1.0)
+                else:
+                    self._stop.wait(min(0.2, max(0.0, min(next_telemetry, next_attempt) - time.monotonic())))
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self.set_state(LifecycleState.STOPPING)
+        if self._inference is not None:
+            self._inference.stop()
+        client = self._client
+        if client is not None and self._connected:
+            # A clean disconnect suppresses the Last Will, so say "offline" ourselves; give queued
+            # messages a moment to be acknowledged (what isn't stays in the outbox for next time).
+            info = client.publish(
+                wire.topic(self.device_id, wire.Channel.STATE), self._state_payload(online=False), 1, True
+            )
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and (self._inflight or not info.is_published()):
+                self._pump()
+                if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                    break
+            client.disconnect()
+        self._drop_client()
+        self.outbox.close()
+        self.set_state(LifecycleState.STOPPED)
+
+    # -- connection ------------------------------------------------------------------------------------------
+    def _connect(self) -> bool:
+        self.set_state(LifecycleState.CONNECTING)
+        address = self.settings.broker
+        client = make_client(
+            address, f"edgefleet-{self.device_id}", protocol=self._protocol, max_inflight=self.settings.inflight_window
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.will_set(
+            wire.topic(self.device_id, wire.Channel.STATE), self._state_payload(online=False), qos=1, retain=True
+        )
+        self._connected = False
+        self._connect_failed = None
+        try:
+            client.connect(address.host, address.port, keepalive=self.settings.keepalive_s)
+        except (OSError, ValueError) as exc:
+            self._log.info("mqtt.connect_failed", broker=address.url, error=str(exc))
+            return False
+        deadline = time.monotonic() + 10.0
+        while not self._connected and self._connect_failed is None and time.monotonic() < deadline:
+            if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
+                self._connect_failed = self._connect_failed or "connection closed before CONNACK"
+                break
+        if not self._connected:
+            reason = self._connect_failed or "no CONNACK within 10 s"
+            self._log.warning("mqtt.connect_failed", broker=address.url, protocol=str(self._protocol), reason=reason)
+            client.disconnect()
+            if self.settings.broker.protocol is MqttProtocol.AUTO and self._protocol is MqttProtocol.V5:
+                # Brokers that speak only 3.1.1 close the connection on an MQTT 5 CONNECT or refuse it.
+                if "protocol" in reason.lower() or "before CONNACK" in reason:
+                    self._log.info("mqtt.fallback", protocol="3.1.1")
+                    self._protocol = MqttProtocol.V311
+            return False
+        self._client = client
+        self.connects += 1
+        self._inflight.clear()
+        self._last_sent_id = 0
+        client.subscribe(wire.topic(self.device_id, wire.Channel.CMD), qos=1)
+        client.publish(wire.topic(self.device_id, wire.Channel.STATE), self._state_payload(online=True), 1, True)
+        self.set_state(LifecycleState.ONLINE)
+        self._log.info("mqtt.connected", broker=address.url, protocol=str(self._protocol))
+        return True
+
+    def _drop_client(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.socket() and self._client.disconnect()
+            except Exception:  # noqa: BLE001 - the socket may already be gone
+                pass
+        self._client = None
+        self._connected = False
+        self._inflight.clear()
+        self._last_sent_id = 0
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self._connect_failed = str(reason)
+        else:
+            self._connected = True
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._connected = False
+        if reason.is_failure and self._connect_failed is None:
+            self._connect_failed = str(reason)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        entry_id = self._inflight.pop(mid, None)
+        if entry_id is not None:
+            if reason.is_failure:
+                # The broker refused it (e.g. not authorised on MQTT 5): keeping it would block forever.
+                self._log.error("mqtt.publish_refused", reason=str(reason), outbox_id=entry_id)
+            self.outbox.remove(entry_id)
+
+    # -- outgoing --------------------------------------------------------------------------------------------
+    def _pump(self) -> None:
+        client = self._client
+        if client is None or not self._connected:
+            return
+        room = self.settings.inflight_window - len(self._inflight)
+        if room <= 0:
+            return
+        for entry in self.outbox.peek(room, after_id=self._last_sent_id):
+            info = client.publish(entry.topic, entry.payload, entry.qos, entry.retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                break  # back-pressure: try again after the next loop()
+            self._inflight[info.mid] = entry.id
+            self._last_sent_id = entry.id
+
+    def _enqueue_telemetry(self) -> None:
+        power, network = self._power.read()
+        inference = self._inference.stats.snapshot_and_reset(self.model_version) if self._inference else None
+        message = wire.Telemetry(
+            device_id=self.device_id,
+            seq=self.outbox.next_seq(),
+            ts=time.time(),
+            system=self._system.read(),
+            power=power,
+            network=network,
+            inference=inference,
+            outbox=wire.OutboxStats(
+                pending=self.outbox.pending,
+                pending_bytes=self.outbox.pending_bytes,
+                dropped_total=self.outbox.dropped,
+            ),
+        )
+        self.outbox.put(wire.topic(self.device_id, wire.Channel.TELEMETRY), wire.encode(message))
+
+    def _state_payload(self, *, online: bool) -> bytes:
+        return wire.encode(
+            wire.State(
+                device_id=self.device_id,
+                online=online,
+                ts=time.time(),
+                profile=self.settings.profile.name,
+                agent_version=__version__,
+                runtime=self.runtime_name,
+                runtime_version=self.runtime_version,
+                active_model=self.model_version,
+                config=dict(self.config),
+            )
+        )
+
+    def publish_state(self) -> None:
+        if self._client is not None and self._connected:
+            self._client.publish(
+                wire.topic(self.device_id, wire.Channel.STATE), self._state_payload(online=True), 1, True
+            )
+
+    # -- commands --------------------------------------------------------------------------------------------
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            command = wire.decode(message.payload, wire.Command)
+        except wire.ProtocolError as exc:
+            self._log.warning("command.malformed", error=str(exc))
+            return
+        ack = self._seen_commands.get(command.command_id)
+        if ack is None:  # QoS 1 may deliver a command twice: answer the repeat with the first result
+            ack = self.handle_command(command)
+            self._seen_commands[command.command_id] = ack
+            while len(self._seen_commands) > 256:
+                self._seen_commands.popitem(last=False)
+        self.outbox.put(wire.topic(self.device_id, wire.Channel.ACK), wire.encode(ack))
+
+    def handle_command(self, command: wire.Command) -> wire.Ack:
+        log = self._log.bind(command_id=command.command_id, kind=command.kind)
+
+        def ack(ok: bool, reason: str | None = None, **result: Any) -> wire.Ack:
+            log.info("command.ack", ok=ok, reason=reason)
+            return wire.Ack(
+                device_id=self.device_id, command_id=command.command_id, ok=ok, reason=reason,
+                result=result, ts=time.time(),
+            )
+
+        if command.kind == wire.CommandKind.PING:
+            return ack(True, pong=time.time(), state=str(self.state), agent_version=__version__)
+        if command.kind == wire.CommandKind.SET_CONFIG:
+            try:
+                changed = self.apply_config(command.args)
+            except ConfigError as exc:
+                return ack(False, str(exc))
+            return ack(True, config=changed)
+        return ack(False, f"unknown command kind {command.kind!r}")
+
+    # -- configuration ---------------------------------------------------------------------------------------
+    def _load_config(self) -> dict[str, Any]:
+        try:
+            loaded = json.loads(self._config_path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("config.unreadable", path=str(self._config_path), error=str(exc))
+            return {}
+        return {k: v for k, v in loaded.items() if k in _TUNABLE} if isinstance(loaded, dict) else {}
+
+    def apply_config(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Validate and persist tunables; all-or-nothing."""
+        if not values:
+            raise ConfigError(f"set_config needs at least one of: {', '.join(sorted(_TUNABLE))}")
+        for key, value in values.items():
+            if key not in _TUNABLE:
+                raise ConfigError(f"unknown setting {key!r} (known: {', '.join(sorted(_TUNABLE))})")
+            low, high = _TUNABLE[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ConfigError(f"setting {key!r} must be a number in [{low}, {high}], got {value!r}")
+        self.config.update({k: float(v) for k, v in values.items()})
+        write_atomic(self._config_path, json.dumps(self.config).encode())
+        if "inference_rate_hz" in values and self._inference is not None:
+            self._inference.set_rate(float(values["inference_rate_hz"]))
+        self.publish_state()
+        return dict(self.config)
+
+    # -- inference -------------------------------------------------------------------------------------------
+    def _start_inference(self) -> None:
+        from agent import _runtime  # deferred: keeps `import agent` cheap for tools that only need the protocol
+
+        rate = float(self.config.get("inference_rate_hz", self.settings.inference_rate_hz))
+        model_path = self.settings.model_path or _runtime.starter_model_path()
+        model = _runtime.TFLiteModel.load(model_path, runtime=str(self.settings.profile.runtime.name))
+        self.runtime_name, self.runtime_version = model.runtime_name, model.runtime_version
+        self.model_version = _runtime.model_version_of(model_path)
+        source = _runtime.DataSource(self.settings.data_path)
+        self._inference = _runtime.InferenceLoop(model, source, rate_hz=rate, model_version=self.model_version)
+        self._inference.start()

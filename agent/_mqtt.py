@@ -1,0 +1,105 @@
+"""MQTT connection details shared by the agent and the control plane (paho-mqtt 2.x)."""
+
+from __future__ import annotations
+
+import enum
+import ssl
+from dataclasses import dataclass, replace
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+
+__all__ = ["BrokerAddress", "MqttProtocol", "make_client", "parse_broker_url"]
+
+
+class MqttProtocol(enum.StrEnum):
+    AUTO = "auto"  # MQTT 5, falling back to 3.1.1 for brokers that refuse it (e.g. the embedded amqtt broker)
+    V5 = "5"
+    V311 = "3.1.1"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    protocol: MqttProtocol = MqttProtocol.AUTO
+
+    @property
+    def url(self) -> str:
+        """The URL without credentials (safe to log and to hand to devices)."""
+        scheme = "mqtts" if self.tls else "mqtt"
+        query = "" if self.protocol is MqttProtocol.AUTO else f"?protocol={self.protocol}"
+        return f"{scheme}://{self.host}:{self.port}{query}"
+
+    def with_credentials(self, username: str | None, password: str | None) -> BrokerAddress:
+        return replace(self, username=username, password=password)
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """Parse ``mqtt[s]://[user:pass@]host[:port][?protocol=5|3.1.1|auto]``.
+
+    Raises
+    ------
+    ValueError
+        With the reason, for any other scheme, a missing host or an unknown protocol.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ValueError(f"broker URL {url!r}: no host")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise ValueError(f"broker URL {url!r}: {exc}") from None
+    query = parse_qs(parts.query)
+    try:
+        protocol = MqttProtocol(query.get("protocol", ["auto"])[0])
+    except ValueError:
+        raise ValueError(f"broker URL {url!r}: protocol must be one of 5, 3.1.1, auto") from None
+    return BrokerAddress(
+        host=parts.hostname,
+        port=port,
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        protocol=protocol,
+    )
+
+
+def make_client(
+    address: BrokerAddress,
+    client_id: str,
+    *,
+    protocol: MqttProtocol,
+    manual_ack: bool = False,
+    max_inflight: int = 100,
+    persistent: bool = False,
+) -> mqtt.Client:
+    """A configured paho client; connecting and reconnecting are the caller's job.
+
+    ``persistent`` asks for a broker session that outlives the connection (MQTT 3.1.1 clean_session=False;
+    for MQTT 5 pass ``clean_start=False`` and a SessionExpiryInterval to ``connect()``), so QoS 1 messages
+    that were delivered but not acknowledged are delivered again after a reconnect.
+    """
+    if protocol is MqttProtocol.AUTO:
+        raise ValueError("resolve AUTO to a concrete protocol before creating a client")
+    client = mqtt.Client(
+        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5 if protocol is MqttProtocol.V5 else mqtt.MQTTv311,
+        clean_session=None if protocol is MqttProtocol.V5 else not persistent,
+        manual_ack=manual_ack,
+    )
+    if address.username is not None:
+        client.username_pw_set(address.username, address.password)
+    if address.tls:
+        client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+    client.max_inflight_messages_set(max_inflight)
+    # paho's own queue is not our durability: the outbox is. Keep paho from buffering unboundedly.
+    client.max_queued_messages_set(0)
+    return client

@@ -1,0 +1,1 @@
+"""EdgeFleet control plane: Litestar API, SQLModel persistence, MQTT ingest, schedules."""

@@ -1,0 +1,117 @@
+"""The long-lived parts of a running control plane: database, broker link, ingest workers.
+
+`create_app()` starts and stops a `Fleet` in the app's lifespan; the demo and tests use it directly too.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from dataclasses import dataclass, field
+
+import structlog
+from sqlalchemy import Engine
+
+from agent._mqtt import BrokerAddress, MqttProtocol, parse_broker_url
+from controlplane._errors import BrokerUnavailable
+from controlplane.broker import BrokerAuth, EmbeddedBroker, EmbeddedBrokerAuth, MosquittoDynsecAuth, NoBrokerAuth
+from controlplane.db import create_db_engine, migrate
+from controlplane.devices import CommandPublisher, DeviceService
+from controlplane.ingest import IngestWorker
+from controlplane.settings import BrokerAuthMode, Settings
+
+__all__ = ["Fleet"]
+
+log = structlog.get_logger("edgefleet.controlplane")
+
+SERVICE_USERNAME = "edgefleet-controlplane"
+
+
+@dataclass
+class Fleet:
+    settings: Settings
+    engine: Engine = field(init=False)
+    broker: BrokerAddress = field(init=False)
+    device_broker_url: str = field(init=False)
+    embedded: EmbeddedBroker | None = None
+    broker_auth: BrokerAuth = field(default_factory=NoBrokerAuth)
+    publisher: CommandPublisher | None = None
+    workers: list[IngestWorker] = field(default_factory=list)
+    devices: DeviceService = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.settings = self.settings.resolved()
+        assert self.settings.database_url is not None
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.engine = create_db_engine(self.settings.database_url)
+
+    def start(self, *, ingest: bool = True) -> Fleet:
+        try:
+            migrate(self.engine)
+            self._start_broker()
+            protocol = self.broker.protocol
+            self.publisher = CommandPublisher(self.broker, protocol)
+            self.publisher.start()
+            if ingest:
+                for index in range(self.settings.ingest_workers):
+                    worker = IngestWorker(
+                        self.engine, self.broker, name=f"edgefleet-ingest-{socket.gethostname()}-{index}",
+                        shared=self.embedded is None, protocol=protocol,
+                        batch_max=self.settings.ingest_batch_max, batch_wait_s=self.settings.ingest_batch_wait_s,
+                    )
+                    worker.start()
+                    self.workers.append(worker)
+        except BaseException:
+            self.stop()
+            raise
+        self.devices = DeviceService(self.engine, self.broker_auth, self.device_broker_url, self.publisher)
+        log.info("controlplane.started", broker=self.broker.url, database=_safe_db_url(self.settings.database_url),
+                 embedded_broker=self.embedded is not None)
+        return self
+
+    def _start_broker(self) -> None:
+        settings = self.settings
+        if settings.broker_url is None:
+            auth = EmbeddedBrokerAuth(settings.data_dir / "broker-credentials.json")
+            password = secrets.token_urlsafe(24)
+            auth.ensure_service(SERVICE_USERNAME, password)
+            host = "127.0.0.1" if settings.host in ("127.0.0.1", "localhost") else "0.0.0.0"
+            self.embedded = EmbeddedBroker(host, settings.embedded_broker_port, auth.credentials.path)
+            self.embedded.start()
+            self.broker_auth = auth
+            self.broker = BrokerAddress(
+                host="127.0.0.1", port=self.embedded.port, username=SERVICE_USERNAME, password=password,
+                protocol=MqttProtocol.V311,  # amqtt speaks MQTT 3.1.1 only
+            )
+            device_host = "127.0.0.1" if host == "127.0.0.1" else socket.getfqdn()
+            self.device_broker_url = settings.device_broker_url or f"mqtt://{device_host}:{self.embedded.port}?protocol=3.1.1"
+            return
+        try:
+            self.broker = parse_broker_url(settings.broker_url)
+        except ValueError as exc:
+            raise BrokerUnavailable(str(exc)) from None
+        if self.broker.protocol is MqttProtocol.AUTO:
+            self.broker = BrokerAddress(self.broker.host, self.broker.port, self.broker.tls, self.broker.username,
+                                        self.broker.password, MqttProtocol.V5)
+        if settings.broker_auth is BrokerAuthMode.DYNSEC:
+            self.broker_auth = MosquittoDynsecAuth(self.broker)
+        self.device_broker_url = settings.device_broker_url or self.broker.with_credentials(None, None).url
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.workers.clear()
+        if self.publisher is not None:
+            self.publisher.stop()
+            self.publisher = None
+        self.broker_auth.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+        self.engine.dispose()
+
+
+def _safe_db_url(url: str | None) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True) if url else ""

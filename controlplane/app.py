@@ -1,0 +1,108 @@
+"""App factory: routes, dependency injection, error mapping and lifespan — nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from litestar import Litestar, Request, Response, get
+from litestar.config.app import AppConfig
+from litestar.di import Provide
+from litestar.middleware.base import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+from sqlalchemy.exc import OperationalError
+
+from agent import __version__
+from controlplane._errors import ControlPlaneError
+from controlplane._fleet import Fleet
+from controlplane.auth import Role
+from controlplane.auth._guards import BearerTokenMiddleware, requires
+from controlplane.broker import BrokerAuthError
+from controlplane.devices import DeviceController, DeviceService
+from controlplane.ingest import read_stats
+from controlplane.settings import Settings
+
+__all__ = ["create_app"]
+
+
+@get("/healthz", sync_to_thread=False, exclude_from_auth=True, tags=["ops"])
+def healthz(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    fleet: Fleet = request.app.state.fleet
+    return {
+        "status": "ok",
+        "version": __version__,
+        "broker": fleet.broker.url,
+        "ingest_workers": len(fleet.workers),
+    }
+
+
+@get("/api/v1/ingest/stats", guards=[requires(Role.VIEWER)], sync_to_thread=True, tags=["ingest"])
+def ingest_stats(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """`received`, `stored`, `duplicates` and `dead_letters` by reason, across all workers."""
+    return read_stats(request.app.state.engine)
+
+
+def _error(status: int, detail: str) -> Response[dict[str, Any]]:
+    return Response({"status_code": status, "detail": detail}, status_code=status)
+
+
+def _control_plane_error(_: Request[Any, Any, Any], exc: ControlPlaneError) -> Response[dict[str, Any]]:
+    return _error(exc.status_code, str(exc))
+
+
+def _broker_auth_error(_: Request[Any, Any, Any], exc: BrokerAuthError) -> Response[dict[str, Any]]:
+    return _error(503, f"broker: {exc}")
+
+
+def _database_error(_: Request[Any, Any, Any], exc: OperationalError) -> Response[dict[str, Any]]:
+    return _error(503, f"database unavailable: {str(exc.orig).splitlines()[0] if exc.orig else exc}")
+
+
+def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None) -> Litestar:
+    """The control-plane ASGI app. Pass a started `fleet` to share it (tests, demo); else one is started."""
+    owns_fleet = fleet is None
+    the_fleet = fleet or Fleet(settings or Settings.from_env())
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if owns_fleet:
+            await anyio.to_thread.run_sync(the_fleet.start)
+        app.state.fleet = the_fleet
+        app.state.engine = the_fleet.engine
+        try:
+            yield
+        finally:
+            if owns_fleet:
+                await anyio.to_thread.run_sync(the_fleet.stop)
+
+    def provide_devices(request: Request[Any, Any, Any]) -> DeviceService:
+        return request.app.state.fleet.devices  # type: ignore[no-any-return]
+
+    openapi = OpenAPIConfig(
+        title="EdgeFleet control plane",
+        version=__version__,
+        path="/schema",
+        render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
+        components=Components(
+            security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="API token")}
+        ),
+        security=[{"bearer": []}],
+    )
+    auth = DefineMiddleware(BearerTokenMiddleware, exclude=["^/schema", "^/healthz"])
+    config = AppConfig(
+        route_handlers=[healthz, ingest_stats, DeviceController],
+        dependencies={"devices": Provide(provide_devices, sync_to_thread=False)},
+        middleware=[auth],
+        lifespan=[lifespan],
+        openapi_config=openapi,
+        exception_handlers={
+            ControlPlaneError: _control_plane_error,
+            BrokerAuthError: _broker_auth_error,
+            OperationalError: _database_error,
+        },
+    )
+    return Litestar.from_config(config)

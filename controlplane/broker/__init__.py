@@ -1,0 +1,29 @@
+"""The MQTT broker side of the control plane: broker accounts and ACLs of devices, and the embedded broker.
+
+Backends of :class:`BrokerAuth`:
+
+* :class:`NoBrokerAuth`: the broker does its own authentication (or none: a development mosquitto);
+* :class:`MosquittoDynsecAuth`: mosquitto 2 with the dynamic-security plugin (production);
+* :class:`EmbeddedBrokerAuth`: the embedded amqtt broker (:class:`EmbeddedBroker`), over a credentials file.
+"""
+
+from __future__ import annotations
+
+from ._auth import BrokerAuth, NoBrokerAuth
+from ._credentials import CredentialsFile, EmbeddedBrokerAuth
+from ._dynsec import MosquittoDynsecAuth
+from ._embedded import EmbeddedBroker
+from ._errors import BrokerAuthError
+from ._passwords import hash_password, verify_password
+
+__all__ = [
+    "BrokerAuth",
+    "BrokerAuthError",
+    "CredentialsFile",
+    "EmbeddedBroker",
+    "EmbeddedBrokerAuth",
+    "MosquittoDynsecAuth",
+    "NoBrokerAuth",
+    "hash_password",
+    "verify_password",
+]

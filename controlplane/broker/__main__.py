@@ -1,0 +1,27 @@
+"""``python -m controlplane.broker``: run the embedded MQTT broker (what :class:`EmbeddedBroker` starts)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._embedded import configure_logging, run_embedded_broker
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m controlplane.broker",
+        description="EdgeFleet embedded MQTT 3.1.1 broker (amqtt) with credentials-file auth and device ACLs.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=1883, help="TCP port (default: %(default)s)")
+    parser.add_argument(
+        "--credentials", required=True, help="JSON credentials file (re-read when it changes)"
+    )
+    parser.add_argument("--log-level", default="WARNING", help="Python logging level (default: %(default)s)")
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    run_embedded_broker(args.host, args.port, args.credentials)
+
+
+if __name__ == "__main__":
+    main()

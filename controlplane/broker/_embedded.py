@@ -1,0 +1,277 @@
+"""The embedded MQTT broker (amqtt 0.11, MQTT 3.1.1 only) for development and small single-node deployments.
+
+:func:`run_embedded_broker` runs it in the current process (blocking); :class:`EmbeddedBroker` runs that in a
+subprocess (``python -m controlplane.broker``) so the broker's event loop never competes with the control plane.
+
+Clients must connect with MQTT 3.1.1 (paho: ``protocol=MQTTv311``); amqtt refuses MQTT 5 CONNECTs with CONNACK
+return code 1 ("unacceptable protocol version"), which paho 2.x reports as reason code 132 "Unsupported protocol
+version". amqtt has no shared subscriptions (``$share/...``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Final, Self
+
+__all__ = ["EmbeddedBroker", "run_embedded_broker"]
+
+_PLUGIN: Final = "controlplane.broker._amqtt_plugin.EdgeFleetAuthPlugin"
+_STDERR_TAIL: Final = 4000
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def broker_config(host: str, port: int, credentials_file: str | os.PathLike[str]) -> dict[str, Any]:
+    """The amqtt config: one TCP listener, our auth/ACL plugin only (no anonymous access, no $SYS, no
+    websockets)."""
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": _bind_address(host, port)}},
+        "plugins": {_PLUGIN: {"credentials_file": os.fspath(credentials_file)}},
+    }
+
+
+def _make_broker(config: dict[str, Any]) -> Any:
+    """An amqtt Broker with two fixes for amqtt 0.11.4 (checked by tests/controlplane/test_broker_auth.py).
+
+    1. Retained messages sent on SUBSCRIBE/reconnect skip the RECEIVE topic check, and on reconnect amqtt sends
+       the retained messages of *every* subscription on the broker, not only the client's: a device would get
+       other devices' retained state. Here they go only to the session's own subscriptions, through the check.
+    2. A refused CONNECT just closes the socket; here the client first gets CONNACK 5 (not authorised), as
+       mosquitto does, so it can tell bad credentials from a network failure.
+    """
+    from amqtt.broker import Broker
+    from amqtt.contexts import Action
+    from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+
+    class _EdgeFleetBroker(Broker):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._edgefleet_authenticated: dict[int, Any] = {}
+
+        async def _handle_client_session(
+            self, reader: Any, writer: Any, client_session: Any, handler: Any, server: Any, listener_name: str
+        ) -> None:
+            if not await self._authenticate(client_session, self.listeners_config[listener_name]):
+                with contextlib.suppress(Exception):
+                    await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+                with contextlib.suppress(Exception):
+                    await writer.close()
+                return
+            # super() authenticates again: answer that from the result above (PBKDF2 is not cheap).
+            self._edgefleet_authenticated[id(client_session)] = client_session
+            try:
+                await super()._handle_client_session(
+                    reader, writer, client_session, handler, server, listener_name
+                )
+            finally:
+                self._edgefleet_authenticated.pop(id(client_session), None)
+
+        async def _authenticate(self, session: Any, listener: Any) -> bool:
+            if self._edgefleet_authenticated.pop(id(session), None) is session:
+                return True
+            return bool(await super()._authenticate(session, listener))
+
+        async def _publish_retained_messages_for_subscription(
+            self, subscription: tuple[str, int], session: Any
+        ) -> None:
+            topic_filter, qos = subscription
+            if not any(
+                s.client_id == session.client_id for s, _ in self._subscriptions.get(topic_filter, ())
+            ):
+                return
+            handler = self._get_handler(session)
+            if handler is None:
+                return
+            tasks = []
+            for topic, retained in list(self._retained_messages.items()):
+                if not self._matches(topic, topic_filter):
+                    continue
+                if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
+                    continue
+                tasks.append(
+                    asyncio.ensure_future(
+                        handler.mqtt_publish(topic, retained.data, min(qos, retained.qos or qos), retain=True)
+                    )
+                )
+            if tasks:
+                await asyncio.wait(tasks)
+
+    return _EdgeFleetBroker(config)
+
+
+def run_embedded_broker(host: str, port: int, credentials_file: str | os.PathLike[str]) -> None:
+    """Run the broker on ``host:port`` until SIGTERM/SIGINT (blocking)."""
+
+    async def main() -> None:
+        broker = _make_broker(broker_config(host, port, credentials_file))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        await broker.start()
+        try:
+            await stop.wait()
+        finally:
+            await broker.shutdown()
+
+    asyncio.run(main())
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class EmbeddedBroker:
+    """The embedded broker in a subprocess.
+
+    >>> with EmbeddedBroker("creds.json") as broker:   # doctest: +SKIP
+    ...     broker.url                                  # 'mqtt://127.0.0.1:41234'
+    """
+
+    def __init__(
+        self,
+        credentials_file: str | os.PathLike[str],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        startup_timeout: float = 15.0,
+        log_level: str = "WARNING",
+    ) -> None:
+        self._credentials_file = Path(credentials_file)
+        self._host = host
+        self._port = port
+        self._startup_timeout = startup_timeout
+        self._log_level = log_level
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
+        self._last_stderr = ""
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"mqtt://{host}:{self._port}"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self._credentials_file
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> Self:
+        if self._process is not None:
+            raise RuntimeError("embedded broker already started")
+        if self._port == 0:
+            self._port = free_port(self._host)
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop(); a file, not a pipe: a chatty broker never blocks on it
+        cmd = [
+            sys.executable, "-m", "controlplane.broker",
+            "--host", self._host, "--port", str(self._port),
+            "--credentials", os.fspath(self._credentials_file),
+            "--log-level", self._log_level,
+        ]  # fmt: skip
+        self._process = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr
+        )
+        deadline = time.monotonic() + self._startup_timeout
+        while True:
+            if self._process.poll() is not None:
+                self._cleanup()
+                raise RuntimeError(
+                    f"embedded broker exited with code {self._process.returncode}:\n{self._last_stderr}"
+                )
+            if _port_open(self._host, self._port):
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"embedded broker did not listen on {self._host}:{self._port} within "
+                    f"{self._startup_timeout:g} s:\n{self._stderr_tail()}"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._cleanup()
+
+    def stderr_tail(self) -> str:
+        """The end of the broker's log (stderr)."""
+        return self._stderr_tail()
+
+    def _stderr_tail(self) -> str:
+        if self._stderr is None:
+            return self._last_stderr
+        try:
+            self._stderr.seek(0, os.SEEK_END)
+            size = self._stderr.tell()
+            self._stderr.seek(max(0, size - _STDERR_TAIL))
+            return self._stderr.read().decode("utf-8", errors="replace")
+        except (OSError, ValueError):
+            return ""
+
+    def _cleanup(self) -> None:
+        # Keep the process object (returncode) and the end of the log; close the log file.
+        if self._stderr is not None:
+            self._last_stderr = self._stderr_tail()
+            with contextlib.suppress(OSError):
+                self._stderr.close()
+            self._stderr = None
+
+    def __enter__(self) -> Self:
+        return self.start() if self._process is None else self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"EmbeddedBroker({self.url}, {state})"
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,265 @@
+"""The `edgefleet` command line. Heavy imports happen inside commands so the agent side stays light."""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="EdgeFleet: ML on fleets of edge devices.")
+profiles_app = typer.Typer(no_args_is_help=True, help="Firmware profiles (device classes).")
+agent_app = typer.Typer(no_args_is_help=True, help="The device agent.")
+cp_app = typer.Typer(no_args_is_help=True, help="The control plane.")
+tokens_app = typer.Typer(no_args_is_help=True, help="Operator API tokens.")
+app.add_typer(profiles_app, name="profiles")
+app.add_typer(agent_app, name="agent")
+app.add_typer(cp_app, name="controlplane")
+app.add_typer(tokens_app, name="tokens")
+
+
+class PowerSourceOption(enum.StrEnum):  # typer 0.15 rejects Literal options: use enums
+    auto = "auto"
+    os = "os"
+    simulated = "simulated"
+
+
+class RoleOption(enum.StrEnum):
+    admin = "admin"
+    operator = "operator"
+    viewer = "viewer"
+
+
+class BrokerAuthOption(enum.StrEnum):
+    embedded = "embedded"
+    dynsec = "dynsec"
+    none = "none"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+# -- profiles ------------------------------------------------------------------------------------------------
+@profiles_app.command("list")
+def profiles_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """List the shipped firmware profiles."""
+    from firmware_profiles import ProfileError, load_profiles
+
+    try:
+        profiles = load_profiles()
+    except ProfileError as exc:
+        _fail(str(exc))
+    if as_json:
+        import msgspec
+
+        typer.echo(msgspec.json.encode(list(profiles.values())).decode())
+        return
+    header = f"{'NAME':<22} {'ARCH':<8} {'RAM MB':>7} {'RUNTIME':<22} {'TRAIN':<6} VARIANTS"
+    typer.echo(header)
+    for p in profiles.values():
+        runtime = f"{p.runtime.name} {p.runtime.version}"
+        train = "yes" if p.training.allowed else "no"
+        typer.echo(f"{p.name:<22} {p.hardware.cpu_arch:<8} {p.hardware.ram_mb:>7} {runtime:<22} {train:<6} "
+                   f"{','.join(p.variants)}")
+
+
+@profiles_app.command("show")
+def profiles_show(name: str) -> None:
+    """Show one profile in full (JSON)."""
+    import msgspec
+
+    from firmware_profiles import ProfileError, get_profile
+
+    try:
+        profile = get_profile(name)
+    except ProfileError as exc:
+        _fail(str(exc))
+    typer.echo(msgspec.json.format(msgspec.json.encode(profile), indent=2).decode())
+
+
+# -- agent ---------------------------------------------------------------------------------------------------
+@agent_app.command("run")
+def agent_run(
+    device_id: Annotated[str, typer.Option(envvar="EDGEFLEET_DEVICE_ID", help="This device's id.")],
+    profile: Annotated[str, typer.Option(envvar="EDGEFLEET_PROFILE", help="Firmware profile name.")],
+    broker: Annotated[str, typer.Option(envvar="EDGEFLEET_BROKER_URL",
+                                        help="mqtt[s]://host:port[?protocol=5|3.1.1]")] = "mqtt://127.0.0.1:1883",
+    username: Annotated[Optional[str], typer.Option(envvar="EDGEFLEET_MQTT_USERNAME",
+                                                    help="Broker username (default: device id).")] = None,
+    password: Annotated[Optional[str], typer.Option(envvar="EDGEFLEET_MQTT_PASSWORD",
+                                                    help="Broker password (prefer the env var).")] = None,
+    controlplane: Annotated[Optional[str], typer.Option(envvar="EDGEFLEET_CONTROLPLANE_URL",
+                                                        help="Control-plane URL (model downloads).")] = None,
+    data_dir: Annotated[Path, typer.Option(envvar="EDGEFLEET_DATA_DIR", help="Agent state directory.")] = Path(
+        "./edgefleet-agent"),
+    telemetry_interval: Annotated[Optional[float], typer.Option(help="Seconds (default: the profile's).")] = None,
+    inference_rate: Annotated[float, typer.Option(help="Inferences per second.")] = 5.0,
+    power_source: Annotated[PowerSourceOption, typer.Option(
+        help="Battery/network figures: OS, simulated, or auto (OS battery, else the profile's power source).")
+    ] = PowerSourceOption.auto,
+    model: Annotated[Optional[Path], typer.Option(help="TFLite model (default: the shipped starter model).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Local data (.npz with x[, y]) to run inference over.")] = None,
+    outbox_max_mb: Annotated[float, typer.Option(help="Outbox bound in MiB (oldest dropped first).")] = 16.0,
+    log_level: Annotated[str, typer.Option(envvar="EDGEFLEET_LOG_LEVEL")] = "info",
+) -> None:
+    """Run the device agent until SIGTERM/SIGINT."""
+    try:
+        from agent._daemon import Agent, AgentSettings
+        from agent._logging import configure_logging
+        from agent._mqtt import parse_broker_url
+        from agent._telemetry import PowerMode
+    except ImportError as exc:
+        _fail(f"the agent needs `pip install edgefleet[agent]` ({exc})")
+    from firmware_profiles import ProfileError, get_profile
+
+    configure_logging(log_level)
+    try:
+        the_profile = get_profile(profile)
+        address = parse_broker_url(broker)
+    except (ProfileError, ValueError) as exc:
+        _fail(str(exc))
+    if not the_profile.runtime.python_agent:
+        _fail(f"profile '{profile}' has no Python agent ({the_profile.runtime.name}); it is an export target only")
+    address = address.with_credentials(username or address.username or device_id, password or address.password)
+    settings = AgentSettings(
+        device_id=device_id, profile=the_profile, broker=address, data_dir=data_dir,
+        controlplane_url=controlplane, telemetry_interval_s=telemetry_interval, inference_rate_hz=inference_rate,
+        power_mode=PowerMode(power_source.value), model_path=model, data_path=data,
+        outbox_max_bytes=int(outbox_max_mb * 2**20),
+    )
+    try:
+        agent = Agent(settings)
+    except ValueError as exc:
+        _fail(str(exc))
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    agent.run()
+
+
+# -- control plane -------------------------------------------------------------------------------------------
+def _settings(**overrides: Any) -> Any:
+    from controlplane.settings import Settings
+
+    try:
+        return Settings.from_env(**overrides)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+@cp_app.command("serve")
+def controlplane_serve(
+    host: Annotated[Optional[str], typer.Option(help="Bind address [env EDGEFLEET_HOST, default 127.0.0.1].")] = None,
+    port: Annotated[Optional[int], typer.Option(help="HTTP port [env EDGEFLEET_PORT, default 8080].")] = None,
+    database_url: Annotated[Optional[str], typer.Option(
+        help="SQLAlchemy URL [env EDGEFLEET_DATABASE_URL, default SQLite in the data dir].")] = None,
+    broker: Annotated[Optional[str], typer.Option(
+        help="mqtt://user:pass@host:port [env EDGEFLEET_BROKER_URL, default: an embedded broker].")] = None,
+    broker_auth: Annotated[Optional[BrokerAuthOption], typer.Option(
+        help="How device credentials reach the broker [env EDGEFLEET_BROKER_AUTH].")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="[env EDGEFLEET_DATA_DIR]")] = None,
+    embedded_broker_port: Annotated[Optional[int], typer.Option(help="Port of the embedded broker (1883).")] = None,
+    ingest_workers: Annotated[Optional[int], typer.Option(help="Ingest workers in this process (1).")] = None,
+    log_level: Annotated[str, typer.Option(envvar="EDGEFLEET_LOG_LEVEL")] = "info",
+) -> None:
+    """Run the control plane (API, ingest, embedded broker unless --broker is given)."""
+    try:
+        import uvicorn
+
+        from controlplane.app import create_app
+        from controlplane.settings import BrokerAuthMode
+    except ImportError as exc:
+        _fail(f"the control plane needs `pip install edgefleet[controlplane]` ({exc})")
+    from agent._logging import configure_logging
+
+    configure_logging(log_level)
+    settings = _settings(
+        host=host, port=port, database_url=database_url, broker_url=broker, data_dir=data_dir,
+        broker_auth=BrokerAuthMode(broker_auth.value) if broker_auth else None,
+        embedded_broker_port=embedded_broker_port, ingest_workers=ingest_workers,
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+
+
+# -- tokens --------------------------------------------------------------------------------------------------
+def _engine(database_url: str | None, data_dir: Path | None) -> Any:
+    from controlplane.db import create_db_engine, migrate
+
+    settings = _settings(database_url=database_url, data_dir=data_dir).resolved()
+    engine = create_db_engine(settings.database_url)
+    migrate(engine)
+    return engine
+
+
+DatabaseOpt = Annotated[Optional[str], typer.Option(help="[env EDGEFLEET_DATABASE_URL]")]
+DataDirOpt = Annotated[Optional[Path], typer.Option(help="[env EDGEFLEET_DATA_DIR]")]
+
+
+@tokens_app.command("create")
+def tokens_create(
+    role: Annotated[RoleOption, typer.Option(help="admin | operator | viewer")],
+    name: Annotated[str, typer.Option(help="A label for the token.")] = "",
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Create an API token and print it (shown once) — in the control plane's database."""
+    from controlplane.auth import Role, create_token
+
+    info, secret = create_token(_engine(database_url, data_dir), Role(role.value), name)
+    typer.echo(secret)
+    typer.secho(f"token #{info.id} '{info.name}' role={info.role}", err=True, fg=typer.colors.GREEN)
+
+
+@tokens_app.command("list")
+def tokens_list(database_url: DatabaseOpt = None, data_dir: DataDirOpt = None) -> None:
+    """List API tokens (never their secrets)."""
+    from controlplane.auth import list_tokens
+
+    typer.echo(f"{'ID':>4} {'ROLE':<9} {'REVOKED':<8} {'CREATED':<26} NAME")
+    for t in list_tokens(_engine(database_url, data_dir)):
+        typer.echo(f"{t.id:>4} {t.role:<9} {'yes' if t.revoked else 'no':<8} {t.created_at.isoformat():<26} {t.name}")
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: int, database_url: DatabaseOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Revoke an API token by id."""
+    from controlplane.auth import revoke_token
+
+    if not revoke_token(_engine(database_url, data_dir), token_id):
+        _fail(f"no token #{token_id}", 1)
+    typer.echo(f"token #{token_id} revoked")
+
+
+# -- demo ----------------------------------------------------------------------------------------------------
+@app.command("demo")
+def demo(
+    agents: Annotated[int, typer.Option(help="Number of simulated devices.")] = 4,
+    duration: Annotated[float, typer.Option(help="Seconds of live telemetry.")] = 30.0,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the summary as JSON.")] = None,
+    broker: Annotated[Optional[str], typer.Option(help="Use this broker instead of the embedded one.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Demo state (default: a temporary directory).")] = None,
+) -> None:
+    """Control plane + broker + N agents on this machine; prints a fleet table."""
+    from agent._logging import configure_logging
+    from controlplane.demo import run_demo
+
+    configure_logging("warning")
+    summary = run_demo(agents=agents, duration_s=duration, broker_url=broker, data_dir=data_dir)
+    if json_path is not None:
+        json_path.write_text(json.dumps(summary, indent=2))
+        typer.echo(f"summary written to {json_path}")
+
+
+def main() -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Tables of the control plane (SQLModel). Schema changes go through alembic migrations."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+__all__ = ["ApiToken", "CommandRecord", "Device", "DeviceTag", "IngestCounter", "TelemetryRecord", "utcnow"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts(**kw: Any) -> Any:
+    return Field(sa_column=Column(DateTime(timezone=True), **kw))
+
+
+class Device(SQLModel, table=True):
+    device_id: str = Field(primary_key=True, max_length=64)
+    profile: str = Field(index=True, max_length=64)
+    mqtt_password_hash: str
+    created_at: datetime = _ts(nullable=False)
+    online: bool = Field(default=False, index=True)
+    last_seen: datetime | None = _ts(nullable=True)
+    agent_version: str | None = None
+    reported_state: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    last_telemetry: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    last_seq: int | None = Field(default=None, sa_column=Column(BigInteger))
+
+
+class DeviceTag(SQLModel, table=True):
+    __tablename__ = "device_tag"
+    device_id: str = Field(primary_key=True, foreign_key="device.device_id", ondelete="CASCADE")
+    tag: str = Field(primary_key=True, max_length=64, index=True)
+
+
+class TelemetryRecord(SQLModel, table=True):
+    __tablename__ = "telemetry"
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq", name="uq_telemetry_device_seq"),
+        Index("ix_telemetry_device_ts", "device_id", "ts"),
+    )
+    # SQLite only auto-increments INTEGER PRIMARY KEY, PostgreSQL needs BIGINT for a telemetry table.
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    )
+    device_id: str = Field(max_length=64)
+    seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    ts: float
+    received_at: datetime = _ts(nullable=False)
+    # The validated payload as the device sent it (JSON text): stored without re-encoding.
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class IngestCounter(SQLModel, table=True):
+    __tablename__ = "ingest_counter"
+    name: str = Field(primary_key=True, max_length=96)
+    count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+
+
+class ApiToken(SQLModel, table=True):
+    __tablename__ = "api_token"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str
+    role: str = Field(max_length=16)
+    token_hash: str = Field(unique=True, max_length=64)
+    created_at: datetime = _ts(nullable=False)
+    last_used_at: datetime | None = _ts(nullable=True)
+    revoked: bool = False
+
+
+class CommandRecord(SQLModel, table=True):
+    __tablename__ = "command"
+    command_id: str = Field(primary_key=True, max_length=64)
+    device_id: str = Field(index=True, max_length=64)
+    kind: str = Field(max_length=64)
+    args: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="pending", max_length=16)  # pending | ok | error
+    reason: str | None = None
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    created_at: datetime = _ts(nullable=False)
+    acked_at: datetime | None = _ts(nullable=True)

@@ -1,0 +1,87 @@
+"""HTTP API of the device registry."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, Response, delete, get, patch, post
+from litestar.params import Parameter
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
+
+from controlplane.auth import Role
+from controlplane.auth._guards import requires
+from controlplane.devices.schemas import (
+    CommandCreate,
+    CommandRead,
+    DeviceCreate,
+    DeviceEnrolled,
+    DeviceRead,
+    DeviceUpdate,
+    TelemetryRead,
+)
+from controlplane.devices.service import DeviceService
+
+__all__ = ["DeviceController"]
+
+
+class DeviceController(Controller):
+    path = "/api/v1/devices"
+    tags = ["devices"]
+
+    @post("/", guards=[requires(Role.ADMIN)], sync_to_thread=True, summary="Enrol a device")
+    def enroll(self, data: DeviceCreate, devices: DeviceService) -> DeviceEnrolled:
+        """Registers the device and returns its broker credentials — once."""
+        return devices.enroll(data)
+
+    @get("/", guards=[requires(Role.VIEWER)], sync_to_thread=True, summary="List devices")
+    def list_devices(
+        self,
+        devices: DeviceService,
+        profile: str | None = None,
+        tag: str | None = None,
+        online: bool | None = None,
+        limit: Annotated[int, Parameter(ge=1, le=5000)] = 500,
+        offset: Annotated[int, Parameter(ge=0)] = 0,
+    ) -> list[DeviceRead]:
+        return devices.list(profile=profile, tag=tag, online=online, limit=limit, offset=offset)
+
+    @get("/{device_id:str}", guards=[requires(Role.VIEWER)], sync_to_thread=True)
+    def get_device(self, device_id: str, devices: DeviceService) -> DeviceRead:
+        return devices.get(device_id)
+
+    @patch("/{device_id:str}", guards=[requires(Role.OPERATOR)], sync_to_thread=True)
+    def update_device(self, device_id: str, data: DeviceUpdate, devices: DeviceService) -> DeviceRead:
+        return devices.update(device_id, data)
+
+    @delete("/{device_id:str}", guards=[requires(Role.ADMIN)], sync_to_thread=True,
+            status_code=HTTP_204_NO_CONTENT)
+    def delete_device(self, device_id: str, devices: DeviceService) -> None:
+        devices.delete(device_id)
+
+    @post("/{device_id:str}/credentials", guards=[requires(Role.ADMIN)], sync_to_thread=True,
+          summary="Issue new broker credentials (the old password stops working)")
+    def rotate_credentials(self, device_id: str, devices: DeviceService) -> DeviceEnrolled:
+        return devices.rotate_credentials(device_id)
+
+    @get("/{device_id:str}/telemetry", guards=[requires(Role.VIEWER)], sync_to_thread=True)
+    def telemetry(
+        self,
+        device_id: str,
+        devices: DeviceService,
+        since: Annotated[float | None, Parameter(description="device time, UNIX seconds, inclusive")] = None,
+        until: Annotated[float | None, Parameter(description="device time, UNIX seconds, exclusive")] = None,
+        limit: Annotated[int, Parameter(ge=1, le=10000)] = 100,
+    ) -> list[TelemetryRead]:
+        """The newest `limit` records in [since, until), oldest first."""
+        return devices.telemetry(device_id, since=since, until=until, limit=limit)
+
+    @post("/{device_id:str}/commands", guards=[requires(Role.OPERATOR)], sync_to_thread=True,
+          status_code=HTTP_200_OK)
+    def send_command(self, device_id: str, data: CommandCreate, devices: DeviceService) -> Response[CommandRead]:
+        """Sends a command and waits up to `wait_s` for the ack: 200 when acked, 202 while still pending."""
+        command = devices.send_command(device_id, data)
+        return Response(command, status_code=HTTP_202_ACCEPTED if command.status == "pending" else HTTP_200_OK)
+
+    @get("/{device_id:str}/commands/{command_id:str}", guards=[requires(Role.VIEWER)], sync_to_thread=True)
+    def get_command(self, device_id: str, command_id: str, devices: DeviceService) -> CommandRead:
+        return devices.get_command(device_id, command_id)

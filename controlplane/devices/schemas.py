@@ -1,0 +1,84 @@
+"""API shapes of the device registry, split by direction."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+
+__all__ = [
+    "CommandCreate",
+    "CommandRead",
+    "DeviceCreate",
+    "DeviceEnrolled",
+    "DeviceRead",
+    "DeviceUpdate",
+    "TelemetryRead",
+]
+
+DeviceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", max_length=64)]
+Tag = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:=-]{0,63}$")]
+Tags = Annotated[list[Tag], msgspec.Meta(max_length=32)]
+
+
+class DeviceCreate(msgspec.Struct, forbid_unknown_fields=True):
+    device_id: DeviceId
+    profile: str
+    tags: Tags = msgspec.field(default_factory=list)
+
+
+class DeviceUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    profile: str | None = None
+    tags: Tags | None = None
+
+
+class DeviceRead(msgspec.Struct):
+    device_id: str
+    profile: str
+    tags: list[str]
+    online: bool
+    created_at: datetime
+    last_seen: datetime | None
+    agent_version: str | None
+    last_seq: int | None
+    reported_state: dict[str, Any] | None
+    last_telemetry: dict[str, Any] | None
+
+
+class DeviceEnrolled(msgspec.Struct):
+    """Returned once at enrolment: the password is not stored in clear and cannot be shown again."""
+
+    device_id: str
+    profile: str
+    tags: list[str]
+    mqtt_username: str
+    mqtt_password: str
+    broker_url: str
+
+
+class TelemetryRead(msgspec.Struct):
+    device_id: str
+    seq: int
+    ts: float
+    received_at: datetime
+    payload: dict[str, Any]
+
+
+class CommandCreate(msgspec.Struct, forbid_unknown_fields=True):
+    kind: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    # How long the request waits for the device's ack; 0 returns at once with status "pending".
+    wait_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 10.0
+
+
+class CommandRead(msgspec.Struct):
+    command_id: str
+    device_id: str
+    kind: str
+    args: dict[str, Any]
+    status: str  # pending | ok | error
+    reason: str | None
+    result: dict[str, Any] | None
+    created_at: datetime
+    acked_at: datetime | None

@@ -1,0 +1,218 @@
+"""Device registry: enrolment, queries, updates, telemetry reads and commands."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import Engine, delete, func
+from sqlmodel import Session, col, select
+
+from agent import protocol as wire
+from controlplane._errors import Conflict, InvalidInput, NotFound
+from controlplane.broker import BrokerAuth, hash_password
+from controlplane.db import CommandRecord, Device, DeviceTag, TelemetryRecord, utcnow
+from controlplane.devices.publisher import CommandPublisher
+from controlplane.devices.schemas import (
+    CommandCreate,
+    CommandRead,
+    DeviceCreate,
+    DeviceEnrolled,
+    DeviceRead,
+    DeviceUpdate,
+    TelemetryRead,
+)
+from firmware_profiles import ProfileNotFound, get_profile
+
+__all__ = ["DeviceService"]
+
+log = structlog.get_logger("edgefleet.devices")
+
+
+def _check_profile(name: str) -> None:
+    try:
+        profile = get_profile(name)
+    except ProfileNotFound as exc:
+        raise InvalidInput(str(exc)) from None
+    if not profile.runtime.python_agent:
+        raise InvalidInput(
+            f"profile '{name}' runs {profile.runtime.name} without a Python agent: it is a model-export "
+            "target, not an enrollable device"
+        )
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands datetimes back naive; they were written in UTC.
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+class DeviceService:
+    def __init__(self, engine: Engine, broker_auth: BrokerAuth, device_broker_url: str,
+                 publisher: CommandPublisher | None) -> None:
+        self.engine = engine
+        self.broker_auth = broker_auth
+        self.device_broker_url = device_broker_url
+        self.publisher = publisher
+
+    # -- registry --------------------------------------------------------------------------------------------
+    def enroll(self, data: DeviceCreate) -> DeviceEnrolled:
+        _check_profile(data.profile)
+        password = secrets.token_urlsafe(24)
+        tags = sorted(set(data.tags))
+        with Session(self.engine) as session:
+            if session.get(Device, data.device_id) is not None:
+                raise Conflict(f"device '{data.device_id}' is already enrolled")
+            session.add(Device(device_id=data.device_id, profile=data.profile,
+                               mqtt_password_hash=hash_password(password), created_at=utcnow()))
+            session.flush()
+            session.add_all(DeviceTag(device_id=data.device_id, tag=t) for t in tags)
+            # Broker first, then commit: a device is never in the registry without broker credentials.
+            self.broker_auth.ensure_device(data.device_id, password)
+            session.commit()
+        log.info("device.enrolled", device_id=data.device_id, profile=data.profile)
+        return DeviceEnrolled(device_id=data.device_id, profile=data.profile, tags=tags,
+                              mqtt_username=data.device_id, mqtt_password=password,
+                              broker_url=self.device_broker_url)
+
+    def rotate_credentials(self, device_id: str) -> DeviceEnrolled:
+        password = secrets.token_urlsafe(24)
+        with Session(self.engine) as session:
+            device = self._device(session, device_id)
+            device.mqtt_password_hash = hash_password(password)
+            session.add(device)
+            self.broker_auth.ensure_device(device_id, password)
+            session.commit()
+            tags = self._tags(session, [device_id])[device_id]
+            return DeviceEnrolled(device_id=device_id, profile=device.profile, tags=tags,
+                                  mqtt_username=device_id, mqtt_password=password,
+                                  broker_url=self.device_broker_url)
+
+    def list(self, *, profile: str | None = None, tag: str | None = None, online: bool | None = None,
+             limit: int = 500, offset: int = 0) -> list[DeviceRead]:
+        with Session(self.engine) as session:
+            query = select(Device).order_by(Device.device_id)
+            if profile is not None:
+                query = query.where(Device.profile == profile)
+            if online is not None:
+                query = query.where(Device.online == online)
+            if tag is not None:
+                query = query.where(col(Device.device_id).in_(
+                    select(DeviceTag.device_id).where(DeviceTag.tag == tag)))
+            devices = list(session.exec(query.offset(offset).limit(limit)))
+            tags = self._tags(session, [d.device_id for d in devices])
+            return [self._read(d, tags[d.device_id]) for d in devices]
+
+    def get(self, device_id: str) -> DeviceRead:
+        with Session(self.engine) as session:
+            device = self._device(session, device_id)
+            return self._read(device, self._tags(session, [device_id])[device_id])
+
+    def update(self, device_id: str, data: DeviceUpdate) -> DeviceRead:
+        with Session(self.engine) as session:
+            device = self._device(session, device_id)
+            if data.profile is not None:
+                _check_profile(data.profile)
+                device.profile = data.profile
+                session.add(device)
+            if data.tags is not None:
+                session.exec(delete(DeviceTag).where(col(DeviceTag.device_id) == device_id))  # type: ignore[call-overload]
+                session.add_all(DeviceTag(device_id=device_id, tag=t) for t in sorted(set(data.tags)))
+            session.commit()
+            session.refresh(device)
+            return self._read(device, self._tags(session, [device_id])[device_id])
+
+    def delete(self, device_id: str) -> None:
+        with Session(self.engine) as session:
+            self._device(session, device_id)
+            self.broker_auth.remove_device(device_id)
+            for table in (DeviceTag, TelemetryRecord, CommandRecord):
+                session.exec(delete(table).where(col(table.device_id) == device_id))  # type: ignore[call-overload]
+            session.exec(delete(Device).where(col(Device.device_id) == device_id))  # type: ignore[call-overload]
+            session.commit()
+        if self.publisher is not None:
+            try:  # clear the retained state so the device does not look alive to other tools
+                self.publisher.publish(wire.topic(device_id, wire.Channel.STATE), b"", retain=True, timeout_s=2)
+            except Exception as exc:  # noqa: BLE001 - the registry change stands; log the leftover
+                log.warning("device.retained_state_not_cleared", device_id=device_id, error=str(exc))
+        log.info("device.deleted", device_id=device_id)
+
+    def count(self) -> int:
+        with Session(self.engine) as session:
+            return int(session.exec(select(func.count()).select_from(Device)).one())
+
+    # -- telemetry -------------------------------------------------------------------------------------------
+    def telemetry(self, device_id: str, *, since: float | None, until: float | None,
+                  limit: int) -> list[TelemetryRead]:
+        with Session(self.engine) as session:
+            self._device(session, device_id)
+            query = select(TelemetryRecord).where(TelemetryRecord.device_id == device_id)
+            if since is not None:
+                query = query.where(TelemetryRecord.ts >= since)
+            if until is not None:
+                query = query.where(TelemetryRecord.ts < until)
+            # The newest `limit` records, returned oldest first.
+            rows = list(session.exec(query.order_by(col(TelemetryRecord.seq).desc()).limit(limit)))
+            rows.reverse()
+            return [TelemetryRead(device_id=r.device_id, seq=r.seq, ts=r.ts, received_at=_aware(r.received_at),
+                                  payload=json.loads(r.payload)) for r in rows]  # type: ignore[arg-type]
+
+    # -- commands --------------------------------------------------------------------------------------------
+    def send_command(self, device_id: str, data: CommandCreate) -> CommandRead:
+        if self.publisher is None:
+            raise InvalidInput("this control plane has no broker connection for commands")
+        command_id = uuid.uuid4().hex
+        with Session(self.engine) as session:
+            self._device(session, device_id)
+            session.add(CommandRecord(command_id=command_id, device_id=device_id, kind=data.kind,
+                                      args=data.args, created_at=utcnow()))
+            session.commit()
+        payload = wire.encode(wire.Command(command_id=command_id, kind=data.kind, args=data.args, ts=time.time()))
+        self.publisher.publish(wire.topic(device_id, wire.Channel.CMD), payload)
+        deadline = time.monotonic() + data.wait_s
+        while True:
+            command = self.get_command(device_id, command_id)
+            if command.status != "pending" or time.monotonic() >= deadline:
+                return command
+            time.sleep(0.05)
+
+    def get_command(self, device_id: str, command_id: str) -> CommandRead:
+        with Session(self.engine) as session:
+            row = session.get(CommandRecord, command_id)
+            if row is None or row.device_id != device_id:
+                raise NotFound(f"no command '{command_id}' for device '{device_id}'")
+            return CommandRead(command_id=row.command_id, device_id=row.device_id, kind=row.kind, args=row.args,
+                               status=row.status, reason=row.reason, result=row.result,
+                               created_at=_aware(row.created_at), acked_at=_aware(row.acked_at))  # type: ignore[arg-type]
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _device(session: Session, device_id: str) -> Device:
+        device = session.get(Device, device_id)
+        if device is None:
+            raise NotFound(f"no device '{device_id}'")
+        return device
+
+    @staticmethod
+    def _tags(session: Session, ids: list[str]) -> dict[str, list[str]]:
+        tags: dict[str, list[str]] = {i: [] for i in ids}
+        if ids:
+            rows = session.exec(select(DeviceTag).where(col(DeviceTag.device_id).in_(ids)).order_by(DeviceTag.tag))
+            for row in rows:
+                tags[row.device_id].append(row.tag)
+        return tags
+
+    @staticmethod
+    def _read(device: Device, tags: list[str]) -> DeviceRead:
+        return DeviceRead(
+            device_id=device.device_id, profile=device.profile, tags=tags, online=device.online,
+            created_at=_aware(device.created_at), last_seen=_aware(device.last_seen),  # type: ignore[arg-type]
+            agent_version=device.agent_version, last_seq=device.last_seq,
+            reported_state=device.reported_state, last_telemetry=device.last_telemetry,
+        )
+
+

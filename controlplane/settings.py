@@ -1,0 +1,85 @@
+"""Control-plane settings: flags, else `EDGEFLEET_*` environment variables, else defaults."""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BrokerAuthMode", "Settings", "default_data_dir", "normalize_database_url"]
+
+
+class BrokerAuthMode(enum.StrEnum):
+    EMBEDDED = "embedded"  # credentials file read by the embedded broker
+    DYNSEC = "dynsec"  # mosquitto dynamic-security plugin
+    NONE = "none"  # the broker authenticates on its own (or not at all: development only)
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "edgefleet"
+
+
+def normalize_database_url(url: str) -> str:
+    """Use psycopg 3 for PostgreSQL URLs given without a driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(default_factory=default_data_dir)
+    database_url: str | None = None  # default: SQLite file in data_dir
+    broker_url: str | None = None  # default: an embedded broker
+    broker_auth: BrokerAuthMode | None = None  # default: embedded for the embedded broker, else none
+    device_broker_url: str | None = None  # the URL handed to devices at enrolment (default: broker URL)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    embedded_broker_port: int = 1883
+    ingest_workers: int = 1
+    ingest_batch_max: int = 1000
+    ingest_batch_wait_s: float = 0.02
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from `EDGEFLEET_*` variables; non-None keyword overrides (the CLI flags) win."""
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        conversions: dict[str, Any] = {
+            "data_dir": Path,
+            "database_url": str,
+            "broker_url": str,
+            "broker_auth": BrokerAuthMode,
+            "device_broker_url": str,
+            "host": str,
+            "port": int,
+            "embedded_broker_port": int,
+            "ingest_workers": int,
+            "ingest_batch_max": int,
+            "ingest_batch_wait_s": float,
+            "log_level": str,
+        }
+        for name, convert in conversions.items():
+            raw = env.get(f"EDGEFLEET_{name.upper()}")
+            if raw:
+                try:
+                    values[name] = convert(raw)
+                except ValueError as exc:
+                    raise ValueError(f"EDGEFLEET_{name.upper()}={raw!r}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def resolved(self) -> Settings:
+        """Fill in the defaults that depend on other settings."""
+        database_url = self.database_url or f"sqlite:///{self.data_dir / 'edgefleet.db'}"
+        auth = self.broker_auth or (BrokerAuthMode.EMBEDDED if self.broker_url is None else BrokerAuthMode.NONE)
+        return replace(self, database_url=normalize_database_url(database_url), broker_auth=auth)
+
+    @property
+    def db_url(self) -> str:
+        return normalize_database_url(self.database_url or f"sqlite:///{self.data_dir / 'edgefleet.db'}")
