@@ -55,8 +55,9 @@ class Fleet:
             if ingest:
                 for index in range(self.settings.ingest_workers):
                     worker = IngestWorker(
-                        self.engine, self.broker, name=f"edgefleet-ingest-{socket.gethostname()}-{index}",
-                        shared=self.embedded is None, protocol=protocol,
+                        self.engine, self.broker, name=f"edgefleet-ingest-{self.settings.instance_name}-{index}",
+                        shared=self.embedded is None, group=self.settings.ingest_group, protocol=protocol,
+                        session_expiry_s=self.settings.ingest_session_expiry_s,
                         batch_max=self.settings.ingest_batch_max, batch_wait_s=self.settings.ingest_batch_wait_s,
                     )
                     worker.start()

@@ -8,7 +8,6 @@ from typing import Any
 
 import anyio
 from litestar import Litestar, Request, Response, get
-from litestar.config.app import AppConfig
 from litestar.di import Provide
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
@@ -93,7 +92,7 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None) 
         security=[{"bearer": []}],
     )
     auth = DefineMiddleware(BearerTokenMiddleware, exclude=["^/schema", "^/healthz"])
-    config = AppConfig(
+    return Litestar(
         route_handlers=[healthz, ingest_stats, DeviceController],
         dependencies={"devices": Provide(provide_devices, sync_to_thread=False)},
         middleware=[auth],
@@ -105,4 +104,3 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None) 
             OperationalError: _database_error,
         },
     )
-    return Litestar.from_config(config)

@@ -81,8 +81,8 @@ def run_demo(*, agents: int = 4, duration_s: float = 30.0, broker_url: str | Non
                                timeout=30)
             procs = _start_agents(api, agents, data_dir)
             summary = _watch(api, procs, duration_s)
-            _stop_agents(procs)
             summary["devices"] = _fleet_table(api)
+            _stop_agents(procs)
             summary["ingest"] = api.get("/api/v1/ingest/stats").json()
             _print_table(summary)
             return summary

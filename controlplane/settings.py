@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import os
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,10 @@ class Settings:
     port: int = 8080
     embedded_broker_port: int = 1883
     ingest_workers: int = 1
+    ingest_group: str = "edgefleet-ingest"  # MQTT 5 shared-subscription group of all ingest workers
+    # Broker session of an ingest worker: it keeps delivered-but-uncommitted messages across a restart.
+    ingest_session_expiry_s: int = 3600
+    instance_name: str = field(default_factory=socket.gethostname)  # part of the workers' MQTT client ids
     ingest_batch_max: int = 1000
     ingest_batch_wait_s: float = 0.02
     log_level: str = "info"
@@ -60,6 +65,9 @@ class Settings:
             "port": int,
             "embedded_broker_port": int,
             "ingest_workers": int,
+            "ingest_group": str,
+            "ingest_session_expiry_s": int,
+            "instance_name": str,
             "ingest_batch_max": int,
             "ingest_batch_wait_s": float,
             "log_level": str,

@@ -155,7 +155,7 @@ def _tflite_scores(path: Path, x: _FloatArray) -> _FloatArray:
     scores = interpreter.get_tensor(out["index"])
     if np.issubdtype(out["dtype"], np.integer):
         scale, zero_point = out["quantization"]
-        return ((scores.astype(np.float32) - zero_point) * scale).astype(np.float32)
+        scores = (np.asarray(scores, dtype=np.float32) - np.float32(zero_point)) * np.float32(scale)
     return np.asarray(scores, dtype=np.float32)
 
 

@@ -130,7 +130,10 @@ def process_batch(engine: Engine, known: _KnownDevices, batch: list[Message]) ->
         if rows:
             insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
             stmt = insert(_TELEMETRY).on_conflict_do_nothing(index_elements=["device_id", "seq"])
-            stored = conn.execute(stmt, rows).rowcount
+            if conn.dialect.name == "sqlite":
+                stored = conn.execute(stmt, rows).rowcount
+            else:  # psycopg reports no rowcount for executemany; RETURNING lists the rows really inserted
+                stored = len(conn.execute(stmt.returning(_TELEMETRY.c.id), rows).all())
             counts["stored"] += stored
             counts["duplicates"] += len(rows) - stored
         if latest:
@@ -181,6 +184,8 @@ class IngestWorker:
         *,
         name: str | None = None,
         shared: bool = True,
+        group: str = SHARE_GROUP,
+        session_expiry_s: int = 3600,
         protocol: MqttProtocol = MqttProtocol.V5,
         batch_max: int = 1000,
         batch_wait_s: float = 0.02,
@@ -189,6 +194,8 @@ class IngestWorker:
         self.broker = broker
         self.name = name or f"edgefleet-ingest-{uuid.uuid4().hex[:8]}"
         self.shared = shared
+        self.group = group
+        self.session_expiry_s = session_expiry_s
         self.protocol = MqttProtocol.V5 if protocol is MqttProtocol.AUTO else protocol
         self.batch_max = batch_max
         self.batch_wait_s = batch_wait_s
@@ -204,7 +211,7 @@ class IngestWorker:
 
     def _filters(self) -> list[str]:
         filters = [wire.subscription(c) for c in (wire.Channel.TELEMETRY, wire.Channel.STATE, wire.Channel.ACK)]
-        return [f"$share/{SHARE_GROUP}/{f}" for f in filters] if self.shared else filters
+        return [f"$share/{self.group}/{f}" for f in filters] if self.shared else filters
 
     def start(self, timeout_s: float = 15.0) -> None:
         client = make_client(
@@ -218,7 +225,7 @@ class IngestWorker:
         kwargs: dict[str, Any] = {}
         if self.protocol is MqttProtocol.V5:
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 3600
+            props.SessionExpiryInterval = self.session_expiry_s
             props.ReceiveMaximum = min(self.batch_max, 65535)
             kwargs = {"clean_start": False, "properties": props}
         self._client = client

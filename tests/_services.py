@@ -1,0 +1,134 @@
+"""Fixtures for the real services the tests run against: PostgreSQL, SQLite, mosquitto.
+
+Locally a missing service skips the tests that need it; in CI (CI=true) it fails them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PG_HOST = os.environ.get("EDGEFLEET_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("EDGEFLEET_TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("EDGEFLEET_TEST_PG_USER", "postgres")
+PG_ADMIN_DB = os.environ.get("EDGEFLEET_TEST_PG_DB", "test")
+MOSQUITTO_HOST = "127.0.0.1"
+MOSQUITTO_PORT = int(os.environ.get("EDGEFLEET_TEST_MOSQUITTO_PORT", "1883"))
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def service_missing(what: str) -> None:
+    """Skip locally, fail in CI."""
+    if in_ci():
+        pytest.fail(f"{what} is required in CI but is not available")
+    pytest.skip(f"{what} not available")
+
+
+def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(name="pg_url")
+def fx_pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    if not port_open(PG_HOST, PG_PORT):
+        service_missing(f"PostgreSQL on {PG_HOST}:{PG_PORT}")
+    import psycopg
+
+    name = f"edgefleet_test_{uuid.uuid4().hex[:10]}"
+    admin = f"host={PG_HOST} port={PG_PORT} user={PG_USER} dbname={PG_ADMIN_DB}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(name="database_url", params=["sqlite", "postgresql"])
+def fx_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that uses it runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'edgefleet.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(name="mosquitto_url")
+def fx_mosquitto_url() -> str:
+    """The machine's mosquitto (anonymous, as in CI)."""
+    if not port_open(MOSQUITTO_HOST, MOSQUITTO_PORT):
+        service_missing(f"mosquitto on {MOSQUITTO_HOST}:{MOSQUITTO_PORT}")
+    return f"mqtt://{MOSQUITTO_HOST}:{MOSQUITTO_PORT}"
+
+
+@dataclass
+class PrivateMosquitto:
+    """A mosquitto process of our own (e.g. to take it down and bring it back in an outage test)."""
+
+    port: int
+    config: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.config)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while not port_open("127.0.0.1", self.port, 0.2):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr and self.proc.poll() is not None else ""
+                raise RuntimeError(f"mosquitto did not start on {self.port}: {err}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(name="private_mosquitto")
+def fx_private_mosquitto(tmp_path: Path) -> Iterator[PrivateMosquitto]:
+    """An anonymous mosquitto on a free port that a test may stop and restart."""
+    if shutil.which("mosquitto") is None:
+        service_missing("the mosquitto binary")
+    port = free_port()
+    config = tmp_path / "mosquitto.conf"
+    config.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+        # Persistence: QoS 1 messages the broker accepted survive its restart (as in production).
+        f"persistence true\npersistence_location {tmp_path}/\n"
+        "max_queued_messages 100000\nmax_inflight_messages 1000\n"
+    )
+    broker = PrivateMosquitto(port, config)
+    broker.start()
+    yield broker
+    broker.stop()

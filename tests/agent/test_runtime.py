@@ -1,0 +1,548 @@
+"""agent._runtime against the real LiteRT interpreter and the shipped starter models and data."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent import protocol
+from agent._errors import AgentError
+from agent._runtime import (
+    AgentRuntimeError,
+    DataSource,
+    DataSourceError,
+    InferenceLoop,
+    InferenceStats,
+    ModelLoadError,
+    RuntimeUnavailable,
+    TFLiteModel,
+    load_interpreter_class,
+    model_version_of,
+    read_model_metadata,
+    starter_model_path,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TFLITE_RUNTIME_INSTALLED = importlib.util.find_spec("tflite_runtime") is not None
+
+
+@pytest.fixture(name="model")
+def fx_model() -> TFLiteModel:
+    return TFLiteModel.load(starter_model_path("fp32"))
+
+
+@pytest.fixture(name="int8_model")
+def fx_int8_model() -> TFLiteModel:
+    return TFLiteModel.load(starter_model_path("int8"))
+
+
+@pytest.fixture(name="data")
+def fx_data() -> DataSource:
+    return DataSource()
+
+
+@pytest.fixture(name="loops")
+def fx_loops() -> Iterator[list[InferenceLoop]]:
+    """Loops a test starts; stopped at teardown even when the test fails."""
+    loops: list[InferenceLoop] = []
+    yield loops
+    for loop in loops:
+        loop.stop(timeout=5.0)
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- imports
+
+
+def test_import_pulls_neither_torch_nor_a_runtime() -> None:
+    # Execute
+    result = _run_python(
+        """
+        import sys
+        import agent._runtime
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "ai_edge_litert", "tflite_runtime"})
+        print(heavy)
+        """
+    )
+
+    # Assert
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_errors_are_agent_errors() -> None:
+    # Assert
+    for error in (RuntimeUnavailable, ModelLoadError, DataSourceError):
+        assert issubclass(error, AgentRuntimeError)
+    assert issubclass(AgentRuntimeError, AgentError)
+    assert issubclass(AgentRuntimeError, RuntimeError)
+
+
+# ------------------------------------------------------------------------------------------------- runtime
+
+
+def test_load_interpreter_class_litert() -> None:
+    # Execute
+    loaded = load_interpreter_class("ai-edge-litert")
+
+    # Assert
+    from ai_edge_litert.interpreter import Interpreter
+
+    assert loaded.interpreter_class is Interpreter
+    assert loaded.name == "ai-edge-litert"
+    assert loaded.version == importlib.metadata.version("ai-edge-litert")
+
+
+@pytest.mark.skipif(TFLITE_RUNTIME_INSTALLED, reason="tflite-runtime is installed: nothing to fall back from")
+def test_missing_runtime_falls_back_with_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare
+    caplog.set_level(logging.WARNING, logger="agent._runtime")
+
+    # Execute
+    loaded = load_interpreter_class("tflite-runtime")
+
+    # Assert
+    assert loaded.name == "ai-edge-litert"
+    assert "'tflite-runtime' is not installed" in caplog.text
+    assert "falling back to ai-edge-litert" in caplog.text
+
+
+def test_unknown_runtime_falls_back_with_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare
+    caplog.set_level(logging.WARNING, logger="agent._runtime")
+
+    # Execute
+    loaded = load_interpreter_class("tflite-micro")
+
+    # Assert
+    assert loaded.name in {"ai-edge-litert", "tflite-runtime"}
+    assert "unknown TFLite runtime 'tflite-micro'" in caplog.text
+
+
+def test_no_runtime_installed_raises_runtime_unavailable() -> None:
+    # Prepare: a fresh interpreter in which neither runtime can be imported (None in sys.modules makes
+    # `import` raise ImportError, exactly as for a package that is not installed).
+    code = """
+        import sys
+        for name in ("ai_edge_litert", "ai_edge_litert.interpreter", "tflite_runtime", "tflite_runtime.interpreter"):
+            sys.modules[name] = None
+        from agent._runtime import RuntimeUnavailable, load_interpreter_class
+        try:
+            load_interpreter_class("ai-edge-litert")
+        except RuntimeUnavailable as exc:
+            print(exc)
+        else:
+            print("no error")
+        """
+
+    # Execute
+    result = _run_python(code)
+
+    # Assert
+    assert result.returncode == 0, result.stderr
+    assert "no TFLite runtime is installed" in result.stdout
+    assert "edgefleet[agent]" in result.stdout
+    assert "edgefleet[agent-tflite]" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------------- model
+
+
+def test_shipped_model_loads(model: TFLiteModel) -> None:
+    # Assert
+    assert model.input_shape == (1, 64)
+    assert model.input_dtype == np.float32
+    assert model.num_classes == 10
+    assert model.runtime_name == "ai-edge-litert"
+    assert model.runtime_version == importlib.metadata.version("ai-edge-litert")
+
+
+def test_shipped_model_metadata() -> None:
+    # Prepare
+    path = starter_model_path("fp32")
+
+    # Execute
+    metadata = read_model_metadata(path)
+
+    # Assert
+    assert model_version_of(path) == "starter-digits-1"
+    assert metadata["variant"] == "fp32"
+    assert metadata["size_bytes"] == path.stat().st_size
+    assert metadata["input_scale"] == 1 / 16
+    assert metadata["test_accuracy"] >= 0.9
+
+
+def test_model_version_of_without_metadata_is_file_stem(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "custom-7.tflite"
+    path.write_bytes(starter_model_path("fp32").read_bytes())
+
+    # Execute / Assert
+    assert model_version_of(path) == "custom-7"
+    assert read_model_metadata(path) == {}
+
+
+def test_batch_predict_matches_per_sample(model: TFLiteModel, data: DataSource) -> None:
+    # Prepare
+    batch = data.x[:50]
+
+    # Execute
+    together = model.predict(batch)
+    one_by_one = np.concatenate([model.predict(batch[i : i + 1]) for i in range(len(batch))])
+    again = model.predict(batch)
+
+    # Assert
+    assert together.shape == (50, 10)
+    assert together.dtype == np.float32
+    np.testing.assert_allclose(together, one_by_one, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(together, again)
+
+
+def test_shipped_model_accuracy(model: TFLiteModel, data: DataSource) -> None:
+    # Prepare
+    assert data.y is not None
+
+    # Execute
+    predicted = model.predict(data.x).argmax(axis=1)
+
+    # Assert
+    assert float(np.mean(predicted == data.y)) >= 0.9
+
+
+def test_predict_rejects_wrong_feature_shape(model: TFLiteModel) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"\(N>0, 64\)"):
+        model.predict(np.zeros((2, 63), dtype=np.float32))
+    with pytest.raises(ValueError):
+        model.predict(np.zeros((0, 64), dtype=np.float32))
+
+
+def test_int8_model_has_integer_io(int8_model: TFLiteModel) -> None:
+    # Assert
+    assert int8_model.input_dtype == np.int8
+    assert int8_model.output_dtype == np.int8
+    scale, _ = int8_model.input_quantization
+    assert scale > 0
+    assert int8_model.num_classes == 10
+
+
+def test_int8_model_agrees_with_fp32(model: TFLiteModel, int8_model: TFLiteModel, data: DataSource) -> None:
+    # Execute
+    fp32_scores = model.predict(data.x)
+    int8_scores = int8_model.predict(data.x)
+
+    # Assert: dequantized to float scores on the logit scale, and the same classes almost everywhere
+    assert int8_scores.dtype == np.float32
+    assert float(np.mean(int8_scores.argmax(axis=1) == fp32_scores.argmax(axis=1))) >= 0.95
+    output_scale, _ = int8_model.output_quantization
+    assert float(np.median(np.abs(int8_scores - fp32_scores))) < 4 * output_scale
+
+
+def test_int8_model_quantizes_float_input_like_the_tensor_params(
+    int8_model: TFLiteModel, data: DataSource
+) -> None:
+    # Prepare: quantize by hand with the input tensor's (scale, zero_point)
+    scale, zero_point = int8_model.input_quantization
+    quantized = np.clip(np.round(data.x[:100] / scale) + zero_point, -128, 127).astype(np.int8)
+
+    # Execute
+    from_float = int8_model.predict(data.x[:100])
+    from_int8 = int8_model.predict(quantized)
+
+    # Assert
+    np.testing.assert_array_equal(from_float, from_int8)
+
+
+def test_corrupt_file_raises_model_load_error(tmp_path: Path) -> None:
+    # Prepare
+    garbage = tmp_path / "garbage.tflite"
+    garbage.write_bytes(b"this is not a flatbuffer at all" * 10)
+
+    # Execute
+    with pytest.raises(ModelLoadError) as caught:
+        TFLiteModel.load(garbage)
+
+    # Assert
+    assert str(garbage) in str(caught.value)
+    assert caught.value.path == str(garbage)
+    assert "not a TFLite model" in caught.value.reason
+
+
+def test_truncated_model_raises_model_load_error(tmp_path: Path) -> None:
+    # Prepare: a real model cut short keeps the TFLite file identifier but not the rest
+    truncated = tmp_path / "truncated.tflite"
+    truncated.write_bytes(starter_model_path("fp32").read_bytes()[:600])
+
+    # Execute
+    with pytest.raises(ModelLoadError) as caught:
+        TFLiteModel.load(truncated)
+
+    # Assert
+    assert str(truncated) in str(caught.value)
+    assert caught.value.reason
+
+
+def test_missing_file_raises_model_load_error(tmp_path: Path) -> None:
+    # Prepare
+    missing = tmp_path / "missing.tflite"
+
+    # Execute
+    with pytest.raises(ModelLoadError, match="no such file") as caught:
+        TFLiteModel.load(missing)
+
+    # Assert
+    assert caught.value.path == str(missing)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def test_shipped_data_is_scaled_float(data: DataSource) -> None:
+    # Assert
+    assert len(data) == 1797
+    assert data.x.shape == (1797, 64)
+    assert data.x.dtype == np.float32
+    assert float(data.x.min()) == 0.0
+    assert float(data.x.max()) == 1.0
+    assert data.y is not None
+    assert sorted(set(data.y.tolist())) == list(range(10))
+
+
+def test_next_batch_cycles(data: DataSource) -> None:
+    # Execute
+    head = data.next_batch(1795)
+    wrapped = data.next_batch(4)
+    after = data.next_batch(1)
+
+    # Assert
+    np.testing.assert_array_equal(head, data.x[:1795])
+    np.testing.assert_array_equal(wrapped, data.x[[1795, 1796, 0, 1]])
+    np.testing.assert_array_equal(after, data.x[2:3])
+
+
+def test_data_source_from_file_without_labels(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=np.full((3, 64), 8, dtype=np.uint8))
+
+    # Execute
+    source = DataSource(path)
+
+    # Assert
+    assert source.y is None
+    assert len(source) == 3
+    np.testing.assert_array_equal(source.next_batch(2), np.full((2, 64), 0.5, dtype=np.float32))
+
+
+def test_bad_data_file_raises_data_source_error(tmp_path: Path) -> None:
+    # Prepare
+    no_x = tmp_path / "no_x.npz"
+    np.savez(no_x, y=np.arange(3))
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip")
+
+    # Execute / Assert
+    with pytest.raises(DataSourceError, match="no 'x' array"):
+        DataSource(no_x)
+    with pytest.raises(DataSourceError, match="garbage.npz"):
+        DataSource(garbage)
+    with pytest.raises(DataSourceError):
+        DataSource(tmp_path / "missing.npz")
+
+
+# --------------------------------------------------------------------------------------------------- stats
+
+
+def test_stats_snapshot_and_reset() -> None:
+    # Prepare
+    stats = InferenceStats()
+    stats.record(0.001, np.array([[0.0, 5.0, 0.0]], dtype=np.float32))
+    stats.record(0.003, np.array([[0.0, 0.0, 0.0]], dtype=np.float32))
+    stats.record(0.002, np.array([[0.0, 9.0, 0.0], [7.0, 0.0, 0.0]], dtype=np.float32))
+    stats.record_error()
+
+    # Execute
+    first = stats.snapshot_and_reset("v1")
+    second = stats.snapshot_and_reset("v1")
+
+    # Assert
+    assert isinstance(first, protocol.InferenceStats)
+    assert first.model_version == "v1"
+    assert first.count == 4
+    assert first.errors == 1
+    assert first.class_histogram == {"0": 2, "1": 2}
+    assert first.latency_p50_ms == pytest.approx(2.0)
+    assert first.latency_p95_ms == pytest.approx(2.9)
+    expected_confidence = (
+        1 / (1 + 2 * np.exp(-5)) + 1 / 3 + 1 / (1 + 2 * np.exp(-9)) + 1 / (1 + 2 * np.exp(-7))
+    ) / 4
+    assert first.mean_confidence == pytest.approx(expected_confidence, abs=1e-4)
+    assert protocol.decode(protocol.encode(first), protocol.InferenceStats) == first
+    assert second == protocol.InferenceStats(model_version="v1", count=0)
+
+
+def test_stats_accepts_probabilities() -> None:
+    # Prepare
+    stats = InferenceStats()
+
+    # Execute
+    stats.record(0.001, np.array([0.1, 0.7, 0.2], dtype=np.float32))
+    snapshot = stats.snapshot_and_reset(None)
+
+    # Assert
+    assert snapshot.mean_confidence == pytest.approx(0.7)
+    assert snapshot.class_histogram == {"1": 1}
+
+
+def test_stats_thread_safe() -> None:
+    # Prepare
+    stats = InferenceStats()
+    scores = np.eye(10, dtype=np.float32)[3:4] * 10
+
+    def work() -> None:
+        for _ in range(500):
+            stats.record(0.0001, scores)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+
+    # Execute
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    snapshot = stats.snapshot_and_reset("v")
+
+    # Assert
+    assert snapshot.count == 2000
+    assert snapshot.class_histogram == {"3": 2000}
+
+
+# ---------------------------------------------------------------------------------------------------- loop
+
+
+def test_inference_loop_runs_and_reports(
+    model: TFLiteModel, data: DataSource, loops: list[InferenceLoop]
+) -> None:
+    # Prepare
+    loop = InferenceLoop(model, data, model_version="starter-digits-1", rate_hz=500.0)
+    loops.append(loop)
+
+    # Execute
+    loop.start()
+    time.sleep(0.5)
+    snapshot = loop.stats.snapshot_and_reset(loop.model_version)
+
+    # Assert
+    assert snapshot.model_version == "starter-digits-1"
+    assert snapshot.count > 0
+    assert snapshot.errors == 0
+    assert snapshot.latency_p50_ms is not None and snapshot.latency_p95_ms is not None
+    assert 0 < snapshot.latency_p50_ms <= snapshot.latency_p95_ms
+    assert sum(snapshot.class_histogram.values()) == snapshot.count
+    assert snapshot.mean_confidence is not None and 0.1 <= snapshot.mean_confidence <= 1.0
+    assert loop.is_alive()
+
+
+def test_swap_model_while_running(
+    model: TFLiteModel, int8_model: TFLiteModel, data: DataSource, loops: list[InferenceLoop]
+) -> None:
+    # Prepare
+    loop = InferenceLoop(model, data, model_version="fp32", rate_hz=500.0)
+    loops.append(loop)
+    loop.start()
+    time.sleep(0.1)
+
+    # Execute
+    previous = loop.swap_model(int8_model, "int8")
+    loop.snapshot()
+    time.sleep(0.2)
+    after = loop.snapshot()
+
+    # Assert
+    assert previous == (model, "fp32")
+    assert loop.model is int8_model
+    assert after.model_version == "int8"
+    assert after.count > 0
+    assert after.errors == 0
+
+
+def test_loop_counts_errors_and_keeps_running(
+    model: TFLiteModel, tmp_path: Path, loops: list[InferenceLoop]
+) -> None:
+    # Prepare: samples of the wrong width make every predict raise
+    path = tmp_path / "wide.npz"
+    np.savez(path, x=np.zeros((4, 65), dtype=np.uint8))
+    loop = InferenceLoop(model, DataSource(path), rate_hz=500.0)
+    loops.append(loop)
+
+    # Execute
+    loop.start()
+    time.sleep(0.2)
+    snapshot = loop.snapshot()
+
+    # Assert
+    assert snapshot.errors > 0
+    assert snapshot.count == 0
+    assert loop.is_alive()
+
+
+def test_stop_returns_promptly_while_waiting(
+    model: TFLiteModel, data: DataSource, loops: list[InferenceLoop]
+) -> None:
+    # Prepare: one sample every 30 s, so the loop is inside its wait
+    loop = InferenceLoop(model, data, rate_hz=1 / 30)
+    loops.append(loop)
+    loop.start()
+    time.sleep(0.05)
+
+    # Execute
+    started = time.monotonic()
+    loop.stop()
+    elapsed = time.monotonic() - started
+
+    # Assert
+    assert elapsed < 1.0
+    assert not loop.is_alive()
+
+
+def test_set_rate_pauses_and_resumes(
+    model: TFLiteModel, data: DataSource, loops: list[InferenceLoop]
+) -> None:
+    # Prepare
+    loop = InferenceLoop(model, data, rate_hz=0.0)
+    loops.append(loop)
+    loop.start()
+    time.sleep(0.1)
+    paused = loop.snapshot()
+
+    # Execute
+    loop.set_rate(500.0)
+    time.sleep(0.2)
+    resumed = loop.snapshot()
+
+    # Assert
+    assert paused.count == 0
+    assert resumed.count > 0
+    with pytest.raises(ValueError):
+        loop.set_rate(-1.0)

@@ -1,0 +1,126 @@
+"""Ingest through a real broker into a real database: dedupe, dead letters, ack after commit."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent import protocol as wire
+from agent._mqtt import MqttProtocol, make_client, parse_broker_url
+from controlplane._fleet import Fleet
+from controlplane.devices.schemas import DeviceCreate
+from controlplane.ingest import read_stats
+from controlplane.settings import BrokerAuthMode, Settings
+
+pytestmark = pytest.mark.integration
+
+
+def telemetry(device_id: str, seq: int) -> bytes:
+    return wire.encode(wire.Telemetry(
+        device_id=device_id, seq=seq, ts=time.time(),
+        system=wire.SystemStats(cpu_percent=1.0, mem_used_mb=10.0, mem_total_mb=100.0, disk_used_percent=5.0),
+        power=wire.PowerStats(source="simulated", power_source="battery", battery_percent=80.0, charging=True),
+        network=wire.NetworkStats(source="simulated", metered=False),
+    ))
+
+
+def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(name="fleet")
+def fx_fleet(mosquitto_url: str, database_url: str, tmp_path) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
+    settings = Settings(data_dir=tmp_path / "cp", database_url=database_url, broker_url=mosquitto_url,
+                        broker_auth=BrokerAuthMode.NONE, ingest_group=f"test-{uuid.uuid4().hex[:8]}",
+                        instance_name=uuid.uuid4().hex[:8], ingest_session_expiry_s=30)
+    # A unique share group and client ids per test keep tests apart on the shared broker.
+    fleet = Fleet(settings)
+    fleet.start()
+    yield fleet
+    fleet.stop()
+
+
+@pytest.fixture(name="publisher")
+def fx_publisher(mosquitto_url: str) -> Iterator[mqtt.Client]:
+    client = make_client(parse_broker_url(mosquitto_url), f"test-{uuid.uuid4().hex[:6]}", protocol=MqttProtocol.V5)
+    client.connect("127.0.0.1", parse_broker_url(mosquitto_url).port)
+    client.loop_start()
+    yield client
+    client.disconnect()
+    client.loop_stop()
+
+
+def enroll(fleet: Fleet, profile: str = "raspberry-pi-5") -> str:
+    device_id = f"dev-{uuid.uuid4().hex[:8]}"
+    fleet.devices.enroll(DeviceCreate(device_id=device_id, profile=profile))
+    return device_id
+
+
+def publish(client: mqtt.Client, topic: str, payload: bytes) -> None:
+    info = client.publish(topic, payload, qos=1)
+    info.wait_for_publish(10)
+
+
+def test_telemetry_stored_once_per_seq(fleet: Fleet, publisher: mqtt.Client) -> None:
+    # Prepare
+    device_id = enroll(fleet)
+    topic = wire.topic(device_id, wire.Channel.TELEMETRY)
+    # Execute: seq 1..20, then 5 and 7 again (a device re-sending after a lost PUBACK)
+    for seq in [*range(1, 21), 5, 7]:
+        publish(publisher, topic, telemetry(device_id, seq))
+    wait_for(lambda: read_stats(fleet.engine)["received"] >= 22, what="22 messages ingested")
+    # Assert
+    records = fleet.devices.telemetry(device_id, since=None, until=None, limit=1000)
+    assert [r.seq for r in records] == list(range(1, 21))
+    stats = read_stats(fleet.engine)
+    assert stats["stored"] == 20
+    assert stats["duplicates"] == 2
+    assert fleet.devices.get(device_id).last_seq == 20
+
+
+def test_malformed_counted_and_worker_survives(fleet: Fleet, publisher: mqtt.Client) -> None:
+    # Prepare
+    device_id = enroll(fleet)
+    other = enroll(fleet)
+    topic = wire.topic(device_id, wire.Channel.TELEMETRY)
+    # Execute
+    publish(publisher, topic, b"{not json")
+    publish(publisher, topic, b'{"device_id": "%s", "seq": "one"}' % device_id.encode())
+    publish(publisher, topic, b"x" * (wire.MAX_PAYLOAD_BYTES + 1))
+    publish(publisher, topic, telemetry(other, 1))  # another device's id in this device's topic
+    publish(publisher, wire.topic("never-enrolled", wire.Channel.TELEMETRY), telemetry("never-enrolled", 1))
+    publish(publisher, topic, telemetry(device_id, 1).replace(b'"protocol_version":1', b'"protocol_version":99'))
+    publish(publisher, topic, telemetry(device_id, 1))
+    wait_for(lambda: read_stats(fleet.engine)["stored"] >= 1, what="the valid message stored")
+    # Assert
+    stats = read_stats(fleet.engine)
+    assert stats["dead_letters"] == {"malformed": 2, "oversized": 1, "device_mismatch": 1, "unknown_device": 1,
+                                     "unsupported_version": 1}
+    assert stats["stored"] == 1
+    assert all(w._writer is not None and w._writer.is_alive() for w in fleet.workers)
+
+
+def test_state_sets_presence(fleet: Fleet, publisher: mqtt.Client) -> None:
+    # Prepare
+    device_id = enroll(fleet)
+    state = wire.State(device_id=device_id, online=True, ts=time.time(), profile="raspberry-pi-5",
+                       agent_version="9.9", runtime="ai-edge-litert", active_model="m1")
+    # Execute
+    publish(publisher, wire.topic(device_id, wire.Channel.STATE), wire.encode(state))
+    wait_for(lambda: fleet.devices.get(device_id).online, what="device online")
+    offline = wire.State(device_id=device_id, online=False, ts=time.time())
+    publish(publisher, wire.topic(device_id, wire.Channel.STATE), wire.encode(offline))
+    wait_for(lambda: not fleet.devices.get(device_id).online, what="device offline")
+    # Assert
+    device = fleet.devices.get(device_id)
+    assert device.agent_version is None or device.agent_version == "9.9"
+    assert fleet.devices.list(online=False, profile="raspberry-pi-5")
