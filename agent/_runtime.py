@@ -15,6 +15,7 @@ Errors (under :class:`agent._errors.AgentError`)::
 from __future__ import annotations
 
 import collections
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.resources
@@ -195,6 +196,20 @@ def _check_tflite_file(path: Path) -> None:
         )
 
 
+def _check_sha256(path: Path, expected: str, source: str) -> None:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ModelLoadError(path, f"cannot read: {exc.strerror or exc}") from exc
+    if digest.hexdigest() != expected.strip().lower():
+        raise ModelLoadError(
+            path, f"sha256 {digest.hexdigest()} does not match {source} ({expected}): truncated or replaced?"
+        )
+
+
 def _quantization(detail: dict[str, Any]) -> tuple[float, int]:
     scale, zero_point = detail.get("quantization", (0.0, 0))
     return float(scale), int(zero_point)
@@ -244,19 +259,34 @@ class TFLiteModel:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], runtime: str = DEFAULT_RUNTIME, num_threads: int = 1
+        cls,
+        path: str | os.PathLike[str],
+        runtime: str = DEFAULT_RUNTIME,
+        num_threads: int = 1,
+        *,
+        sha256: str | None = None,
     ) -> TFLiteModel:
         """Load and allocate a model.
+
+        The file is checked against ``sha256`` if given, else against the ``sha256`` of its metadata file
+        (:func:`read_model_metadata`) if it has one, before any runtime sees it: tflite-runtime 2.14 does not
+        verify the flatbuffer and crashes the process on a truncated model.
 
         Raises
         ------
         ModelLoadError
-            The file is missing, not a TFLite model, corrupt, or not a single-input/single-output classifier.
+            The file is missing, not a TFLite model, corrupt, does not match its checksum, or is not a
+            single-input/single-output classifier.
         RuntimeUnavailable
             No TFLite runtime is installed.
         """
         model_path = Path(path)
         _check_tflite_file(model_path)
+        expected = sha256 if sha256 is not None else read_model_metadata(model_path).get("sha256")
+        if isinstance(expected, str) and expected:
+            _check_sha256(
+                model_path, expected, "the given checksum" if sha256 is not None else "its metadata"
+            )
         interpreter_class, name, version = load_interpreter_class(runtime)
         try:
             interpreter = interpreter_class(model_path=str(model_path), num_threads=num_threads)

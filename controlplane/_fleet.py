@@ -53,10 +53,13 @@ class Fleet:
             self.publisher = CommandPublisher(self.broker, protocol)
             self.publisher.start()
             if ingest:
+                shared = self.settings.ingest_shared
+                if shared is None:
+                    shared = self.settings.ingest_workers > 1
                 for index in range(self.settings.ingest_workers):
                     worker = IngestWorker(
                         self.engine, self.broker, name=f"edgefleet-ingest-{self.settings.instance_name}-{index}",
-                        shared=self.embedded is None, group=self.settings.ingest_group, protocol=protocol,
+                        shared=shared and self.embedded is None, group=self.settings.ingest_group, protocol=protocol,
                         session_expiry_s=self.settings.ingest_session_expiry_s,
                         batch_max=self.settings.ingest_batch_max, batch_wait_s=self.settings.ingest_batch_wait_s,
                     )

@@ -42,6 +42,10 @@ class Settings:
     port: int = 8080
     embedded_broker_port: int = 1883
     ingest_workers: int = 1
+    # MQTT 5 shared subscription: on by default only with several workers. mosquitto 2.0 does not restore
+    # shared subscriptions from persistence, so messages published after a broker restart and before the
+    # workers reconnect are lost; a single worker's plain subscription on a persistent session is not.
+    ingest_shared: bool | None = None
     ingest_group: str = "edgefleet-ingest"  # MQTT 5 shared-subscription group of all ingest workers
     # Broker session of an ingest worker: it keeps delivered-but-uncommitted messages across a restart.
     ingest_session_expiry_s: int = 3600
@@ -65,6 +69,7 @@ class Settings:
             "port": int,
             "embedded_broker_port": int,
             "ingest_workers": int,
+            "ingest_shared": lambda v: v.lower() in ("1", "true", "yes", "on"),
             "ingest_group": str,
             "ingest_session_expiry_s": int,
             "instance_name": str,

@@ -5,6 +5,7 @@ Locally a missing service skips the tests that need it; in CI (CI=true) it fails
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import socket
@@ -123,7 +124,8 @@ def fx_private_mosquitto(tmp_path: Path) -> Iterator[PrivateMosquitto]:
     port = free_port()
     config = tmp_path / "mosquitto.conf"
     config.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+        # `user`: as root, mosquitto would drop to the `mosquitto` user and could not write its persistence here.
+        f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
         # Persistence: QoS 1 messages the broker accepted survive its restart (as in production).
         f"persistence true\npersistence_location {tmp_path}/\n"
         "max_queued_messages 100000\nmax_inflight_messages 1000\n"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from ._embedded import configure_logging, run_embedded_broker
+from ._embedded import READY_LINE, configure_logging, run_embedded_broker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,7 +21,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="WARNING", help="Python logging level (default: %(default)s)")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    run_embedded_broker(args.host, args.port, args.credentials)
+
+    def ready() -> None:
+        sys.stdout.buffer.write(READY_LINE)
+        sys.stdout.flush()
+
+    run_embedded_broker(args.host, args.port, args.credentials, on_ready=ready)
 
 
 if __name__ == "__main__":

@@ -191,6 +191,12 @@ class MosquittoDynsecAuth:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def prepare(self) -> None:
+        """Connect, create the ``edgefleet-service`` role and grant it to the service account. Done on first
+        :meth:`ensure_device` anyway; call it at start-up to fail early and let the control plane publish
+        commands before any device is enrolled."""
+        self._ensure_initialised()
+
     # -- setup ------------------------------------------------------------------------------------------------
 
     def _ensure_initialised(self) -> None:
@@ -198,18 +204,31 @@ class MosquittoDynsecAuth:
             if self._initialised:
                 return
         self._ensure_role(SERVICE_ROLE, service_role_acls())
-        reply = self._execute_one({"command": "getClient", "username": self._service_username})
-        client = (reply.get("data") or {}).get("client") or {}
-        if not client:
+        if not self._service_has_role():
+            # mosquitto disconnects every connection of the account whose roles change, this one included when
+            # the service account is the admin: the reply is lost and paho re-sends the command on reconnect,
+            # which then answers "Internal error" (2.0.11's reply to adding a role a client already has).
+            reply = self._execute_one(
+                {"command": "addClientRole", "username": self._service_username, "rolename": SERVICE_ROLE},
+                ok_errors=("Internal error",),
+            )
+            if reply.get("error") and not self._service_has_role():
+                raise BrokerAuthError(
+                    f"dynsec: addClientRole {self._service_username!r} {SERVICE_ROLE!r} failed: {reply['error']}"
+                )
+        with self._lock:
+            self._initialised = True
+
+    def _service_has_role(self) -> bool:
+        reply = self._execute_one(
+            {"command": "getClient", "username": self._service_username}, ok_errors=("Client not found",)
+        )
+        client = (reply.get("data") or {}).get("client")
+        if reply.get("error") or not client:
             raise BrokerAuthError(
                 f"dynsec: service account {self._service_username!r} does not exist on the broker"
             )
-        if not any(r.get("rolename") == SERVICE_ROLE for r in client.get("roles") or ()):
-            self._execute_one(
-                {"command": "addClientRole", "username": self._service_username, "rolename": SERVICE_ROLE}
-            )
-        with self._lock:
-            self._initialised = True
+        return any(r.get("rolename") == SERVICE_ROLE for r in client.get("roles") or ())
 
     def _ensure_role(self, rolename: str, acls: list[dict[str, Any]]) -> None:
         reply = self._execute_one(

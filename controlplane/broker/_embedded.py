@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Self
@@ -28,6 +29,8 @@ __all__ = ["EmbeddedBroker", "run_embedded_broker"]
 
 _PLUGIN: Final = "controlplane.broker._amqtt_plugin.EdgeFleetAuthPlugin"
 _STDERR_TAIL: Final = 4000
+# What ``python -m controlplane.broker`` prints on stdout once it listens.
+READY_LINE: Final = b"edgefleet-broker-ready\n"
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -43,8 +46,41 @@ def broker_config(host: str, port: int, credentials_file: str | os.PathLike[str]
     }
 
 
+_CONNECT: Final = 0x10
+_MQTT_311: Final = (b"MQTT", 4)
+# CONNACK, remaining length 2, no session present, return code 1: unacceptable protocol version.
+_CONNACK_UNACCEPTABLE_PROTOCOL: Final = b"\x20\x02\x00\x01"
+
+
+async def _peek_connect_protocol(
+    reader: asyncio.StreamReader, consumed: bytearray
+) -> tuple[bytes, int] | None:
+    """(protocol name, level) of a CONNECT at the start of ``reader``; None for another packet. The bytes read
+    are appended to ``consumed``."""
+
+    async def take(n: int) -> bytes:
+        data = await reader.readexactly(n)
+        consumed.extend(data)
+        return data
+
+    if (await take(1))[0] != _CONNECT:
+        return None
+    for _ in range(4):  # remaining length: variable byte integer
+        if not (await take(1))[0] & 0x80:
+            break
+    name_length = int.from_bytes(await take(2), "big")
+    name = await take(name_length)
+    level = (await take(1))[0]
+    return name, level
+
+
 def _make_broker(config: dict[str, Any]) -> Any:
-    """An amqtt Broker with two fixes for amqtt 0.11.4 (checked by tests/controlplane/test_broker_auth.py).
+    """An amqtt Broker with fixes for amqtt 0.11.4 (checked by tests/controlplane/test_broker_auth.py).
+
+    0. amqtt parses an MQTT 5 CONNECT as 3.1.1 before looking at the protocol level; with a password it then
+       waits for bytes that never come, and the client only gives up at its keep-alive timeout. Here any CONNECT
+       but MQTT 3.1.1 gets CONNACK return code 1 (unacceptable protocol version) at once, which paho's MQTT 5
+       client reports as reason code 132 "Unsupported protocol version": the cue to fall back to 3.1.1.
 
     1. Retained messages sent on SUBSCRIBE/reconnect skip the RECEIVE topic check, and on reconnect amqtt sends
        the retained messages of *every* subscription on the broker, not only the client's: a device would get
@@ -52,14 +88,57 @@ def _make_broker(config: dict[str, Any]) -> Any:
     2. A refused CONNECT just closes the socket; here the client first gets CONNACK 5 (not authorised), as
        mosquitto does, so it can tell bad credentials from a network failure.
     """
+    from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
     from amqtt.broker import Broker
     from amqtt.contexts import Action
     from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+
+    class _PrefixedReader(StreamReaderAdapter):  # type: ignore[misc]
+        """Serves the bytes already read (to peek at the CONNECT) before the rest of the stream."""
+
+        def __init__(self, reader: asyncio.StreamReader, prefix: bytearray) -> None:
+            super().__init__(reader)
+            self._prefix = prefix
+
+        async def read(self, n: int = -1) -> bytes:
+            if not self._prefix:
+                return bytes(await super().read(n))
+            if n == -1:
+                head = bytes(self._prefix)
+                self._prefix.clear()
+                return head + bytes(await self._reader.read(-1))
+            head = bytes(self._prefix[:n])
+            del self._prefix[:n]
+            if len(head) < n:
+                head += bytes(await self._reader.readexactly(n - len(head)))
+            return head
 
     class _EdgeFleetBroker(Broker):  # type: ignore[misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._edgefleet_authenticated: dict[int, Any] = {}
+
+        async def stream_connected(
+            self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+        ) -> None:
+            consumed = bytearray()
+            try:
+                protocol = await _peek_connect_protocol(reader, consumed)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+                return
+            if protocol is not None and protocol != _MQTT_311:
+                self.logger.info(
+                    f"refused a CONNECT of protocol {protocol[0]!r} level {protocol[1]}: not MQTT 3.1.1"
+                )
+                with contextlib.suppress(ConnectionError):
+                    writer.write(_CONNACK_UNACCEPTABLE_PROTOCOL)
+                    await writer.drain()
+                writer.close()
+                return
+            await self._client_connected(
+                listener_name, _PrefixedReader(reader, consumed), StreamWriterAdapter(writer)
+            )
 
         async def _handle_client_session(
             self, reader: Any, writer: Any, client_session: Any, handler: Any, server: Any, listener_name: str
@@ -112,8 +191,14 @@ def _make_broker(config: dict[str, Any]) -> Any:
     return _EdgeFleetBroker(config)
 
 
-def run_embedded_broker(host: str, port: int, credentials_file: str | os.PathLike[str]) -> None:
-    """Run the broker on ``host:port`` until SIGTERM/SIGINT (blocking)."""
+def run_embedded_broker(
+    host: str,
+    port: int,
+    credentials_file: str | os.PathLike[str],
+    *,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run the broker on ``host:port`` until SIGTERM/SIGINT (blocking); ``on_ready`` is called once it listens."""
 
     async def main() -> None:
         broker = _make_broker(broker_config(host, port, credentials_file))
@@ -123,6 +208,8 @@ def run_embedded_broker(host: str, port: int, credentials_file: str | os.PathLik
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         await broker.start()
+        if on_ready is not None:
+            on_ready()
         try:
             await stop.wait()
         finally:
@@ -204,25 +291,35 @@ class EmbeddedBroker:
             "--credentials", os.fspath(self._credentials_file),
             "--log-level", self._log_level,
         ]  # fmt: skip
-        self._process = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr
+        self._process = process = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr
         )
+        assert process.stdout is not None
+        # Wait for the ready line (so a foreign listener on the port cannot pass for ours), then the port.
+        stdout = process.stdout
+        os.set_blocking(stdout.fileno(), False)
+        seen = b""
         deadline = time.monotonic() + self._startup_timeout
-        while True:
-            if self._process.poll() is not None:
-                self._cleanup()
-                raise RuntimeError(
-                    f"embedded broker exited with code {self._process.returncode}:\n{self._last_stderr}"
-                )
-            if _port_open(self._host, self._port):
-                return self
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"embedded broker did not listen on {self._host}:{self._port} within "
-                    f"{self._startup_timeout:g} s:\n{self._stderr_tail()}"
-                )
-            time.sleep(0.05)
+        try:
+            while True:
+                if process.poll() is not None:
+                    self._cleanup()
+                    raise RuntimeError(
+                        f"embedded broker exited with code {process.returncode}:\n{self._last_stderr}"
+                    )
+                with contextlib.suppress(BlockingIOError):
+                    seen += stdout.read() or b""
+                if READY_LINE in seen and _port_open(self._host, self._port):
+                    return self
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(
+                        f"embedded broker did not listen on {self._host}:{self._port} within "
+                        f"{self._startup_timeout:g} s:\n{self._stderr_tail()}"
+                    )
+                time.sleep(0.05)
+        finally:
+            stdout.close()
 
     def stop(self) -> None:
         process = self._process

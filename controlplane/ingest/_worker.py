@@ -221,7 +221,7 @@ class IngestWorker:
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         client.on_subscribe = lambda *a: self._subscribed.set()
-        client.reconnect_delay_set(0.5, 10)
+        client.reconnect_delay_set(0.2, 2)
         kwargs: dict[str, Any] = {}
         if self.protocol is MqttProtocol.V5:
             props = Properties(PacketTypes.CONNECT)

@@ -19,6 +19,7 @@ import pytest
 from agent import protocol
 from agent._errors import AgentError
 from agent._runtime import (
+    RUNTIMES,
     AgentRuntimeError,
     DataSource,
     DataSourceError,
@@ -34,7 +35,10 @@ from agent._runtime import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TFLITE_RUNTIME_INSTALLED = importlib.util.find_spec("tflite_runtime") is not None
+_MODULES = {"ai-edge-litert": "ai_edge_litert", "tflite-runtime": "tflite_runtime"}
+INSTALLED = frozenset(name for name in RUNTIMES if importlib.util.find_spec(_MODULES[name]) is not None)
+# The runtime a default load resolves to in this environment.
+DEFAULT_IN_USE = next(name for name in RUNTIMES if name in INSTALLED)
 
 
 @pytest.fixture(name="model")
@@ -102,30 +106,38 @@ def test_errors_are_agent_errors() -> None:
 # ------------------------------------------------------------------------------------------------- runtime
 
 
-def test_load_interpreter_class_litert() -> None:
-    # Execute
-    loaded = load_interpreter_class("ai-edge-litert")
-
-    # Assert
-    from ai_edge_litert.interpreter import Interpreter
-
-    assert loaded.interpreter_class is Interpreter
-    assert loaded.name == "ai-edge-litert"
-    assert loaded.version == importlib.metadata.version("ai-edge-litert")
-
-
-@pytest.mark.skipif(TFLITE_RUNTIME_INSTALLED, reason="tflite-runtime is installed: nothing to fall back from")
-def test_missing_runtime_falls_back_with_warning(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_installed_runtime_is_used(runtime: str, caplog: pytest.LogCaptureFixture) -> None:
     # Prepare
+    if runtime not in INSTALLED:
+        pytest.skip(f"{runtime} is not installed")
     caplog.set_level(logging.WARNING, logger="agent._runtime")
 
     # Execute
-    loaded = load_interpreter_class("tflite-runtime")
+    loaded = load_interpreter_class(runtime)
 
     # Assert
-    assert loaded.name == "ai-edge-litert"
-    assert "'tflite-runtime' is not installed" in caplog.text
-    assert "falling back to ai-edge-litert" in caplog.text
+    module = importlib.import_module(f"{_MODULES[runtime]}.interpreter")
+    assert loaded.interpreter_class is module.Interpreter
+    assert loaded.name == runtime
+    assert loaded.version == importlib.metadata.version(runtime)
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_missing_runtime_falls_back_with_warning(runtime: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare
+    if runtime in INSTALLED:
+        pytest.skip(f"{runtime} is installed: nothing to fall back from")
+    caplog.set_level(logging.WARNING, logger="agent._runtime")
+
+    # Execute
+    loaded = load_interpreter_class(runtime)
+
+    # Assert
+    assert loaded.name != runtime
+    assert f"{runtime!r} is not installed" in caplog.text
+    assert f"falling back to {loaded.name}" in caplog.text
 
 
 def test_unknown_runtime_falls_back_with_warning(caplog: pytest.LogCaptureFixture) -> None:
@@ -136,7 +148,7 @@ def test_unknown_runtime_falls_back_with_warning(caplog: pytest.LogCaptureFixtur
     loaded = load_interpreter_class("tflite-micro")
 
     # Assert
-    assert loaded.name in {"ai-edge-litert", "tflite-runtime"}
+    assert loaded.name == DEFAULT_IN_USE
     assert "unknown TFLite runtime 'tflite-micro'" in caplog.text
 
 
@@ -174,8 +186,8 @@ def test_shipped_model_loads(model: TFLiteModel) -> None:
     assert model.input_shape == (1, 64)
     assert model.input_dtype == np.float32
     assert model.num_classes == 10
-    assert model.runtime_name == "ai-edge-litert"
-    assert model.runtime_version == importlib.metadata.version("ai-edge-litert")
+    assert model.runtime_name == DEFAULT_IN_USE
+    assert model.runtime_version == importlib.metadata.version(DEFAULT_IN_USE)
 
 
 def test_shipped_model_metadata() -> None:
@@ -289,8 +301,11 @@ def test_corrupt_file_raises_model_load_error(tmp_path: Path) -> None:
     assert "not a TFLite model" in caught.value.reason
 
 
+@pytest.mark.skipif(
+    DEFAULT_IN_USE == "tflite-runtime", reason="tflite-runtime 2.14 does not verify models: it segfaults"
+)
 def test_truncated_model_raises_model_load_error(tmp_path: Path) -> None:
-    # Prepare: a real model cut short keeps the TFLite file identifier but not the rest
+    # Prepare: a real model cut short keeps the TFLite file identifier but not the rest (and has no metadata)
     truncated = tmp_path / "truncated.tflite"
     truncated.write_bytes(starter_model_path("fp32").read_bytes()[:600])
 
@@ -301,6 +316,31 @@ def test_truncated_model_raises_model_load_error(tmp_path: Path) -> None:
     # Assert
     assert str(truncated) in str(caught.value)
     assert caught.value.reason
+
+
+def test_truncated_model_with_metadata_fails_checksum(tmp_path: Path) -> None:
+    # Prepare: a partial download next to the model's metadata; caught before any runtime parses it
+    source = starter_model_path("fp32")
+    truncated = tmp_path / source.name
+    truncated.write_bytes(source.read_bytes()[:600])
+    (tmp_path / source.with_suffix(".json").name).write_bytes(source.with_suffix(".json").read_bytes())
+
+    # Execute
+    with pytest.raises(ModelLoadError, match="does not match its metadata") as caught:
+        TFLiteModel.load(truncated)
+
+    # Assert
+    assert caught.value.path == str(truncated)
+
+
+def test_explicit_checksum_is_checked() -> None:
+    # Prepare
+    path = starter_model_path("fp32")
+
+    # Execute / Assert
+    with pytest.raises(ModelLoadError, match="does not match the given checksum"):
+        TFLiteModel.load(path, sha256="0" * 64)
+    assert TFLiteModel.load(path, sha256=read_model_metadata(path)["sha256"]).num_classes == 10
 
 
 def test_missing_file_raises_model_load_error(tmp_path: Path) -> None:

@@ -124,3 +124,30 @@ def test_state_sets_presence(fleet: Fleet, publisher: mqtt.Client) -> None:
     device = fleet.devices.get(device_id)
     assert device.agent_version is None or device.agent_version == "9.9"
     assert fleet.devices.list(online=False, profile="raspberry-pi-5")
+
+
+@pytest.fixture(name="two_worker_fleet")
+def fx_two_worker_fleet(mosquitto_url: str, tmp_path) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
+    settings = Settings(data_dir=tmp_path / "cp", broker_url=mosquitto_url, broker_auth=BrokerAuthMode.NONE,
+                        ingest_workers=2, ingest_group=f"test-{uuid.uuid4().hex[:8]}",
+                        instance_name=uuid.uuid4().hex[:8], ingest_session_expiry_s=30)
+    fleet = Fleet(settings).start()
+    yield fleet
+    fleet.stop()
+
+
+def test_two_workers_share_the_subscription(two_worker_fleet: Fleet, publisher: mqtt.Client) -> None:
+    # Prepare
+    fleet = two_worker_fleet
+    devices = [enroll(fleet) for _ in range(4)]
+    # Execute
+    infos = [publisher.publish(wire.topic(d, wire.Channel.TELEMETRY), telemetry(d, seq), qos=1)
+             for seq in range(1, 51) for d in devices]
+    for info in infos:
+        info.wait_for_publish(10)
+    wait_for(lambda: read_stats(fleet.engine)["received"] >= 200, what="200 messages ingested")
+    # Assert: every message handled exactly once, by one of the two workers
+    stats = read_stats(fleet.engine)
+    assert (stats["stored"], stats["duplicates"]) == (200, 0)
+    assert all(w.processed > 0 for w in fleet.workers)
+    assert sum(w.processed for w in fleet.workers) >= 200
