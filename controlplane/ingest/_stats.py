@@ -29,7 +29,10 @@ def add_counts(conn: Connection, counts: Counter[str]) -> None:
 
 
 def read_stats(engine: Engine) -> dict[str, object]:
-    """`{"received", "stored", "duplicates", "dead_letters": {reason: count}}`."""
+    """`{"received", "stored", "duplicates", "dead_letters": {reason: count}, "states", "acks"}`.
+
+    Every received message is exactly one of: stored, duplicate, dead letter, state update or command ack.
+    """
     with engine.connect() as conn:
         rows = conn.execute(select(_TABLE.c.name, _TABLE.c.count)).all()
     counts = {name: int(n) for name, n in rows}
@@ -40,4 +43,6 @@ def read_stats(engine: Engine) -> dict[str, object]:
         "dead_letters": {
             name[len(DEAD_LETTER_PREFIX) :]: n for name, n in sorted(counts.items()) if name.startswith(DEAD_LETTER_PREFIX)
         },
+        "states": counts.get("states", 0),
+        "acks": counts.get("acks", 0),
     }
