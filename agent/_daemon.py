@@ -7,6 +7,7 @@ plane has not yet acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 import structlog
 
 from agent import __version__
@@ -66,6 +69,7 @@ class AgentSettings:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     keepalive_s: int = 30
+    session_expiry_s: int = 7 * 24 * 3600  # how long the broker keeps commands for an offline device
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -188,8 +192,10 @@ class Agent:
     def _connect(self) -> bool:
         self.set_state(LifecycleState.CONNECTING)
         address = self.settings.broker
+        # A persistent session: commands sent while the device is offline wait at the broker for it.
         client = make_client(
-            address, f"edgefleet-{self.device_id}", protocol=self._protocol, max_inflight=self.settings.inflight_window
+            address, self.device_id, protocol=self._protocol, max_inflight=self.settings.inflight_window,
+            persistent=True,
         )
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -201,7 +207,13 @@ class Agent:
         self._connected = False
         self._connect_failed = None
         try:
-            client.connect(address.host, address.port, keepalive=self.settings.keepalive_s)
+            if self._protocol is MqttProtocol.V5:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = self.settings.session_expiry_s
+                client.connect(address.host, address.port, keepalive=self.settings.keepalive_s, clean_start=False,
+                               properties=props)
+            else:
+                client.connect(address.host, address.port, keepalive=self.settings.keepalive_s)
         except (OSError, ValueError) as exc:
             self._log.info("mqtt.connect_failed", broker=address.url, error=str(exc))
             return False
@@ -214,11 +226,11 @@ class Agent:
             reason = self._connect_failed or "no CONNACK within 10 s"
             self._log.warning("mqtt.connect_failed", broker=address.url, protocol=str(self._protocol), reason=reason)
             client.disconnect()
-            if self.settings.broker.protocol is MqttProtocol.AUTO and self._protocol is MqttProtocol.V5:
-                # Brokers that speak only 3.1.1 close the connection on an MQTT 5 CONNECT or refuse it.
-                if "protocol" in reason.lower() or "before CONNACK" in reason:
-                    self._log.info("mqtt.fallback", protocol="3.1.1")
-                    self._protocol = MqttProtocol.V311
+            # Brokers that speak only 3.1.1 close the connection on an MQTT 5 CONNECT or refuse it.
+            refused_v5 = "protocol" in reason.lower() or "before CONNACK" in reason
+            if self.settings.broker.protocol is MqttProtocol.AUTO and self._protocol is MqttProtocol.V5 and refused_v5:
+                self._log.info("mqtt.fallback", protocol="3.1.1")
+                self._protocol = MqttProtocol.V311
             return False
         self._client = client
         self.connects += 1
@@ -232,10 +244,8 @@ class Agent:
 
     def _drop_client(self) -> None:
         if self._client is not None:
-            try:
-                self._client.socket() and self._client.disconnect()
-            except Exception:  # noqa: BLE001 - the socket may already be gone
-                pass
+            with contextlib.suppress(Exception):  # the socket may already be gone
+                self._client.disconnect()
         self._client = None
         self._connected = False
         self._inflight.clear()
@@ -380,7 +390,9 @@ class Agent:
 
     # -- inference -------------------------------------------------------------------------------------------
     def _start_inference(self) -> None:
-        from agent import _runtime  # deferred: keeps `import agent` cheap for tools that only need the protocol
+        from agent import (
+            _runtime,  # deferred: keeps `import agent` cheap for tools that only need the protocol
+        )
 
         rate = float(self.config.get("inference_rate_hz", self.settings.inference_rate_hz))
         model_path = self.settings.model_path or _runtime.starter_model_path()

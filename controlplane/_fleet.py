@@ -14,7 +14,13 @@ from sqlalchemy import Engine
 
 from agent._mqtt import BrokerAddress, MqttProtocol, parse_broker_url
 from controlplane._errors import BrokerUnavailable
-from controlplane.broker import BrokerAuth, EmbeddedBroker, EmbeddedBrokerAuth, MosquittoDynsecAuth, NoBrokerAuth
+from controlplane.broker import (
+    BrokerAuth,
+    EmbeddedBroker,
+    EmbeddedBrokerAuth,
+    MosquittoDynsecAuth,
+    NoBrokerAuth,
+)
 from controlplane.db import create_db_engine, migrate
 from controlplane.devices import CommandPublisher, DeviceService
 from controlplane.ingest import IngestWorker
@@ -80,7 +86,7 @@ class Fleet:
             password = secrets.token_urlsafe(24)
             auth.ensure_service(SERVICE_USERNAME, password)
             host = "127.0.0.1" if settings.host in ("127.0.0.1", "localhost") else "0.0.0.0"
-            self.embedded = EmbeddedBroker(host, settings.embedded_broker_port, auth.credentials.path)
+            self.embedded = EmbeddedBroker(auth.credentials.path, host, settings.embedded_broker_port)
             self.embedded.start()
             self.broker_auth = auth
             self.broker = BrokerAddress(
@@ -98,7 +104,10 @@ class Fleet:
             self.broker = BrokerAddress(self.broker.host, self.broker.port, self.broker.tls, self.broker.username,
                                         self.broker.password, MqttProtocol.V5)
         if settings.broker_auth is BrokerAuthMode.DYNSEC:
-            self.broker_auth = MosquittoDynsecAuth(self.broker)
+            dynsec = MosquittoDynsecAuth.from_url(settings.broker_url)
+            # Before ingest and the publisher connect: granting the service role once disconnects the admin.
+            dynsec.prepare()
+            self.broker_auth = dynsec
         self.device_broker_url = settings.device_broker_url or self.broker.with_credentials(None, None).url
 
     def stop(self) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 from litestar import Litestar, Request, Response, get
 from litestar.di import Provide
+from litestar.logging import LoggingConfig
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
@@ -98,6 +99,8 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None) 
         middleware=[auth],
         lifespan=[lifespan],
         openapi_config=openapi,
+        # structlog is configured by the entry point; Litestar only logs unhandled exceptions.
+        logging_config=LoggingConfig(configure_root_logger=False, log_exceptions="always"),
         exception_handlers={
             ControlPlaneError: _control_plane_error,
             BrokerAuthError: _broker_auth_error,

@@ -8,11 +8,11 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="EdgeFleet: ML on fleets of edge devices.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help="EdgeFleet: ML on fleets of edge devices.")
 profiles_app = typer.Typer(no_args_is_help=True, help="Firmware profiles (device classes).")
 agent_app = typer.Typer(no_args_is_help=True, help="The device agent.")
 cp_app = typer.Typer(no_args_is_help=True, help="The control plane.")
@@ -91,21 +91,21 @@ def agent_run(
     profile: Annotated[str, typer.Option(envvar="EDGEFLEET_PROFILE", help="Firmware profile name.")],
     broker: Annotated[str, typer.Option(envvar="EDGEFLEET_BROKER_URL",
                                         help="mqtt[s]://host:port[?protocol=5|3.1.1]")] = "mqtt://127.0.0.1:1883",
-    username: Annotated[Optional[str], typer.Option(envvar="EDGEFLEET_MQTT_USERNAME",
+    username: Annotated[str | None, typer.Option(envvar="EDGEFLEET_MQTT_USERNAME",
                                                     help="Broker username (default: device id).")] = None,
-    password: Annotated[Optional[str], typer.Option(envvar="EDGEFLEET_MQTT_PASSWORD",
+    password: Annotated[str | None, typer.Option(envvar="EDGEFLEET_MQTT_PASSWORD",
                                                     help="Broker password (prefer the env var).")] = None,
-    controlplane: Annotated[Optional[str], typer.Option(envvar="EDGEFLEET_CONTROLPLANE_URL",
+    controlplane: Annotated[str | None, typer.Option(envvar="EDGEFLEET_CONTROLPLANE_URL",
                                                         help="Control-plane URL (model downloads).")] = None,
     data_dir: Annotated[Path, typer.Option(envvar="EDGEFLEET_DATA_DIR", help="Agent state directory.")] = Path(
         "./edgefleet-agent"),
-    telemetry_interval: Annotated[Optional[float], typer.Option(help="Seconds (default: the profile's).")] = None,
+    telemetry_interval: Annotated[float | None, typer.Option(help="Seconds (default: the profile's).")] = None,
     inference_rate: Annotated[float, typer.Option(help="Inferences per second.")] = 5.0,
     power_source: Annotated[PowerSourceOption, typer.Option(
         help="Battery/network figures: OS, simulated, or auto (OS battery, else the profile's power source).")
     ] = PowerSourceOption.auto,
-    model: Annotated[Optional[Path], typer.Option(help="TFLite model (default: the shipped starter model).")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Local data (.npz with x[, y]) to run inference over.")] = None,
+    model: Annotated[Path | None, typer.Option(help="TFLite model (default: the shipped starter model).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Local data (.npz with x[, y]) to run inference over.")] = None,
     outbox_max_mb: Annotated[float, typer.Option(help="Outbox bound in MiB (oldest dropped first).")] = 16.0,
     log_level: Annotated[str, typer.Option(envvar="EDGEFLEET_LOG_LEVEL")] = "info",
 ) -> None:
@@ -155,17 +155,17 @@ def _settings(**overrides: Any) -> Any:
 
 @cp_app.command("serve")
 def controlplane_serve(
-    host: Annotated[Optional[str], typer.Option(help="Bind address [env EDGEFLEET_HOST, default 127.0.0.1].")] = None,
-    port: Annotated[Optional[int], typer.Option(help="HTTP port [env EDGEFLEET_PORT, default 8080].")] = None,
-    database_url: Annotated[Optional[str], typer.Option(
+    host: Annotated[str | None, typer.Option(help="Bind address [env EDGEFLEET_HOST, default 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port [env EDGEFLEET_PORT, default 8080].")] = None,
+    database_url: Annotated[str | None, typer.Option(
         help="SQLAlchemy URL [env EDGEFLEET_DATABASE_URL, default SQLite in the data dir].")] = None,
-    broker: Annotated[Optional[str], typer.Option(
+    broker: Annotated[str | None, typer.Option(
         help="mqtt://user:pass@host:port [env EDGEFLEET_BROKER_URL, default: an embedded broker].")] = None,
-    broker_auth: Annotated[Optional[BrokerAuthOption], typer.Option(
+    broker_auth: Annotated[BrokerAuthOption | None, typer.Option(
         help="How device credentials reach the broker [env EDGEFLEET_BROKER_AUTH].")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="[env EDGEFLEET_DATA_DIR]")] = None,
-    embedded_broker_port: Annotated[Optional[int], typer.Option(help="Port of the embedded broker (1883).")] = None,
-    ingest_workers: Annotated[Optional[int], typer.Option(help="Ingest workers in this process (1).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="[env EDGEFLEET_DATA_DIR]")] = None,
+    embedded_broker_port: Annotated[int | None, typer.Option(help="Port of the embedded broker (1883).")] = None,
+    ingest_workers: Annotated[int | None, typer.Option(help="Ingest workers in this process (1).")] = None,
     log_level: Annotated[str, typer.Option(envvar="EDGEFLEET_LOG_LEVEL")] = "info",
 ) -> None:
     """Run the control plane (API, ingest, embedded broker unless --broker is given)."""
@@ -197,8 +197,8 @@ def _engine(database_url: str | None, data_dir: Path | None) -> Any:
     return engine
 
 
-DatabaseOpt = Annotated[Optional[str], typer.Option(help="[env EDGEFLEET_DATABASE_URL]")]
-DataDirOpt = Annotated[Optional[Path], typer.Option(help="[env EDGEFLEET_DATA_DIR]")]
+DatabaseOpt = Annotated[str | None, typer.Option(help="[env EDGEFLEET_DATABASE_URL]")]
+DataDirOpt = Annotated[Path | None, typer.Option(help="[env EDGEFLEET_DATA_DIR]")]
 
 
 @tokens_app.command("create")
@@ -241,9 +241,9 @@ def tokens_revoke(token_id: int, database_url: DatabaseOpt = None, data_dir: Dat
 def demo(
     agents: Annotated[int, typer.Option(help="Number of simulated devices.")] = 4,
     duration: Annotated[float, typer.Option(help="Seconds of live telemetry.")] = 30.0,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the summary as JSON.")] = None,
-    broker: Annotated[Optional[str], typer.Option(help="Use this broker instead of the embedded one.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Demo state (default: a temporary directory).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary as JSON.")] = None,
+    broker: Annotated[str | None, typer.Option(help="Use this broker instead of the embedded one.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Demo state (default: a temporary directory).")] = None,
 ) -> None:
     """Control plane + broker + N agents on this machine; prints a fleet table."""
     from agent._logging import configure_logging

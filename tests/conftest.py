@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+pytest_plugins = ("tests._services",)
+
 if TYPE_CHECKING:
     from controlplane.broker import EmbeddedBroker, EmbeddedBrokerAuth
 

@@ -263,6 +263,8 @@ class MosquittoDynsecAuth:
             protocol=mqtt.MQTTv5,
         )
         client.username_pw_set(self._username, self._password)
+        # mosquitto disconnects us when our own roles change (see _ensure_initialised): come back quickly.
+        client.reconnect_delay_set(min_delay=0.1, max_delay=10)  # type: ignore[arg-type]  # floats work
         if isinstance(self._tls, ssl.SSLContext):
             client.tls_set_context(self._tls)
         elif self._tls:

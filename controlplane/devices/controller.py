@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from litestar import Controller, Response, delete, get, patch, post
 from litestar.params import Parameter
@@ -26,7 +26,7 @@ __all__ = ["DeviceController"]
 
 class DeviceController(Controller):
     path = "/api/v1/devices"
-    tags = ["devices"]
+    tags: ClassVar[list[str]] = ["devices"]  # type: ignore[misc]
 
     @post("/", guards=[requires(Role.ADMIN)], sync_to_thread=True, summary="Enrol a device")
     def enroll(self, data: DeviceCreate, devices: DeviceService) -> DeviceEnrolled:

@@ -7,7 +7,6 @@ import secrets
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 from sqlalchemy import Engine, delete, func

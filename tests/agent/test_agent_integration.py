@@ -28,7 +28,7 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
         if predicate():
             return
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")  # noqa
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(name="fleet")

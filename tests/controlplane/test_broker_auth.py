@@ -11,6 +11,7 @@ import os
 import queue
 import secrets
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -37,8 +38,17 @@ from controlplane.broker import (
 )
 from controlplane.broker._credentials import acl_allows
 from controlplane.broker._dynsec import device_role_acls
-from tests.conftest import EmbeddedBrokerInstance, MosquittoInstance, start_mosquitto, stop_process
+from tests.conftest import (
+    EmbeddedBrokerInstance,
+    MosquittoInstance,
+    find_mosquitto,
+    free_port,
+    start_mosquitto,
+    stop_process,
+    wait_for_port,
+)
 
+REPO = Path(__file__).resolve().parents[2]
 QUIET = 0.5  # how long "nothing arrives" is watched for, after a later message did arrive
 
 
@@ -422,8 +432,6 @@ class TestMosquittoDynsec:
             stop_process(plain.process)
 
     def test_unreachable_broker_is_a_clear_error(self) -> None:
-        from tests.conftest import free_port
-
         auth = MosquittoDynsecAuth("127.0.0.1", free_port(), "edgefleet-admin", "x", timeout=1.0)
         with pytest.raises(BrokerAuthError, match="cannot connect to mosquitto at 127.0.0.1"):
             auth.ensure_device("dev-a", "pw-a")
@@ -435,6 +443,50 @@ class TestMosquittoDynsec:
                 auth.ensure_device(dynsec_mosquitto.admin_username, "pw")
             with pytest.raises(BrokerAuthError, match="admin/service account"):
                 auth.remove_device(dynsec_mosquitto.admin_username)
+
+    def test_deploy_config_runs(self, tmp_path: Path) -> None:
+        """deploy/mosquitto/mosquitto.conf, with its paths and port pointed at tmp_path, works as documented."""
+        mosquitto, ctrl, plugin = find_mosquitto()
+        dynsec_file = tmp_path / "dynamic-security.json"
+        password = secrets.token_urlsafe(12)
+        subprocess.run(
+            [ctrl, "dynsec", "init", str(dynsec_file), "edgefleet-admin", password],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+        )
+        port = free_port()
+        config = (REPO / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+        for old, new in {
+            "plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so": f"plugin {plugin}",
+            "/var/lib/mosquitto/dynamic-security.json": str(dynsec_file),
+            "persistence_location /var/lib/mosquitto/": f"persistence_location {tmp_path}/",
+            "\nlistener 1883\n": f"\nlistener {port} 127.0.0.1\n",
+        }.items():
+            assert old in config, old
+            config = config.replace(old, new)
+        if os.geteuid() == 0:
+            config += "\nuser root\n"
+        (tmp_path / "mosquitto.conf").write_text(config)
+        with (tmp_path / "mosquitto.log").open("wb") as log:
+            process = subprocess.Popen(
+                [mosquitto, "-c", str(tmp_path / "mosquitto.conf")], stdout=log, stderr=log
+            )
+        try:
+            assert wait_for_port("127.0.0.1", port, 10, process), (tmp_path / "mosquitto.log").read_text()
+            with MosquittoDynsecAuth.from_url(f"mqtt://edgefleet-admin:{password}@127.0.0.1:{port}") as auth:
+                auth.prepare()
+                auth.ensure_device("dev-a", "pw-a")
+            device = Probe("127.0.0.1", port, "dev-a", "pw-a", protocol=mqtt.MQTTv5)
+            anonymous = Probe("127.0.0.1", port, None, None)
+            try:
+                assert not _refused(device.connect())
+                assert _refused(anonymous.connect())  # allow_anonymous false
+            finally:
+                device.close()
+                anonymous.close()
+        finally:
+            stop_process(process)
 
 
 # -- embedded broker specifics ---------------------------------------------------------------------------------
