@@ -84,20 +84,27 @@ for stmt in json.loads(sys.argv[2]):
 print(json.dumps(out))
 """
 
-# In the order `python -m controlplane.cli agent run` pulls them in (see controlplane/cli.py, agent/_daemon.py).
+# In the order `python -m controlplane.cli agent run` pulls them in (controlplane/cli.py, then agent/_daemon.py
+# and what it imports); "alone" measures each in a fresh floor process, "in agent order" what it adds after the
+# ones above it (shared dependencies are counted once, where they first come in).
 IMPORTS = [
-    ("typer (+ click, rich, markdown-it via typer.rich_utils)", "import typer"),
-    ("click alone", "import click"),
-    ("rich (as typer loads it)", "import rich.console, rich.markdown, rich.table, rich.panel"),
-    ("controlplane.cli (the entry point module)", "import controlplane.cli"),
-    ("structlog", "import structlog"),
+    ("typer (+ click, rich, markdown-it, pygments)", "import typer"),
+    ("controlplane.cli (entry point module)", "import controlplane.cli"),
+    ("ssl (libssl/libcrypto; paho imports it)", "import ssl"),
+    ("urllib.request (+ http, email; paho imports it)", "import urllib.request"),
+    ("paho.mqtt.client (the rest of it)", "import paho.mqtt.client"),
+    ("asyncio (structlog imports it)", "import asyncio"),
+    ("rich.traceback (structlog.dev imports it if installed)", "import rich.traceback"),
+    ("structlog (the rest of it)", "import structlog"),
     ("msgspec + agent.protocol", "import agent.protocol"),
-    ("paho.mqtt.client", "import paho.mqtt.client"),
+    ("sqlite3 (the outbox)", "import sqlite3"),
     ("psutil", "import psutil"),
-    ("sqlite3", "import sqlite3"),
-    ("firmware_profiles (+ tomllib)", "import firmware_profiles; firmware_profiles.get_profile('raspberry-pi-5')"),
-    ("agent._daemon (agent side, all of it)", "import agent._daemon, agent._logging, agent._runtime"),
+    ("firmware_profiles (+ tomllib), one profile loaded",
+     "import firmware_profiles; firmware_profiles.get_profile('raspberry-pi-5')"),
+    ("agent._daemon, _outbox, _telemetry, _runtime, _logging",
+     "import agent._daemon, agent._outbox, agent._telemetry, agent._runtime, agent._logging"),
 ]
+ALSO_ALONE = [("click alone", "import click"), ("rich alone (console + traceback)", "import rich.console, rich.traceback")]
 
 
 def sample_process(pid: int, seconds: float, warmup: float, stop: threading.Event) -> dict[str, Any]:
@@ -253,6 +260,7 @@ def run_processes(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         watcher.disconnect()
         watcher.loop_stop()
         broker.stop()
+    results = {name: results[name] for name in procs}
     for name in procs:
         if name == "floor":
             results[name]["inferences_per_s"] = None
@@ -276,15 +284,20 @@ def import_costs(model: Path) -> dict[str, Any]:
         return [(s, float(v)) for s, v in json.loads(out)]
 
     alone = {}
-    for label, stmt in IMPORTS:
+    for label, stmt in IMPORTS + ALSO_ALONE:
         values = [probe([stmt]) for _ in range(3)]  # median of 3 fresh processes
         alone[label] = statistics.median(v[1][1] - v[0][1] for v in values)
-    cumulative = []
-    steps = probe([stmt for _, stmt in IMPORTS if stmt not in ("import click",)])
     labels = {stmt: label for label, stmt in IMPORTS}
-    for (_, before), (stmt, after) in itertools.pairwise(steps):
-        cumulative.append({"import": labels[stmt], "adds_mb": after - before, "rss_mb": after})
-    return {"floor_rss_mb": steps[0][1], "alone_mb": alone, "cumulative": cumulative}
+    runs = [probe([stmt for _, stmt in IMPORTS]) for _ in range(3)]
+    cumulative = []
+    for i, (stmt, _) in enumerate(runs[0][1:], start=1):
+        adds = statistics.median(r[i][1] - r[i - 1][1] for r in runs)
+        cumulative.append({"import": labels[stmt], "adds_mb": adds})
+    return {
+        "floor_rss_mb": statistics.median(r[0][1] for r in runs),
+        "all_imports_rss_mb": statistics.median(r[-1][1] for r in runs),
+        "alone_mb": alone, "cumulative": cumulative,
+    }
 
 
 def main() -> int:
@@ -330,12 +343,18 @@ def main() -> int:
     imports = None
     if not args.no_imports:
         imports = import_costs(starter_model_path())
-        print(f"\nwhat imports add to the floor process (floor {imports['floor_rss_mb']:.1f} MB RSS; MB):")
+        print(f"\nwhat imports add to a process holding the floor (numpy + LiteRT + model: "
+              f"{imports['floor_rss_mb']:.1f} MB RSS); MB, median of 3 fresh processes:")
         print(f"  {'import':<58} {'alone':>6} {'in agent order':>15}")
         cumulative = {c["import"]: c["adds_mb"] for c in imports["cumulative"]}
         for label, mb in imports["alone_mb"].items():
             cum = f"{cumulative[label]:.1f}" if label in cumulative else "-"
             print(f"  {label:<58} {mb:>6.1f} {cum:>15}")
+        total = imports["all_imports_rss_mb"] - imports["floor_rss_mb"]
+        rest = (agent["rss_mb_mean"] - floor["rss_mb_mean"]) - total
+        imports["runtime_state_mb"] = rest
+        print(f"  {'all imports together':<58} {'':>6} {total:>15.1f}")
+        print(f"  {'the rest: running agent state (agent - floor - imports)':<58} {'':>6} {rest:>15.1f}")
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({

@@ -1,0 +1,140 @@
+"""Enrol → agent connects with the issued credentials → telemetry, commands; ACLs hold. On both brokers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import protocol as wire
+from agent._mqtt import MqttProtocol, make_client, parse_broker_url
+from controlplane._fleet import Fleet
+from controlplane.devices.schemas import CommandCreate, DeviceCreate, DeviceEnrolled
+from controlplane.ingest import read_stats
+from controlplane.settings import BrokerAuthMode, Settings
+from tests._services import free_port
+from tests.controlplane.test_ingest import telemetry
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(name="fleet", params=["embedded", "mosquitto-dynsec"])
+def fx_fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
+    if request.param == "embedded":
+        settings = Settings(data_dir=tmp_path / "cp", embedded_broker_port=free_port())
+    else:
+        mosquitto = request.getfixturevalue("dynsec_mosquitto")
+        settings = Settings(data_dir=tmp_path / "cp", broker_url=mosquitto.url, broker_auth=BrokerAuthMode.DYNSEC,
+                            instance_name=uuid.uuid4().hex[:8])
+    fleet = Fleet(settings).start()
+    yield fleet
+    fleet.stop()
+
+
+def start_agent(creds: DeviceEnrolled, data_dir: Path, password: str | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "controlplane.cli", "agent", "run", "--device-id", creds.device_id,
+         "--profile", creds.profile, "--broker", creds.broker_url, "--username", creds.mqtt_username,
+         "--data-dir", str(data_dir), "--telemetry-interval", "0.2", "--log-level", "warning"],
+        env=dict(os.environ, EDGEFLEET_MQTT_PASSWORD=password or creds.mqtt_password),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def count(fleet: Fleet, device_id: str) -> int:
+    return len(fleet.devices.telemetry(device_id, since=None, until=None, limit=100_000))
+
+
+def test_enrolled_agent_reports_and_answers(fleet: Fleet, tmp_path: Path) -> None:
+    # Prepare
+    creds = fleet.devices.enroll(DeviceCreate(device_id="pi-e2e", profile="raspberry-pi-5", tags=["lab"]))
+    agent = start_agent(creds, tmp_path / "agent")
+    try:
+        # Execute
+        wait_for(lambda: count(fleet, "pi-e2e") >= 3, what="telemetry from the enrolled agent")
+        ping = fleet.devices.send_command("pi-e2e", CommandCreate(kind="ping"))
+        # Assert
+        assert ping.status == "ok"
+        device = fleet.devices.get("pi-e2e")
+        assert device.online
+        assert (device.reported_state or {})["runtime"] in ("ai-edge-litert", "tflite-runtime")
+        assert (device.last_telemetry or {})["inference"]["count"] >= 0
+    finally:
+        stop(agent)
+
+
+def test_wrong_password_never_connects(fleet: Fleet, tmp_path: Path) -> None:
+    # Prepare
+    creds = fleet.devices.enroll(DeviceCreate(device_id="pi-wrong", profile="raspberry-pi-5"))
+    agent = start_agent(creds, tmp_path / "agent", password="not-the-password")
+    try:
+        # Execute
+        time.sleep(3)
+        # Assert
+        assert count(fleet, "pi-wrong") == 0
+        assert not fleet.devices.get("pi-wrong").online
+    finally:
+        stop(agent)
+
+
+def test_device_cannot_write_another_devices_topics(fleet: Fleet) -> None:
+    # Prepare: two enrolled devices; "mallory" connects with its own valid credentials
+    fleet.devices.enroll(DeviceCreate(device_id="victim", profile="raspberry-pi-5"))
+    mallory = fleet.devices.enroll(DeviceCreate(device_id="mallory", profile="raspberry-pi-5"))
+    address = parse_broker_url(mallory.broker_url).with_credentials("mallory", mallory.mqtt_password)
+    protocol = MqttProtocol.V311 if address.protocol is MqttProtocol.V311 else MqttProtocol.V5
+    client = make_client(address, "mallory", protocol=protocol)
+    client.connect(address.host, address.port)
+    client.loop_start()
+    try:
+        # Execute: forge telemetry for the victim, then publish own telemetry as a marker
+        before = read_stats(fleet.engine)["received"]
+        client.publish(wire.topic("victim", wire.Channel.TELEMETRY), telemetry("victim", 1), qos=1).wait_for_publish(5)
+        client.publish(wire.topic("mallory", wire.Channel.TELEMETRY), telemetry("mallory", 1), qos=1).wait_for_publish(5)
+        wait_for(lambda: count(fleet, "mallory") == 1, what="mallory's own telemetry")
+        # Assert: the forged message never reached the control plane
+        assert count(fleet, "victim") == 0
+        assert read_stats(fleet.engine)["received"] == before + 1
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_deleted_device_loses_broker_access(fleet: Fleet, tmp_path: Path) -> None:
+    # Prepare
+    creds = fleet.devices.enroll(DeviceCreate(device_id="pi-gone", profile="raspberry-pi-5"))
+    fleet.devices.delete("pi-gone")
+    # Execute: re-enrol under the same id: the old password must not work any more
+    fleet.devices.enroll(DeviceCreate(device_id="pi-gone", profile="raspberry-pi-5"))
+    agent = start_agent(creds, tmp_path / "agent")
+    try:
+        time.sleep(3)
+        # Assert
+        assert count(fleet, "pi-gone") == 0
+    finally:
+        stop(agent)
