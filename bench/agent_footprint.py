@@ -19,7 +19,6 @@ the loaded model), alone and cumulatively in the order the agent imports them.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -104,6 +103,11 @@ IMPORTS = [
     ("agent._daemon, _outbox, _telemetry, _runtime, _logging",
      "import agent._daemon, agent._outbox, agent._telemetry, agent._runtime, agent._logging"),
 ]
+# What an agent needs at the least with today's libraries (paho with ssl + urllib, msgspec, sqlite3, psutil,
+# profiles, stdlib logging): no typer/click/rich, no structlog/asyncio. The agent's own modules and its running
+# state are added from the measurements above (they import structlog, so they cannot be probed without it).
+LEAN = ["import logging", "import paho.mqtt.client", "import agent.protocol", "import sqlite3", "import psutil",
+        "import firmware_profiles; firmware_profiles.get_profile('raspberry-pi-5')"]
 ALSO_ALONE = [("click alone", "import click"), ("rich alone (console + traceback)", "import rich.console, rich.traceback")]
 
 
@@ -293,7 +297,9 @@ def import_costs(model: Path) -> dict[str, Any]:
     for i, (stmt, _) in enumerate(runs[0][1:], start=1):
         adds = statistics.median(r[i][1] - r[i - 1][1] for r in runs)
         cumulative.append({"import": labels[stmt], "adds_mb": adds})
+    lean = statistics.median(r[-1][1] - r[0][1] for r in (probe(LEAN) for _ in range(3)))
     return {
+        "lean_imports_mb": lean,
         "floor_rss_mb": statistics.median(r[0][1] for r in runs),
         "all_imports_rss_mb": statistics.median(r[-1][1] for r in runs),
         "alone_mb": alone, "cumulative": cumulative,
@@ -355,6 +361,14 @@ def main() -> int:
         imports["runtime_state_mb"] = rest
         print(f"  {'all imports together':<58} {'':>6} {total:>15.1f}")
         print(f"  {'the rest: running agent state (agent - floor - imports)':<58} {'':>6} {rest:>15.1f}")
+        own = cumulative[IMPORTS[-1][0]]
+        lean = floor["rss_mb_mean"] + imports["lean_imports_mb"] + own + rest
+        imports["lean_estimate_rss_mb"] = lean
+        imports["lean_estimate_ratio"] = lean / floor["rss_mb_mean"]
+        print(f"lean estimate (no typer/click/rich, stdlib logging instead of structlog/asyncio; paho, msgspec, "
+              f"sqlite3, psutil kept): floor {floor['rss_mb_mean']:.1f} + imports {imports['lean_imports_mb']:.1f} + "
+              f"agent modules {own:.1f} + state {rest:.1f} = {lean:.1f} MB = {lean / floor['rss_mb_mean']:.2f}x floor "
+              f"(target {RSS_TARGET}x = {RSS_TARGET * floor['rss_mb_mean']:.1f} MB)")
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({

@@ -7,6 +7,7 @@ from firmware_profiles._loader import (
     load_profile,
     load_profiles,
     profile_dir,
+    variant_unsupported,
 )
 from firmware_profiles._schema import (
     Accelerator,
@@ -36,4 +37,5 @@ __all__ = [
     "load_profile",
     "load_profiles",
     "profile_dir",
+    "variant_unsupported",
 ]

@@ -8,9 +8,17 @@ from pathlib import Path
 
 import msgspec
 
-from firmware_profiles._schema import Profile
+from firmware_profiles._schema import ModelVariant, Profile, RuntimeName
 
-__all__ = ["ProfileError", "ProfileNotFound", "get_profile", "load_profile", "load_profiles", "profile_dir"]
+__all__ = [
+    "ProfileError",
+    "ProfileNotFound",
+    "get_profile",
+    "load_profile",
+    "load_profiles",
+    "profile_dir",
+    "variant_unsupported",
+]
 
 
 class ProfileError(Exception):
@@ -68,7 +76,22 @@ def load_profile(path: Path) -> Profile:
             path=path,
             field="name",
         )
+    for variant in profile.variants:
+        why = variant_unsupported(profile.runtime.name, profile.runtime.version, variant)
+        if why:
+            raise ProfileError(f"{path}: field 'variants': {variant} is not allowed: {why}", path=path,
+                               field="variants")
     return profile
+
+
+def variant_unsupported(runtime: RuntimeName, version: str, variant: ModelVariant) -> str | None:
+    """Why a runtime cannot be trusted with a model variant (measured), or None."""
+    if runtime is RuntimeName.TFLITE_RUNTIME and version.startswith("2.14") and variant is ModelVariant.DYNAMIC_INT8:
+        return ("tflite-runtime 2.14 cannot load PT2E dynamic-range models and returns wrong answers without an "
+                "error on ai-edge-quantizer dynamic-range models")
+    if runtime is RuntimeName.TFLITE_MICRO and variant is not ModelVariant.FULL_INT8:
+        return "TFLite Micro runs full-integer models only"
+    return None
 
 
 def _field_of(message: str) -> tuple[str | None, str]:

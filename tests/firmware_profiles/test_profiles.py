@@ -395,3 +395,18 @@ def test_get_profile_in_an_empty_directory(tmp_path: Path) -> None:
 
     # Assert
     assert "known: none" in str(caught.value)
+
+
+def test_runtime_that_cannot_run_a_variant_is_refused(tmp_path: Path) -> None:
+    # Prepare: a Pi 4 profile (tflite-runtime 2.14) that claims dynamic-int8
+    source = (profile_dir() / "raspberry-pi-4.toml").read_text()
+    bad = tmp_path / "raspberry-pi-4.toml"
+    bad.write_text(source.replace('variants = ["fp32", "fp16", "full-int8"]',
+                                  'variants = ["fp32", "dynamic-int8"]'))
+    # Execute
+    with pytest.raises(ProfileError) as caught:
+        load_profile(bad)
+    # Assert
+    assert str(bad) in str(caught.value)
+    assert caught.value.field == "variants"
+    assert "wrong answers" in str(caught.value)

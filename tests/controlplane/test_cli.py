@@ -1,0 +1,74 @@
+"""The `edgefleet` CLI as an operator types it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from controlplane.auth import Role, verify_token
+from controlplane.cli import app
+from controlplane.db import create_db_engine
+
+runner = CliRunner()
+
+
+def test_tokens_create_prints_a_working_token(tmp_path: Path) -> None:
+    # Prepare
+    url = f"sqlite:///{tmp_path / 'cp.db'}"
+    # Execute
+    result = runner.invoke(app, ["tokens", "create", "--role", "operator", "--name", "ci", "--database-url", url])
+    listed = runner.invoke(app, ["tokens", "list", "--database-url", url])
+    # Assert
+    assert result.exit_code == 0, result.output
+    secret = result.stdout.strip().splitlines()[0]
+    info = verify_token(create_db_engine(url), secret)
+    assert info is not None and info.role is Role.OPERATOR and info.name == "ci"
+    assert "operator" in listed.stdout and secret not in listed.stdout
+
+
+def test_tokens_revoke(tmp_path: Path) -> None:
+    # Prepare
+    url = f"sqlite:///{tmp_path / 'cp.db'}"
+    secret = runner.invoke(app, ["tokens", "create", "--role", "viewer", "--database-url", url]).stdout.split()[0]
+    # Execute
+    revoked = runner.invoke(app, ["tokens", "revoke", "1", "--database-url", url])
+    missing = runner.invoke(app, ["tokens", "revoke", "99", "--database-url", url])
+    # Assert
+    assert revoked.exit_code == 0
+    assert verify_token(create_db_engine(url), secret) is None
+    assert missing.exit_code == 1 and "no token #99" in missing.output
+
+
+def test_invalid_role_is_rejected(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["tokens", "create", "--role", "root", "--database-url", f"sqlite:///{tmp_path}/x.db"])
+    assert result.exit_code == 2
+    assert "root" in result.output
+
+
+def test_profiles_list_and_show() -> None:
+    # Execute
+    listed = runner.invoke(app, ["profiles", "list"])
+    as_json = runner.invoke(app, ["profiles", "list", "--json"])
+    shown = runner.invoke(app, ["profiles", "show", "coral-dev-board"])
+    unknown = runner.invoke(app, ["profiles", "show", "toaster"])
+    # Assert
+    assert listed.exit_code == 0 and "raspberry-pi-4" in listed.stdout
+    assert {p["name"] for p in json.loads(as_json.stdout)} >= {"raspberry-pi-5", "esp32-s3"}
+    assert json.loads(shown.stdout)["variants"] == ["full-int8"]
+    assert unknown.exit_code == 2 and "unknown profile 'toaster'" in unknown.output
+
+
+def test_agent_refuses_an_export_only_profile(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["agent", "run", "--device-id", "mcu-1", "--profile", "esp32-s3",
+                                 "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "export target" in result.output
+
+
+def test_agent_rejects_a_bad_broker_url(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["agent", "run", "--device-id", "d1", "--profile", "raspberry-pi-5",
+                                 "--broker", "http://x", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "scheme must be mqtt" in result.output
