@@ -1,6 +1,7 @@
 """Ingest throughput: EdgeFleet's ingest workers against a raw paho subscriber on the same broker.
 
-    python bench/ingest.py [--messages N] [--repeats R] [--json PATH] [--database-url URL] [--profile]
+    python bench/ingest.py [--messages N] [--repeats R] [--json PATH] [--database-url URL]
+                           [--modes raw,ours-1,ours-2[,ours-1-nodb]] [--breakdown] [--profile PATH]
 
 Every run gets a fresh private mosquitto (persistence off) on a free port, and one long-lived publisher
 process (started before anything else, so it is the same process for every run) publishes N telemetry

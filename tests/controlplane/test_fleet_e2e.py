@@ -138,3 +138,18 @@ def test_deleted_device_loses_broker_access(fleet: Fleet, tmp_path: Path) -> Non
         assert count(fleet, "pi-gone") == 0
     finally:
         stop(agent)
+
+
+def test_agent_falls_back_to_mqtt_311_by_itself(fleet: Fleet, tmp_path: Path) -> None:
+    if fleet.embedded is None:
+        pytest.skip("only the embedded broker is MQTT 3.1.1-only")
+    # Prepare: the URL without ?protocol=3.1.1, as an operator might type it
+    creds = fleet.devices.enroll(DeviceCreate(device_id="pi-auto", profile="raspberry-pi-5"))
+    bare = DeviceEnrolled(**{**{f: getattr(creds, f) for f in creds.__struct_fields__},
+                             "broker_url": creds.broker_url.split("?")[0]})
+    agent = start_agent(bare, tmp_path / "agent")
+    try:
+        # Execute / Assert
+        wait_for(lambda: count(fleet, "pi-auto") >= 1, what="telemetry after falling back to 3.1.1")
+    finally:
+        stop(agent)
