@@ -86,8 +86,17 @@ class Fleet:
             password = secrets.token_urlsafe(24)
             auth.ensure_service(SERVICE_USERNAME, password)
             host = "127.0.0.1" if settings.host in ("127.0.0.1", "localhost") else "0.0.0.0"
-            self.embedded = EmbeddedBroker(auth.credentials.path, host, settings.embedded_broker_port)
-            self.embedded.start()
+            port = settings.embedded_broker_port
+            if port and _port_taken(host, port):
+                raise BrokerUnavailable(
+                    f"the embedded broker cannot listen on {host}:{port}: the port is in use (another MQTT broker?)."
+                    " Use that broker with --broker mqtt://USER:PASS@HOST:PORT, or pick --embedded-broker-port"
+                )
+            self.embedded = EmbeddedBroker(auth.credentials.path, host, port)
+            try:
+                self.embedded.start()
+            except Exception as exc:
+                raise BrokerUnavailable(f"the embedded broker did not start: {exc}") from exc
             self.broker_auth = auth
             self.broker = BrokerAddress(
                 host="127.0.0.1", port=self.embedded.port, username=SERVICE_USERNAME, password=password,
@@ -122,6 +131,16 @@ class Fleet:
             self.embedded.stop()
             self.embedded = None
         self.engine.dispose()
+
+
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def _safe_db_url(url: str | None) -> str:

@@ -184,7 +184,22 @@ def controlplane_serve(
         broker_auth=BrokerAuthMode(broker_auth.value) if broker_auth else None,
         embedded_broker_port=embedded_broker_port, ingest_workers=ingest_workers,
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    from controlplane._errors import ControlPlaneError
+    from controlplane._fleet import Fleet
+
+    # Start the fleet (database, broker, ingest) before serving, so a bad setting is one clear line, not a trace.
+    try:
+        fleet = Fleet(settings).start()
+    except (ControlPlaneError, OSError, ValueError) as exc:
+        _fail(str(exc), 1)
+    except Exception as exc:  # noqa: BLE001 - database drivers raise their own types
+        _fail(f"cannot start the control plane: {type(exc).__name__}: {str(exc).splitlines()[0]}", 1)
+    try:
+        typer.secho(f"control plane on http://{settings.host}:{settings.port}  broker {fleet.broker.url}  "
+                    f"API docs /schema", err=True, fg=typer.colors.GREEN)
+        uvicorn.run(create_app(fleet=fleet), host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        fleet.stop()
 
 
 # -- tokens --------------------------------------------------------------------------------------------------
