@@ -518,6 +518,9 @@ def breakdown(args: argparse.Namespace, workdir: Path, batch_size: int) -> dict[
                     built)
                 counts = Counter(received=batch_size, stored=batch_size, duplicates=0)
                 timed("ingest_counter upsert", tx(lambda c, i: add_counts(c, counts)), built)
+                # Again, on a table that already holds rows (the first run also paid for growing the files).
+                timed("process_batch (whole), again at the end", lambda b: _worker.process_batch(engine, known, b),
+                      batches(chunks[3]))
             finally:
                 fleet.stop()
     finally:
@@ -574,7 +577,8 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
             "ratio_vs_raw": rate / raw_rate if raw_rate else None,
             "ratio_vs_raw_all": [round(r.rate / raw_rate, 3) for r in rs] if raw_rate else None,
             "lost": max(r.lost for r in rs),
-            "duplicate_rows": max((r.duplicate_rows or 0) for r in rs),
+            "duplicate_rows": None if all(r.duplicate_rows is None for r in rs)
+            else max(r.duplicate_rows or 0 for r in rs),
             "bench_cpu_s_per_1k": statistics.median(1000 * r.cpu_s.get("bench", 0) / r.messages for r in rs),
             "mosquitto_cpu_s_per_1k": statistics.median(1000 * r.cpu_s.get("mosquitto", 0) / r.messages for r in rs),
             "publisher_s": statistics.median(r.publish_s for r in rs),
@@ -592,7 +596,7 @@ def print_table(rows: list[dict[str, Any]], db: str) -> None:
         ratio = f"{r['ratio_vs_raw']:.2f}x" if r["ratio_vs_raw"] is not None else "-"
         cpu = f"{r['bench_cpu_s_per_1k'] * 1000:.0f}, {r['mosquitto_cpu_s_per_1k'] * 1000:.0f}"
         print(f"{r['mode']:<11} | {r['messages']:>8} | {r['seconds']:>7.2f} | {r['msg_per_s']:>8.0f} | {ratio:>12} | "
-              f"{r['lost']:>4} | {r['duplicate_rows']:>14} | {cpu:>29}")
+              f"{r['lost']:>4} | {'-' if r['duplicate_rows'] is None else r['duplicate_rows']:>14} | {cpu:>29}")
     print("per-run ratios: " + "; ".join(f"{r['mode']} {r['ratio_vs_raw_all']}" for r in rows))
 
 
@@ -656,7 +660,7 @@ def main() -> int:
     rows = summarize(runs)
     print_table(rows, db)
     ok = all((r["ratio_vs_raw"] or 1) >= TARGET_RATIO and r["lost"] == 0 and r["duplicate_rows"] == 0
-             for r in rows if r["mode"] != "raw")
+             for r in rows if r["mode"] in ("ours-1", "ours-2"))
     print(f"target (>= {TARGET_RATIO}x raw, 0 lost, 0 duplicates): {'met' if ok else 'MISSED'}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({

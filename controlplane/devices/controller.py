@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, ClassVar
 
 from litestar import Controller, Response, delete, get, patch, post
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
+from controlplane._errors import InvalidInput
 from controlplane.auth import Role
 from controlplane.auth._guards import requires
 from controlplane.devices.schemas import (
@@ -22,6 +24,21 @@ from controlplane.devices.schemas import (
 from controlplane.devices.service import DeviceService
 
 __all__ = ["DeviceController"]
+
+
+def _instant(name: str, value: str | None) -> float | None:
+    """UNIX seconds from `1795300000.5` or `2026-11-22T10:00:00Z` (naive ISO times are UTC)."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidInput(f"{name}={value!r}: expected UNIX seconds or an ISO 8601 time") from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 class DeviceController(Controller):
@@ -68,12 +85,13 @@ class DeviceController(Controller):
         self,
         device_id: str,
         devices: DeviceService,
-        since: Annotated[float | None, Parameter(description="device time, UNIX seconds, inclusive")] = None,
-        until: Annotated[float | None, Parameter(description="device time, UNIX seconds, exclusive")] = None,
+        since: Annotated[str | None, Parameter(description="device time, inclusive: UNIX seconds or ISO 8601")] = None,
+        until: Annotated[str | None, Parameter(description="device time, exclusive: UNIX seconds or ISO 8601")] = None,
         limit: Annotated[int, Parameter(ge=1, le=10000)] = 100,
     ) -> list[TelemetryRead]:
         """The newest `limit` records in [since, until), oldest first."""
-        return devices.telemetry(device_id, since=since, until=until, limit=limit)
+        return devices.telemetry(device_id, since=_instant("since", since), until=_instant("until", until),
+                                 limit=limit)
 
     @post("/{device_id:str}/commands", guards=[requires(Role.OPERATOR)], sync_to_thread=True,
           status_code=HTTP_200_OK)

@@ -151,3 +151,35 @@ def test_two_workers_share_the_subscription(two_worker_fleet: Fleet, publisher: 
     assert (stats["stored"], stats["duplicates"]) == (200, 0)
     assert all(w.processed > 0 for w in fleet.workers)
     assert sum(w.processed for w in fleet.workers) >= 200
+
+
+def test_telemetry_window_query(fleet: Fleet, publisher: mqtt.Client) -> None:
+    from litestar.testing import TestClient
+
+    from controlplane.app import create_app
+    from controlplane.auth import Role, create_token
+
+    # Prepare: records at device times 1000..1009
+    device_id = enroll(fleet)
+    topic = wire.topic(device_id, wire.Channel.TELEMETRY)
+    for seq in range(10):
+        payload = telemetry(device_id, seq + 1)
+        message = wire.decode(payload, wire.Telemetry)
+        message.ts = 1000.0 + seq
+        publish(publisher, topic, wire.encode(message))
+    wait_for(lambda: len(fleet.devices.telemetry(device_id, since=None, until=None, limit=100)) == 10)
+    _, token = create_token(fleet.engine, Role.VIEWER)
+    headers = {"Authorization": f"Bearer {token}"}
+    url = f"/api/v1/devices/{device_id}/telemetry"
+    with TestClient(app=create_app(fleet=fleet)) as client:
+        # Execute
+        window = client.get(url, params={"since": 1002, "until": 1005}, headers=headers).json()
+        iso = client.get(url, params={"since": "1970-01-01T00:16:47Z"}, headers=headers).json()
+        newest = client.get(url, params={"limit": 2}, headers=headers).json()
+        bad = client.get(url, params={"since": "yesterday"}, headers=headers)
+    # Assert
+    assert [r["seq"] for r in window] == [3, 4, 5]
+    assert [r["ts"] for r in iso] == [1007.0, 1008.0, 1009.0]
+    assert [r["seq"] for r in newest] == [9, 10]
+    assert set(window[0]) >= {"device_id", "seq", "ts", "payload"}
+    assert bad.status_code == 400 and "since='yesterday'" in bad.json()["detail"]
