@@ -222,7 +222,7 @@ def run_processes(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     try:
         procs["floor"] = subprocess.Popen(
             [sys.executable, "-c", FLOOR_SRC, str(model), str(data), str(RATE_HZ)],
-            stdout=subprocess.PIPE, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,  # LiteRT's "XNNPACK delegate" line
         )
         for name, argv in agent_commands(broker.port, workdir, args.variants).items():
             logs[name] = workdir / f"{name}.log"

@@ -56,11 +56,17 @@ STALL_S = 15.0  # no progress for this long after the publisher finished: give u
 
 
 def device_ids(run_id: str) -> list[str]:
-    return [f"bench-{run_id}-{i:02d}" for i in range(DEVICES)]
+    return [f"b{run_id[:6]}-{i:02d}" for i in range(DEVICES)]
 
 
-def build_messages(ids: list[str], n: int) -> tuple[list[str], list[bytes]]:
-    """N telemetry messages, round-robin over the devices, per-device seq from 0 (realistic ~400 B payloads)."""
+def build_messages(ids: list[str], n: int, payload: str = "compact") -> tuple[list[str], list[bytes]]:
+    """N telemetry messages, round-robin over the devices, per-device seq from 0.
+
+    ``compact`` (~455 B): system, power and network figures, no inference/outbox block (an agent with
+    inference paused sends these). ``full`` (~690 B): every field a running agent fills in (inference
+    statistics, outbox, load, uptime, byte counters), as the real agent's telemetry measured in
+    agent_footprint.py (~700 B).
+    """
     import random
 
     from agent import protocol as wire
@@ -68,25 +74,36 @@ def build_messages(ids: list[str], n: int) -> tuple[list[str], list[bytes]]:
     rng = random.Random(42)
     topics, payloads = [], []
     base = time.time()
+    full = payload == "full"
     for i in range(n):
         device_id = ids[i % len(ids)]
         seq = i // len(ids)
-        hist: dict[str, int] = {}
-        for _ in range(5):
-            k = str(rng.randrange(10))
-            hist[k] = hist.get(k, 0) + 1
+        inference = outbox = None
+        if full:
+            hist: dict[str, int] = {}
+            for _ in range(5):
+                k = str(rng.randrange(10))
+                hist[k] = hist.get(k, 0) + 1
+            inference = wire.InferenceStats(model_version="starter-digits-fp32", count=5,
+                                            latency_p50_ms=round(rng.uniform(0.03, 0.06), 4),
+                                            latency_p95_ms=round(rng.uniform(0.06, 0.2), 4),
+                                            mean_confidence=round(rng.uniform(0.8, 1.0), 4), class_histogram=hist)
+            outbox = wire.OutboxStats(pending=rng.randrange(3), pending_bytes=rng.randrange(2000), dropped_total=0)
         message = wire.Telemetry(
             device_id=device_id, seq=seq, ts=base + seq,
-            system=wire.SystemStats(cpu_percent=round(rng.uniform(1, 60), 1), mem_used_mb=round(rng.uniform(800, 2000), 1),
-                                    mem_total_mb=7863.4, disk_used_percent=41.7,
-                                    temperature_c=round(rng.uniform(40, 70), 1)),
+            system=wire.SystemStats(
+                cpu_percent=round(rng.uniform(1, 60), 1), mem_used_mb=round(rng.uniform(800, 2000), 1),
+                mem_total_mb=7863.4, disk_used_percent=41.7, temperature_c=round(rng.uniform(40, 70), 1),
+                load_1m=round(rng.uniform(0, 2), 2) if full else None,
+                uptime_s=round(rng.uniform(1e3, 1e6), 1) if full else None,
+            ),
             power=wire.PowerStats(source="simulated", power_source="battery",
                                   battery_percent=round(rng.uniform(5, 100), 1), charging=rng.random() < 0.3),
-            network=wire.NetworkStats(source="simulated", metered=rng.random() < 0.2, kind="wifi"),
-            inference=wire.InferenceStats(model_version="starter-digits-fp32", count=5,
-                                          latency_p50_ms=round(rng.uniform(0.03, 0.06), 4),
-                                          latency_p95_ms=round(rng.uniform(0.06, 0.2), 4),
-                                          mean_confidence=round(rng.uniform(0.8, 1.0), 4), class_histogram=hist),
+            network=wire.NetworkStats(source="simulated", metered=rng.random() < 0.2, kind="wifi",
+                                      bytes_sent=rng.randrange(10**9) if full else None,
+                                      bytes_recv=rng.randrange(10**9) if full else None),
+            inference=inference,
+            outbox=outbox,
         )
         topics.append(wire.topic(device_id, wire.Channel.TELEMETRY))
         payloads.append(wire.encode(message))
@@ -96,7 +113,7 @@ def build_messages(ids: list[str], n: int) -> tuple[list[str], list[bytes]]:
 def publisher_main(conn: Any) -> None:
     """The publisher process: one job per run, driven over a Pipe.
 
-    ("publish", port, run_id, n, window) -> ("ready", payload_bytes) ... ("go",) -> ("done", stats) | ("error", text)
+    ("publish", port, run_id, n, window, payload) -> ("ready", payload_bytes) ... ("go",) -> ("done", stats) | ("error", text)
     """
     import paho.mqtt.client as mqtt
 
@@ -104,9 +121,9 @@ def publisher_main(conn: Any) -> None:
         job = conn.recv()
         if job[0] == "quit":
             return
-        _, port, run_id, n, window = job
+        _, port, run_id, n, window, payload = job
         try:
-            topics, payloads = build_messages(device_ids(run_id), n)
+            topics, payloads = build_messages(device_ids(run_id), n, payload)
             acked = failed = 0
             connected = threading.Event()
 
@@ -168,8 +185,8 @@ class Publisher:
         self.proc = ctx.Process(target=publisher_main, args=(child,), name="bench-publisher", daemon=True)
         self.proc.start()
 
-    def prepare(self, port: int, run_id: str, n: int, window: int) -> float:
-        self.conn.send(("publish", port, run_id, n, window))
+    def prepare(self, port: int, run_id: str, n: int, window: int, payload: str) -> float:
+        self.conn.send(("publish", port, run_id, n, window, payload))
         reply = self._recv(120)
         if reply[0] != "ready":
             raise RuntimeError(reply[1])
@@ -214,7 +231,30 @@ class Run:
     publish_s: float = 0.0  # first publish -> last PUBACK at the publisher
     backpressure_waits: int = 0
     cpu_s: dict[str, float] = field(default_factory=dict)  # this process / mosquitto / publisher, during the run
+    machine: dict[str, float] = field(default_factory=dict)  # busy / steal % of all CPUs during the run
     payload_bytes: float = 0.0
+
+
+def machine_cpu() -> tuple[float, float, float]:
+    """(busy, steal, total) jiffies of all CPUs from /proc/stat (Linux; zeros elsewhere)."""
+    try:
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0, 0.0, 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    steal = fields[7] if len(fields) > 7 else 0.0
+    total = sum(fields[:8])
+    return total - idle - steal, steal, total
+
+
+def machine_load(before: tuple[float, float, float]) -> dict[str, float]:
+    """Busy and steal % of the whole machine (all CPUs) since `before`: how noisy a run was."""
+    after = machine_cpu()
+    total = after[2] - before[2]
+    if total <= 0:
+        return {}
+    return {"busy_percent": round(100 * (after[0] - before[0]) / total, 1),
+            "steal_percent": round(100 * (after[1] - before[1]) / total, 1)}
 
 
 def process_cpu_s() -> float:
@@ -256,8 +296,8 @@ def run_raw(args: argparse.Namespace, publisher: Publisher, workdir: Path, repea
         client.loop_start()
         if not subscribed.wait(10):
             raise RuntimeError("raw subscriber did not subscribe")
-        run.payload_bytes = publisher.prepare(broker.port, run_id, args.messages, args.window)
-        cpu0, bcpu0 = process_cpu_s(), broker.cpu_s()
+        run.payload_bytes = publisher.prepare(broker.port, run_id, args.messages, args.window, args.payload)
+        cpu0, bcpu0, m0 = process_cpu_s(), broker.cpu_s(), machine_cpu()
         publisher.go()
         pub = publisher.result(120)
         last, last_change = -1, time.monotonic()
@@ -267,6 +307,7 @@ def run_raw(args: argparse.Namespace, publisher: Publisher, workdir: Path, repea
             elif time.monotonic() - last_change > STALL_S:
                 break
         run.cpu_s = {"bench": process_cpu_s() - cpu0, "mosquitto": broker.cpu_s() - bcpu0, "publisher": pub["cpu_s"]}
+        run.machine = machine_load(m0)
         run.received = count
         run.seconds = t_last - pub["t_first"]
         run.lost = max(0, args.messages - count)
@@ -338,8 +379,8 @@ def run_ours(args: argparse.Namespace, publisher: Publisher, workdir: Path, repe
             fleet = Fleet(settings).start()
             for device_id in device_ids(run_id):
                 fleet.devices.enroll(DeviceCreate(device_id=device_id, profile="raspberry-pi-5"))
-            run.payload_bytes = publisher.prepare(broker.port, run_id, args.messages, args.window)
-            cpu0, bcpu0 = process_cpu_s(), broker.cpu_s()
+            run.payload_bytes = publisher.prepare(broker.port, run_id, args.messages, args.window, args.payload)
+            cpu0, bcpu0, m0 = process_cpu_s(), broker.cpu_s(), machine_cpu()
             publisher.go()
             stored, t_end, last_change = 0, time.monotonic(), time.monotonic()
             pub: dict[str, Any] | None = None
@@ -362,6 +403,7 @@ def run_ours(args: argparse.Namespace, publisher: Publisher, workdir: Path, repe
                 pub = publisher.result(120)
             run.cpu_s = {"bench": process_cpu_s() - cpu0, "mosquitto": broker.cpu_s() - bcpu0,
                          "publisher": pub["cpu_s"]}
+            run.machine = machine_load(m0)
             stats = read_stats(fleet.engine)
             with fleet.engine.connect() as conn:
                 total = conn.execute(text("SELECT count(*) FROM telemetry")).scalar_one()
@@ -435,7 +477,7 @@ def breakdown(args: argparse.Namespace, workdir: Path, batch_size: int) -> dict[
                     fleet.devices.enroll(DeviceCreate(device_id=device_id, profile="raspberry-pi-5"))
                 engine = fleet.engine
                 pg = engine.dialect.name == "postgresql"
-                topics, payloads = build_messages(ids, 5 * n)  # fresh (device_id, seq) for every stage
+                topics, payloads = build_messages(ids, 5 * n, args.payload)  # fresh (device_id, seq) for every stage
                 messages = [_worker.Message(t, p, i + 1, 1) for i, (t, p) in enumerate(zip(topics, payloads))]
                 chunks = [messages[i:i + n] for i in range(0, 5 * n, n)]
 
@@ -586,8 +628,9 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
     return rows
 
 
-def print_table(rows: list[dict[str, Any]], db: str) -> None:
-    print(f"\ningest benchmark ({db}; medians; ratio = median rate / median raw rate of this invocation)")
+def print_table(rows: list[dict[str, Any]], db: str, payload_bytes: float) -> None:
+    print(f"\ningest benchmark ({db}; payloads ~{payload_bytes:.0f} B; medians; "
+          "ratio = median rate / median raw rate of this invocation)")
     header = (f"{'mode':<11} | {'messages':>8} | {'seconds':>7} | {'msg/s':>8} | {'ratio vs raw':>12} | {'lost':>4} | "
               f"{'duplicate rows':>14} | {'cpu ms/1k msg (bench, broker)':>29}")
     print(header)
@@ -610,6 +653,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
     parser.add_argument("--database-url", help="PostgreSQL admin URL (a fresh database is created per run)")
     parser.add_argument("--modes", default="raw,ours-1,ours-2")
+    parser.add_argument("--payload", choices=("compact", "full"), default="compact",
+                        help="compact: ~450 B telemetry without inference/outbox blocks; full: ~690 B, every field "
+                             "a running agent fills in")
     parser.add_argument("--window", type=int, default=1000, help="publisher: QoS 1 messages in flight (+ queued)")
     parser.add_argument("--poll-s", type=float, default=0.01, help="how often read_stats() is polled")
     parser.add_argument("--profile", metavar="PATH", type=Path,
@@ -625,7 +671,7 @@ def main() -> int:
     modes = args.modes.split(",")
     db = "postgresql" if args.database_url else "sqlite"
     info = machine_info(args)
-    print(f"{args.messages} messages x {len(modes)} modes x {args.repeats} repeats; {db}; "
+    print(f"{args.messages} messages ({args.payload} payloads) x {len(modes)} modes x {args.repeats} repeats; {db}; "
           f"{info['cpu_count']} CPUs, load {info['load_avg_at_start'][0]:.2f}", flush=True)
     runs: list[Run] = []
     breakdowns: dict[str, dict[str, float]] = {}
@@ -643,8 +689,11 @@ def main() -> int:
                     else:
                         parser.error(f"unknown mode {mode!r}")
                     runs.append(run)
-                    print(f"  [{repeat}] {run.mode:<7} {run.seconds:6.2f} s {run.rate:8.0f} msg/s lost {run.lost} "
-                          f"dup {run.duplicate_rows} cpu {run.cpu_s} dead {run.dead_letters or '-'}", flush=True)
+                    cpu = ", ".join(f"{k} {v:.2f}" for k, v in run.cpu_s.items())
+                    print(f"  [{repeat}] {run.mode:<11} {run.seconds:6.2f} s {run.rate:8.0f} msg/s lost {run.lost} "
+                          f"dup {'-' if run.duplicate_rows is None else run.duplicate_rows} cpu s: {cpu}; machine "
+                          f"{run.machine.get('busy_percent', '?')}% busy, {run.machine.get('steal_percent', '?')}% "
+                          f"steal; dead letters {run.dead_letters or '-'}", flush=True)
             if args.profile:
                 profile_ours(args, publisher, workdir)
             if args.breakdown:
@@ -658,14 +707,15 @@ def main() -> int:
     finally:
         publisher.close()
     rows = summarize(runs)
-    print_table(rows, db)
+    payload_bytes = statistics.fmean(r.payload_bytes for r in runs) if runs else 0.0
+    print_table(rows, db, payload_bytes)
     ok = all((r["ratio_vs_raw"] or 1) >= TARGET_RATIO and r["lost"] == 0 and r["duplicate_rows"] == 0
              for r in rows if r["mode"] in ("ours-1", "ours-2"))
     print(f"target (>= {TARGET_RATIO}x raw, 0 lost, 0 duplicates): {'met' if ok else 'MISSED'}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "benchmark": "ingest", "database": db, "messages": args.messages, "repeats": args.repeats,
-        "devices": DEVICES, "publisher_window": args.window, "target_ratio": TARGET_RATIO, "target_met": ok,
+        "devices": DEVICES, "payload": args.payload, "payload_bytes_mean": payload_bytes, "publisher_window": args.window, "target_ratio": TARGET_RATIO, "target_met": ok,
         "machine": info, "summary": rows, "runs": [asdict(r) for r in runs],
         "process_batch_breakdown_us_per_msg": breakdowns or None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
