@@ -50,7 +50,7 @@ class Settings:
     # Broker session of an ingest worker: it keeps delivered-but-uncommitted messages across a restart.
     ingest_session_expiry_s: int = 3600
     instance_name: str = field(default_factory=socket.gethostname)  # part of the workers' MQTT client ids
-    ingest_batch_max: int = 1000
+    ingest_batch_max: int = 500
     ingest_batch_wait_s: float = 0.02
     log_level: str = "info"
 

@@ -106,7 +106,7 @@ def test_malformed_counted_and_worker_survives(fleet: Fleet, publisher: mqtt.Cli
     assert stats["dead_letters"] == {"malformed": 2, "oversized": 1, "device_mismatch": 1, "unknown_device": 1,
                                      "unsupported_version": 1}
     assert stats["stored"] == 1
-    assert all(w._writer is not None and w._writer.is_alive() for w in fleet.workers)
+    assert all(w.alive for w in fleet.workers)
 
 
 def test_state_sets_presence(fleet: Fleet, publisher: mqtt.Client) -> None:

@@ -74,9 +74,6 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('device_id', 'seq', name='uq_telemetry_device_seq')
     )
-    with op.batch_alter_table('telemetry', schema=None) as batch_op:
-        batch_op.create_index('ix_telemetry_device_ts', ['device_id', 'ts'], unique=False)
-
     op.create_table('device_tag',
     sa.Column('device_id', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('tag', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
@@ -93,9 +90,6 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_device_tag_tag'))
 
     op.drop_table('device_tag')
-    with op.batch_alter_table('telemetry', schema=None) as batch_op:
-        batch_op.drop_index('ix_telemetry_device_ts')
-
     op.drop_table('telemetry')
     op.drop_table('ingest_counter')
     with op.batch_alter_table('device', schema=None) as batch_op:
