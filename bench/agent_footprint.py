@@ -171,7 +171,7 @@ def agent_commands(port: int, workdir: Path, variants: bool) -> dict[str, list[s
                 "--broker", f"mqtt://127.0.0.1:{port}", "--data-dir", str(workdir / name),
                 "--telemetry-interval", "1", "--inference-rate", str(RATE_HZ), "--power-source", "simulated"]
 
-    commands = {"agent": [sys.executable, "-m", "controlplane.cli", *cli_args("agent")]}
+    commands = {"agent": [sys.executable, "-m", "controlplane._entry", *cli_args("agent")]}
     if variants:
         commands["agent-norich"] = [sys.executable, "-c", BLOCK_RICH + VIA_CLI, *cli_args("agent-norich")]
         commands["agent-notyper"] = [sys.executable, "-c", DIRECT, "bench-agent-notyper",

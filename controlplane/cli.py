@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,22 +13,14 @@ import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help="EdgeFleet: ML on fleets of edge devices.")
 profiles_app = typer.Typer(no_args_is_help=True, help="Firmware profiles (device classes).")
-agent_app = typer.Typer(no_args_is_help=True, help="The device agent.")
 cp_app = typer.Typer(no_args_is_help=True, help="The control plane.")
 tokens_app = typer.Typer(no_args_is_help=True, help="Operator API tokens.")
 app.add_typer(profiles_app, name="profiles")
-app.add_typer(agent_app, name="agent")
 app.add_typer(cp_app, name="controlplane")
 app.add_typer(tokens_app, name="tokens")
 
 
-class PowerSourceOption(enum.StrEnum):  # typer 0.15 rejects Literal options: use enums
-    auto = "auto"
-    os = "os"
-    simulated = "simulated"
-
-
-class RoleOption(enum.StrEnum):
+class RoleOption(enum.StrEnum):  # typer 0.15 rejects Literal options: use enums
     admin = "admin"
     operator = "operator"
     viewer = "viewer"
@@ -85,62 +76,17 @@ def profiles_show(name: str) -> None:
 
 
 # -- agent ---------------------------------------------------------------------------------------------------
-@agent_app.command("run")
-def agent_run(
-    device_id: Annotated[str, typer.Option(envvar="EDGEFLEET_DEVICE_ID", help="This device's id.")],
-    profile: Annotated[str, typer.Option(envvar="EDGEFLEET_PROFILE", help="Firmware profile name.")],
-    broker: Annotated[str, typer.Option(envvar="EDGEFLEET_BROKER_URL",
-                                        help="mqtt[s]://host:port[?protocol=5|3.1.1]")] = "mqtt://127.0.0.1:1883",
-    username: Annotated[str | None, typer.Option(envvar="EDGEFLEET_MQTT_USERNAME",
-                                                    help="Broker username (default: device id).")] = None,
-    password: Annotated[str | None, typer.Option(envvar="EDGEFLEET_MQTT_PASSWORD",
-                                                    help="Broker password (prefer the env var).")] = None,
-    controlplane: Annotated[str | None, typer.Option(envvar="EDGEFLEET_CONTROLPLANE_URL",
-                                                        help="Control-plane URL (model downloads).")] = None,
-    data_dir: Annotated[Path, typer.Option(envvar="EDGEFLEET_DATA_DIR", help="Agent state directory.")] = Path(
-        "./edgefleet-agent"),
-    telemetry_interval: Annotated[float | None, typer.Option(help="Seconds (default: the profile's).")] = None,
-    inference_rate: Annotated[float, typer.Option(help="Inferences per second.")] = 5.0,
-    power_source: Annotated[PowerSourceOption, typer.Option(
-        help="Battery/network figures: OS, simulated, or auto (OS battery, else the profile's power source).")
-    ] = PowerSourceOption.auto,
-    model: Annotated[Path | None, typer.Option(help="TFLite model (default: the shipped starter model).")] = None,
-    data: Annotated[Path | None, typer.Option(help="Local data (.npz with x[, y]) to run inference over.")] = None,
-    outbox_max_mb: Annotated[float, typer.Option(help="Outbox bound in MiB (oldest dropped first).")] = 16.0,
-    log_level: Annotated[str, typer.Option(envvar="EDGEFLEET_LOG_LEVEL")] = "info",
-) -> None:
-    """Run the device agent until SIGTERM/SIGINT."""
-    try:
-        from agent._daemon import Agent, AgentSettings
-        from agent._logging import configure_logging
-        from agent._mqtt import parse_broker_url
-        from agent._telemetry import PowerMode
-    except ImportError as exc:
-        _fail(f"the agent needs `pip install edgefleet[agent]` ({exc})")
-    from firmware_profiles import ProfileError, get_profile
+@app.command(
+    "agent",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    help="The device agent: `edgefleet agent run --help`.",
+)
+def agent_cmd(ctx: typer.Context) -> None:
+    """The console script hands `edgefleet agent ...` straight to agent._cli (no typer in the device process);
+    this entry serves the same parser when the typer app is driven directly (tests, `python -m controlplane.cli`)."""
+    from agent._cli import main as agent_main
 
-    configure_logging(log_level)
-    try:
-        the_profile = get_profile(profile)
-        address = parse_broker_url(broker)
-    except (ProfileError, ValueError) as exc:
-        _fail(str(exc))
-    if not the_profile.runtime.python_agent:
-        _fail(f"profile '{profile}' has no Python agent ({the_profile.runtime.name}); it is an export target only")
-    address = address.with_credentials(username or address.username or device_id, password or address.password)
-    settings = AgentSettings(
-        device_id=device_id, profile=the_profile, broker=address, data_dir=data_dir,
-        controlplane_url=controlplane, telemetry_interval_s=telemetry_interval, inference_rate_hz=inference_rate,
-        power_mode=PowerMode(power_source.value), model_path=model, data_path=data,
-        outbox_max_bytes=int(outbox_max_mb * 2**20),
-    )
-    try:
-        agent = Agent(settings)
-    except ValueError as exc:
-        _fail(str(exc))
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
-    signal.signal(signal.SIGINT, lambda *_: agent.stop())
-    agent.run()
+    raise typer.Exit(agent_main(list(ctx.args)))
 
 
 # -- control plane -------------------------------------------------------------------------------------------

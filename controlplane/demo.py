@@ -105,7 +105,7 @@ def _start_agents(api: httpx.Client, count: int, data_dir: Path) -> list[subproc
         env = dict(os.environ, EDGEFLEET_MQTT_PASSWORD=creds["mqtt_password"])
         log = open(data_dir / f"{device_id}.log", "wb")  # noqa: SIM115 - closed with the process
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "controlplane.cli", "agent", "run", "--device-id", device_id,
+            [sys.executable, "-m", "controlplane._entry", "agent", "run", "--device-id", device_id,
              "--profile", profile, "--broker", creds["broker_url"], "--username", creds["mqtt_username"],
              "--data-dir", str(data_dir / "agents" / device_id), "--telemetry-interval", "1",
              "--power-source", "simulated", "--log-level", "warning"],

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = {"torch", "flwr", "litestar", "sqlmodel", "sqlalchemy", "uvicorn", "amqtt", "apscheduler", "ray",
-         "tensorflow", "jax"}
+         "tensorflow", "jax", "typer", "click", "rich"}
 
 
 def _name(requirement: str) -> str:

@@ -42,7 +42,7 @@ def fx_fleet(private_mosquitto: PrivateMosquitto, tmp_path: Path) -> Iterator[Fl
 
 def start_agent(device_id: str, broker_url: str, data_dir: Path, interval: float = 0.1) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "controlplane.cli", "agent", "run", "--device-id", device_id,
+        [sys.executable, "-m", "controlplane._entry", "agent", "run", "--device-id", device_id,
          "--profile", "raspberry-pi-5", "--broker", broker_url, "--data-dir", str(data_dir),
          "--telemetry-interval", str(interval), "--power-source", "simulated", "--log-level", "warning"],
         env=dict(os.environ, EDGEFLEET_MQTT_PASSWORD="unused"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -49,7 +49,7 @@ def fx_fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
 
 def start_agent(creds: DeviceEnrolled, data_dir: Path, password: str | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "controlplane.cli", "agent", "run", "--device-id", creds.device_id,
+        [sys.executable, "-m", "controlplane._entry", "agent", "run", "--device-id", creds.device_id,
          "--profile", creds.profile, "--broker", creds.broker_url, "--username", creds.mqtt_username,
          "--data-dir", str(data_dir), "--telemetry-interval", "0.2", "--log-level", "warning"],
         env=dict(os.environ, EDGEFLEET_MQTT_PASSWORD=password or creds.mqtt_password),
