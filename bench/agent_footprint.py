@@ -83,17 +83,16 @@ for stmt in json.loads(sys.argv[2]):
 print(json.dumps(out))
 """
 
-# In the order `python -m controlplane.cli agent run` pulls them in (controlplane/cli.py, then agent/_daemon.py
+# In the order `edgefleet agent run` pulls them in (controlplane/_entry.py -> agent/_cli.py, then agent/_daemon.py
 # and what it imports); "alone" measures each in a fresh floor process, "in agent order" what it adds after the
 # ones above it (shared dependencies are counted once, where they first come in).
 IMPORTS = [
-    ("typer (+ click, rich, markdown-it, pygments)", "import typer"),
-    ("controlplane.cli (entry point module)", "import controlplane.cli"),
+    ("controlplane._entry + agent._cli (argparse)", "import controlplane._entry, agent._cli"),
     ("ssl (libssl/libcrypto; paho imports it)", "import ssl"),
     ("urllib.request (+ http, email; paho imports it)", "import urllib.request"),
     ("paho.mqtt.client (the rest of it)", "import paho.mqtt.client"),
     ("asyncio (structlog imports it)", "import asyncio"),
-    ("rich.traceback (structlog.dev imports it if installed)", "import rich.traceback"),
+    ("rich.traceback (structlog.dev imports it if installed; not on an [agent] install)", "import rich.traceback"),
     ("structlog (the rest of it)", "import structlog"),
     ("msgspec + agent.protocol", "import agent.protocol"),
     ("sqlite3 (the outbox)", "import sqlite3"),
@@ -139,29 +138,11 @@ def sample_process(pid: int, seconds: float, warmup: float, stop: threading.Even
     }
 
 
-# Diagnostic variants of the agent (not the product's entry point): what the suggested changes would save.
-# `rich` blocked: what installing typer-slim (no rich) on devices would give; structlog then skips rich too.
+# Diagnostic variant: `rich` blocked, i.e. what an `edgefleet[agent]` install runs (rich comes only with the
+# control plane's typer; structlog.dev imports it when it is installed, as in a development venv).
 BLOCK_RICH = "import sys; sys.modules['rich'] = None\n"
-VIA_CLI = "import sys, runpy; sys.argv = ['edgefleet', *sys.argv[1:]]; runpy.run_module('controlplane.cli', run_name='__main__')\n"
-# The agent started without typer/click at all (what a plain argparse `python -m agent` entry point would cost).
-DIRECT = r"""
-import signal, sys
-from pathlib import Path
-from agent._daemon import Agent, AgentSettings
-from agent._logging import configure_logging
-from agent._mqtt import parse_broker_url
-from agent._telemetry import PowerMode
-from firmware_profiles import get_profile
-device_id, broker, data_dir = sys.argv[1], sys.argv[2], sys.argv[3]
-configure_logging("info")
-agent = Agent(AgentSettings(
-    device_id=device_id, profile=get_profile("raspberry-pi-5"),
-    broker=parse_broker_url(broker).with_credentials(device_id, None), data_dir=Path(data_dir),
-    telemetry_interval_s=1.0, inference_rate_hz=float(sys.argv[4]), power_mode=PowerMode.SIMULATED,
-))
-signal.signal(signal.SIGTERM, lambda *_: agent.stop())
-agent.run()
-"""
+VIA_ENTRY = ("import sys, runpy; sys.argv = ['edgefleet', *sys.argv[1:]]; "
+             "runpy.run_module('controlplane._entry', run_name='__main__')\n")
 
 
 def agent_commands(port: int, workdir: Path, variants: bool) -> dict[str, list[str]]:
@@ -173,12 +154,7 @@ def agent_commands(port: int, workdir: Path, variants: bool) -> dict[str, list[s
 
     commands = {"agent": [sys.executable, "-m", "controlplane._entry", *cli_args("agent")]}
     if variants:
-        commands["agent-norich"] = [sys.executable, "-c", BLOCK_RICH + VIA_CLI, *cli_args("agent-norich")]
-        commands["agent-notyper"] = [sys.executable, "-c", DIRECT, "bench-agent-notyper",
-                                     f"mqtt://127.0.0.1:{port}", str(workdir / "agent-notyper"), str(RATE_HZ)]
-        commands["agent-notyper-norich"] = [
-            sys.executable, "-c", BLOCK_RICH + DIRECT, "bench-agent-notyper-norich", f"mqtt://127.0.0.1:{port}",
-            str(workdir / "agent-notyper-norich"), str(RATE_HZ)]
+        commands["agent-norich"] = [sys.executable, "-c", BLOCK_RICH + VIA_ENTRY, *cli_args("agent-norich")]
     return commands
 
 
@@ -338,8 +314,8 @@ def main() -> int:
             f"{(r.get('inferences_total') or 0) / (args.warmup + args.seconds):.2f}*"
         print(f"{name:<20} | {r['rss_mb_mean']:>11.1f} | {r['rss_mb_max']:>10.1f} | {r['uss_mb_mean']:>6.1f} | "
               f"{r['cpu_percent_of_core']:>15.2f} | {ratio:>17.2f}x | {msgs:>14} | {ips:>12}")
-    print("(agent-* rows are diagnostic variants, not the product entry point: norich = `rich` made unimportable "
-          "(typer-slim); notyper = Agent started without typer/click. * floor: total inferences / run time)")
+    print("(agent-norich: the same entry point with `rich` unimportable, as on an `edgefleet[agent]` install; "
+          "* floor: total inferences / run time)")
     rss_ok = ratio_mean <= RSS_TARGET and ratio_max <= RSS_TARGET
     cpu_ok = agent["cpu_percent_of_core"] <= CPU_TARGET
     print(f"targets (agent): RSS <= {RSS_TARGET}x floor: {'met' if rss_ok else 'MISSED'} "
