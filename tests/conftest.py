@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-pytest_plugins = ("tests._services",)
+# The service fixtures (PostgreSQL, SQLite, the machine's mosquitto, a private mosquitto) and helpers.
+from tests._services import (
+    free_port,
+    fx_database_url,
+    fx_mosquitto_url,
+    fx_pg_url,
+    fx_private_mosquitto,
+)
+
+__all__ = ["free_port", "fx_database_url", "fx_mosquitto_url", "fx_pg_url", "fx_private_mosquitto"]
 
 if TYPE_CHECKING:
     from controlplane.broker import EmbeddedBroker, EmbeddedBrokerAuth
@@ -35,11 +44,6 @@ DYNSEC_PLUGIN_CANDIDATES = (
 )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(

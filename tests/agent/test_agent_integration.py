@@ -17,18 +17,11 @@ import pytest
 from controlplane._fleet import Fleet
 from controlplane.devices.schemas import CommandCreate, DeviceCreate
 from controlplane.settings import BrokerAuthMode, Settings
-from tests._services import PrivateMosquitto
+from tests._services import PrivateMosquitto, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(name="fleet")

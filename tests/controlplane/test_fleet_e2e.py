@@ -19,19 +19,12 @@ from controlplane._fleet import Fleet
 from controlplane.devices.schemas import CommandCreate, DeviceCreate, DeviceEnrolled
 from controlplane.ingest import read_stats
 from controlplane.settings import BrokerAuthMode, Settings
-from tests._services import free_port
+from tests._services import free_port, wait_for
 from tests.controlplane.test_ingest import telemetry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(name="fleet", params=["embedded", "mosquitto-dynsec"])

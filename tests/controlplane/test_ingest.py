@@ -15,6 +15,7 @@ from controlplane._fleet import Fleet
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.ingest import read_stats
 from controlplane.settings import BrokerAuthMode, Settings
+from tests._services import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -28,13 +29,6 @@ def telemetry(device_id: str, seq: int) -> bytes:
     ))
 
 
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(name="fleet")
