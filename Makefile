@@ -20,7 +20,10 @@ venv: $(VENV)/.installed-$(EXTRAS)
 demo: $(VENV)/.installed-all
 	$(BIN)/edgefleet demo
 
+# The whole suite: lint and types first (fast), then every test.
 test: $(VENV)/.installed-$(EXTRAS)
+	$(BIN)/ruff check agent controlplane federated firmware_profiles tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-$(EXTRAS)

@@ -208,7 +208,7 @@ class Agent:
         self._connect_failed = None
         try:
             if self._protocol is MqttProtocol.V5:
-                props = Properties(PacketTypes.CONNECT)
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = self.settings.session_expiry_s
                 client.connect(address.host, address.port, keepalive=self.settings.keepalive_s, clean_start=False,
                                properties=props)
@@ -328,7 +328,7 @@ class Agent:
     # -- commands --------------------------------------------------------------------------------------------
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
-            command = wire.decode(message.payload, wire.Command)
+            command = wire.decode(bytes(message.payload), wire.Command)
         except wire.ProtocolError as exc:
             self._log.warning("command.malformed", error=str(exc))
             return

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 __all__ = ["BrokerAddress", "MqttProtocol", "make_client", "parse_broker_url"]
 
@@ -89,7 +90,7 @@ def make_client(
     if protocol is MqttProtocol.AUTO:
         raise ValueError("resolve AUTO to a concrete protocol before creating a client")
     client = mqtt.Client(
-        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv5 if protocol is MqttProtocol.V5 else mqtt.MQTTv311,
         clean_session=None if protocol is MqttProtocol.V5 else not persistent,

@@ -12,6 +12,7 @@ import random
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -129,7 +130,7 @@ class PowerSensor:
         return power, network
 
 
-def _os_battery() -> psutil._common.sbattery | None:  # type: ignore[name-defined]
+def _os_battery() -> Any:
     read = getattr(psutil, "sensors_battery", None)
     if read is None:
         return None

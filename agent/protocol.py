@@ -233,7 +233,7 @@ def decode(data: bytes, kind: type[_T]) -> _T:
     if decoder is None:
         decoder = _DECODERS[kind] = msgspec.json.Decoder(kind)
     try:
-        message = decoder.decode(data)
+        message: _T = decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise ProtocolError(str(exc)) from exc
     version = getattr(message, "protocol_version", PROTOCOL_VERSION)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -223,4 +222,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -130,7 +130,7 @@ def _watch(api: httpx.Client, procs: list[subprocess.Popen[bytes]], duration_s: 
                 t0 = time.monotonic()
                 r = api.post(f"/api/v1/devices/{d['device_id']}/commands", json={"kind": "ping", "wait_s": 10})
                 pinged[d["device_id"]] = {"status": r.json()["status"], "rtt_ms": round((time.monotonic() - t0) * 1e3, 1)}
-    dead = [p.args[6] for p in procs if p.poll() is not None]
+    dead = [str(p.args[6]) for p in procs if p.poll() is not None and isinstance(p.args, list)]
     return {"duration_s": duration_s, "pings": pinged, "exited_agents": dead}
 
 

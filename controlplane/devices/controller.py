@@ -60,7 +60,7 @@ class DeviceController(Controller):
         limit: Annotated[int, Parameter(ge=1, le=5000)] = 500,
         offset: Annotated[int, Parameter(ge=0)] = 0,
     ) -> list[DeviceRead]:
-        return devices.list(profile=profile, tag=tag, online=online, limit=limit, offset=offset)
+        return devices.find(profile=profile, tag=tag, online=online, limit=limit, offset=offset)
 
     @get("/{device_id:str}", guards=[requires(Role.VIEWER)], sync_to_thread=True)
     def get_device(self, device_id: str, devices: DeviceService) -> DeviceRead:

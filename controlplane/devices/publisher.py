@@ -25,7 +25,7 @@ class CommandPublisher:
         self._client = make_client(broker, f"edgefleet-cp-{uuid.uuid4().hex[:8]}", protocol=self.protocol)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = lambda *a: self._connected.clear()
-        self._client.reconnect_delay_set(0.5, 10)
+        self._client.reconnect_delay_set(1, 10)
 
     def start(self, timeout_s: float = 15.0) -> None:
         self._client.connect_async(self.broker.host, self.broker.port, keepalive=30)

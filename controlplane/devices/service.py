@@ -50,6 +50,10 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
 class DeviceService:
     def __init__(self, engine: Engine, broker_auth: BrokerAuth, device_broker_url: str,
                  publisher: CommandPublisher | None) -> None:
@@ -91,7 +95,7 @@ class DeviceService:
                                   mqtt_username=device_id, mqtt_password=password,
                                   broker_url=self.device_broker_url)
 
-    def list(self, *, profile: str | None = None, tag: str | None = None, online: bool | None = None,
+    def find(self, *, profile: str | None = None, tag: str | None = None, online: bool | None = None,
              limit: int = 500, offset: int = 0) -> list[DeviceRead]:
         with Session(self.engine) as session:
             query = select(Device).order_by(Device.device_id)
@@ -119,7 +123,7 @@ class DeviceService:
                 device.profile = data.profile
                 session.add(device)
             if data.tags is not None:
-                session.exec(delete(DeviceTag).where(col(DeviceTag.device_id) == device_id))  # type: ignore[call-overload]
+                session.exec(delete(DeviceTag).where(col(DeviceTag.device_id) == device_id))
                 session.add_all(DeviceTag(device_id=device_id, tag=t) for t in sorted(set(data.tags)))
             session.commit()
             session.refresh(device)
@@ -130,8 +134,8 @@ class DeviceService:
             self._device(session, device_id)
             self.broker_auth.remove_device(device_id)
             for table in (DeviceTag, TelemetryRecord, CommandRecord):
-                session.exec(delete(table).where(col(table.device_id) == device_id))  # type: ignore[call-overload]
-            session.exec(delete(Device).where(col(Device.device_id) == device_id))  # type: ignore[call-overload]
+                session.exec(delete(table).where(col(table.device_id) == device_id))
+            session.exec(delete(Device).where(col(Device.device_id) == device_id))
             session.commit()
         if self.publisher is not None:
             try:  # clear the retained state so the device does not look alive to other tools
@@ -157,8 +161,8 @@ class DeviceService:
             # The newest `limit` records, returned oldest first.
             rows = list(session.exec(query.order_by(col(TelemetryRecord.seq).desc()).limit(limit)))
             rows.reverse()
-            return [TelemetryRead(device_id=r.device_id, seq=r.seq, ts=r.ts, received_at=_aware(r.received_at),
-                                  payload=json.loads(r.payload)) for r in rows]  # type: ignore[arg-type]
+            return [TelemetryRead(device_id=r.device_id, seq=r.seq, ts=r.ts, received_at=_utc(r.received_at),
+                                  payload=json.loads(r.payload)) for r in rows]
 
     # -- commands --------------------------------------------------------------------------------------------
     def send_command(self, device_id: str, data: CommandCreate) -> CommandRead:

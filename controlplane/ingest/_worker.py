@@ -283,7 +283,7 @@ class IngestWorker:
         client.on_message = self._on_message
         client.on_subscribe = lambda *a: self._subscribed.set()
         if self.protocol is MqttProtocol.V5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self.session_expiry_s
             # Room for the broker to keep sending while a batch commits (the broker may cap it lower).
             props.ReceiveMaximum = min(self.batch_max * 4, 65535)
@@ -318,7 +318,7 @@ class IngestWorker:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if not self._pending:
             self._first_pending_at = time.monotonic()
-        self._pending.append(Message(msg.topic, msg.payload, msg.mid, msg.qos))
+        self._pending.append(Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
 
     # -- the loop --------------------------------------------------------------------------------------------
     def _run(self) -> None:

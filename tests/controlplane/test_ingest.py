@@ -117,7 +117,7 @@ def test_state_sets_presence(fleet: Fleet, publisher: mqtt.Client) -> None:
     # Assert
     device = fleet.devices.get(device_id)
     assert device.agent_version is None or device.agent_version == "9.9"
-    assert fleet.devices.list(online=False, profile="raspberry-pi-5")
+    assert fleet.devices.find(online=False, profile="raspberry-pi-5")
 
 
 @pytest.fixture(name="two_worker_fleet")
