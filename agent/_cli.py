@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import signal
 import sys
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--power-source", choices=["auto", "os", "simulated"], default="auto",
                      help="battery/network figures: OS, simulated, or auto (OS battery, else the profile's power "
                           "source)")
+    run.add_argument("--signing-key", default=env("EDGEFLEET_SIGNING_KEY"),
+                     help="the control plane's model-signing public key, base64 (from enrolment) "
+                          "[EDGEFLEET_SIGNING_KEY]")
     run.add_argument("--model", type=Path, default=None, help="TFLite model (default: the shipped starter model)")
     run.add_argument("--data", type=Path, default=None, help="local data (.npz with x[, y]) to run inference over")
     run.add_argument("--outbox-max-mb", type=float, default=16.0, help="outbox bound in MiB, oldest dropped first")
@@ -67,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     if not profile.runtime.python_agent:
         parser.exit(2, f"error: profile '{profile.name}' has no Python agent ({profile.runtime.name}); "
                        "it is an export target only\n")
+    signing_key = None
+    if args.signing_key:
+        try:
+            signing_key = base64.b64decode(args.signing_key, validate=True)
+        except ValueError:
+            signing_key = b""
+        if len(signing_key) != 32:
+            parser.exit(2, "error: --signing-key must be a base64 ed25519 public key (32 bytes)\n")
     configure_logging(args.log_level)
     address = address.with_credentials(args.username or address.username or args.device_id,
                                        args.password or address.password)
@@ -74,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         device_id=args.device_id, profile=profile, broker=address, data_dir=args.data_dir,
         controlplane_url=args.controlplane, telemetry_interval_s=args.telemetry_interval,
         inference_rate_hz=args.inference_rate, power_mode=PowerMode(args.power_source), model_path=args.model,
-        data_path=args.data, outbox_max_bytes=int(args.outbox_max_mb * 2**20),
+        data_path=args.data, outbox_max_bytes=int(args.outbox_max_mb * 2**20), signing_key=signing_key,
     )
     try:
         agent = Agent(settings)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import importlib
 import json
 import os
 import random
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,29 @@ _TUNABLE: dict[str, tuple[float, float]] = {
 }
 
 
+# A long-running command: returns (ok, reason, result); runs on its own thread, acked when it returns.
+CommandHandler = Callable[["Agent", wire.Command], tuple[bool, str | None, dict[str, Any]]]
+
+# kind -> "module:function", imported on first use so an agent that never deploys never imports the OTA code.
+_LONG_RUNNING: dict[str, str] = {
+    wire.CommandKind.DEPLOY_MODEL: "agent._ota:handle_deploy_model",
+    wire.CommandKind.JOIN_ROUND: "agent._supernode:handle_join_round",
+}
+
+
+def _long_running_handler(kind: str) -> CommandHandler | None:
+    target = _LONG_RUNNING.get(kind)
+    if target is None:
+        return None
+    module_name, _, function = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None  # not in this build: acked as an unknown command kind
+    handler: CommandHandler = getattr(module, function)
+    return handler
+
+
 class LifecycleState(enum.StrEnum):
     STARTING = "starting"
     CONNECTING = "connecting"
@@ -66,6 +91,8 @@ class AgentSettings:
     model_path: Path | None = None  # default: the shipped starter model
     data_path: Path | None = None  # default: the shipped digits sample
     inflight_window: int = 100
+    # The control plane's ed25519 public key (raw 32 bytes): only models signed with it are accepted.
+    signing_key: bytes | None = None
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     keepalive_s: int = 30
@@ -113,6 +140,7 @@ class Agent:
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id
         self._last_sent_id = 0
         self._seen_commands: OrderedDict[str, wire.Ack] = OrderedDict()
+        self._running_commands: set[str] = set()
         self.connects = 0
         self.runtime_name: str | None = None
         self.runtime_version: str | None = None
@@ -333,14 +361,43 @@ class Agent:
             self._log.warning("command.malformed", error=str(exc))
             return
         ack = self._seen_commands.get(command.command_id)
-        if ack is None:  # QoS 1 may deliver a command twice: answer the repeat with the first result
-            ack = self.handle_command(command)
-            self._seen_commands[command.command_id] = ack
-            while len(self._seen_commands) > 256:
-                self._seen_commands.popitem(last=False)
+        if ack is not None:  # QoS 1 may deliver a command twice: answer the repeat with the first result
+            self._send_ack(ack)
+            return
+        if command.command_id in self._running_commands:
+            return  # still working on it; its ack comes when it is done
+        handler = _long_running_handler(command.kind)
+        if handler is None:
+            self._remember(self.handle_command(command))
+            return
+        # Downloads and rounds take minutes: run them beside the loop (which must keep the connection alive).
+        self._running_commands.add(command.command_id)
+        threading.Thread(
+            target=self._run_long_command, args=(handler, command), name=f"cmd-{command.kind}", daemon=True
+        ).start()
+
+    def _run_long_command(self, handler: CommandHandler, command: wire.Command) -> None:
+        try:
+            ok, reason, result = handler(self, command)
+        except Exception as exc:  # noqa: BLE001 - a failed command is acked as an error, the agent lives on
+            self._log.exception("command.failed", command_id=command.command_id, kind=command.kind)
+            ok, reason, result = False, f"{type(exc).__name__}: {exc}", {}
+        self._log.info("command.ack", command_id=command.command_id, kind=command.kind, ok=ok, reason=reason)
+        self._remember(wire.Ack(device_id=self.device_id, command_id=command.command_id, ok=ok, reason=reason,
+                                result=result, ts=time.time()))
+        self._running_commands.discard(command.command_id)
+
+    def _remember(self, ack: wire.Ack) -> None:
+        self._seen_commands[ack.command_id] = ack
+        while len(self._seen_commands) > 256:
+            self._seen_commands.popitem(last=False)
+        self._send_ack(ack)
+
+    def _send_ack(self, ack: wire.Ack) -> None:
         self.outbox.put(wire.topic(self.device_id, wire.Channel.ACK), wire.encode(ack))
 
     def handle_command(self, command: wire.Command) -> wire.Ack:
+        """Quick commands, answered inside the loop."""
         log = self._log.bind(command_id=command.command_id, kind=command.kind)
 
         def ack(ok: bool, reason: str | None = None, **result: Any) -> wire.Ack:
