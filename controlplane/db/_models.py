@@ -8,7 +8,21 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-__all__ = ["ApiToken", "CommandRecord", "Device", "DeviceTag", "IngestCounter", "TelemetryRecord", "utcnow"]
+__all__ = [
+    "ApiToken",
+    "CommandRecord",
+    "DeploymentRecord",
+    "DeploymentTargetRecord",
+    "Device",
+    "DeviceTag",
+    "IngestCounter",
+    "ModelArtifactRecord",
+    "ModelVersionRecord",
+    "RoundRecord",
+    "ScheduleRecord",
+    "TelemetryRecord",
+    "utcnow",
+]
 
 
 def utcnow() -> datetime:
@@ -84,3 +98,92 @@ class CommandRecord(SQLModel, table=True):
     result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     created_at: datetime = _ts(nullable=False)
     acked_at: datetime | None = _ts(nullable=True)
+
+
+class ModelVersionRecord(SQLModel, table=True):
+    """A trained model (from a round, a burst job or the starter) and its build outcome."""
+
+    __tablename__ = "model_version"
+    version: str = Field(primary_key=True, max_length=64)
+    task: str = Field(max_length=64)
+    source_kind: str = Field(max_length=16)  # round | burst | starter
+    source_id: str = Field(max_length=64)
+    created_at: datetime = _ts(nullable=False)
+    status: str = Field(default="building", max_length=16)  # building | ready | failed
+    reason: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class ModelArtifactRecord(SQLModel, table=True):
+    """One TFLite variant of a model version: published (signed, downloadable) or rejected by the gate."""
+
+    __tablename__ = "model_artifact"
+    model_version: str = Field(primary_key=True, foreign_key="model_version.version", ondelete="CASCADE")
+    variant: str = Field(primary_key=True, max_length=16)
+    published: bool
+    reason: str | None = None
+    path: str | None = None
+    size_bytes: int | None = None
+    sha256: str | None = Field(default=None, max_length=64)
+    accuracy: float | None = None
+    signed_manifest: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class DeploymentRecord(SQLModel, table=True):
+    __tablename__ = "deployment"
+    id: int | None = Field(default=None, primary_key=True)
+    model_version: str = Field(foreign_key="model_version.version", max_length=64)
+    targets: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    waves: list[float] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    failure_threshold: float = 0.0
+    wave_timeout_s: float = 600.0
+    current_wave: int = 0
+    status: str = Field(default="running", max_length=16)  # running | succeeded | halted | failed
+    reason: str | None = None
+    download_token: str = Field(max_length=64)
+    created_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False)
+
+
+class DeploymentTargetRecord(SQLModel, table=True):
+    __tablename__ = "deployment_target"
+    deployment_id: int = Field(primary_key=True, foreign_key="deployment.id", ondelete="CASCADE")
+    device_id: str = Field(primary_key=True, max_length=64)
+    wave: int
+    variant: str | None = Field(default=None, max_length=16)
+    command_id: str | None = Field(default=None, max_length=64)
+    status: str = Field(default="waiting", max_length=16)  # waiting | sent | succeeded | failed | skipped
+    reason: str | None = None
+    sent_at: datetime | None = _ts(nullable=True)
+    finished_at: datetime | None = _ts(nullable=True)
+
+
+class RoundRecord(SQLModel, table=True):
+    """A federated run (one or more Flower rounds) and everything decided about it."""
+
+    __tablename__ = "fl_round"
+    id: int | None = Field(default=None, primary_key=True)
+    schedule_id: str | None = Field(default=None, max_length=64)
+    task: str = Field(max_length=64)
+    strategy: str = Field(max_length=16)
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="pending", max_length=16)  # pending | running | succeeded | failed
+    reason: str | None = None
+    invited: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    skipped: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    participants: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    metrics: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    flower_run_id: str | None = Field(default=None, max_length=32)
+    model_version: str | None = Field(default=None, max_length=64)
+    result_token: str = Field(max_length=64)
+    created_at: datetime = _ts(nullable=False)
+    finished_at: datetime | None = _ts(nullable=True)
+
+
+class ScheduleRecord(SQLModel, table=True):
+    """What an operator asked for; APScheduler keeps the trigger state in its own table (same database)."""
+
+    __tablename__ = "fl_schedule"
+    id: str = Field(primary_key=True, max_length=64)
+    definition: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _ts(nullable=False)
