@@ -22,8 +22,10 @@ from controlplane.broker import (
     NoBrokerAuth,
 )
 from controlplane.db import create_db_engine, migrate
+from controlplane.deployments import DeploymentService
 from controlplane.devices import CommandPublisher, DeviceService
 from controlplane.ingest import IngestWorker
+from controlplane.models import ModelService
 from controlplane.settings import BrokerAuthMode, Settings
 
 __all__ = ["Fleet"]
@@ -44,6 +46,8 @@ class Fleet:
     publisher: CommandPublisher | None = None
     workers: list[IngestWorker] = field(default_factory=list)
     devices: DeviceService = field(init=False)
+    models: ModelService = field(init=False)
+    deployments: DeploymentService = field(init=False)
 
     def __post_init__(self) -> None:
         self.settings = self.settings.resolved()
@@ -75,6 +79,9 @@ class Fleet:
             self.stop()
             raise
         self.devices = DeviceService(self.engine, self.broker_auth, self.device_broker_url, self.publisher)
+        self.models = ModelService(self.engine, self.settings.data_dir / "models")
+        self.deployments = DeploymentService(self.engine, self.models, self.publisher)
+        self.deployments.start()
         log.info("controlplane.started", broker=self.broker.url, database=_safe_db_url(self.settings.database_url),
                  embedded_broker=self.embedded is not None)
         return self
@@ -120,6 +127,9 @@ class Fleet:
         self.device_broker_url = settings.device_broker_url or self.broker.with_credentials(None, None).url
 
     def stop(self) -> None:
+        deployments = self.__dict__.get("deployments")
+        if deployments is not None:
+            deployments.stop()
         for worker in self.workers:
             worker.stop()
         self.workers.clear()

@@ -22,8 +22,10 @@ from controlplane._fleet import Fleet
 from controlplane.auth import Role
 from controlplane.auth._guards import BearerTokenMiddleware, requires
 from controlplane.broker import BrokerAuthError
+from controlplane.deployments import DeploymentController, DeploymentService
 from controlplane.devices import DeviceController, DeviceService
 from controlplane.ingest import read_stats
+from controlplane.models import DownloadController, ModelController, ModelService
 from controlplane.settings import Settings
 
 __all__ = ["create_app"]
@@ -82,6 +84,12 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None) 
     def provide_devices(request: Request[Any, Any, Any]) -> DeviceService:
         return request.app.state.fleet.devices  # type: ignore[no-any-return]
 
+    def provide_models(request: Request[Any, Any, Any]) -> ModelService:
+        return request.app.state.fleet.models  # type: ignore[no-any-return]
+
+    def provide_deployments(request: Request[Any, Any, Any]) -> DeploymentService:
+        return request.app.state.fleet.deployments  # type: ignore[no-any-return]
+
     openapi = OpenAPIConfig(
         title="EdgeFleet control plane",
         version=__version__,
@@ -94,8 +102,13 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None) 
     )
     auth = DefineMiddleware(BearerTokenMiddleware, exclude=["^/schema", "^/healthz"])
     return Litestar(
-        route_handlers=[healthz, ingest_stats, DeviceController],
-        dependencies={"devices": Provide(provide_devices, sync_to_thread=False)},
+        route_handlers=[healthz, ingest_stats, DeviceController, ModelController, DownloadController,
+                        DeploymentController],
+        dependencies={
+            "devices": Provide(provide_devices, sync_to_thread=False),
+            "models": Provide(provide_models, sync_to_thread=False),
+            "deployments": Provide(provide_deployments, sync_to_thread=False),
+        },
         middleware=[auth],
         lifespan=[lifespan],
         openapi_config=openapi,

@@ -1,0 +1,55 @@
+"""API shapes of deployments (rollouts of a model version to devices, wave by wave)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+
+__all__ = ["DeploymentCreate", "DeploymentRead", "TargetRead", "Targets"]
+
+Percent = Annotated[float, msgspec.Meta(gt=0, le=100)]
+
+
+class Targets(msgspec.Struct, forbid_unknown_fields=True):
+    """Devices matching ANY of these (an empty selector matches nothing)."""
+
+    profiles: list[str] = msgspec.field(default_factory=list)
+    tags: list[str] = msgspec.field(default_factory=list)
+    device_ids: list[str] = msgspec.field(default_factory=list)
+    all: bool = False
+
+
+class DeploymentCreate(msgspec.Struct, forbid_unknown_fields=True):
+    model_version: str
+    targets: Targets
+    # Cumulative percentages of the targets per wave, e.g. [10, 50, 100]; the last must be 100.
+    waves: Annotated[list[Percent], msgspec.Meta(min_length=1, max_length=20)] = msgspec.field(
+        default_factory=lambda: [100.0])
+    # Fraction of a wave's devices that may fail before the rollout halts (0: any failure halts it).
+    failure_threshold: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    wave_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 600.0
+
+
+class TargetRead(msgspec.Struct):
+    device_id: str
+    wave: int
+    variant: str | None
+    status: str  # waiting | sent | succeeded | failed | skipped
+    reason: str | None
+    command_id: str | None
+
+
+class DeploymentRead(msgspec.Struct):
+    id: int
+    model_version: str
+    status: str  # running | succeeded | halted | failed
+    reason: str | None
+    waves: list[float]
+    current_wave: int
+    failure_threshold: float
+    created_at: datetime
+    updated_at: datetime
+    counts: dict[str, int]
+    targets: list[TargetRead]
