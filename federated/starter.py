@@ -84,7 +84,7 @@ def _train(x: _FloatArray, y: _IntArray, *, seed: int, epochs: int) -> tuple[Any
             batch = order[start : start + 64]
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(xs[batch]), ys[batch])
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
     return model.eval(), time.perf_counter() - started
 

@@ -1,0 +1,1 @@
+"""Federated rounds: eligibility, invitations, Flower runs, schedules."""
