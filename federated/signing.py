@@ -59,7 +59,10 @@ class Signer:
         if self._key is None:
             key = self._load() if self.private_key_path.exists() else self._create()
             self._key = key
-            self._write_public_key(key)
+            try:
+                self._write_public_key(key)
+            except OSError as exc:  # signing still works; devices need the public key from elsewhere
+                log.warning("cannot write public key %s: %s", self.public_key_path, exc.strerror or exc)
         return self._key
 
     def _load(self) -> Ed25519PrivateKey:

@@ -1,0 +1,138 @@
+"""Round schedules on APScheduler 3, with the job store in the control plane's database.
+
+Jobs survive a control-plane restart (APScheduler's SQLAlchemyJobStore; a missed firing while the control plane was
+down runs once on start, within the grace time). One scheduler per control plane: run it in one process only.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+from controlplane._errors import Conflict, InvalidInput, NotFound
+from controlplane.db import ScheduleRecord, utcnow
+from controlplane.rounds.schemas import RoundCreate, ScheduleCreate, ScheduleRead
+
+__all__ = ["RoundScheduler", "fire"]
+
+log = structlog.get_logger("edgefleet.schedules")
+
+# What a firing does: set by the running control plane (jobs are stored by reference to `fire`, not to it).
+_ON_FIRE: Callable[[str, RoundCreate], None] | None = None
+
+
+def fire(schedule_id: str, round_json: str) -> None:
+    """The stored job: start a round for the schedule."""
+    if _ON_FIRE is None:
+        log.error("schedule.fired_without_controlplane", schedule_id=schedule_id)
+        return
+    _ON_FIRE(schedule_id, msgspec.json.decode(round_json, type=RoundCreate))
+
+
+class RoundScheduler:
+    def __init__(self, engine: Engine, on_fire: Callable[[str, RoundCreate], None],
+                 validate: Callable[[RoundCreate], None]) -> None:
+        global _ON_FIRE
+        _ON_FIRE = on_fire
+        self.engine = engine
+        self._validate = validate
+        self._scheduler = BackgroundScheduler(
+            jobstores={"default": SQLAlchemyJobStore(engine=engine, tablename="apscheduler_jobs")},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
+            timezone=UTC,
+        )
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+
+    def create(self, data: ScheduleCreate) -> ScheduleRead:
+        trigger = _trigger(data)
+        self._validate(data.round)
+        schedule_id = data.id or uuid.uuid4().hex[:12]
+        with Session(self.engine) as session:
+            if session.get(ScheduleRecord, schedule_id) is not None:
+                raise Conflict(f"schedule '{schedule_id}' exists")
+            session.add(ScheduleRecord(id=schedule_id, definition=msgspec.to_builtins(data) | {"id": schedule_id,
+                                                                                             "runs": 0},
+                                       created_at=utcnow()))
+            session.commit()
+        self._scheduler.add_job(fire, trigger, args=[schedule_id, msgspec.json.encode(data.round).decode()],
+                                id=schedule_id, replace_existing=True)
+        log.info("schedule.created", schedule_id=schedule_id)
+        return self.get(schedule_id)
+
+    def record_run(self, schedule_id: str) -> None:
+        """Count a firing; remove the job once it has fired `max_runs` times."""
+        with Session(self.engine) as session:
+            record = session.get(ScheduleRecord, schedule_id)
+            if record is None:
+                return
+            runs = int(record.definition.get("runs", 0)) + 1
+            record.definition = {**record.definition, "runs": runs}
+            session.add(record)
+            session.commit()
+            max_runs = record.definition.get("max_runs")
+        if max_runs is not None and runs >= int(max_runs):
+            job = self._scheduler.get_job(schedule_id)
+            if job is not None:
+                job.remove()
+
+    def get(self, schedule_id: str) -> ScheduleRead:
+        with Session(self.engine) as session:
+            record = session.get(ScheduleRecord, schedule_id)
+            if record is None:
+                raise NotFound(f"no schedule '{schedule_id}'")
+            return self._read(record)
+
+    def list_all(self) -> list[ScheduleRead]:
+        with Session(self.engine) as session:
+            return [self._read(r) for r in session.exec(select(ScheduleRecord).order_by(
+                col(ScheduleRecord.created_at)))]
+
+    def delete(self, schedule_id: str) -> None:
+        with Session(self.engine) as session:
+            record = session.get(ScheduleRecord, schedule_id)
+            if record is None:
+                raise NotFound(f"no schedule '{schedule_id}'")
+            session.delete(record)
+            session.commit()
+        job = self._scheduler.get_job(schedule_id)
+        if job is not None:
+            job.remove()
+
+    def _read(self, record: ScheduleRecord) -> ScheduleRead:
+        definition: dict[str, Any] = record.definition
+        job = self._scheduler.get_job(record.id)
+        next_run: datetime | None = job.next_run_time if job is not None else None
+        created = record.created_at if record.created_at.tzinfo else record.created_at.replace(tzinfo=UTC)
+        return ScheduleRead(id=record.id, cron=definition.get("cron"), interval_s=definition.get("interval_s"),
+                            max_runs=definition.get("max_runs"), runs=int(definition.get("runs", 0)),
+                            next_run_time=next_run, round=definition.get("round", {}), created_at=created)
+
+
+def _trigger(data: ScheduleCreate) -> BaseTrigger:
+    if (data.cron is None) == (data.interval_s is None):
+        raise InvalidInput("give exactly one of 'cron' (e.g. \"0 2 * * *\") or 'interval_s'")
+    if data.cron is not None:
+        try:
+            return CronTrigger.from_crontab(data.cron, timezone=UTC)
+        except ValueError as exc:
+            raise InvalidInput(f"invalid cron expression {data.cron!r}: {exc}") from None
+    assert data.interval_s is not None
+    return IntervalTrigger(seconds=data.interval_s, timezone=UTC)

@@ -1,0 +1,74 @@
+"""API shapes of federated rounds and their schedules."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+
+from controlplane.rounds.eligibility import EligibilityRule
+
+__all__ = ["RoundCreate", "RoundRead", "ScheduleCreate", "ScheduleRead", "Strategy"]
+
+
+class Strategy(enum.StrEnum):
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDADAM = "fedadam"
+
+
+class RoundCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """One federated run of `rounds` Flower rounds among the devices eligible now."""
+
+    task: str = "digits"
+    strategy: Strategy = Strategy.FEDAVG
+    rounds: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
+    min_clients: Annotated[int, msgspec.Meta(ge=1)] = 2
+    max_clients: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    eligibility: EligibilityRule = msgspec.field(default_factory=EligibilityRule)
+    local_epochs: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
+    learning_rate: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.01
+    proximal_mu: Annotated[float, msgspec.Meta(ge=0)] = 0.1  # FedProx only
+    round_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 120.0
+    build: bool = True  # build, gate and sign TFLite variants of the result
+    deploy: bool = False  # then roll the new model out to every device that can run it
+
+
+class RoundRead(msgspec.Struct):
+    id: int
+    schedule_id: str | None
+    task: str
+    strategy: str
+    status: str  # pending | running | succeeded | failed
+    reason: str | None
+    config: dict[str, Any]
+    invited: list[str]
+    participants: list[str]
+    skipped: dict[str, str]  # device id -> why it was not invited (or dropped out)
+    metrics: list[dict[str, Any]]  # per Flower round: round, accuracy, loss, participants
+    model_version: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class ScheduleCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """A recurring round: exactly one of `cron` (crontab, 5 fields, UTC) or `interval_s`."""
+
+    round: RoundCreate = msgspec.field(default_factory=RoundCreate)
+    id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] | None = None
+    cron: str | None = None
+    interval_s: Annotated[float, msgspec.Meta(ge=1)] | None = None
+    max_runs: Annotated[int, msgspec.Meta(ge=1)] | None = None  # stop after this many firings
+
+
+class ScheduleRead(msgspec.Struct):
+    id: str
+    cron: str | None
+    interval_s: float | None
+    max_runs: int | None
+    runs: int
+    next_run_time: datetime | None
+    round: dict[str, Any]
+    created_at: datetime
