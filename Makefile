@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check -q
-EXTRAS ?= agent,controlplane,dev
+EXTRAS ?= all
 
 .PHONY: demo test bench lint typecheck clean venv
 
