@@ -27,6 +27,7 @@ from controlplane.devices import CommandPublisher, DeviceService
 from controlplane.ingest import IngestWorker
 from controlplane.models import ModelService
 from controlplane.settings import BrokerAuthMode, Settings
+from federated.signing import Signer
 
 __all__ = ["Fleet"]
 
@@ -47,6 +48,7 @@ class Fleet:
     workers: list[IngestWorker] = field(default_factory=list)
     devices: DeviceService = field(init=False)
     models: ModelService = field(init=False)
+    signer: Signer = field(init=False)
     deployments: DeploymentService = field(init=False)
 
     def __post_init__(self) -> None:
@@ -78,7 +80,9 @@ class Fleet:
         except BaseException:
             self.stop()
             raise
-        self.devices = DeviceService(self.engine, self.broker_auth, self.device_broker_url, self.publisher)
+        self.signer = Signer(self.settings.data_dir / "keys")  # created on first start
+        self.devices = DeviceService(self.engine, self.broker_auth, self.device_broker_url, self.publisher,
+                                     self.signer.public_key_b64)
         self.models = ModelService(self.engine, self.settings.data_dir / "models")
         self.deployments = DeploymentService(self.engine, self.models, self.publisher)
         self.deployments.start()

@@ -48,6 +48,13 @@ def ingest_stats(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return read_stats(request.app.state.engine)
 
 
+@get("/api/v1/signing-key", guards=[requires(Role.VIEWER)], sync_to_thread=False, tags=["models"])
+def signing_key(request: Request[Any, Any, Any]) -> dict[str, str]:
+    """The ed25519 public key devices verify model manifests with (`edgefleet agent run --signing-key`)."""
+    signer = request.app.state.fleet.signer
+    return {"public_key": signer.public_key_b64, "key_id": signer.key_id, "algorithm": "ed25519"}
+
+
 def _error(status: int, detail: str) -> Response[dict[str, Any]]:
     return Response({"status_code": status, "detail": detail}, status_code=status)
 
@@ -102,7 +109,7 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None) 
     )
     auth = DefineMiddleware(BearerTokenMiddleware, exclude=["^/schema", "^/healthz"])
     return Litestar(
-        route_handlers=[healthz, ingest_stats, DeviceController, ModelController, DownloadController,
+        route_handlers=[healthz, ingest_stats, signing_key, DeviceController, ModelController, DownloadController,
                         DeploymentController],
         dependencies={
             "devices": Provide(provide_devices, sync_to_thread=False),

@@ -55,6 +55,8 @@ class DeviceEnrolled(msgspec.Struct):
     mqtt_username: str
     mqtt_password: str
     broker_url: str
+    # The control plane's ed25519 model-signing public key (base64): give it to the agent (--signing-key).
+    signing_public_key: str = ""
 
 
 class TelemetryRead(msgspec.Struct):

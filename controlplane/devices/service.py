@@ -56,7 +56,8 @@ def _utc(value: datetime) -> datetime:
 
 class DeviceService:
     def __init__(self, engine: Engine, broker_auth: BrokerAuth, device_broker_url: str,
-                 publisher: CommandPublisher | None) -> None:
+                 publisher: CommandPublisher | None, signing_public_key: str = "") -> None:
+        self.signing_public_key = signing_public_key
         self.engine = engine
         self.broker_auth = broker_auth
         self.device_broker_url = device_broker_url
@@ -80,7 +81,7 @@ class DeviceService:
         log.info("device.enrolled", device_id=data.device_id, profile=data.profile)
         return DeviceEnrolled(device_id=data.device_id, profile=data.profile, tags=tags,
                               mqtt_username=data.device_id, mqtt_password=password,
-                              broker_url=self.device_broker_url)
+                              broker_url=self.device_broker_url, signing_public_key=self.signing_public_key)
 
     def rotate_credentials(self, device_id: str) -> DeviceEnrolled:
         password = secrets.token_urlsafe(24)
@@ -93,7 +94,7 @@ class DeviceService:
             tags = self._tags(session, [device_id])[device_id]
             return DeviceEnrolled(device_id=device_id, profile=device.profile, tags=tags,
                                   mqtt_username=device_id, mqtt_password=password,
-                                  broker_url=self.device_broker_url)
+                                  broker_url=self.device_broker_url, signing_public_key=self.signing_public_key)
 
     def find(self, *, profile: str | None = None, tag: str | None = None, online: bool | None = None,
              limit: int = 500, offset: int = 0) -> list[DeviceRead]:

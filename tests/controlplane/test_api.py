@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +85,7 @@ def test_enrolment_returns_credentials_once(client: TestClient, fleet: Fleet) ->
     created = client.post("/api/v1/devices", json={"device_id": "gw-7", "profile": "x86-gateway",
                                                     "tags": ["plant-a", "line-2"]}, headers=admin)
     fetched = client.get("/api/v1/devices/gw-7", headers=admin)
+    key = client.get("/api/v1/signing-key", headers=admin).json()
     # Assert
     assert created.status_code == 201
     body = created.json()
@@ -93,6 +95,8 @@ def test_enrolment_returns_credentials_once(client: TestClient, fleet: Fleet) ->
     assert body["broker_url"].startswith("mqtt://")
     assert "mqtt_password" not in fetched.json()
     assert fetched.json()["tags"] == ["line-2", "plant-a"]
+    assert body["signing_public_key"] == key["public_key"]
+    assert len(base64.b64decode(key["public_key"])) == 32 and key["algorithm"] == "ed25519"
 
 
 def test_list_filters(client: TestClient, fleet: Fleet) -> None:  # type: ignore[type-arg]
