@@ -26,6 +26,9 @@ from controlplane.deployments import DeploymentService
 from controlplane.devices import CommandPublisher, DeviceService
 from controlplane.ingest import IngestWorker
 from controlplane.models import ModelService
+from controlplane.rounds.scheduler import RoundScheduler
+from controlplane.rounds.schemas import RoundCreate
+from controlplane.rounds.service import RoundService
 from controlplane.settings import BrokerAuthMode, Settings
 from federated.signing import Signer
 
@@ -49,6 +52,8 @@ class Fleet:
     devices: DeviceService = field(init=False)
     models: ModelService = field(init=False)
     signer: Signer = field(init=False)
+    rounds: RoundService = field(init=False)
+    schedules: RoundScheduler = field(init=False)
     deployments: DeploymentService = field(init=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +91,10 @@ class Fleet:
         self.models = ModelService(self.engine, self.settings.data_dir / "models")
         self.deployments = DeploymentService(self.engine, self.models, self.publisher)
         self.deployments.start()
+        self.rounds = RoundService(self.engine, runner=None)
+        self.schedules = RoundScheduler(self.engine, on_fire=self._on_schedule, validate=self.rounds.validate)
+        if self.settings.run_scheduler:
+            self.schedules.start()
         log.info("controlplane.started", broker=self.broker.url, database=_safe_db_url(self.settings.database_url),
                  embedded_broker=self.embedded is not None)
         return self
@@ -130,7 +139,15 @@ class Fleet:
             self.broker_auth = dynsec
         self.device_broker_url = settings.device_broker_url or self.broker.with_credentials(None, None).url
 
+    def _on_schedule(self, schedule_id: str, data: RoundCreate) -> None:
+        log.info("schedule.fired", schedule_id=schedule_id)
+        self.schedules.record_run(schedule_id)
+        self.rounds.start(data, schedule_id)
+
     def stop(self) -> None:
+        schedules = self.__dict__.get("schedules")
+        if schedules is not None:
+            schedules.stop()
         deployments = self.__dict__.get("deployments")
         if deployments is not None:
             deployments.stop()

@@ -26,6 +26,9 @@ from controlplane.deployments import DeploymentController, DeploymentService
 from controlplane.devices import DeviceController, DeviceService
 from controlplane.ingest import read_stats
 from controlplane.models import DownloadController, ModelController, ModelService
+from controlplane.rounds.controller import RoundController, ScheduleController
+from controlplane.rounds.scheduler import RoundScheduler
+from controlplane.rounds.service import RoundService
 from controlplane.settings import Settings
 
 __all__ = ["create_app"]
@@ -97,6 +100,12 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None) 
     def provide_deployments(request: Request[Any, Any, Any]) -> DeploymentService:
         return request.app.state.fleet.deployments  # type: ignore[no-any-return]
 
+    def provide_rounds(request: Request[Any, Any, Any]) -> RoundService:
+        return request.app.state.fleet.rounds  # type: ignore[no-any-return]
+
+    def provide_schedules(request: Request[Any, Any, Any]) -> RoundScheduler:
+        return request.app.state.fleet.schedules  # type: ignore[no-any-return]
+
     openapi = OpenAPIConfig(
         title="EdgeFleet control plane",
         version=__version__,
@@ -110,11 +119,13 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None) 
     auth = DefineMiddleware(BearerTokenMiddleware, exclude=["^/schema", "^/healthz"])
     return Litestar(
         route_handlers=[healthz, ingest_stats, signing_key, DeviceController, ModelController, DownloadController,
-                        DeploymentController],
+                        DeploymentController, RoundController, ScheduleController],
         dependencies={
             "devices": Provide(provide_devices, sync_to_thread=False),
             "models": Provide(provide_models, sync_to_thread=False),
             "deployments": Provide(provide_deployments, sync_to_thread=False),
+            "rounds": Provide(provide_rounds, sync_to_thread=False),
+            "schedules": Provide(provide_schedules, sync_to_thread=False),
         },
         middleware=[auth],
         lifespan=[lifespan],

@@ -53,6 +53,7 @@ class Settings:
     ingest_batch_max: int = 500
     ingest_batch_wait_s: float = 0.02
     log_level: str = "info"
+    run_scheduler: bool = True  # exactly one control-plane process per database runs the schedules
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -76,6 +77,7 @@ class Settings:
             "ingest_batch_max": int,
             "ingest_batch_wait_s": float,
             "log_level": str,
+            "run_scheduler": lambda v: v.lower() in ("1", "true", "yes", "on"),
         }
         for name, convert in conversions.items():
             raw = env.get(f"EDGEFLEET_{name.upper()}")

@@ -1,0 +1,202 @@
+"""Federated rounds: plan (eligibility, invitations), run (Flower), record, then build → sign → (deploy)."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import msgspec
+import structlog
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+from controlplane._errors import InvalidInput, NotFound
+from controlplane.db import Device, RoundRecord, utcnow
+from controlplane.rounds.eligibility import decide, invite_count
+from controlplane.rounds.schemas import RoundCreate, RoundRead
+from firmware_profiles import ProfileError, get_profile
+
+__all__ = ["RoundOutcome", "RoundRunner", "RoundService"]
+
+log = structlog.get_logger("edgefleet.rounds")
+
+
+class RoundOutcome(msgspec.Struct):
+    """What a finished federated run hands back."""
+
+    ok: bool
+    reason: str | None = None
+    metrics: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    participants: list[str] = msgspec.field(default_factory=list)
+    dropped: dict[str, str] = msgspec.field(default_factory=dict)
+    weights_path: str | None = None  # .npz of the global model's state_dict
+
+
+class RoundRunner(Protocol):
+    """Runs the Flower side of a round among the invited devices (blocking)."""
+
+    def run(self, round_id: int, data: RoundCreate, invited: list[str]) -> RoundOutcome: ...
+
+
+# After a successful run: build, gate, sign and register the model; returns the model version (or raises).
+PostRound = Callable[[int, RoundCreate, RoundOutcome], str | None]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+class RoundService:
+    def __init__(self, engine: Engine, runner: RoundRunner | None, post_round: PostRound | None = None) -> None:
+        self.engine = engine
+        self.runner = runner
+        self.post_round = post_round
+        self._threads: list[threading.Thread] = []
+
+    def validate(self, data: RoundCreate) -> None:
+        from federated.tasks import get_task
+
+        try:
+            get_task(data.task)
+        except (LookupError, ValueError, ImportError, AttributeError, TypeError) as exc:
+            raise InvalidInput(str(exc) if str(exc).startswith("unknown task") else
+                               f"unknown task {data.task!r}: {exc}") from None
+        if data.max_clients is not None and data.max_clients < data.min_clients:
+            raise InvalidInput(f"max_clients {data.max_clients} < min_clients {data.min_clients}")
+
+    # -- API -------------------------------------------------------------------------------------------------
+    def start(self, data: RoundCreate, schedule_id: str | None = None, *, wait: bool = False) -> RoundRead:
+        """Decide who is invited now (and why the others are not), record it, then run in the background."""
+        self.validate(data)
+        invited, skipped = self.plan(data)
+        with Session(self.engine) as session:
+            record = RoundRecord(schedule_id=schedule_id, task=data.task, strategy=str(data.strategy),
+                                 config=msgspec.to_builtins(data), invited=invited, skipped=skipped,
+                                 result_token=secrets.token_urlsafe(24), created_at=utcnow())
+            if len(invited) < data.min_clients:
+                record.status = "failed"
+                record.reason = (f"{len(invited)} eligible device(s), min_clients is {data.min_clients}")
+                record.finished_at = utcnow()
+            session.add(record)
+            session.commit()
+            assert record.id is not None
+            round_id = record.id
+        log.info("round.planned", round_id=round_id, invited=invited, skipped=len(skipped))
+        if len(invited) >= data.min_clients:
+            thread = threading.Thread(target=self._execute, args=(round_id, data, invited), name=f"round-{round_id}",
+                                      daemon=True)
+            self._threads.append(thread)
+            thread.start()
+            if wait:
+                thread.join()
+        return self.get(round_id)
+
+    def get(self, round_id: int) -> RoundRead:
+        with Session(self.engine) as session:
+            record = session.get(RoundRecord, round_id)
+            if record is None:
+                raise NotFound(f"no round {round_id}")
+            return self._read(record)
+
+    def list_all(self, limit: int = 100) -> list[RoundRead]:
+        with Session(self.engine) as session:
+            rows = session.exec(select(RoundRecord).order_by(col(RoundRecord.id).desc()).limit(limit))
+            return [self._read(r) for r in rows]
+
+    def dropout_rate(self, last: int = 20) -> float:
+        """Observed share of invited devices that did not take part, over recent finished rounds."""
+        with Session(self.engine) as session:
+            rows = session.exec(select(RoundRecord).where(RoundRecord.status == "succeeded")
+                                .order_by(col(RoundRecord.id).desc()).limit(last))
+            invited = participated = 0
+            for r in rows:
+                invited += len(r.invited)
+                participated += len(r.participants)
+        return 0.0 if invited == 0 else max(0.0, 1.0 - participated / invited)
+
+    def plan(self, data: RoundCreate) -> tuple[list[str], dict[str, str]]:
+        eligible: list[str] = []
+        skipped: dict[str, str] = {}
+        with Session(self.engine) as session:
+            for device in session.exec(select(Device).order_by(Device.device_id)):
+                try:
+                    profile = get_profile(device.profile)
+                except ProfileError as exc:
+                    skipped[device.device_id] = str(exc)
+                    continue
+                ok, reason = decide(profile, device.online, device.last_telemetry, data.eligibility)
+                if ok:
+                    eligible.append(device.device_id)
+                else:
+                    skipped[device.device_id] = reason
+        count = invite_count(data.min_clients, len(eligible), self.dropout_rate(), data.max_clients)
+        for device_id in eligible[count:]:
+            skipped[device_id] = "eligible, not needed this round (over-selection already met)"
+        return eligible[:count], skipped
+
+    def wait(self, timeout: float | None = None) -> None:
+        for thread in list(self._threads):
+            thread.join(timeout)
+
+    # -- execution -------------------------------------------------------------------------------------------
+    def _execute(self, round_id: int, data: RoundCreate, invited: list[str]) -> None:
+        self._update(round_id, status="running")
+        try:
+            if self.runner is None:
+                raise RuntimeError("no federated runtime (install edgefleet[train])")
+            outcome = self.runner.run(round_id, data, invited)
+        except Exception as exc:
+            log.exception("round.failed", round_id=round_id)
+            self._update(round_id, status="failed", reason=f"{type(exc).__name__}: {exc}", finished=True)
+            return
+        skipped_extra = {d: f"dropped out: {why}" for d, why in outcome.dropped.items()}
+        self._update(round_id, metrics=outcome.metrics, participants=outcome.participants, skipped_extra=skipped_extra)
+        if not outcome.ok:
+            self._update(round_id, status="failed", reason=outcome.reason, finished=True)
+            return
+        version = None
+        if data.build and self.post_round is not None:
+            try:
+                version = self.post_round(round_id, data, outcome)
+            except Exception as exc:
+                log.exception("round.build_failed", round_id=round_id)
+                self._update(round_id, status="failed", reason=f"build failed: {exc}", finished=True)
+                return
+        self._update(round_id, status="succeeded", model_version=version, finished=True)
+        log.info("round.succeeded", round_id=round_id, model_version=version)
+
+    def _update(self, round_id: int, *, status: str | None = None, reason: str | None = None,
+                metrics: list[dict[str, Any]] | None = None, participants: list[str] | None = None,
+                skipped_extra: dict[str, str] | None = None, model_version: str | None = None,
+                finished: bool = False) -> None:
+        with Session(self.engine) as session:
+            record = session.get(RoundRecord, round_id)
+            assert record is not None
+            if status is not None:
+                record.status = status
+            if reason is not None:
+                record.reason = reason
+            if metrics is not None:
+                record.metrics = metrics
+            if participants is not None:
+                record.participants = participants
+            if skipped_extra:
+                record.skipped = {**record.skipped, **skipped_extra}
+            if model_version is not None:
+                record.model_version = model_version
+            if finished:
+                record.finished_at = utcnow()
+            session.add(record)
+            session.commit()
+
+    @staticmethod
+    def _read(record: RoundRecord) -> RoundRead:
+        assert record.id is not None
+        return RoundRead(id=record.id, schedule_id=record.schedule_id, task=record.task, strategy=record.strategy,
+                         status=record.status, reason=record.reason, config=record.config, invited=record.invited,
+                         participants=record.participants, skipped=record.skipped, metrics=record.metrics,
+                         model_version=record.model_version, created_at=_utc(record.created_at) or utcnow(),
+                         finished_at=_utc(record.finished_at))
