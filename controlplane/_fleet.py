@@ -8,10 +8,12 @@ from __future__ import annotations
 import secrets
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 from sqlalchemy import Engine
 
+from agent._manifest import ModelSource
 from agent._mqtt import BrokerAddress, MqttProtocol, parse_broker_url
 from controlplane._errors import BrokerUnavailable
 from controlplane.broker import (
@@ -26,9 +28,10 @@ from controlplane.deployments import DeploymentService
 from controlplane.devices import CommandPublisher, DeviceService
 from controlplane.ingest import IngestWorker
 from controlplane.models import ModelService
+from controlplane.models.build import ModelBuilder
 from controlplane.rounds.scheduler import RoundScheduler
 from controlplane.rounds.schemas import RoundCreate
-from controlplane.rounds.service import RoundService
+from controlplane.rounds.service import RoundOutcome, RoundService
 from controlplane.settings import BrokerAuthMode, Settings
 from federated.signing import Signer
 
@@ -54,6 +57,7 @@ class Fleet:
     signer: Signer = field(init=False)
     rounds: RoundService = field(init=False)
     schedules: RoundScheduler = field(init=False)
+    builder: ModelBuilder = field(init=False)
     deployments: DeploymentService = field(init=False)
 
     def __post_init__(self) -> None:
@@ -91,7 +95,9 @@ class Fleet:
         self.models = ModelService(self.engine, self.settings.data_dir / "models")
         self.deployments = DeploymentService(self.engine, self.models, self.publisher)
         self.deployments.start()
-        self.rounds = RoundService(self.engine, runner=None)
+        self.builder = ModelBuilder(self.engine, self.models, self.deployments, self.signer,
+                                    self.settings.data_dir / "builds")
+        self.rounds = RoundService(self.engine, runner=None, post_round=self._post_round)
         self.schedules = RoundScheduler(self.engine, on_fire=self._on_schedule, validate=self.rounds.validate)
         if self.settings.run_scheduler:
             self.schedules.start()
@@ -138,6 +144,13 @@ class Fleet:
             dynsec.prepare()
             self.broker_auth = dynsec
         self.device_broker_url = settings.device_broker_url or self.broker.with_credentials(None, None).url
+
+    def _post_round(self, round_id: int, data: RoundCreate, outcome: RoundOutcome) -> str | None:
+        if outcome.weights_path is None:
+            raise RuntimeError("the round returned no weights")
+        return self.builder.build(task_name=data.task, weights_path=Path(outcome.weights_path),
+                                  model_version=f"round-{round_id}", source=ModelSource(kind="round", id=str(round_id)),
+                                  deploy=data.deploy)
 
     def _on_schedule(self, schedule_id: str, data: RoundCreate) -> None:
         log.info("schedule.fired", schedule_id=schedule_id)
