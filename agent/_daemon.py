@@ -145,6 +145,7 @@ class Agent:
         self.runtime_name: str | None = None
         self.runtime_version: str | None = None
         self.model_version: str | None = None
+        self.active_variant: str | None = None
         self._inference: Any = None  # agent._runtime.InferenceLoop, started in run()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -343,6 +344,7 @@ class Agent:
                 runtime=self.runtime_name,
                 runtime_version=self.runtime_version,
                 active_model=self.model_version,
+                active_variant=self.active_variant,
                 config=dict(self.config),
             )
         )
@@ -447,15 +449,28 @@ class Agent:
 
     # -- inference -------------------------------------------------------------------------------------------
     def _start_inference(self) -> None:
-        from agent import (
-            _runtime,  # deferred: keeps `import agent` cheap for tools that only need the protocol
+        from agent import (  # deferred: keeps `import agent` cheap for tools that only need the protocol
+            _ota,
+            _runtime,
         )
 
         rate = float(self.config.get("inference_rate_hz", self.settings.inference_rate_hz))
-        model_path = self.settings.model_path or _runtime.starter_model_path()
-        model = _runtime.TFLiteModel.load(model_path, runtime=str(self.settings.profile.runtime.name))
+        runtime = str(self.settings.profile.runtime.name)
+        model_path = self.settings.model_path
+        version: str | None = None
+        variant: str | None = None
+        if model_path is None:  # the model the last deployment activated (re-verified), else the starter
+            resolved = _ota.resolve_startup_model(self.settings.data_dir, runtime)
+            if resolved is not None:
+                model_path, version, variant = resolved
+        model_path = model_path or _runtime.starter_model_path()
+        model = _runtime.TFLiteModel.load(model_path, runtime=runtime)
         self.runtime_name, self.runtime_version = model.runtime_name, model.runtime_version
-        self.model_version = _runtime.model_version_of(model_path)
+        self.model_version = version or _runtime.model_version_of(model_path)
+        if variant is None:
+            declared = _runtime.read_model_metadata(model_path).get("variant")
+            variant = declared if isinstance(declared, str) else None
+        self.active_variant = variant
         source = _runtime.DataSource(self.settings.data_path)
         self._inference = _runtime.InferenceLoop(model, source, rate_hz=rate, model_version=self.model_version)
         self._inference.start()
