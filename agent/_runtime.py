@@ -439,15 +439,18 @@ class DataSource:
 
     def next_batch(self, n: int = 1) -> FloatArray:
         """The next ``n`` samples, wrapping around at the end of the data set."""
+        return self.next_labelled(n)[0]
+
+    def next_labelled(self, n: int = 1) -> tuple[FloatArray, npt.NDArray[np.int64] | None]:
+        """The next ``n`` samples and their labels (None when the data has none)."""
         if n < 1:
             raise ValueError(f"batch size must be positive, got {n}")
         with self._lock:
             start = self._cursor
             self._cursor = (start + n) % len(self)
         stop = start + n
-        if stop <= len(self):
-            return self._x[start:stop]
-        return self._x[np.arange(start, stop) % len(self)]
+        index: slice | npt.NDArray[np.int64] = slice(start, stop) if stop <= len(self) else np.arange(start, stop) % len(self)
+        return self._x[index], (self._y[index] if self._y is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------------- stats
@@ -477,14 +480,17 @@ class InferenceStats:
         self._confidence_sum = 0.0
         self._histogram: collections.Counter[int] = collections.Counter()
         self._errors = 0
+        self._labelled = 0
+        self._correct = 0
 
-    def record(self, latency_s: float, scores: npt.ArrayLike) -> None:
+    def record(self, latency_s: float, scores: npt.ArrayLike, labels: npt.ArrayLike | None = None) -> None:
         rows = np.asarray(scores, dtype=np.float32)
         if rows.ndim == 1:
             rows = rows[None, :]
         if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
             raise ValueError(f"scores must be (N, classes), got shape {rows.shape}")
         predicted = rows.argmax(axis=1)
+        correct = int((predicted == np.asarray(labels)).sum()) if labels is not None else 0
         confidence = float(_top1_confidence(rows).sum())
         classes, counts = np.unique(predicted, return_counts=True)
         with self._lock:
@@ -492,6 +498,9 @@ class InferenceStats:
             self._count += rows.shape[0]
             self._confidence_sum += confidence
             self._histogram.update(dict(zip(classes.tolist(), counts.tolist(), strict=True)))
+            if labels is not None:
+                self._labelled += rows.shape[0]
+                self._correct += correct
 
     def record_error(self, n: int = 1) -> None:
         with self._lock:
@@ -508,8 +517,10 @@ class InferenceStats:
             latencies = np.fromiter(self._latencies, dtype=np.float64, count=len(self._latencies))
             count, confidence_sum = self._count, self._confidence_sum
             histogram, errors = self._histogram, self._errors
+            labelled, correct = self._labelled, self._correct
             self._latencies.clear()
             self._count, self._confidence_sum, self._errors = 0, 0.0, 0
+            self._labelled, self._correct = 0, 0
             self._histogram = collections.Counter()
         p50 = p95 = None
         if latencies.size:
@@ -526,6 +537,8 @@ class InferenceStats:
             mean_confidence=mean_confidence,
             class_histogram={str(k): v for k, v in sorted(histogram.items())},
             errors=errors,
+            labelled=labelled,
+            correct=correct,
         )
 
 
@@ -616,12 +629,12 @@ class InferenceLoop(threading.Thread):
         return self._stopping.is_set()
 
     def _infer_one(self) -> None:
-        sample = self.data.next_batch(1)
+        sample, labels = self.data.next_labelled(1)
         with self._model_lock:  # held through the inference: swap_model waits for it
             try:
                 started = time.perf_counter()
                 scores = self._model.predict(sample)
-                self.stats.record(time.perf_counter() - started, scores)
+                self.stats.record(time.perf_counter() - started, scores, labels)
             except Exception:
                 self.stats.record_error()
                 now = time.monotonic()

@@ -162,6 +162,9 @@ class InferenceStats(msgspec.Struct, kw_only=True):
     mean_confidence: float | None = None
     class_histogram: dict[str, int] = msgspec.field(default_factory=dict)
     errors: int = 0
+    # Where the local data carries labels: how many of the labelled inferences were right (on-device accuracy).
+    labelled: int = 0
+    correct: int = 0
 
 
 class OutboxStats(msgspec.Struct, kw_only=True):

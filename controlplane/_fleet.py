@@ -29,6 +29,7 @@ from controlplane.devices import CommandPublisher, DeviceService
 from controlplane.ingest import IngestWorker
 from controlplane.models import ModelService
 from controlplane.models.build import ModelBuilder
+from controlplane.rounds.runner import FlowerRoundRunner
 from controlplane.rounds.scheduler import RoundScheduler
 from controlplane.rounds.schemas import RoundCreate
 from controlplane.rounds.service import RoundOutcome, RoundService
@@ -58,6 +59,7 @@ class Fleet:
     rounds: RoundService = field(init=False)
     schedules: RoundScheduler = field(init=False)
     builder: ModelBuilder = field(init=False)
+    runner: FlowerRoundRunner | None = field(init=False, default=None)
     deployments: DeploymentService = field(init=False)
 
     def __post_init__(self) -> None:
@@ -97,7 +99,9 @@ class Fleet:
         self.deployments.start()
         self.builder = ModelBuilder(self.engine, self.models, self.deployments, self.signer,
                                     self.settings.data_dir / "builds")
-        self.rounds = RoundService(self.engine, runner=None, post_round=self._post_round)
+        self.runner = FlowerRoundRunner(self.settings.data_dir / "flower", self.devices,
+                                        superlink_host=self.settings.superlink_host) if _flower_installed() else None
+        self.rounds = RoundService(self.engine, runner=self.runner, post_round=self._post_round)
         self.schedules = RoundScheduler(self.engine, on_fire=self._on_schedule, validate=self.rounds.validate)
         if self.settings.run_scheduler:
             self.schedules.start()
@@ -161,6 +165,9 @@ class Fleet:
         schedules = self.__dict__.get("schedules")
         if schedules is not None:
             schedules.stop()
+        runner = self.__dict__.get("runner")
+        if runner is not None:
+            runner.stop()
         deployments = self.__dict__.get("deployments")
         if deployments is not None:
             deployments.stop()
@@ -175,6 +182,12 @@ class Fleet:
             self.embedded.stop()
             self.embedded = None
         self.engine.dispose()
+
+
+def _flower_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flwr") is not None
 
 
 def _port_taken(host: str, port: int) -> bool:

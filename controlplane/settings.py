@@ -53,6 +53,7 @@ class Settings:
     ingest_batch_max: int = 500
     ingest_batch_wait_s: float = 0.02
     log_level: str = "info"
+    superlink_host: str = "127.0.0.1"  # where the Flower SuperLink listens (devices' SuperNodes connect to it)
     run_scheduler: bool = True  # exactly one control-plane process per database runs the schedules
 
     @classmethod
@@ -77,6 +78,7 @@ class Settings:
             "ingest_batch_max": int,
             "ingest_batch_wait_s": float,
             "log_level": str,
+            "superlink_host": str,
             "run_scheduler": lambda v: v.lower() in ("1", "true", "yes", "on"),
         }
         for name, convert in conversions.items():
