@@ -463,7 +463,9 @@ class Agent:
             resolved = _ota.resolve_startup_model(self.settings.data_dir, runtime)
             if resolved is not None:
                 model_path, version, variant = resolved
-        model_path = model_path or _runtime.starter_model_path()
+        if model_path is None:  # the shipped starter, in a variant this device class may run
+            starter = "fp32" if self.settings.profile.allows("fp32") else "int8"
+            model_path = _runtime.starter_model_path(starter)
         model = _runtime.TFLiteModel.load(model_path, runtime=runtime)
         self.runtime_name, self.runtime_version = model.runtime_name, model.runtime_version
         self.model_version = version or _runtime.model_version_of(model_path)

@@ -25,6 +25,12 @@ class RoleOption(enum.StrEnum):  # typer 0.15 rejects Literal options: use enums
     viewer = "viewer"
 
 
+class StrategyOption(enum.StrEnum):
+    fedavg = "fedavg"
+    fedprox = "fedprox"
+    fedadam = "fedadam"
+
+
 class BrokerAuthOption(enum.StrEnum):
     embedded = "embedded"
     dynsec = "dynsec"
@@ -200,17 +206,23 @@ def tokens_revoke(token_id: int, database_url: DatabaseOpt = None, data_dir: Dat
 @app.command("demo")
 def demo(
     agents: Annotated[int, typer.Option(help="Number of simulated devices.")] = 4,
-    duration: Annotated[float, typer.Option(help="Seconds of live telemetry.")] = 30.0,
+    duration: Annotated[float, typer.Option(help="Seconds of on-device inference at the end.")] = 20.0,
+    rounds: Annotated[int, typer.Option(help="Federated rounds the schedule runs.")] = 3,
+    strategy: Annotated[StrategyOption, typer.Option(help="Flower strategy.")] = StrategyOption.fedavg,
+    alpha: Annotated[float, typer.Option(help="Dirichlet alpha of the devices' non-IID data.")] = 0.5,
+    learn: Annotated[bool, typer.Option(help="Run the learning loop (needs edgefleet[train,build]).")] = True,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary as JSON.")] = None,
     broker: Annotated[str | None, typer.Option(help="Use this broker instead of the embedded one.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Demo state (default: a temporary directory).")] = None,
 ) -> None:
-    """Control plane + broker + N agents on this machine; prints a fleet table."""
+    """The whole loop on this machine: control plane, broker, N agents, scheduled federated rounds, build, signed
+    rollout, on-device inference; prints the summary."""
     from agent._logging import configure_logging
     from controlplane.demo import run_demo
 
     configure_logging("warning")
-    summary = run_demo(agents=agents, duration_s=duration, broker_url=broker, data_dir=data_dir)
+    summary = run_demo(agents=agents, duration_s=duration, broker_url=broker, data_dir=data_dir, rounds=rounds,
+                       alpha=alpha, strategy=strategy.value, learn=None if learn else False)
     if json_path is not None:
         json_path.write_text(json.dumps(summary, indent=2))
         typer.echo(f"summary written to {json_path}")

@@ -23,9 +23,10 @@ from controlplane.settings import Settings
 
 __all__ = ["DEMO_PROFILES", "run_demo"]
 
-# Mixed device classes: one that may not train (Coral, full-int8 only), one that trains only while charging.
-DEMO_PROFILES = ["raspberry-pi-5", "coral-dev-board", "jetson-orin-nano", "raspberry-pi-zero-2w",
-                 "x86-gateway", "raspberry-pi-4"]
+# Mixed device classes: one that may not train (Coral, full-int8 only), one on tflite-runtime 2.14 (Pi 4), and
+# with 5+ devices one that trains only while charging (Pi Zero 2 W).
+DEMO_PROFILES = ["raspberry-pi-5", "coral-dev-board", "jetson-orin-nano", "raspberry-pi-4",
+                 "raspberry-pi-zero-2w", "x86-gateway"]
 
 
 def _free_port() -> int:
@@ -59,8 +60,18 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def run_demo(*, agents: int = 4, duration_s: float = 30.0, broker_url: str | None = None,
-             data_dir: Path | None = None) -> dict[str, Any]:
+def run_demo(*, agents: int = 4, duration_s: float = 20.0, broker_url: str | None = None,
+             data_dir: Path | None = None, rounds: int = 3, alpha: float = 0.5, strategy: str = "fedavg",
+             learn: bool | None = None) -> dict[str, Any]:
+    """The whole loop: fleet up → scheduled federated rounds → build, gate, sign → rollout → on-device inference.
+
+    `learn=False` (or no flwr installed) runs the fleet part only: enrol, telemetry, commands.
+    """
+    _quiet_ml_logs()
+    if learn is None:
+        import importlib.util
+
+        learn = importlib.util.find_spec("flwr") is not None and importlib.util.find_spec("litert_torch") is not None
     tmp = None
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="edgefleet-demo-")
@@ -69,6 +80,7 @@ def run_demo(*, agents: int = 4, duration_s: float = 30.0, broker_url: str | Non
                         embedded_broker_port=_free_port(), database_url=None)
     fleet = Fleet(settings)
     procs: list[subprocess.Popen[bytes]] = []
+    started = time.monotonic()
     _say(f"[demo] data dir {data_dir}")
     try:
         fleet.start()
@@ -77,13 +89,19 @@ def run_demo(*, agents: int = 4, duration_s: float = 30.0, broker_url: str | Non
         _, token = create_token(fleet.engine, Role.ADMIN, "demo")
         port = _free_port()
         with _Server(create_app(fleet=fleet), port):
-            api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"},
-                               timeout=30)
-            procs = _start_agents(api, agents, data_dir)
-            summary = _watch(api, procs, duration_s)
-            summary["devices"] = _fleet_table(api)
+            url = f"http://127.0.0.1:{port}"
+            api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+            partitions = _write_partitions(data_dir, agents, alpha) if learn else {}
+            procs = _start_agents(api, agents, data_dir, url, partitions)
+            summary = _watch(api, procs, 8.0 if learn else duration_s)
+            if learn:
+                summary.update(_learn(api, fleet, rounds=rounds, strategy=strategy))
+                _say(f"[demo] on-device inference with the new model for {duration_s:.0f} s")
+                time.sleep(duration_s)
+            summary["devices"] = _fleet_table(api, summary.get("model_version"))
             _stop_agents(procs)
             summary["ingest"] = api.get("/api/v1/ingest/stats").json()
+            summary["wall_time_s"] = round(time.monotonic() - started, 1)
             _print_table(summary)
             return summary
     finally:
@@ -93,28 +111,131 @@ def run_demo(*, agents: int = 4, duration_s: float = 30.0, broker_url: str | Non
             tmp.cleanup()
 
 
-def _start_agents(api: httpx.Client, count: int, data_dir: Path) -> list[subprocess.Popen[bytes]]:
+def _quiet_ml_logs() -> None:
+    """The converters log a lot at import and conversion time; the demo prints its own progress."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    warnings.filterwarnings("ignore", module="ai_edge_litert")
+    warnings.filterwarnings("ignore", module="torch")
+    for name in ("torchao", "torch", "absl", "litert_torch", "ai_edge_quantizer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _write_partitions(data_dir: Path, count: int, alpha: float) -> dict[str, Path]:
+    """Each device gets its own non-IID share of the digits (Dirichlet alpha) under its data dir."""
+    from federated.tasks import get_task
+
+    task = get_task("digits")
+    parts = task.partition(count, alpha=alpha, seed=0)
+    paths = {}
+    for i, part in enumerate(parts):
+        device_id = _device_id(i)
+        path = data_dir / "agents" / device_id / "data" / "partition.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        task.write_partition(part, path)
+        paths[device_id] = path
+        labels = sorted({int(v) for v in part.y})
+        _say(f"[demo] {device_id}: {len(part.y)} local samples, labels {labels}")
+    return paths
+
+
+def _device_id(i: int) -> str:
+    profile = DEMO_PROFILES[i % len(DEMO_PROFILES)]
+    return f"demo-{i + 1:02d}-{profile}"
+
+
+def _start_agents(api: httpx.Client, count: int, data_dir: Path, url: str,
+                  partitions: dict[str, Path]) -> list[subprocess.Popen[bytes]]:
     procs = []
     for i in range(count):
         profile = DEMO_PROFILES[i % len(DEMO_PROFILES)]
-        device_id = f"demo-{i + 1:02d}-{profile}"
+        device_id = _device_id(i)
         response = api.post("/api/v1/devices", json={"device_id": device_id, "profile": profile,
                                                       "tags": ["demo", f"site-{i % 2}"]})
         response.raise_for_status()
         creds = response.json()
         env = dict(os.environ, EDGEFLEET_MQTT_PASSWORD=creds["mqtt_password"])
         log = open(data_dir / f"{device_id}.log", "wb")  # noqa: SIM115 - closed with the process
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "controlplane._entry", "agent", "run", "--device-id", device_id,
-             "--profile", profile, "--broker", creds["broker_url"], "--username", creds["mqtt_username"],
-             "--data-dir", str(data_dir / "agents" / device_id), "--telemetry-interval", "1",
-             "--power-source", "simulated", "--log-level", "warning"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        ))
+        args = [sys.executable, "-m", "controlplane._entry", "agent", "run", "--device-id", device_id,
+                "--profile", profile, "--broker", creds["broker_url"], "--username", creds["mqtt_username"],
+                "--data-dir", str(data_dir / "agents" / device_id), "--telemetry-interval", "1",
+                "--power-source", "simulated", "--log-level", "warning", "--controlplane", url,
+                "--signing-key", creds["signing_public_key"]]
+        if device_id in partitions:
+            args += ["--data", str(partitions[device_id])]
+        procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT))
         _say(f"[demo] enrolled {device_id} ({profile}) and started its agent")
     return procs
 
 
+def _learn(api: httpx.Client, fleet: Fleet, *, rounds: int, strategy: str) -> dict[str, Any]:
+    from federated.tasks.digits import DigitsTask
+
+    out: dict[str, Any] = {}
+    schedule = {"id": "demo-nightly", "interval_s": 1, "max_runs": 1,
+                "round": {"task": "digits", "strategy": strategy, "rounds": rounds, "min_clients": 2,
+                          "local_epochs": 20, "learning_rate": 0.01, "round_timeout_s": 60, "deploy": True,
+                          # Simulated batteries and links; and every "device" shares this machine's CPU, so
+                          # the demo does not hold a busy CPU against them.
+                          "eligibility": {"allow_metered": True, "min_battery_percent": 10,
+                                          "max_cpu_percent": 100}}}
+    _say("[demo] centralised baseline on the same data, for comparison ...")
+    out["centralized_accuracy"] = round(DigitsTask().centralized_baseline(), 4)
+    api.post("/api/v1/schedules", json=schedule).raise_for_status()
+    _say(f"[demo] schedule 'demo-nightly' created: {rounds} round(s) of {strategy}, then build and roll out")
+    record: dict[str, Any] = {}
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 400:
+        listed = api.get("/api/v1/rounds").json()
+        if listed:
+            record = listed[0]
+            if record["status"] in ("succeeded", "failed"):
+                break
+            _say(f"[demo] round {record['id']}: {record['status']}, invited {record['invited']} "
+                 f"(t={time.monotonic() - t0:.0f}s)")
+        time.sleep(5)
+    out["round_record"] = record
+    for device_id, why in sorted(record.get("skipped", {}).items()):
+        _say(f"[demo]   not invited: {device_id}: {why}")
+    out["rounds"] = [{"round": m["round"], "accuracy": m.get("accuracy"), "loss": m.get("loss"),
+                      "participants": m.get("participants", [])} for m in record.get("metrics", []) if m["round"] > 0]
+    for r in out["rounds"]:
+        _say(f"[demo]   round {r['round']}: accuracy {r['accuracy']:.3f} loss {r['loss']:.3f} "
+             f"participants {r['participants']}")
+    if record.get("status") != "succeeded":
+        _say(f"[demo] round failed: {record.get('reason')}")
+        return out
+    version = record["model_version"]
+    out["model_version"] = version
+    model = api.get(f"/api/v1/models/{version}").json()
+    for v in model["variants"]:
+        state = "published" if v["published"] else f"rejected: {v['reason']}"
+        _say(f"[demo]   {version} {v['variant']:<12} {v['size_bytes'] or 0:>7} B  accuracy {v['accuracy']}  {state}")
+    deployment: dict[str, Any] = {}
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 180:
+        deployments = api.get("/api/v1/deployments").json()
+        if deployments:
+            deployment = deployments[0]
+            if deployment["status"] != "running":
+                break
+        time.sleep(2)
+    out["deployment"] = deployment
+    _say(f"[demo] rollout {deployment.get('id')}: {deployment.get('status')} {deployment.get('counts')}")
+    sizes = {v["variant"]: v for v in model["variants"]}
+    profiles = {d["device_id"]: d["profile"] for d in api.get("/api/v1/devices").json()}
+    variants = {}
+    for target in deployment.get("targets", []):
+        variant = target["variant"]
+        if variant is not None:
+            variants[profiles[target["device_id"]]] = {
+                "profile": profiles[target["device_id"]], "variant": variant,
+                "size_bytes": sizes[variant]["size_bytes"], "accuracy": sizes[variant]["accuracy"]}
+    out["variants"] = list(variants.values())
+    return out
 def _watch(api: httpx.Client, procs: list[subprocess.Popen[bytes]], duration_s: float) -> dict[str, Any]:
     start = time.monotonic()
     pinged: dict[str, Any] = {}
@@ -146,35 +267,52 @@ def _stop_agents(procs: list[subprocess.Popen[bytes]]) -> None:
     procs.clear()
 
 
-def _fleet_table(api: httpx.Client) -> list[dict[str, Any]]:
+def _fleet_table(api: httpx.Client, model_version: str | None = None) -> list[dict[str, Any]]:
     rows = []
     for d in api.get("/api/v1/devices").json():
         records = api.get(f"/api/v1/devices/{d['device_id']}/telemetry", params={"limit": 10000}).json()
         last = records[-1]["payload"] if records else {}
-        inference = [r["payload"].get("inference") or {} for r in records]
-        p50 = [i["latency_p50_ms"] for i in inference if i.get("latency_p50_ms") is not None]
         state = d.get("reported_state") or {}
+        active = state.get("active_model")
+        inference = [r["payload"].get("inference") or {} for r in records]
+        # On-device figures of the model the device runs now (after the rollout, if there was one).
+        current = [i for i in inference if i.get("model_version") == active] or inference
+        p50 = sorted(i["latency_p50_ms"] for i in current if i.get("latency_p50_ms") is not None)
+        labelled = sum(i.get("labelled", 0) for i in current)
         rows.append({
             "device_id": d["device_id"],
             "profile": d["profile"],
             "online": d["online"],
             "runtime": f"{state.get('runtime')} {state.get('runtime_version')}",
-            "model_version": state.get("active_model"),
+            "model_version": active,
+            "variant": state.get("active_variant"),
+            "on_device_accuracy": round(sum(i.get("correct", 0) for i in current) / labelled, 4) if labelled else None,
+            "p50_latency_ms": p50[len(p50) // 2] if p50 else None,
             "telemetry_records": len(records),
             "inferences": sum(i.get("count", 0) for i in inference),
-            "p50_latency_ms": round(sorted(p50)[len(p50) // 2], 3) if p50 else None,
             "battery_percent": (last.get("power") or {}).get("battery_percent"),
             "charging": (last.get("power") or {}).get("charging"),
             "power_source": (last.get("power") or {}).get("source"),
-            "cpu_percent": (last.get("system") or {}).get("cpu_percent"),
         })
     return rows
 
 
 def _print_table(summary: dict[str, Any]) -> None:
-    cols = [("device_id", 34), ("profile", 21), ("online", 6), ("telemetry_records", 9), ("inferences", 10),
-            ("p50_latency_ms", 8), ("battery_percent", 8), ("charging", 8)]
-    heads = ["DEVICE", "PROFILE", "ONLINE", "RECORDS", "INFER", "P50 ms", "BATT %", "CHARGING"]
+    if summary.get("rounds") is not None:
+        _say("")
+        _say("ROUND  ACCURACY  LOSS    PARTICIPANTS")
+        for r in summary["rounds"]:
+            _say(f"{r['round']:<6} {r['accuracy']:<9.4f} {r['loss']:<7.4f} {len(r['participants'])}")
+        if summary.get("centralized_accuracy") is not None:
+            _say(f"centralised training on the same data: {summary['centralized_accuracy']:.4f}")
+    if summary.get("variants"):
+        _say("")
+        _say(f"{'PROFILE':<22} {'VARIANT':<13} {'SIZE B':>8} {'ACCURACY':>9}")
+        for v in summary["variants"]:
+            _say(f"{v['profile']:<22} {v['variant']:<13} {v['size_bytes']:>8} {v['accuracy']:>9}")
+    cols = [("device_id", 32), ("profile", 21), ("model_version", 10), ("variant", 12), ("on_device_accuracy", 9),
+            ("p50_latency_ms", 8), ("telemetry_records", 8), ("battery_percent", 7)]
+    heads = ["DEVICE", "PROFILE", "MODEL", "VARIANT", "ACCURACY", "P50 ms", "RECORDS", "BATT %"]
     _say("")
     _say(" ".join(h.ljust(w) for h, (_, w) in zip(heads, cols, strict=True)))
     for row in summary["devices"]:
@@ -182,3 +320,4 @@ def _print_table(summary: dict[str, Any]) -> None:
     s = summary["ingest"]
     _say(f"\ningest: received {s['received']}, stored {s['stored']}, duplicates {s['duplicates']}, "
          f"dead letters {s['dead_letters'] or 'none'}   (battery/charging figures are simulated)")
+    _say(f"demo wall time: {summary.get('wall_time_s')} s")

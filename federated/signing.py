@@ -82,7 +82,9 @@ class Signer:
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as exc:
-            raise SigningKeyError(f"signing key {path} is not a readable unencrypted PEM private key") from exc
+            raise SigningKeyError(
+                f"signing key {path} is not a readable unencrypted PEM private key"
+            ) from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise SigningKeyError(f"signing key {path} is a {type(key).__name__}, not an ed25519 key")
         return key

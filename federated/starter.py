@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     variants: list[tuple[str, Path]] = [("fp32", args.out_dir / "starter-digits-fp32.tflite")]
     _convert_fp32(model, variants[0][1])
     if not args.no_int8:
-        variants.append(("int8", args.out_dir / "starter-digits-int8.tflite"))
+        variants.append(("full-int8", args.out_dir / "starter-digits-int8.tflite"))
         _convert_int8(model, x[train_idx], variants[1][1])
 
     failed = False

@@ -58,9 +58,9 @@ def decide(profile: Profile, online: bool, telemetry: dict[str, Any] | None, rul
 
 
 def invite_count(min_clients: int, eligible: int, dropout_rate: float, max_clients: int | None = None) -> int:
-    """How many eligible devices to invite: over-select by the observed dropout rate."""
+    """How many eligible devices to invite: every eligible one up to `max_clients`, and at least `min_clients`
+    over-selected by the observed dropout rate (so that dropouts still leave `min_clients`)."""
     rate = min(max(dropout_rate, 0.0), 0.9)
-    wanted = math.ceil(min_clients / (1.0 - rate))
-    if max_clients is not None:
-        wanted = min(wanted, max_clients)
-    return min(eligible, max(wanted, min_clients))
+    floor = math.ceil(min_clients / (1.0 - rate))
+    wanted = eligible if max_clients is None else max(max_clients, floor)
+    return min(eligible, wanted)

@@ -26,6 +26,8 @@ class RoundCreate(msgspec.Struct, forbid_unknown_fields=True):
     strategy: Strategy = Strategy.FEDAVG
     rounds: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
     min_clients: Annotated[int, msgspec.Meta(ge=1)] = 2
+    # Invite every eligible device up to this many (None: all), over-selecting past it by the observed dropout
+    # rate so that at least `min_clients` remain.
     max_clients: Annotated[int, msgspec.Meta(ge=1)] | None = None
     eligibility: EligibilityRule = msgspec.field(default_factory=EligibilityRule)
     local_epochs: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2

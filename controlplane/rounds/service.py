@@ -134,7 +134,7 @@ class RoundService:
                     skipped[device.device_id] = reason
         count = invite_count(data.min_clients, len(eligible), self.dropout_rate(), data.max_clients)
         for device_id in eligible[count:]:
-            skipped[device_id] = "eligible, not needed this round (over-selection already met)"
+            skipped[device_id] = f"eligible, not needed this round (max_clients {data.max_clients})"
         return eligible[:count], skipped
 
     def wait(self, timeout: float | None = None) -> None:

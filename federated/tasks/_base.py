@@ -183,12 +183,12 @@ def dirichlet_partition(
     )
 
 
-def _write_npz_atomically(path: Path, arrays: Mapping[str, npt.NDArray[Any]]) -> None:
+def _write_npz_atomically(path: Path, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)  # a file object: savez adds no ".npz" suffix
+            np.savez_compressed(fh, x=x, y=y)  # a file object: savez adds no ".npz" suffix
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -242,7 +242,9 @@ def _global_tensors(
     tensors: list[torch.Tensor] = []
     for (name, param), array in zip(named, arrays, strict=True):
         if tuple(array.shape) != tuple(param.shape):
-            raise ValueError(f"global_params[{name!r}] has shape {array.shape}, expected {tuple(param.shape)}")
+            raise ValueError(
+                f"global_params[{name!r}] has shape {array.shape}, expected {tuple(param.shape)}"
+            )
         tensors.append(torch.as_tensor(array, dtype=param.dtype).detach().clone())
     return tensors
 
@@ -353,14 +355,16 @@ class ArrayClassificationTask(abc.ABC):
                 raise ValueError(f"{path}: missing arrays {sorted(missing)} (found {sorted(npz.files)})")
             ds = Dataset(np.asarray(npz["x"]), np.asarray(npz["y"]).astype(np.int64))
         if tuple(ds.x.shape[1:]) != tuple(self.input_shape):
-            raise ValueError(f"{path}: samples of shape {ds.x.shape[1:]}, task {self.name} takes {self.input_shape}")
+            raise ValueError(
+                f"{path}: samples of shape {ds.x.shape[1:]}, task {self.name} takes {self.input_shape}"
+            )
         if len(ds) and (ds.y.min() < 0 or ds.y.max() >= self.num_classes):
             raise ValueError(f"{path}: labels outside 0..{self.num_classes - 1}")
         return ds
 
     def write_partition(self, ds: Dataset, path: Path) -> None:
         """Write ``ds`` atomically as an ``.npz`` (``x`` in its raw type, ``y`` int64)."""
-        _write_npz_atomically(Path(path), {"x": ds.x, "y": ds.y.astype(np.int64)})
+        _write_npz_atomically(Path(path), ds.x, ds.y.astype(np.int64))
 
     def partition(
         self, n_clients: int, alpha: float, seed: int, *, min_samples: int | None = None

@@ -55,8 +55,9 @@ def test_metered_can_be_allowed() -> None:
 
 
 def test_invite_count_over_selects_by_dropout() -> None:
-    assert invite_count(3, eligible=10, dropout_rate=0.0) == 3
-    assert invite_count(3, eligible=10, dropout_rate=0.25) == 4
-    assert invite_count(3, eligible=10, dropout_rate=0.5) == 6
-    assert invite_count(3, eligible=4, dropout_rate=0.5) == 4
-    assert invite_count(3, eligible=10, dropout_rate=0.5, max_clients=5) == 5
+    assert invite_count(3, eligible=10, dropout_rate=0.0) == 10  # no cap: every eligible device
+    assert invite_count(3, eligible=10, dropout_rate=0.0, max_clients=3) == 3
+    assert invite_count(3, eligible=10, dropout_rate=0.25, max_clients=3) == 4  # over-selected past the cap
+    assert invite_count(3, eligible=10, dropout_rate=0.5, max_clients=3) == 6
+    assert invite_count(3, eligible=4, dropout_rate=0.5, max_clients=3) == 4
+    assert invite_count(3, eligible=10, dropout_rate=0.5, max_clients=8) == 8

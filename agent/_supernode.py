@@ -1,0 +1,185 @@
+"""``join_round``: take part in one federated round by running a Flower SuperNode for as long as the round lasts.
+
+Command args::
+
+    {"superlink": "host:port",        # the SuperLink's Fleet API
+     "round_id": "...",              # the control plane's round (also the run's `round-id` run config)
+     "timeout_s": 3600,              # optional: give up (stop the SuperNode) after this long
+     "data_path": "/path/part.npz"}  # optional: default <data_dir>/data/partition.npz
+
+The SuperNode (``flower-supernode``, a subprocess: ~260 MB, so only while a round is on) gets the device id,
+the data path, the round id and a status-file path in its node config. The ClientApp writes the status file
+(:mod:`federated.flower._status`) after each message; when the ServerApp says the run is over, the agent stops
+the SuperNode and acks ``{"round_id", "participated": bool, "trained_rounds": [...], "run_status"}``. It also
+stops it when the SuperNode exits, when ``timeout_s`` passes or when the agent stops (then ok is false).
+
+Refused (ok false) when the firmware profile may not train, when flwr is not installed (``pip install
+'edgefleet[train]'``), without data, or while another round is running. Importing this module imports neither
+flwr nor torch: the SuperNode is a subprocess.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+
+if TYPE_CHECKING:
+    from agent import protocol as wire
+    from agent._daemon import Agent
+
+__all__ = ["DEFAULT_TIMEOUT_S", "MAX_TIMEOUT_S", "handle_join_round", "parse_superlink"]
+
+log = structlog.get_logger("edgefleet.agent.supernode")
+
+DEFAULT_TIMEOUT_S: Final = 3600.0
+MAX_TIMEOUT_S: Final = 7 * 24 * 3600.0
+_POLL_S: Final = 0.5
+_REPLY_GRACE_S: Final = 3.0
+
+_active: dict[int, str] = {}  # id(agent) -> round id: one round at a time per agent
+_active_lock = threading.Lock()
+
+
+def parse_superlink(value: object) -> str:
+    """Validate ``host:port`` (``[v6]:port`` too); returns it unchanged."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("'superlink' must be 'host:port'")
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"'superlink' must be 'host:port', got {value!r}")
+    if any(c.isspace() or c in "'\"/" for c in host):
+        raise ValueError(f"'superlink' has an invalid host: {value!r}")
+    return value.strip()
+
+
+def _text_arg(value: object, name: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
+        raise ValueError(f"'{name}' must be a non-empty string")
+    text = str(value).strip()
+    if len(text) > 200 or any(c in text for c in "'\"\n\r"):
+        raise ValueError(f"'{name}' is too long or contains quotes or line breaks")
+    return text
+
+
+def _timeout_arg(value: object) -> float:
+    if value is None:
+        return DEFAULT_TIMEOUT_S
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"'timeout_s' must be a positive number, got {value!r}")
+    return min(float(value), MAX_TIMEOUT_S)
+
+
+def handle_join_round(agent: Agent, command: wire.Command) -> tuple[bool, str | None, dict[str, Any]]:
+    args = command.args
+    result: dict[str, Any] = {"round_id": str(args.get("round_id", "")), "participated": False}
+    try:
+        round_id = _text_arg(args.get("round_id"), "round_id")
+        result["round_id"] = round_id
+        superlink = parse_superlink(args.get("superlink"))
+        timeout_s = _timeout_arg(args.get("timeout_s"))
+        raw_path = args.get("data_path")
+        if raw_path is None:
+            data_path = agent.settings.data_dir / "data" / "partition.npz"
+        else:
+            data_path = Path(_text_arg(raw_path, "data_path")).expanduser()
+    except ValueError as exc:
+        return False, f"bad join_round args: {exc}", result
+
+    profile = agent.settings.profile
+    if not profile.training.allowed:
+        return False, f"firmware profile {profile.name!r} may not train", result
+    if importlib.util.find_spec("flwr") is None:
+        return False, "flwr is not installed on this device (install edgefleet[train])", result
+    from federated.flower.runtime import FlowerNotInstalled, flower_executable
+
+    try:
+        flower_executable("flower-supernode")
+    except FlowerNotInstalled as exc:
+        return False, str(exc), result
+    if not data_path.is_file():
+        return False, f"no training data at {data_path}", result
+
+    with _active_lock:
+        current = _active.get(id(agent))
+        if current is not None:
+            return False, f"already taking part in round {current}", result
+        _active[id(agent)] = round_id
+    try:
+        return _take_part(agent, superlink, round_id, timeout_s, data_path, result)
+    finally:
+        with _active_lock:
+            _active.pop(id(agent), None)
+
+
+def _take_part(
+    agent: Agent, superlink: str, round_id: str, timeout_s: float, data_path: Path, result: dict[str, Any]
+) -> tuple[bool, str | None, dict[str, Any]]:
+    from federated.flower._status import read_status
+    from federated.flower.runtime import SuperNodeProcess
+
+    work = agent.settings.data_dir / "round"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    status_path = work / "status.json"
+    node = SuperNodeProcess(
+        superlink,
+        device_id=agent.device_id,
+        data_path=data_path,
+        flwr_home=work / "flwr-home",
+        round_id=round_id,
+        status_path=status_path,
+        log_path=agent.settings.data_dir / "supernode.log",
+        max_wait_time_s=timeout_s,
+    )
+    bound = log.bind(device_id=agent.device_id, round_id=round_id, superlink=superlink)
+    started = time.monotonic()
+    status: dict[str, Any] = {}
+    outcome = "timeout"
+    node.start()
+    bound.info("round.joined", pid=node.pid)
+    try:
+        while True:
+            current = read_status(status_path)
+            if current.get("round_id") in (round_id, "", None) and current:
+                status = current
+            if status.get("finished"):
+                outcome = "finished"
+                # The ClientApp wrote the file before its reply left: give the SuperNode a moment to deliver
+                # it (a reply cut off half-way makes the ServerApp wait for it).
+                node.wait(_REPLY_GRACE_S)
+                break
+            if not node.alive:
+                outcome = "exited"
+                break
+            if time.monotonic() - started >= timeout_s:
+                outcome = "timeout"
+                break
+            if agent._stop.wait(_POLL_S):
+                outcome = "stopped"
+                break
+    finally:
+        code = node.returncode
+        node.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    trained = [int(r) for r in status.get("trained", [])]
+    result.update(
+        participated=bool(trained),
+        trained_rounds=trained,
+        run_status=status.get("status"),
+        duration_s=round(time.monotonic() - started, 3),
+    )
+    bound.info("round.left", outcome=outcome, trained_rounds=trained)
+    if outcome == "finished":
+        return True, None, result
+    if outcome == "exited":
+        return False, f"the SuperNode exited with code {code} (see {agent.settings.data_dir / 'supernode.log'})", result
+    if outcome == "stopped":
+        return False, "the agent is stopping", result
+    return False, f"the round did not finish within {timeout_s:g}s", result

@@ -1,0 +1,302 @@
+"""Federated rounds on a real Flower 1.41 deployment: a SuperLink and SuperNodes as subprocesses, no mocks.
+
+Each integration test gets its own SuperLink (``federated.flower.runtime.SuperLinkProcess``); devices are
+SuperNodes on digits partitions, started directly or through the agent's ``join_round`` handler.
+Flower's SuperNodes poll every 3 s and every message starts a ClientApp process, so a round takes ~10 s here.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Self
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from agent import protocol as wire
+from agent._supernode import handle_join_round
+from federated.flower._config import parse_run_config
+from federated.flower._status import read_status
+from federated.flower.runtime import SuperLinkProcess, SuperNodeProcess, node_config_arg
+from federated.tasks import get_task
+from firmware_profiles import get_profile
+
+TOKEN = "test-callback-token"
+RUN_TIMEOUT_S = 120.0
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def partitions(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three non-IID digits partitions (Dirichlet alpha=1) as the devices store them."""
+    task = get_task("digits")
+    directory = tmp_path_factory.mktemp("partitions")
+    paths = []
+    for i, part in enumerate(task.partition(3, 1.0, 0)):
+        path = directory / f"part{i}.npz"
+        task.write_partition(part, path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def superlink(tmp_path: Path) -> Iterator[SuperLinkProcess]:
+    # The token travels in the SuperLink's environment (inherited by the ServerApp), not in the run config
+    # that every SuperNode can read.
+    link = SuperLinkProcess(tmp_path / "superlink", env={"EDGEFLEET_CALLBACK_TOKEN": TOKEN})
+    link.start()
+    try:
+        yield link
+    finally:
+        link.stop()
+
+
+class _Receiver:
+    """A tiny HTTP server that records the POSTed results."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[dict[str, str], dict[str, Any]]] = []
+        received = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                received.append((dict(self.headers.items()), json.loads(body)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/results"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _start_nodes(link: SuperLinkProcess, root: Path, names: list[str], partitions: list[Path]) -> list[SuperNodeProcess]:
+    nodes = []
+    for name, data_path in zip(names, partitions, strict=True):
+        node = SuperNodeProcess(
+            link.address,
+            device_id=name,
+            data_path=data_path,
+            flwr_home=root / name,
+            status_path=root / name / "status.json",
+            log_path=root / f"{name}.log",
+        )
+        nodes.append(node.start())
+    return nodes
+
+
+def _run_config(results: Path, devices: list[str], **extra: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "devices": ",".join(devices),
+        "num-rounds": 2,
+        "min-clients": 2,
+        "local-epochs": 5,
+        "lr": 0.01,
+        "batch-size": 32,
+        "discovery-timeout-s": 30.0,
+        "round-timeout-s": 60.0,
+        "results-dir": str(results),
+    }
+    config.update(extra)
+    return config
+
+
+def _wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+# ------------------------------------------------------------------------------------------ fast unit tests
+
+
+def test_run_config_defaults_and_validation() -> None:
+    settings = parse_run_config({"devices": "a, b,,a", "min-clients": 2})
+    assert settings.devices == ("a", "b")
+    assert settings.strategy == "fedavg"
+    assert settings.sample_sizes(3) == (3, 3)
+    over = parse_run_config({"fraction": 0.5, "over-selection": 0.5, "min-clients": 1})
+    assert over.sample_sizes(4) == (2, 3)  # train 2, sample 3, close at 2 updates
+    with pytest.raises(ValueError, match="strategy"):
+        parse_run_config({"strategy": "fedsgd"})
+    with pytest.raises(ValueError, match="min-clients"):
+        parse_run_config({"devices": "a", "min-clients": 2})
+
+
+def test_node_config_quoting() -> None:
+    assert node_config_arg({"device-id": "d1", "data-path": "/a b/c.npz", "n": 3}) == (
+        "device-id='d1' data-path='/a b/c.npz' n=3"
+    )
+    with pytest.raises(ValueError):
+        node_config_arg({"data-path": "/it's.npz"})
+
+
+def _fake_agent(tmp_path: Path, device_id: str, profile: str = "raspberry-pi-5") -> Any:
+    settings = SimpleNamespace(data_dir=tmp_path / device_id, profile=get_profile(profile))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return SimpleNamespace(settings=settings, device_id=device_id, _stop=threading.Event())
+
+
+def test_join_round_refusals(tmp_path: Path) -> None:
+    command = wire.Command(command_id="c1", kind="join_round",
+                           args={"superlink": "127.0.0.1:9092", "round_id": "r1"})
+    ok, reason, result = handle_join_round(_fake_agent(tmp_path, "coral", "coral-dev-board"), command)
+    assert not ok and reason is not None and "may not train" in reason
+    assert result == {"round_id": "r1", "participated": False}
+    ok, reason, _ = handle_join_round(_fake_agent(tmp_path, "pi"), command)  # no partition file
+    assert not ok and reason is not None and "no training data" in reason
+    bad = wire.Command(command_id="c2", kind="join_round", args={"superlink": "nope", "round_id": "r1"})
+    ok, reason, _ = handle_join_round(_fake_agent(tmp_path, "pi"), bad)
+    assert not ok and reason is not None and "superlink" in reason
+
+
+# ----------------------------------------------------------------------------------- real Flower deployment
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_fedavg_two_rounds_three_nodes(superlink: SuperLinkProcess, partitions: list[Path], tmp_path: Path) -> None:
+    devices = ["dev-a", "dev-b", "dev-c"]
+    nodes = _start_nodes(superlink, tmp_path / "nodes", devices, partitions)
+    results = tmp_path / "results"
+    try:
+        with _Receiver() as receiver:
+            config = _run_config(results, devices, **{"callback-url": receiver.url, "round-id": "round-a"})
+            config["finish-wait-s"] = 0.0  # plain SuperNodes: nobody waits for the end-of-run notice
+            run_id = superlink.submit_run(None, config)
+            status = superlink.wait_run(run_id, RUN_TIMEOUT_S)
+            assert status.completed, status
+            _wait_for(lambda: receiver.posts, 10, "the results POST")
+    finally:
+        for node in nodes:
+            node.stop()
+
+    headers, report = receiver.posts[0]
+    assert headers.get("Authorization") == f"Bearer {TOKEN}"
+    assert report["run_id"] == run_id and report["round_id"] == "round-a"
+    assert report["status"] == "completed", report["reason"]
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    for record in report["rounds"]:
+        assert record["participants"] == devices and record["dropped"] == []
+    assert report["participants"] == devices and report["skipped"] == {}
+    assert report["rounds"][-1]["accuracy"] >= 0.8, report["rounds"]
+    assert report["rounds"][-1]["accuracy"] > report["initial"]["accuracy"]
+    assert json.loads((results / f"{run_id}.json").read_text())["status"] == "completed"
+
+    # The final weights load into the task's model and reproduce the reported accuracy.
+    import torch
+
+    task = get_task("digits")
+    model = task.model()
+    with np.load(report["weights_path"]) as npz:
+        model.load_state_dict({k: torch.from_numpy(npz[k]) for k in npz.files})
+    accuracy = task.evaluate(model, task.heldout())["accuracy"]
+    assert accuracy == pytest.approx(report["rounds"][-1]["accuracy"], abs=1e-6)
+    for device in devices:  # what each ClientApp recorded for its agent
+        status_file = read_status(tmp_path / "nodes" / device / "status.json")
+        assert status_file["run_id"] == run_id and status_file["round_id"] == "round-a"
+        assert status_file["trained"] == [1, 2]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_only_invited_devices_train(superlink: SuperLinkProcess, partitions: list[Path], tmp_path: Path) -> None:
+    """Three devices join through the agent's join_round handler; two are invited, the third never trains.
+
+    All three agents stop their SuperNode when the ServerApp says the run is over."""
+    (tmp_path / "results").mkdir()
+    devices = ["dev-a", "dev-b", "dev-c"]
+    invited = devices[:2]
+    acks: dict[str, tuple[bool, str | None, dict[str, Any]]] = {}
+    threads = []
+    for device, data_path in zip(devices, partitions, strict=True):
+        agent = _fake_agent(tmp_path / "agents", device)
+        command = wire.Command(
+            command_id=f"join-{device}",
+            kind="join_round",
+            args={"superlink": superlink.address, "round_id": "round-b", "timeout_s": RUN_TIMEOUT_S,
+                  "data_path": str(data_path)},
+        )
+        thread = threading.Thread(
+            target=lambda a=agent, c=command, d=device: acks.__setitem__(d, handle_join_round(a, c))
+        )
+        thread.start()
+        threads.append(thread)
+    superlink.wait_for_nodes(3, 30)  # so that the ServerApp's discovery sees the uninvited one too
+
+    run_id = superlink.submit_run(
+        None, _run_config(tmp_path / "results", invited, **{"num-rounds": 1, "round-id": "round-b"})
+    )
+    status = superlink.wait_run(run_id, RUN_TIMEOUT_S)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert status.completed, status
+    report = json.loads((tmp_path / "results" / f"{run_id}.json").read_text())
+    assert report["status"] == "completed", report["reason"]
+    assert report["rounds"][0]["sampled"] == invited
+    assert report["participants"] == invited
+    assert report["ignored"] == ["dev-c"]
+    # The agents: the invited ones took part, the third one did not, and all left when the run ended.
+    assert acks["dev-a"] == (True, None, acks["dev-a"][2]) and acks["dev-a"][2]["participated"] is True
+    assert acks["dev-b"][0] is True and acks["dev-b"][2]["trained_rounds"] == [1]
+    assert acks["dev-c"][0] is True, acks["dev-c"]
+    assert acks["dev-c"][2]["participated"] is False and acks["dev-c"][2]["trained_rounds"] == []
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_dropout_mid_round_completes(superlink: SuperLinkProcess, partitions: list[Path], tmp_path: Path) -> None:
+    """A SuperNode killed (SIGKILL, like a power loss) once round 1 has started: the round closes at its timeout
+    with the two updates it got, the run completes, the device is recorded as dropped and left out of round 2."""
+    devices = ["dev-x", "dev-y", "dev-z"]
+    nodes = _start_nodes(superlink, tmp_path / "nodes", devices, partitions)
+    results = tmp_path / "results"
+    try:
+        run_id = superlink.submit_run(
+            None, _run_config(results, devices, **{"round-timeout-s": 15.0, "finish-wait-s": 0.0})
+        )
+        progress = results / f"{run_id}.json"
+        _wait_for(
+            lambda: progress.is_file() and json.loads(progress.read_text()).get("current_round", 0) >= 1,
+            60, "round 1 to start",
+        )
+        nodes[2].kill()
+        status = superlink.wait_run(run_id, RUN_TIMEOUT_S)
+    finally:
+        for node in nodes:
+            node.stop()
+    assert status.completed, status
+    report = json.loads(progress.read_text())
+    assert report["status"] == "completed", report["reason"]
+    first, second = report["rounds"]
+    assert first["sampled"] == devices
+    assert first["participants"] == ["dev-x", "dev-y"] and first["dropped"] == ["dev-z"]
+    assert "no update within 15s" in first["drop_reasons"]["dev-z"]
+    assert second["sampled"] == ["dev-x", "dev-y"] and second["dropped"] == []
+    assert report["participants"] == ["dev-x", "dev-y"]
+    assert set(report["skipped"]) == {"dev-z"}

@@ -1,0 +1,317 @@
+"""federated.tasks: the task registry, the digits task, Dirichlet partitions, training with and without FedProx."""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from federated.tasks import (
+    Dataset,
+    Task,
+    TaskNotFound,
+    dirichlet_partition,
+    get_task,
+)
+from federated.tasks.digits import DigitsTask
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_MISSING = [m for m in ("torch", "sklearn") if importlib.util.find_spec(m) is None]
+needs_training = pytest.mark.skipif(
+    bool(_MISSING), reason=f"needs the train extra ({', '.join(_MISSING)} missing)"
+)
+
+
+@pytest.fixture(name="task", scope="module")
+def fx_task() -> DigitsTask:
+    return DigitsTask()
+
+
+def _rows(ds: Dataset) -> collections.Counter[bytes]:
+    """The samples (x and y together) as a multiset: partitions must hold each exactly once."""
+    return collections.Counter(
+        row.tobytes() + bytes([label]) for row, label in zip(ds.x, ds.y.astype(np.uint8), strict=True)
+    )
+
+
+def _label_share(ds: Dataset, num_classes: int) -> np.ndarray:
+    return np.bincount(ds.y, minlength=num_classes) / len(ds)
+
+
+# ------------------------------------------------------------------------------------------------- registry
+
+
+def test_import_does_not_pull_torch() -> None:
+    # Execute
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import sys
+                import federated.tasks, federated.tasks.digits, federated.build, federated.signing
+                print(sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "litert_torch", "sklearn"}))
+                """
+            ),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    # Assert
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_builtin_task_by_name() -> None:
+    # Execute
+    task = get_task("digits")
+
+    # Assert
+    assert isinstance(task, DigitsTask)
+    assert isinstance(task, Task)
+    assert (task.name, task.num_classes, task.input_shape, task.input_scale) == ("digits", 10, (64,), 1 / 16)
+
+
+def test_task_by_dotted_path() -> None:
+    # Execute
+    task = get_task("federated.tasks.digits:DigitsTask")
+
+    # Assert
+    assert isinstance(task, DigitsTask)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("nope", "unknown task 'nope'"),
+        ("no_such_module_xyz:Task", "cannot import module"),
+        ("federated.tasks.digits:Missing", "has no 'Missing'"),
+        ("collections:OrderedDict", "is not a Task"),
+        ("../evil:Task", "unknown task"),
+    ],
+)
+def test_bad_task_names_raise_task_not_found(name: str, message: str) -> None:
+    # Execute / Assert
+    with pytest.raises(TaskNotFound, match=message):
+        get_task(name)
+
+
+# ---------------------------------------------------------------------------------------------------- digits
+
+
+@needs_training
+def test_heldout_is_the_starters_stratified_20_percent(task: DigitsTask) -> None:
+    # Prepare
+    from sklearn.datasets import load_digits
+
+    all_y = np.asarray(load_digits().target)
+
+    # Execute
+    pool, heldout = task.train_pool(), task.heldout()
+
+    # Assert
+    assert len(pool) + len(heldout) == len(all_y) == 1797
+    assert len(heldout) == 360
+    assert pool.x.dtype == np.uint8 and pool.x.max() <= 16
+    assert _rows(pool) + _rows(heldout) == _rows(Dataset(load_digits().data.astype(np.uint8), all_y))
+    # Stratified: every class keeps (about) its share in the held-out set.
+    share = _label_share(heldout, 10) - np.bincount(all_y, minlength=10) / len(all_y)
+    assert np.abs(share).max() < 0.01
+
+
+@needs_training
+def test_partition_is_non_iid_and_covers_every_sample_once(task: DigitsTask) -> None:
+    # Prepare
+    pool = task.train_pool()
+    global_share = _label_share(pool, 10)
+
+    # Execute
+    parts = task.partition(5, alpha=0.3, seed=1)
+
+    # Assert
+    assert len(parts) == 5
+    assert sum(len(p) for p in parts) == len(pool)
+    assert sum((_rows(p) for p in parts), collections.Counter()) == _rows(pool)
+    assert min(len(p) for p in parts) >= task.min_partition_samples
+    # Non-IID: the clients' label distributions are far from the pool's (total variation distance).
+    distances = [0.5 * np.abs(_label_share(p, 10) - global_share).sum() for p in parts]
+    assert np.mean(distances) > 0.3, distances
+
+
+@needs_training
+def test_large_alpha_is_close_to_iid(task: DigitsTask) -> None:
+    # Prepare
+    global_share = _label_share(task.train_pool(), 10)
+
+    # Execute
+    parts = task.partition(4, alpha=1000.0, seed=1)
+
+    # Assert
+    distances = [0.5 * np.abs(_label_share(p, 10) - global_share).sum() for p in parts]
+    assert max(distances) < 0.1, distances
+
+
+@needs_training
+def test_partition_is_deterministic_per_seed(task: DigitsTask) -> None:
+    # Execute
+    first, again, other = (task.partition(3, alpha=0.5, seed=s) for s in (7, 7, 8))
+
+    # Assert
+    assert all(
+        np.array_equal(a.y, b.y) and np.array_equal(a.x, b.x) for a, b in zip(first, again, strict=True)
+    )
+    assert not all(np.array_equal(a.y, b.y) for a, b in zip(first, other, strict=True))
+
+
+def test_dirichlet_partition_gives_every_client_the_minimum() -> None:
+    # Prepare: very skewed labels and a tiny alpha make small partitions likely.
+    labels = np.repeat(np.arange(10), 50)
+
+    # Execute
+    parts = dirichlet_partition(labels, 20, alpha=0.1, seed=0, min_samples=5)
+
+    # Assert
+    assert min(len(p) for p in parts) >= 5
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+
+
+@pytest.mark.parametrize(
+    ("n_clients", "alpha", "min_samples", "message"),
+    [
+        (0, 1.0, 1, "n_clients must be positive"),
+        (2, 0.0, 1, "alpha must be a positive number"),
+        (2, float("nan"), 1, "alpha must be a positive number"),
+        (11, 1.0, 10, "cannot give 11 clients at least 10"),
+    ],
+)
+def test_dirichlet_partition_rejects_impossible_requests(
+    n_clients: int, alpha: float, min_samples: int, message: str
+) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match=message):
+        dirichlet_partition(np.zeros(100, dtype=np.int64), n_clients, alpha, seed=0, min_samples=min_samples)
+
+
+@needs_training
+def test_partition_file_round_trip(task: DigitsTask, tmp_path: Path) -> None:
+    # Prepare
+    part = task.partition(3, alpha=0.5, seed=0)[0]
+    path = tmp_path / "device-1" / "partition.npz"
+
+    # Execute
+    task.write_partition(part, path)
+    loaded = task.load_partition(path)
+
+    # Assert
+    assert loaded.x.dtype == np.uint8
+    assert np.array_equal(loaded.x, part.x) and np.array_equal(loaded.y, part.y)
+    assert [p.name for p in path.parent.iterdir()] == ["partition.npz"]  # no temporary file left
+
+
+def test_load_partition_rejects_another_tasks_data(task: DigitsTask, tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "wrong.npz"
+    np.savez(path, x=np.zeros((4, 32), dtype=np.uint8), y=np.zeros(4, dtype=np.int64))
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"samples of shape \(32,\)"):
+        task.load_partition(path)
+
+
+# -------------------------------------------------------------------------------------------------- training
+
+
+@needs_training
+def test_model_is_the_starter_mlp_and_seeded(task: DigitsTask) -> None:
+    # Execute
+    first, second = task.model(), task.model()
+
+    # Assert
+    shapes = {k: tuple(v.shape) for k, v in first.state_dict().items()}
+    assert shapes == {"0.weight": (64, 64), "0.bias": (64,), "2.weight": (10, 64), "2.bias": (10,)}
+    assert all(
+        np.array_equal(a.numpy(), b.numpy())
+        for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True)
+    )
+    assert task.sample_input().shape == (1, 64) and task.sample_input().dtype == np.float32
+    calibration = task.calibration_data(100)
+    assert calibration.shape == (100, 64) and calibration.dtype == np.float32 and calibration.max() <= 1.0
+
+
+@needs_training
+def test_training_a_few_epochs_beats_085_on_heldout(task: DigitsTask) -> None:
+    # Prepare
+    model = task.model()
+    before = task.evaluate(model, task.heldout())
+
+    # Execute
+    trained = task.train(model, task.train_pool(), epochs=5, lr=1e-2, batch_size=64)
+    after = task.evaluate(model, task.heldout())
+
+    # Assert
+    assert before["accuracy"] < 0.3
+    assert after["accuracy"] > 0.85
+    assert after["loss"] < before["loss"]
+    assert trained["num_examples"] == len(task.train_pool())
+    assert after["num_examples"] == 360
+    assert 0.0 < trained["loss"] < 1.0
+
+
+@needs_training
+def test_fedprox_term_pulls_the_update_towards_the_global_model(task: DigitsTask) -> None:
+    # Prepare: one non-IID client; the same global model and data for both runs.
+    data = task.partition(5, alpha=0.3, seed=3)[0]
+    global_model = task.model()
+    global_arrays = [v.numpy().copy() for v in global_model.state_dict().values()]
+
+    def local_update(mu: float, global_params: list[np.ndarray] | None) -> list[np.ndarray]:
+        model = task.model()
+        model.load_state_dict(global_model.state_dict())
+        task.train(model, data, epochs=3, lr=1e-2, batch_size=32, proximal_mu=mu, global_params=global_params)
+        return [v.detach().numpy().copy() for v in model.state_dict().values()]
+
+    def distance(arrays: list[np.ndarray]) -> float:
+        return float(np.sqrt(sum(((a - g) ** 2).sum() for a, g in zip(arrays, global_arrays, strict=True))))
+
+    # Execute
+    plain = local_update(0.0, None)
+    prox = local_update(1.0, global_arrays)
+    prox_implicit_anchor = local_update(1.0, None)  # None: anchored at the weights it starts from
+
+    # Assert
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, prox, strict=True))
+    assert distance(prox) < 0.8 * distance(plain)
+    assert all(np.array_equal(a, b) for a, b in zip(prox, prox_implicit_anchor, strict=True))
+
+
+@needs_training
+def test_fedprox_rejects_global_params_of_another_model(task: DigitsTask) -> None:
+    # Prepare
+    model = task.model()
+    data = task.partition(2, alpha=1.0, seed=0)[0]
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="global_params has 1 arrays"):
+        task.train(
+            model, data, epochs=1, lr=1e-2, batch_size=32, proximal_mu=0.1, global_params=[np.zeros(3)]
+        )
+
+
+@needs_training
+def test_centralized_baseline(task: DigitsTask) -> None:
+    # Execute
+    accuracy = task.centralized_baseline(epochs=10)
+
+    # Assert
+    assert accuracy > 0.93
