@@ -13,7 +13,8 @@ What a run does (run config: :mod:`federated.flower._config`):
    in), aggregate with the strategy, optionally ask some devices for a local evaluation, and evaluate the
    global model centrally on the task's held-out set. A round with fewer than ``min-clients`` updates fails the
    run with a reason naming the devices that dropped and why. A device that did not answer is left out of
-   later rounds unless it answers an ``identify`` query again.
+   later rounds unless it answers an ``identify`` query again (a round short of ``min-clients`` available
+   devices waits up to ``round-timeout-s`` for that before failing).
 3. **Results.** ``<results-dir>/<run_id>.json`` is rewritten as the run progresses (``current_round``) and at
    the end, with the final weights in ``<results-dir>/<run_id>.npz`` (state dict, one array per key); the
    same JSON is POSTed to ``callback-url`` with ``Authorization: Bearer <token>`` (weights as
@@ -54,7 +55,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.exception import InconsistentMessageReplies
+from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from federated.flower._config import (
@@ -347,6 +348,11 @@ class _Run:
         self._save()
         live = self._refresh()
         available = self._available(live)
+        wait_until = time.monotonic() + settings.round_timeout_s
+        while len(available) < settings.min_clients and time.monotonic() < wait_until:
+            time.sleep(settings.poll_interval_s)  # left-out devices may answer `identify` again, new ones join
+            live = self._refresh()
+            available = self._available(live)
         if len(available) < settings.min_clients:
             left_out = ", ".join(f"{d} ({why})" for d, why in sorted(self.out.items())) or "none"
             raise RoundFailed(
@@ -406,7 +412,7 @@ class _Run:
             )
         try:
             new_arrays, train_metrics = strategy.aggregate_train(rnd, good)
-        except InconsistentMessageReplies as exc:
+        except (InconsistentMessageReplies, AggregationError) as exc:
             raise RoundFailed(f"round {rnd}: cannot aggregate the updates: {exc}") from exc
         if new_arrays is None:
             raise RoundFailed(f"round {rnd}: the strategy produced no model")

@@ -300,3 +300,22 @@ def test_dropout_mid_round_completes(superlink: SuperLinkProcess, partitions: li
     assert second["sampled"] == ["dev-x", "dev-y"] and second["dropped"] == []
     assert report["participants"] == ["dev-x", "dev-y"]
     assert set(report["skipped"]) == {"dev-z"}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_run_without_enough_devices_fails_clearly(superlink: SuperLinkProcess, tmp_path: Path) -> None:
+    """No invited device connects: the run fails, says why, and still hands its results back."""
+    with _Receiver() as receiver:
+        config = _run_config(tmp_path / "results", ["ghost-1", "ghost-2"], **{"callback-url": receiver.url})
+        config.update({"discovery-timeout-s": 1.0, "round-timeout-s": 1.0})
+        run_id = superlink.submit_run(None, config)
+        status = superlink.wait_run(run_id, RUN_TIMEOUT_S)
+        _wait_for(lambda: receiver.posts, 10, "the results POST")
+    assert status.finished and status.sub_status == "failed", status
+    _, report = receiver.posts[0]
+    assert report["status"] == "failed"
+    assert report["reason"].startswith("round 1: only 0 invited device(s) available, min_clients is 2")
+    assert set(report["skipped"]) == {"ghost-1", "ghost-2"}
+    assert "no SuperNode identified" in report["skipped"]["ghost-1"]
+    assert "weights_path" not in report and "weights_npz_b64" not in report
