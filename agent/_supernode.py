@@ -9,7 +9,7 @@ Command args::
 
 The SuperNode (``flower-supernode``, a subprocess: ~260 MB, so only while a round is on) gets the device id,
 the data path, the round id and a status-file path in its node config. The ClientApp writes the status file
-(:mod:`federated.flower._status`) after each message; when the ServerApp says the run is over, the agent stops
+(:mod:`agent._round_status`) after each message; when the ServerApp says the run is over, the agent stops
 the SuperNode and acks ``{"round_id", "participated": bool, "trained_rounds": [...], "run_status"}``. It also
 stops it when the SuperNode exits, when ``timeout_s`` passes or when the agent stops (then ok is false).
 
@@ -97,7 +97,7 @@ def handle_join_round(agent: Agent, command: wire.Command) -> tuple[bool, str | 
         return False, f"firmware profile {profile.name!r} may not train", result
     if importlib.util.find_spec("flwr") is None:
         return False, "flwr is not installed on this device (install edgefleet[train])", result
-    from federated.flower.runtime import FlowerNotInstalled, flower_executable
+    from agent._flower import FlowerNotInstalled, flower_executable
 
     try:
         flower_executable("flower-supernode")
@@ -121,8 +121,8 @@ def handle_join_round(agent: Agent, command: wire.Command) -> tuple[bool, str | 
 def _take_part(
     agent: Agent, superlink: str, round_id: str, timeout_s: float, data_path: Path, result: dict[str, Any]
 ) -> tuple[bool, str | None, dict[str, Any]]:
-    from federated.flower._status import read_status
-    from federated.flower.runtime import SuperNodeProcess
+    from agent._flower import SuperNodeProcess
+    from agent._round_status import read_status
 
     work = agent.settings.data_dir / "round"
     shutil.rmtree(work, ignore_errors=True)

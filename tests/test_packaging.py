@@ -55,3 +55,34 @@ def test_importing_the_wire_contract_pulls_nothing_heavy() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     # Assert
     assert out.stdout.strip() == "[]"
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    import ast
+
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / package).rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("firmware_profiles", {"agent", "federated", "controlplane", "paho", "torch", "flwr", "litestar"}),
+        ("agent", {"federated", "controlplane", "torch", "flwr", "litestar", "sqlalchemy"}),
+        ("federated", {"controlplane", "litestar"}),
+    ],
+)
+def test_packages_import_only_downwards(package: str, forbidden: set[str]) -> None:
+    # Execute
+    offending = {path: sorted(names & forbidden) for path, names in _imports(package).items() if names & forbidden}
+    # Assert
+    assert offending == {}

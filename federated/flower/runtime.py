@@ -21,25 +21,28 @@ SuperNode. Bind it to a private network (``host``) or put TLS and SuperNode auth
 from __future__ import annotations
 
 import atexit
-import contextlib
 import hashlib
 import logging
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Self
 
+from agent._flower import (
+    FlowerNotInstalled,
+    SuperNodeProcess,
+    _open_log,
+    _terminate_group,
+    _wait_healthy,
+    flower_env,
+    flower_executable,
+    free_port,
+    node_config_arg,
+)
 from federated.flower._config import APP_DIR, DEFAULT_RUN_CONFIG
 
 __all__ = [
@@ -63,12 +66,7 @@ __all__ = [
 
 log = logging.getLogger("edgefleet.federated.flower")
 
-TASK_POLL_INTERVAL_ENV: Final = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 _LOCAL_HOSTS: Final = ("0.0.0.0", "::", "")
-
-
-class FlowerNotInstalled(RuntimeError):
-    """The Flower executables are not there: ``pip install 'edgefleet[train]'``."""
 
 
 class FlowerControlError(RuntimeError):
@@ -97,145 +95,8 @@ class RunStatus:
 # ------------------------------------------------------------------------------------------------- helpers
 
 
-def flower_executable(name: str) -> str:
-    """Path of a Flower console script: beside the running interpreter (its venv), else on ``PATH``."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = shutil.which(name)
-    if found:
-        return found
-    raise FlowerNotInstalled(f"{name} not found: flwr is not installed (install edgefleet[train])")
-
-
-def flower_env(
-    flwr_home: Path, extra: Mapping[str, str] | None = None, *, task_poll_interval_s: float | None = None
-) -> dict[str, str]:
-    """The environment for a Flower process: our bin dir first on ``PATH`` (the SuperLink and SuperNode start
-    ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name), ``FLWR_HOME``, telemetry off."""
-    env = dict(os.environ)
-    bin_dir = str(Path(sys.executable).parent)
-    path = env.get("PATH", "")
-    if bin_dir not in path.split(os.pathsep):
-        env["PATH"] = f"{bin_dir}{os.pathsep}{path}" if path else bin_dir
-    env["FLWR_HOME"] = str(flwr_home)
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if task_poll_interval_s is not None:
-        env[TASK_POLL_INTERVAL_ENV] = f"{task_poll_interval_s:g}"
-    if extra:
-        env.update(extra)
-    return env
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def node_config_arg(values: Mapping[str, str | int | float | bool]) -> str:
-    """``--node-config`` value: ``key='text' n=3 flag=true`` (Flower parses it as TOML key/value pairs).
-
-    Strings are single-quoted TOML literals, so they may contain spaces but no ``'`` and no line breaks.
-    """
-    parts: list[str] = []
-    for key, value in values.items():
-        if not key or not all(c.isalnum() or c in "-_" for c in key):
-            raise ValueError(f"invalid node config key {key!r}")
-        if isinstance(value, bool):
-            parts.append(f"{key}={'true' if value else 'false'}")
-        elif isinstance(value, int | float):
-            parts.append(f"{key}={value!r}")
-        else:
-            text = str(value)
-            if "'" in text or "\n" in text or "\r" in text:
-                raise ValueError(f"node config {key!r}: {text!r} may contain neither ' nor line breaks")
-            parts.append(f"{key}='{text}'")
-    return " ".join(parts)
-
-
 def _client_host(host: str) -> str:
     return "127.0.0.1" if host in _LOCAL_HOSTS else host
-
-
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(url, timeout=1.0) as response:
-                if response.status == 200:
-                    return True
-        except (OSError, urllib.error.URLError):
-            pass
-        time.sleep(0.1)
-    return False
-
-
-def _proc_stat(pid: int | str) -> tuple[int, str] | None:
-    """(parent pid, start time) of a process from ``/proc/PID/stat``; None if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[1]), fields[19]
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, start time) of every live descendant of ``pid`` (Linux ``/proc``; empty elsewhere)."""
-    children: dict[int, list[tuple[int, str]]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        stat = _proc_stat(entry.name)
-        if stat is not None:
-            children.setdefault(stat[0], []).append((int(entry.name), stat[1]))
-    found: list[tuple[int, str]] = []
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child[0])
-    return found
-
-
-def _signal_same(processes: list[tuple[int, str]], sig: int) -> None:
-    """Signal each (pid, start time) that is still the same process (a pid may have been reused)."""
-    for pid, started in processes:
-        stat = _proc_stat(pid)
-        if stat is not None and stat[1] == started:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-
-
-def _terminate_group(process: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM the process and its descendants, SIGKILL what is left after ``timeout``.
-
-    Flower detaches some of its children (the SuperLink starts ``flower-superexec`` in a session of its own,
-    which starts the ServerApp), so the process group alone is not enough.
-    """
-    descendants = _descendants(process.pid) if process.poll() is None else []
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGTERM)
-        _signal_same(descendants, signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    _signal_same(descendants, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=5.0)
-
-
-def _open_log(path: Path | None) -> IO[bytes] | int:
-    if path is None:
-        return subprocess.DEVNULL
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "ab")
 
 
 # ----------------------------------------------------------------------------------------- Control API
@@ -565,156 +426,3 @@ class SuperLinkProcess:
                 raise TimeoutError(f"{len(nodes)} of {count} SuperNodes online after {timeout:g}s")
             time.sleep(0.2)
         return nodes
-
-
-# -------------------------------------------------------------------------------------------- SuperNode
-
-
-class SuperNodeProcess:
-    """``flower-supernode`` for one device: ``device-id`` and ``data-path`` (and optionally ``round-id`` and
-    ``status-path``, see :mod:`federated.flower.client_app`) in its node config.
-
-    ``isolation="subprocess"`` (Flower's default): the SuperNode starts its own ``flower-superexec``, which
-    starts a ``flwr-clientapp`` process per message. ``"process"``: the SuperNode does not, and this class
-    starts that ``flower-superexec`` beside it (same result, but the executor can be placed and limited
-    separately). Each SuperNode serves its ClientApps on a Runtime API port of its own (``runtime_port``).
-    """
-
-    def __init__(
-        self,
-        superlink: str,
-        *,
-        device_id: str,
-        data_path: Path,
-        flwr_home: Path,
-        round_id: str = "",
-        status_path: Path | None = None,
-        isolation: str = "subprocess",
-        runtime_port: int | None = None,
-        log_path: Path | None = None,
-        env: Mapping[str, str] | None = None,
-        max_wait_time_s: float | None = None,
-        task_poll_interval_s: float | None = None,
-        extra_node_config: Mapping[str, str | int | float | bool] | None = None,
-    ) -> None:
-        if isolation not in ("subprocess", "process"):
-            raise ValueError(f"isolation must be 'subprocess' or 'process', got {isolation!r}")
-        self.superlink = superlink
-        self.device_id = device_id
-        self.data_path = Path(data_path)
-        self.flwr_home = Path(flwr_home)
-        self.round_id = round_id
-        self.status_path = status_path
-        self.isolation = isolation
-        self.runtime_port = runtime_port or free_port()
-        self.log_path = log_path
-        self.extra_env = dict(env or {})
-        self.max_wait_time_s = max_wait_time_s
-        self.task_poll_interval_s = task_poll_interval_s
-        config: dict[str, str | int | float | bool] = {"device-id": device_id, "data-path": str(self.data_path)}
-        if round_id:
-            config["round-id"] = round_id
-        if status_path is not None:
-            config["status-path"] = str(status_path)
-        config.update(extra_node_config or {})
-        self.node_config = node_config_arg(config)
-        self._process: subprocess.Popen[bytes] | None = None
-        self._executor: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | int | None = None
-
-    @property
-    def runtime_address(self) -> str:
-        return f"127.0.0.1:{self.runtime_port}"
-
-    def command(self) -> list[str]:
-        cmd = [
-            flower_executable("flower-supernode"),
-            "--insecure",
-            "--superlink", self.superlink,
-            "--node-config", self.node_config,
-            "--isolation", self.isolation,
-            "--port", str(self.runtime_port),
-        ]
-        if self.max_wait_time_s is not None:
-            cmd += ["--max-wait-time", f"{self.max_wait_time_s:g}"]
-        return cmd
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def alive(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def returncode(self) -> int | None:
-        return self._process.poll() if self._process is not None else None
-
-    def start(self) -> Self:
-        if self.alive:
-            return self
-        executable = flower_executable("flower-supernode")  # FlowerNotInstalled before anything else
-        del executable
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        self._log_file = _open_log(self.log_path)
-        env = flower_env(self.flwr_home, self.extra_env, task_poll_interval_s=self.task_poll_interval_s)
-        self._process = subprocess.Popen(
-            self.command(), env=env, cwd=self.flwr_home, stdin=subprocess.DEVNULL,
-            stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        if self.isolation == "process":
-            self._executor = subprocess.Popen(
-                [flower_executable("flower-superexec"), "--insecure", "--runtime-api-address",
-                 self.runtime_address, "--parent-pid", str(self._process.pid)],
-                env=env, cwd=self.flwr_home, stdin=subprocess.DEVNULL, stdout=self._log_file,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        atexit.register(self.stop)  # do not leave a SuperNode behind if our process exits without stop()
-        log.info("supernode.started device_id=%s superlink=%s pid=%s", self.device_id, self.superlink,
-                 self._process.pid)
-        return self
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        """The exit code, or None if still running after ``timeout`` seconds."""
-        if self._process is None:
-            return None
-        try:
-            return self._process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (the SuperNode says goodbye to the SuperLink), then SIGKILL whatever is left."""
-        atexit.unregister(self.stop)
-        if self._process is not None:
-            _terminate_group(self._process, timeout)
-        if self._executor is not None:
-            _terminate_group(self._executor, 5.0)
-        self._close_log()
-
-    def kill(self) -> None:
-        """SIGKILL the SuperNode and its ClientApps at once, as a power loss would (no goodbye)."""
-        atexit.unregister(self.stop)
-        for process in (self._executor, self._process):
-            if process is None:
-                continue
-            descendants = _descendants(process.pid)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            _signal_same(descendants, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5.0)
-        self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log_file is not None and not isinstance(self._log_file, int):
-            self._log_file.close()
-        self._log_file = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
