@@ -26,9 +26,11 @@ test: $(VENV)/.installed-$(EXTRAS)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed-$(EXTRAS)
+bench: $(VENV)/.installed-all,bench
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/agent_footprint.py
+	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/round.py
 
 lint: $(VENV)/.installed-$(EXTRAS)
 	$(BIN)/ruff check agent controlplane federated firmware_profiles tests bench
