@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,6 +51,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def fleet_settings(broker_url: str, data_dir: Path, database_url: str | None = None, **overrides: Any) -> Any:
+    """Control-plane settings for a test on a shared broker: its own share group and client ids, so tests on
+    the same mosquitto never consume each other's messages, and short broker sessions."""
+    from controlplane.settings import BrokerAuthMode, Settings
+
+    return Settings(data_dir=data_dir, database_url=database_url, broker_url=broker_url,
+                    broker_auth=BrokerAuthMode.NONE, ingest_group=f"test-{uuid.uuid4().hex[:8]}",
+                    instance_name=uuid.uuid4().hex[:8], ingest_session_expiry_s=30, **overrides)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:

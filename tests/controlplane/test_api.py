@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,16 +12,14 @@ from litestar.testing import TestClient
 from controlplane._fleet import Fleet
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
-from controlplane.settings import BrokerAuthMode, Settings
+from tests._services import fleet_settings
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(name="fleet")
 def fx_fleet(mosquitto_url: str, database_url: str, tmp_path: Path) -> Iterator[Fleet]:
-    settings = Settings(data_dir=tmp_path / "cp", database_url=database_url, broker_url=mosquitto_url,
-                        broker_auth=BrokerAuthMode.NONE, ingest_group=f"test-{uuid.uuid4().hex[:8]}",
-                        instance_name=uuid.uuid4().hex[:8], ingest_session_expiry_s=30)
+    settings = fleet_settings(mosquitto_url, tmp_path / "cp", database_url)
     fleet = Fleet(settings).start()
     yield fleet
     fleet.stop()

@@ -14,8 +14,7 @@ from agent._mqtt import MqttProtocol, make_client, parse_broker_url
 from controlplane._fleet import Fleet
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.ingest import read_stats
-from controlplane.settings import BrokerAuthMode, Settings
-from tests._services import wait_for
+from tests._services import fleet_settings, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -33,9 +32,7 @@ def telemetry(device_id: str, seq: int) -> bytes:
 
 @pytest.fixture(name="fleet")
 def fx_fleet(mosquitto_url: str, database_url: str, tmp_path) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
-    settings = Settings(data_dir=tmp_path / "cp", database_url=database_url, broker_url=mosquitto_url,
-                        broker_auth=BrokerAuthMode.NONE, ingest_group=f"test-{uuid.uuid4().hex[:8]}",
-                        instance_name=uuid.uuid4().hex[:8], ingest_session_expiry_s=30)
+    settings = fleet_settings(mosquitto_url, tmp_path / "cp", database_url)
     # A unique share group and client ids per test keep tests apart on the shared broker.
     fleet = Fleet(settings)
     fleet.start()
@@ -122,9 +119,7 @@ def test_state_sets_presence(fleet: Fleet, publisher: mqtt.Client) -> None:
 
 @pytest.fixture(name="two_worker_fleet")
 def fx_two_worker_fleet(mosquitto_url: str, tmp_path) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
-    settings = Settings(data_dir=tmp_path / "cp", broker_url=mosquitto_url, broker_auth=BrokerAuthMode.NONE,
-                        ingest_workers=2, ingest_group=f"test-{uuid.uuid4().hex[:8]}",
-                        instance_name=uuid.uuid4().hex[:8], ingest_session_expiry_s=30)
+    settings = fleet_settings(mosquitto_url, tmp_path / "cp", ingest_workers=2)
     fleet = Fleet(settings).start()
     yield fleet
     fleet.stop()

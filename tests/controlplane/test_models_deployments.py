@@ -34,9 +34,8 @@ from controlplane.deployments import choose_variant
 from controlplane.deployments.schemas import DeploymentCreate, Targets
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.models.controller import parse_range
-from controlplane.settings import BrokerAuthMode, Settings
 from firmware_profiles import get_profile
-from tests._services import wait_for
+from tests._services import fleet_settings, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -68,9 +67,7 @@ def register_starter(fleet: Fleet, version: str, accuracy: dict[str, float]) -> 
 
 @pytest.fixture(name="fleet")
 def fx_fleet(mosquitto_url: str, tmp_path: Path) -> Iterator[Fleet]:
-    settings = Settings(data_dir=tmp_path / "cp", broker_url=mosquitto_url, broker_auth=BrokerAuthMode.NONE,
-                        ingest_group=f"test-{uuid.uuid4().hex[:8]}", instance_name=uuid.uuid4().hex[:8],
-                        ingest_session_expiry_s=30)
+    settings = fleet_settings(mosquitto_url, tmp_path / "cp")
     fleet = Fleet(settings).start()
     yield fleet
     fleet.stop()

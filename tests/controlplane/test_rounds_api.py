@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,15 +15,14 @@ from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.db import Device
 from controlplane.devices.schemas import DeviceCreate
-from controlplane.settings import BrokerAuthMode, Settings
+from controlplane.settings import Settings
+from tests._services import fleet_settings
 
 pytestmark = pytest.mark.integration
 
 
 def settings_for(mosquitto_url: str, database_url: str, tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "cp", database_url=database_url, broker_url=mosquitto_url,
-                    broker_auth=BrokerAuthMode.NONE, ingest_group=f"test-{uuid.uuid4().hex[:8]}",
-                    instance_name=uuid.uuid4().hex[:8], ingest_session_expiry_s=30)
+    return fleet_settings(mosquitto_url, tmp_path / "cp", database_url)
 
 
 @pytest.fixture(name="fleet")
