@@ -11,8 +11,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstall when the dependency list changes; the stamp file remembers which extras are in.
+# Ray (burst) goes in a second step: resolved together with litert-torch, pip backtracks for over 10 minutes.
 $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	$(PIP) install -e ".[$*]"
+	case ",$*," in *,all,*|*,burst,*) $(PIP) install -e ".[burst]" ;; esac
 	touch $@
 
 venv: $(VENV)/.installed-$(EXTRAS)

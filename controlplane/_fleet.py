@@ -27,6 +27,8 @@ from controlplane.db import create_db_engine, migrate
 from controlplane.deployments import DeploymentService
 from controlplane.devices import CommandPublisher, DeviceService
 from controlplane.ingest import IngestWorker
+from controlplane.jobs.backends import Backend, LocalBackend, RayBackend
+from controlplane.jobs.service import JobService
 from controlplane.models import ModelService
 from controlplane.models.build import ModelBuilder
 from controlplane.rounds.runner import FlowerRoundRunner
@@ -60,6 +62,7 @@ class Fleet:
     schedules: RoundScheduler = field(init=False)
     builder: ModelBuilder = field(init=False)
     runner: FlowerRoundRunner | None = field(init=False, default=None)
+    jobs: JobService = field(init=False)
     deployments: DeploymentService = field(init=False)
 
     def __post_init__(self) -> None:
@@ -100,8 +103,13 @@ class Fleet:
         self.builder = ModelBuilder(self.engine, self.models, self.deployments, self.signer,
                                     self.settings.data_dir / "builds")
         self.runner = FlowerRoundRunner(self.settings.data_dir / "flower", self.devices,
-                                        superlink_host=self.settings.superlink_host) if _flower_installed() else None
+                                        superlink_host=self.settings.superlink_host) if _installed("flwr") else None
         self.rounds = RoundService(self.engine, runner=self.runner, post_round=self._post_round)
+        backends: dict[str, Backend] = {"local": LocalBackend()}
+        if _installed("ray"):
+            backends["burst"] = RayBackend(self.settings.data_dir / "ray", address=self.settings.ray_address)
+        self.jobs = JobService(self.engine, self.settings.data_dir / "jobs", backends, self.models, self.builder)
+        self.jobs.start()
         self.schedules = RoundScheduler(self.engine, on_fire=self._on_schedule, validate=self.rounds.validate)
         if self.settings.run_scheduler:
             self.schedules.start()
@@ -165,6 +173,9 @@ class Fleet:
         schedules = self.__dict__.get("schedules")
         if schedules is not None:
             schedules.stop()
+        jobs = self.__dict__.get("jobs")
+        if jobs is not None:
+            jobs.stop()
         runner = self.__dict__.get("runner")
         if runner is not None:
             runner.stop()
@@ -184,10 +195,10 @@ class Fleet:
         self.engine.dispose()
 
 
-def _flower_installed() -> bool:
+def _installed(module: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("flwr") is not None
+    return importlib.util.find_spec(module) is not None
 
 
 def _port_taken(host: str, port: int) -> bool:

@@ -25,6 +25,8 @@ from controlplane.broker import BrokerAuthError
 from controlplane.deployments import DeploymentController, DeploymentService
 from controlplane.devices import DeviceController, DeviceService
 from controlplane.ingest import read_stats
+from controlplane.jobs.controller import JobController
+from controlplane.jobs.service import JobService
 from controlplane.models import DownloadController, ModelController, ModelService
 from controlplane.rounds.controller import RoundController, ScheduleController
 from controlplane.rounds.scheduler import RoundScheduler
@@ -100,6 +102,9 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None) 
     def provide_deployments(request: Request[Any, Any, Any]) -> DeploymentService:
         return request.app.state.fleet.deployments  # type: ignore[no-any-return]
 
+    def provide_jobs(request: Request[Any, Any, Any]) -> JobService:
+        return request.app.state.fleet.jobs  # type: ignore[no-any-return]
+
     def provide_rounds(request: Request[Any, Any, Any]) -> RoundService:
         return request.app.state.fleet.rounds  # type: ignore[no-any-return]
 
@@ -119,12 +124,13 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None) 
     auth = DefineMiddleware(BearerTokenMiddleware, exclude=["^/schema", "^/healthz"])
     return Litestar(
         route_handlers=[healthz, ingest_stats, signing_key, DeviceController, ModelController, DownloadController,
-                        DeploymentController, RoundController, ScheduleController],
+                        DeploymentController, RoundController, ScheduleController, JobController],
         dependencies={
             "devices": Provide(provide_devices, sync_to_thread=False),
             "models": Provide(provide_models, sync_to_thread=False),
             "deployments": Provide(provide_deployments, sync_to_thread=False),
             "rounds": Provide(provide_rounds, sync_to_thread=False),
+            "jobs": Provide(provide_jobs, sync_to_thread=False),
             "schedules": Provide(provide_schedules, sync_to_thread=False),
         },
         middleware=[auth],

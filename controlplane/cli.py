@@ -14,9 +14,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 profiles_app = typer.Typer(no_args_is_help=True, help="Firmware profiles (device classes).")
 cp_app = typer.Typer(no_args_is_help=True, help="The control plane.")
 tokens_app = typer.Typer(no_args_is_help=True, help="Operator API tokens.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Burst training jobs (finetune / distill / qat) via the API.")
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(cp_app, name="controlplane")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(jobs_app, name="jobs")
 
 
 class RoleOption(enum.StrEnum):  # typer 0.15 rejects Literal options: use enums
@@ -200,6 +202,119 @@ def tokens_revoke(token_id: int, database_url: DatabaseOpt = None, data_dir: Dat
     if not revoke_token(_engine(database_url, data_dir), token_id):
         _fail(f"no token #{token_id}", 1)
     typer.echo(f"token #{token_id} revoked")
+
+
+# -- jobs ----------------------------------------------------------------------------------------------------
+class JobKindOption(enum.StrEnum):
+    finetune = "finetune"
+    distill = "distill"
+    qat = "qat"
+
+
+class PlacementOption(enum.StrEnum):
+    auto = "auto"
+    burst = "burst"
+    local = "local"
+
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="EDGEFLEET_URL", help="Control-plane URL.")]
+TokenOpt = Annotated[str, typer.Option("--token", envvar="EDGEFLEET_TOKEN", help="API token (operator to submit).")]
+
+
+def _api(url: str, token: str) -> Any:
+    import httpx
+
+    if not token:
+        _fail("an API token is needed: --token or EDGEFLEET_TOKEN (edgefleet tokens create --role operator)")
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+
+def _call(response: Any) -> Any:
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail")
+        except ValueError:
+            detail = response.text
+        _fail(f"{response.status_code}: {detail}", 1)
+    return response.json()
+
+
+def _job_line(job: dict[str, Any]) -> str:
+    progress = job.get("progress") or {}
+    where = f"{job['placement']}" + (f" ({job['backend_job_id']})" if job.get("backend_job_id") else "")
+    step = f" epoch {progress.get('epoch')} loss {progress.get('loss')}" if progress else ""
+    return (f"#{job['id']:<4} {job['kind']:<9} {job['status']:<10} {where:<40} model {job.get('model_version')}"
+            f"{step}")
+
+
+@jobs_app.command("submit")
+def jobs_submit(
+    kind: Annotated[JobKindOption, typer.Argument(help="finetune | distill | qat")],
+    task: Annotated[str, typer.Option(help="Task name or package.module:Class.")] = "digits",
+    base_model: Annotated[str | None, typer.Option(help="Start from this model version.")] = None,
+    gpus: Annotated[float, typer.Option(help="GPUs to ask for.")] = 0.0,
+    tpus: Annotated[float, typer.Option(help="TPUs to ask for.")] = 0.0,
+    cpus: Annotated[float, typer.Option(help="CPUs to ask for.")] = 1.0,
+    memory_gb: Annotated[float, typer.Option(help="Memory to ask for.")] = 1.0,
+    epochs: Annotated[int, typer.Option()] = 20,
+    time_budget: Annotated[float, typer.Option(help="Seconds.")] = 600.0,
+    placement: Annotated[PlacementOption, typer.Option()] = PlacementOption.auto,
+    deploy: Annotated[bool, typer.Option(help="Roll the resulting model out.")] = False,
+    wait: Annotated[bool, typer.Option(help="Follow the job with a progress bar until it ends.")] = True,
+    url: UrlOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = "",
+) -> None:
+    """Submit a burst job; prints the placement decision and follows it."""
+    api = _api(url, token)
+    job = _call(api.post("/api/v1/jobs", json={
+        "kind": kind.value, "task": task, "base_model_version": base_model, "epochs": epochs,
+        "resources": {"gpus": gpus, "tpus": tpus, "cpus": cpus, "memory_gb": memory_gb},
+        "time_budget_s": time_budget, "placement": placement.value, "deploy": deploy}))
+    typer.echo(f"job #{job['id']}: {job['placement']} — {job['placement_reason']}")
+    if wait:
+        _follow(api, job["id"], epochs)
+
+
+def _follow(api: Any, job_id: int, epochs: int) -> None:
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
+                  TimeElapsedColumn()) as bar:
+        handle = bar.add_task(f"job #{job_id}", total=epochs)
+        while True:
+            job = _call(api.get(f"/api/v1/jobs/{job_id}"))
+            progress = job.get("progress") or {}
+            bar.update(handle, completed=int(progress.get("epoch", 0)),
+                       description=f"job #{job_id} {job['status']} loss {progress.get('loss', '-')}")
+            if job["status"] not in ("queued", "running"):
+                break
+            time.sleep(1)
+    typer.echo(_job_line(job))
+    if job.get("reason"):
+        typer.echo(f"reason: {job['reason']}")
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("list")
+def jobs_list(url: UrlOpt = "http://127.0.0.1:8080", token: TokenOpt = "") -> None:
+    """List burst jobs."""
+    for job in _call(_api(url, token).get("/api/v1/jobs")):
+        typer.echo(_job_line(job))
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: int, url: UrlOpt = "http://127.0.0.1:8080", token: TokenOpt = "") -> None:
+    """One job in full (JSON), including its logs tail."""
+    typer.echo(json.dumps(_call(_api(url, token).get(f"/api/v1/jobs/{job_id}")), indent=2))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int, url: UrlOpt = "http://127.0.0.1:8080", token: TokenOpt = "") -> None:
+    """Cancel a queued or running job."""
+    typer.echo(_job_line(_call(_api(url, token).post(f"/api/v1/jobs/{job_id}/cancel"))))
 
 
 # -- demo ----------------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ class Settings:
     ingest_batch_wait_s: float = 0.02
     log_level: str = "info"
     superlink_host: str = "127.0.0.1"  # where the Flower SuperLink listens (devices' SuperNodes connect to it)
+    ray_address: str | None = None  # a Ray cluster's Jobs API (RAY_ADDRESS); default: a local head on demand
     run_scheduler: bool = True  # exactly one control-plane process per database runs the schedules
 
     @classmethod
@@ -88,6 +89,8 @@ class Settings:
                     values[name] = convert(raw)
                 except ValueError as exc:
                     raise ValueError(f"EDGEFLEET_{name.upper()}={raw!r}: {exc}") from None
+        if env.get("RAY_ADDRESS"):
+            values["ray_address"] = env["RAY_ADDRESS"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -16,6 +16,7 @@ __all__ = [
     "Device",
     "DeviceTag",
     "IngestCounter",
+    "JobRecord",
     "ModelArtifactRecord",
     "ModelVersionRecord",
     "RoundRecord",
@@ -187,3 +188,28 @@ class ScheduleRecord(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=64)
     definition: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime = _ts(nullable=False)
+
+
+class JobRecord(SQLModel, table=True):
+    """A burst training job (finetune / distill / qat) and where it ran."""
+
+    __tablename__ = "burst_job"
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16)
+    task: str = Field(max_length=64)
+    spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    resources: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="queued", max_length=16)  # queued|running|succeeded|failed|cancelled|timed_out
+    reason: str | None = None
+    placement: str = Field(max_length=16)  # burst | local
+    placement_reason: str
+    backend_job_id: str | None = Field(default=None, max_length=128)
+    progress: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    logs_tail: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    model_version: str | None = Field(default=None, max_length=64)
+    out_dir: str
+    deploy: bool = False
+    created_at: datetime = _ts(nullable=False)
+    started_at: datetime | None = _ts(nullable=True)
+    finished_at: datetime | None = _ts(nullable=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,9 @@ class ModelBuilder:
         with np.load(weights_path) as arrays:
             state_dict = {name: torch.from_numpy(arrays[name].copy()) for name in arrays.files}
         self.models.start_version(model_version, task_name, source.kind, source.id)
+        # Kept beside the build: burst jobs may start from this version (base_model_version).
+        (self.build_dir / model_version).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(weights_path, self.build_dir / model_version / "weights.npz")
         try:
             result = build_variants(task, state_dict, variants=sorted(self.fleet_variants()),
                                     out_dir=self.build_dir / model_version, model_version=model_version,

@@ -1,0 +1,1 @@
+"""Burst training jobs: placement, Ray/local backends, monitoring, results into the model registry."""

@@ -1,0 +1,220 @@
+"""Where burst jobs run: a local worker process, or Ray through its Jobs API (a local head on demand or RAY_ADDRESS).
+
+Both run the same entrypoint, `python -m federated.burst.worker --spec SPEC --out-dir DIR`, which writes progress
+lines (`EDGEFLEET_PROGRESS {...}`) to its log, checkpoints, and `result.json` + `weights.npz` into DIR.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+__all__ = ["Backend", "LocalBackend", "RayBackend", "RayHead", "Resources"]
+
+log = structlog.get_logger("edgefleet.jobs")
+
+Resources = dict[str, float]
+
+
+class Backend(Protocol):
+    name: str
+
+    def submit(self, job_id: int, spec_path: Path, out_dir: Path, resources: Resources) -> str: ...
+
+    def status(self, backend_id: str) -> str:
+        """PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED"""
+
+    def logs(self, backend_id: str) -> str: ...
+
+    def stop(self, backend_id: str) -> None: ...
+
+
+def _entrypoint(spec_path: Path, out_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "federated.burst.worker", "--spec", str(spec_path), "--out-dir", str(out_dir)]
+
+
+class LocalBackend:
+    """A worker process on the control plane's machine (small jobs that devices could run too).
+
+    The backend id is `local:<pid>:<out_dir>`, so a restarted control plane re-attaches to a worker that is still
+    running (the worker outlives the control plane: it runs in its own session).
+    """
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def submit(self, job_id: int, spec_path: Path, out_dir: Path, resources: Resources) -> str:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "worker.log", "ab") as log_file:
+            proc = subprocess.Popen(_entrypoint(spec_path, out_dir), stdout=log_file, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        backend_id = f"local:{proc.pid}:{out_dir}"
+        self._procs[backend_id] = proc
+        return backend_id
+
+    @staticmethod
+    def _parse(backend_id: str) -> tuple[int, Path]:
+        _, pid, out_dir = backend_id.split(":", 2)
+        return int(pid), Path(out_dir)
+
+    def status(self, backend_id: str) -> str:
+        proc = self._procs.get(backend_id)
+        if proc is not None:
+            code = proc.poll()
+            if code is None:
+                return "RUNNING"
+            return "SUCCEEDED" if code == 0 else ("STOPPED" if code < 0 else "FAILED")
+        pid, out_dir = self._parse(backend_id)  # started by an earlier control plane
+        if _is_worker(pid, out_dir):
+            return "RUNNING"
+        return "SUCCEEDED" if (out_dir / "result.json").is_file() else "FAILED"
+
+    def logs(self, backend_id: str) -> str:
+        try:
+            return (self._parse(backend_id)[1] / "worker.log").read_text(errors="replace")
+        except (OSError, ValueError):
+            return ""
+
+    def stop(self, backend_id: str) -> None:
+        proc = self._procs.get(backend_id)
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            return
+        pid, out_dir = self._parse(backend_id)
+        if _is_worker(pid, out_dir):
+            os.kill(pid, signal.SIGTERM)
+
+
+def _is_worker(pid: int, out_dir: Path) -> bool:
+    """Is `pid` still our worker for `out_dir` (and not a recycled pid)?"""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"federated.burst.worker" in cmdline and str(out_dir).encode() in cmdline
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RayHead:
+    """A local Ray head (`ray start --head --block`) in its own process group, for the Jobs API on 127.0.0.1."""
+
+    def __init__(self, temp_dir: Path, num_cpus: int | None = None) -> None:
+        self.temp_dir = temp_dir
+        self.num_cpus = num_cpus or max(1, os.cpu_count() or 1)
+        self.port = _free_port()
+        self.dashboard_port = _free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start(self, timeout_s: float = 90.0) -> RayHead:
+        if len(str(self.temp_dir)) > 40:
+            # Ray puts AF_UNIX sockets under its temp dir, and their paths may not exceed 107 bytes.
+            self.temp_dir = Path(tempfile.mkdtemp(prefix="edgefleet-ray-"))
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        ray = str(Path(sys.executable).parent / "ray")
+        command = [ray, "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+                   "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
+                   f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
+                   "--disable-usage-stats"]
+        env = dict(os.environ, RAY_TMPDIR=str(self.temp_dir), RAY_USAGE_STATS_ENABLED="0")
+        log_path = self.temp_dir / "ray-head.log"
+        with open(log_path, "ab") as log_file:
+            self._proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                          start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"ray head exited: {log_path.read_text(errors='replace')[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.address}/api/version", timeout=2) as response:
+                    if response.status == 200:
+                        log.info("ray.head_started", address=self.address)
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"the local Ray head did not answer on {self.address} within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc = None
+
+
+class RayBackend:
+    """Ray Jobs API: `RAY_ADDRESS` (a cluster's dashboard, e.g. KubeRay's head service :8265) or a local head
+    started on the first burst job."""
+
+    name = "ray"
+
+    def __init__(self, temp_dir: Path, address: str | None = None) -> None:
+        self.temp_dir = temp_dir
+        self._address = address
+        self._head: RayHead | None = None
+        self._client: Any = None
+
+    def _jobs(self) -> Any:
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            address = self._address
+            if address is None:
+                self._head = RayHead(self.temp_dir).start()
+                address = self._head.address
+            self._client = JobSubmissionClient(address)
+        return self._client
+
+    def submit(self, job_id: int, spec_path: Path, out_dir: Path, resources: Resources) -> str:
+        client = self._jobs()
+        extra = {"TPU": resources["tpus"]} if resources.get("tpus") else None
+        return str(client.submit_job(
+            entrypoint=shlex.join(_entrypoint(spec_path, out_dir)),
+            submission_id=f"edgefleet-job-{job_id}-{int(time.time())}",
+            entrypoint_num_cpus=resources.get("cpus", 1.0),
+            entrypoint_num_gpus=resources.get("gpus", 0.0),
+            entrypoint_memory=int(resources.get("memory_gb", 1.0) * 2**30),
+            entrypoint_resources=extra,
+            runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
+        ))
+
+    def status(self, backend_id: str) -> str:
+        return str(self._jobs().get_job_status(backend_id).value)
+
+    def logs(self, backend_id: str) -> str:
+        return str(self._jobs().get_job_logs(backend_id))
+
+    def stop(self, backend_id: str) -> None:
+        self._jobs().stop_job(backend_id)
+
+    def close(self) -> None:
+        if self._head is not None:
+            self._head.stop()
+            self._head = None
+        self._client = None

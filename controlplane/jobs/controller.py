@@ -1,0 +1,40 @@
+"""HTTP API of burst jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar
+
+from litestar import Controller, get, post
+from litestar.params import Parameter
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
+
+from controlplane.auth import Role
+from controlplane.auth._guards import requires
+from controlplane.jobs.schemas import JobCreate, JobRead
+from controlplane.jobs.service import JobService
+
+__all__ = ["JobController"]
+
+
+class JobController(Controller):
+    path = "/api/v1/jobs"
+    tags: ClassVar[list[str]] = ["jobs"]  # type: ignore[misc]
+
+    @post("/", guards=[requires(Role.OPERATOR)], sync_to_thread=True, status_code=HTTP_201_CREATED,
+          summary="Submit a burst training job")
+    def submit(self, data: JobCreate, jobs: JobService) -> JobRead:
+        """Placement (burst on Ray, or local) is decided and recorded with its reason."""
+        return jobs.submit(data)
+
+    @get("/", guards=[requires(Role.VIEWER)], sync_to_thread=True)
+    def list_jobs(self, jobs: JobService, limit: Annotated[int, Parameter(ge=1, le=1000)] = 100) -> list[JobRead]:
+        return jobs.list_all(limit)
+
+    @get("/{job_id:int}", guards=[requires(Role.VIEWER)], sync_to_thread=True)
+    def get_job(self, job_id: int, jobs: JobService) -> JobRead:
+        """Status, placement and its reason, progress, metrics, logs tail, model_version."""
+        return jobs.get(job_id)
+
+    @post("/{job_id:int}/cancel", guards=[requires(Role.OPERATOR)], sync_to_thread=True, status_code=HTTP_200_OK)
+    def cancel(self, job_id: int, jobs: JobService) -> JobRead:
+        return jobs.cancel(job_id)

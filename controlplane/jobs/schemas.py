@@ -1,0 +1,65 @@
+"""API shapes of burst training jobs."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+
+__all__ = ["JobCreate", "JobKind", "JobRead", "Placement", "Resources"]
+
+
+class JobKind(enum.StrEnum):
+    FINETUNE = "finetune"
+    DISTILL = "distill"
+    QAT = "qat"
+
+
+class Placement(enum.StrEnum):
+    AUTO = "auto"  # burst when it asks for accelerators or exceeds what devices may train
+    BURST = "burst"
+    LOCAL = "local"
+
+
+class Resources(msgspec.Struct, forbid_unknown_fields=True):
+    gpus: Annotated[float, msgspec.Meta(ge=0, le=64)] = 0.0
+    tpus: Annotated[float, msgspec.Meta(ge=0, le=64)] = 0.0
+    cpus: Annotated[float, msgspec.Meta(gt=0, le=256)] = 1.0
+    memory_gb: Annotated[float, msgspec.Meta(gt=0, le=4096)] = 1.0
+
+
+class JobCreate(msgspec.Struct, forbid_unknown_fields=True):
+    kind: JobKind
+    task: str = "digits"
+    base_model_version: str | None = None
+    resources: Resources = msgspec.field(default_factory=Resources)
+    time_budget_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86_400)] = 600.0
+    epochs: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
+    learning_rate: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.01
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = 64
+    placement: Placement = Placement.AUTO
+    # How long the job may wait for its resources before it is given up as timed_out (Ray waits forever).
+    pending_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
+    build: bool = True  # build, gate, sign the result as a model version
+    deploy: bool = False  # and roll it out to every device that can run it
+
+
+class JobRead(msgspec.Struct):
+    id: int
+    kind: str
+    task: str
+    status: str  # queued | running | succeeded | failed | cancelled | timed_out
+    reason: str | None
+    placement: str  # burst | local
+    placement_reason: str
+    resources: dict[str, Any]
+    progress: dict[str, Any]
+    metrics: dict[str, Any]
+    logs_tail: str
+    model_version: str | None
+    backend_job_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

@@ -1,0 +1,334 @@
+"""Burst jobs: placement decision, submission, monitoring (progress, logs, timeouts), result → build → model."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+from agent._manifest import ModelSource
+from controlplane._errors import Conflict, InvalidInput, NotFound
+from controlplane.db import Device, JobRecord, utcnow
+from controlplane.jobs.backends import Backend
+from controlplane.jobs.schemas import JobCreate, JobRead, Placement
+from controlplane.models.build import ModelBuilder
+from controlplane.models.service import ModelService
+from firmware_profiles import ProfileError, get_profile
+
+__all__ = ["JobService", "decide_placement"]
+
+log = structlog.get_logger("edgefleet.jobs")
+
+PROGRESS_PREFIX = "EDGEFLEET_PROGRESS "
+_ACTIVE = ("queued", "running")
+
+
+def decide_placement(data: JobCreate, cost: dict[str, Any], budgets: dict[str, Any]) -> tuple[str, str]:
+    """(burst | local, reason). Accelerators or a cost beyond every device class's training budget → burst."""
+    if data.placement is Placement.BURST:
+        return "burst", "placement=burst requested"
+    if data.resources.gpus or data.resources.tpus:
+        asked = ", ".join(f"{n:g} {k}" for k, n in (("GPU", data.resources.gpus), ("TPU", data.resources.tpus)) if n)
+        if data.placement is Placement.LOCAL:
+            raise InvalidInput(f"placement=local cannot provide {asked}")
+        return "burst", f"asks for accelerators ({asked})"
+    if data.placement is Placement.LOCAL:
+        return "local", "placement=local requested"
+    memory, samples = float(cost.get("memory_mb", 0)), int(cost.get("samples", 0))
+    ram, max_samples = budgets["ram_budget_mb"], budgets["max_samples"]
+    if memory > ram:
+        return "burst", f"needs ~{memory:.0f} MB to train; the largest on-device budget is {ram} MB"
+    if samples * data.epochs > max_samples * 20:
+        return "burst", (f"{samples} samples x {data.epochs} epochs exceeds what devices train "
+                         f"(at most {max_samples} samples)")
+    return "local", (f"~{memory:.0f} MB and {samples} samples fit the fleet's on-device budgets "
+                     f"({ram} MB, {max_samples} samples): runs beside the control plane")
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+class JobService:
+    def __init__(self, engine: Engine, data_dir: Path, backends: dict[str, Backend], models: ModelService,
+                 builder: ModelBuilder) -> None:
+        self.engine = engine
+        self.data_dir = data_dir
+        self.backends = backends
+        self.models = models
+        self.builder = builder
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._queued_since: dict[int, float] = {}
+
+    # -- API -------------------------------------------------------------------------------------------------
+    def submit(self, data: JobCreate) -> JobRead:
+        from federated.burst.spec import estimate_cost
+        from federated.tasks import get_task
+
+        try:
+            task = get_task(data.task)
+        except (LookupError, ValueError, ImportError) as exc:
+            raise InvalidInput(str(exc)) from None
+        base_weights = None
+        if data.base_model_version is not None:
+            model = self.models.get(data.base_model_version)
+            base_weights = str(self.builder.build_dir / model.version / "weights.npz")
+            if not Path(base_weights).is_file():
+                raise InvalidInput(f"model {data.base_model_version} has no stored weights to start from")
+        with Session(self.engine) as session:
+            record = JobRecord(kind=str(data.kind), task=data.task, spec={}, resources=msgspec.to_builtins(
+                data.resources), placement="local", placement_reason="", out_dir="", deploy=data.deploy,
+                created_at=utcnow())
+            session.add(record)
+            session.flush()
+            assert record.id is not None
+            job_id = record.id
+            spec = {"job_id": str(job_id), "kind": str(data.kind), "task": data.task, "base_weights": base_weights,
+                    "epochs": data.epochs, "lr": data.learning_rate, "batch_size": data.batch_size,
+                    "time_budget_s": data.time_budget_s, "seed": job_id, "checkpoint_every_steps": 50,
+                    "device": "auto", "teacher_hidden": 512}
+            cost = estimate_cost(task, msgspec.convert(spec, _spec_type()))
+            placement, reason = decide_placement(data, cost, self._budgets(session))
+            out_dir = self.data_dir / f"job-{job_id}"
+            record.spec = {**spec, "build": data.build, "pending_timeout_s": data.pending_timeout_s, "cost": cost}
+            record.placement, record.placement_reason, record.out_dir = placement, reason, str(out_dir)
+            session.add(record)
+            session.commit()
+        log.info("job.submitted", job_id=job_id, kind=str(data.kind), placement=placement, reason=reason)
+        self._launch(job_id)
+        return self.get(job_id)
+
+    def get(self, job_id: int) -> JobRead:
+        with Session(self.engine) as session:
+            record = session.get(JobRecord, job_id)
+            if record is None:
+                raise NotFound(f"no job {job_id}")
+            return self._read(record)
+
+    def list_all(self, limit: int = 100) -> list[JobRead]:
+        with Session(self.engine) as session:
+            rows = session.exec(select(JobRecord).order_by(col(JobRecord.id).desc()).limit(limit))
+            return [self._read(r) for r in rows]
+
+    def cancel(self, job_id: int) -> JobRead:
+        with Session(self.engine) as session:
+            record = session.get(JobRecord, job_id)
+            if record is None:
+                raise NotFound(f"no job {job_id}")
+            if record.status not in _ACTIVE:
+                raise Conflict(f"job {job_id} is already {record.status}")
+            backend_id = record.backend_job_id
+            backend = self.backends.get(record.placement)
+        if backend_id and backend is not None:
+            backend.stop(backend_id)
+        self._finish(job_id, "cancelled", "cancelled by an operator")
+        return self.get(job_id)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self, interval_s: float = 1.0) -> None:
+        """Re-attach jobs a previous control plane left running (or re-submit them: the worker resumes from its
+        last checkpoint), then follow every active job."""
+        with Session(self.engine) as session:
+            active = list(session.exec(select(JobRecord).where(col(JobRecord.status).in_(_ACTIVE))))
+        for record in active:
+            assert record.id is not None
+            backend = self.backends.get(record.placement)
+            state = "FAILED"
+            if record.backend_job_id and backend is not None:
+                try:
+                    state = backend.status(record.backend_job_id)
+                except Exception:  # noqa: BLE001 - a backend that forgot the job: re-submit below
+                    state = "FAILED"
+            if state in ("PENDING", "RUNNING"):
+                log.info("job.reattached", job_id=record.id)
+            else:
+                log.info("job.resubmitted_after_restart", job_id=record.id)
+                self._launch(record.id, note="re-submitted after a control-plane restart")
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.step()
+                except Exception:
+                    log.exception("jobs.step_failed")
+
+        self._thread = threading.Thread(target=loop, name="jobs", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for backend in self.backends.values():
+            close = getattr(backend, "close", None)
+            if close is not None:
+                close()
+
+    def _launch(self, job_id: int, note: str | None = None) -> None:
+        with Session(self.engine) as session:
+            record = session.get(JobRecord, job_id)
+            assert record is not None
+            out_dir = Path(record.out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            spec_path = out_dir / "spec.json"
+            spec_path.write_text(json.dumps({k: v for k, v in record.spec.items()
+                                             if k not in ("build", "pending_timeout_s", "cost")}))
+            backend = self.backends.get(record.placement)
+            if backend is None:
+                record.status, record.reason = "failed", f"no {record.placement} backend (install edgefleet[burst])"
+                record.finished_at = utcnow()
+            else:
+                try:
+                    record.backend_job_id = backend.submit(job_id, spec_path, out_dir, dict(record.resources))
+                    record.status, record.reason = "queued", note
+                    self._queued_since[job_id] = time.monotonic()
+                except Exception as exc:  # noqa: BLE001 - reported on the job
+                    record.status, record.reason = "failed", f"submission failed: {exc}"
+                    record.finished_at = utcnow()
+            session.add(record)
+            session.commit()
+
+    def step(self) -> None:
+        with Session(self.engine) as session:
+            active = list(session.exec(select(JobRecord).where(col(JobRecord.status).in_(_ACTIVE))))
+        for record in active:
+            self._follow(record)
+
+    def _follow(self, record: JobRecord) -> None:
+        assert record.id is not None
+        backend = self.backends.get(record.placement)
+        if backend is None or record.backend_job_id is None:
+            return
+        state = backend.status(record.backend_job_id)
+        logs = backend.logs(record.backend_job_id)
+        progress = _last_progress(logs)
+        now = time.monotonic()
+        with Session(self.engine) as session:
+            row = session.get(JobRecord, record.id)
+            assert row is not None
+            if row.status not in _ACTIVE:
+                return
+            row.logs_tail = logs[-4000:]
+            if progress:
+                row.progress = progress
+            if state == "RUNNING" and row.status == "queued":
+                row.status, row.started_at = "running", utcnow()
+            session.add(row)
+            session.commit()
+        if state == "PENDING":
+            waited = now - self._queued_since.setdefault(record.id, now)
+            limit = float(record.spec.get("pending_timeout_s", 60.0))
+            if waited > limit:
+                backend.stop(record.backend_job_id)
+                asked = ", ".join(f"{k}={v:g}" for k, v in record.resources.items())
+                self._finish(record.id, "timed_out", f"no node could take the job within {limit:.0f} s "
+                                                     f"(asked {asked}): the cluster lacks these resources")
+            return
+        started = _utc(record.started_at)
+        budget = float(record.spec.get("time_budget_s", 600)) + 120.0
+        if state == "RUNNING" and started is not None and (utcnow() - started).total_seconds() > budget:
+            backend.stop(record.backend_job_id)
+            self._finish(record.id, "timed_out", f"still running {budget:.0f} s after it started")
+            return
+        if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+            self._complete(record, state, logs)
+
+    def _complete(self, record: JobRecord, state: str, logs: str) -> None:
+        assert record.id is not None
+        out_dir = Path(record.out_dir)
+        try:
+            result: dict[str, Any] = json.loads((out_dir / "result.json").read_text())
+        except (OSError, ValueError):
+            tail = logs.strip().splitlines()[-1:] or ["no output"]
+            self._finish(record.id, "failed", f"the worker ended ({state}) without a result: {tail[0][:300]}")
+            return
+        status = str(result.get("status", "failed"))
+        with Session(self.engine) as session:
+            row = session.get(JobRecord, record.id)
+            assert row is not None
+            row.metrics = {k: v for k, v in result.items() if k not in ("status",)}
+            session.add(row)
+            session.commit()
+        if status != "succeeded":
+            self._finish(record.id, status if status in ("timed_out", "cancelled") else "failed",
+                         str(result.get("reason") or f"worker status {status}"))
+            return
+        version = None
+        if record.spec.get("build", True):
+            try:
+                version = self.builder.build(task_name=record.task, weights_path=out_dir / "weights.npz",
+                                             model_version=f"job-{record.id}-{record.kind}",
+                                             source=ModelSource(kind="burst", id=str(record.id)),
+                                             deploy=record.deploy)
+            except Exception as exc:
+                log.exception("job.build_failed", job_id=record.id)
+                self._finish(record.id, "failed", f"build failed: {exc}")
+                return
+        self._finish(record.id, "succeeded", None, model_version=version)
+
+    def _finish(self, job_id: int, status: str, reason: str | None, model_version: str | None = None) -> None:
+        with Session(self.engine) as session:
+            row = session.get(JobRecord, job_id)
+            assert row is not None
+            row.status, row.reason, row.finished_at = status, reason, utcnow()
+            if model_version is not None:
+                row.model_version = model_version
+            session.add(row)
+            session.commit()
+        self._queued_since.pop(job_id, None)
+        log.info("job.finished", job_id=job_id, status=status, reason=reason, model_version=model_version)
+
+    @staticmethod
+    def _budgets(session: Session) -> dict[str, Any]:
+        """The largest training budget among the device classes enrolled (what could train on-device)."""
+        ram, samples = 0, 0
+        for name in set(session.exec(select(Device.profile))):
+            try:
+                profile = get_profile(name)
+            except ProfileError:
+                continue
+            if profile.training.allowed:
+                ram, samples = max(ram, profile.training.ram_budget_mb), max(samples, profile.training.max_samples)
+        return {"ram_budget_mb": ram, "max_samples": samples}
+
+    @staticmethod
+    def _read(record: JobRecord) -> JobRead:
+        assert record.id is not None
+        return JobRead(id=record.id, kind=record.kind, task=record.task, status=record.status, reason=record.reason,
+                       placement=record.placement, placement_reason=record.placement_reason,
+                       resources=record.resources, progress=record.progress, metrics=record.metrics,
+                       logs_tail=record.logs_tail, model_version=record.model_version,
+                       backend_job_id=record.backend_job_id, created_at=_utc(record.created_at) or utcnow(),
+                       started_at=_utc(record.started_at), finished_at=_utc(record.finished_at))
+
+
+def _last_progress(logs: str) -> dict[str, Any]:
+    """The newest progress line, on top of the newest one that says where training is (epoch, step, loss)."""
+    events = []
+    for line in logs.splitlines():
+        if line.startswith(PROGRESS_PREFIX):
+            try:
+                value = json.loads(line[len(PROGRESS_PREFIX):])
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                events.append(value)
+    if not events:
+        return {}
+    training = next((e for e in reversed(events) if "epoch" in e), {})
+    return {**training, **events[-1]}
+
+
+def _spec_type() -> Any:
+    from federated.burst.spec import JobSpec
+
+    return JobSpec

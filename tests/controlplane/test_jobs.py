@@ -1,0 +1,134 @@
+"""Burst jobs: placement policy, local and Ray backends, timeouts on missing resources, cancel, results → models."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from litestar.testing import TestClient
+
+from controlplane._errors import InvalidInput
+from controlplane._fleet import Fleet
+from controlplane.app import create_app
+from controlplane.auth import Role, create_token
+from controlplane.devices.schemas import DeviceCreate
+from controlplane.jobs.schemas import JobCreate, JobKind, Placement, Resources
+from controlplane.jobs.service import decide_placement
+from tests._services import fleet_settings, wait_for
+
+BUDGETS = {"ram_budget_mb": 2048, "max_samples": 20000}
+
+
+def test_placement_policy() -> None:
+    # Execute / Assert
+    gpu = decide_placement(JobCreate(kind=JobKind.FINETUNE, resources=Resources(gpus=1)), {"memory_mb": 10}, BUDGETS)
+    assert gpu == ("burst", "asks for accelerators (1 GPU)")
+    big = decide_placement(JobCreate(kind=JobKind.DISTILL), {"memory_mb": 9000, "samples": 100}, BUDGETS)
+    assert big[0] == "burst" and "9000 MB" in big[1] and "2048 MB" in big[1]
+    small = decide_placement(JobCreate(kind=JobKind.QAT), {"memory_mb": 20, "samples": 1400}, BUDGETS)
+    assert small[0] == "local" and "fit" in small[1]
+    no_devices = decide_placement(JobCreate(kind=JobKind.QAT), {"memory_mb": 20, "samples": 1400},
+                                  {"ram_budget_mb": 0, "max_samples": 0})
+    assert no_devices[0] == "burst"
+    with pytest.raises(InvalidInput, match="cannot provide 1 GPU"):
+        decide_placement(JobCreate(kind=JobKind.QAT, placement=Placement.LOCAL, resources=Resources(gpus=1)),
+                         {"memory_mb": 1}, BUDGETS)
+
+
+@pytest.fixture(name="fleet")
+def fx_fleet(mosquitto_url: str, tmp_path: Path) -> Iterator[Fleet]:
+    fleet = Fleet(fleet_settings(mosquitto_url, tmp_path / "cp")).start()
+    fleet.devices.enroll(DeviceCreate(device_id="pi5", profile="raspberry-pi-5"))
+    yield fleet
+    for job in fleet.jobs.list_all():  # local workers outlive the control plane by design: end the tests' own
+        if job.status in ("queued", "running"):
+            fleet.jobs.cancel(job.id)
+    fleet.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_local_job_builds_a_model_version(fleet: Fleet) -> None:
+    # Execute
+    job = fleet.jobs.submit(JobCreate(kind=JobKind.FINETUNE, epochs=15))
+    wait_for(lambda: fleet.jobs.get(job.id).status not in ("queued", "running"), timeout=120, what="job done")
+    # Assert
+    done = fleet.jobs.get(job.id)
+    assert done.placement == "local", done.placement_reason
+    assert done.status == "succeeded", (done.reason, done.logs_tail[-500:])
+    assert done.metrics["metrics"]["accuracy"] > 0.9
+    assert done.progress.get("epoch") is not None
+    model = fleet.models.get(done.model_version or "")
+    assert model.status == "ready" and model.source_kind == "burst" and model.source_id == str(job.id)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_cancel_a_running_job(fleet: Fleet) -> None:
+    # Prepare
+    job = fleet.jobs.submit(JobCreate(kind=JobKind.FINETUNE, epochs=5000, time_budget_s=600,
+                                      placement=Placement.LOCAL))
+    wait_for(lambda: fleet.jobs.get(job.id).status == "running", timeout=60, what="job running")
+    # Execute
+    cancelled = fleet.jobs.cancel(job.id)
+    # Assert
+    assert cancelled.status == "cancelled"
+    assert fleet.jobs.get(job.id).model_version is None
+
+
+def test_invalid_jobs_are_400(fleet: Fleet) -> None:
+    _, token = create_token(fleet.engine, Role.OPERATOR)
+    auth = {"Authorization": f"Bearer {token}"}
+    with TestClient(app=create_app(fleet=fleet)) as client:
+        bad_kind = client.post("/api/v1/jobs", headers=auth, json={"kind": "pretrain"})
+        bad_task = client.post("/api/v1/jobs", headers=auth, json={"kind": "qat", "task": "nope"})
+        missing = client.get("/api/v1/jobs/999", headers=auth)
+    assert bad_kind.status_code == 400 and "kind" in str(bad_kind.json())
+    assert bad_task.status_code == 400 and "unknown task 'nope'" in bad_task.json()["detail"]
+    assert missing.status_code == 404
+
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
+
+
+@needs_ray
+@pytest.mark.integration
+@pytest.mark.slow
+def test_burst_jobs_on_local_ray(fleet: Fleet) -> None:
+    # Execute: a CPU job placed on the burst backend, and one asking for a GPU this cluster does not have
+    cpu = fleet.jobs.submit(JobCreate(kind=JobKind.QAT, epochs=10, placement=Placement.BURST))
+    gpu = fleet.jobs.submit(JobCreate(kind=JobKind.FINETUNE, resources=Resources(gpus=1), pending_timeout_s=10))
+    wait_for(lambda: all(fleet.jobs.get(j.id).status not in ("queued", "running") for j in (cpu, gpu)),
+             timeout=240, what="both jobs done")
+    # Assert
+    done = fleet.jobs.get(cpu.id)
+    assert done.placement == "burst" and done.backend_job_id
+    assert done.status == "succeeded", (done.reason, done.logs_tail[-800:])
+    assert fleet.models.get(done.model_version or "").status == "ready"
+    starved = fleet.jobs.get(gpu.id)
+    assert starved.status == "timed_out"
+    assert "GPU" in starved.placement_reason and "lacks these resources" in (starved.reason or "")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_running_job_is_reattached_after_a_restart(mosquitto_url: str, tmp_path: Path) -> None:
+    # Prepare: a job running when its control plane stops
+    settings = fleet_settings(mosquitto_url, tmp_path / "cp")
+    first = Fleet(settings).start()
+    first.devices.enroll(DeviceCreate(device_id="pi5", profile="raspberry-pi-5"))
+    job = first.jobs.submit(JobCreate(kind=JobKind.FINETUNE, epochs=100))
+    wait_for(lambda: first.jobs.get(job.id).status == "running", timeout=60, what="job running")
+    first.stop()
+    # Execute
+    second = Fleet(settings).start()
+    try:
+        wait_for(lambda: second.jobs.get(job.id).status not in ("queued", "running"), timeout=180, what="job done")
+        # Assert: the same worker finished it (not forgotten, not started over)
+        done = second.jobs.get(job.id)
+        assert done.status == "succeeded", (done.reason, done.logs_tail[-500:])
+        assert done.model_version is not None
+    finally:
+        second.stop()
