@@ -33,6 +33,7 @@ bench: $(VENV)/.installed-all,bench
 	$(BIN)/python bench/agent_footprint.py
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/round.py
+	$(BIN)/python bench/burst.py
 
 lint: $(VENV)/.installed-$(EXTRAS)
 	$(BIN)/ruff check agent controlplane federated firmware_profiles tests bench
