@@ -15,6 +15,7 @@ from controlplane.db._models import (
     RoundRecord,
     ScheduleRecord,
     TelemetryRecord,
+    as_utc,
     utcnow,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "RoundRecord",
     "ScheduleRecord",
     "TelemetryRecord",
+    "as_utc",
     "create_db_engine",
     "migrate",
     "utcnow",

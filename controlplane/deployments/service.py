@@ -7,7 +7,7 @@ import secrets
 import threading
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy import Engine
@@ -22,6 +22,7 @@ from controlplane.db import (
     Device,
     DeviceTag,
     ModelArtifactRecord,
+    as_utc,
     utcnow,
 )
 from controlplane.deployments.schemas import DeploymentCreate, DeploymentRead, TargetRead
@@ -78,10 +79,6 @@ def download_token_valid(engine: Engine, version: str, token: str) -> bool:
         row = session.exec(select(DeploymentRecord.id).where(
             DeploymentRecord.model_version == version, DeploymentRecord.download_token == token)).first()
         return row is not None
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 class DeploymentService:
@@ -226,7 +223,7 @@ class DeploymentService:
             target.reason = command.reason
             target.finished_at = now
             return
-        sent_at = _utc(target.sent_at) or now
+        sent_at = as_utc(target.sent_at) or now
         if now - sent_at > timedelta(seconds=record.wave_timeout_s):
             target.status, target.reason, target.finished_at = "failed", "no answer within the wave timeout", now
 
@@ -263,7 +260,7 @@ class DeploymentService:
         return DeploymentRead(
             id=record.id, model_version=record.model_version, status=record.status, reason=record.reason,
             waves=record.waves, current_wave=record.current_wave, failure_threshold=record.failure_threshold,
-            created_at=_utc(record.created_at) or utcnow(), updated_at=_utc(record.updated_at) or utcnow(),
+            created_at=as_utc(record.created_at) or utcnow(), updated_at=as_utc(record.updated_at) or utcnow(),
             counts=counts,
             targets=[TargetRead(device_id=t.device_id, wave=t.wave, variant=t.variant, status=t.status,
                                 reason=t.reason, command_id=t.command_id) for t in targets],

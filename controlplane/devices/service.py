@@ -6,7 +6,6 @@ import json
 import secrets
 import time
 import uuid
-from datetime import UTC, datetime
 
 import structlog
 from sqlalchemy import Engine, delete, func
@@ -15,7 +14,7 @@ from sqlmodel import Session, col, select
 from agent import protocol as wire
 from controlplane._errors import Conflict, InvalidInput, NotFound
 from controlplane.broker import BrokerAuth, hash_password
-from controlplane.db import CommandRecord, Device, DeviceTag, TelemetryRecord, utcnow
+from controlplane.db import CommandRecord, Device, DeviceTag, TelemetryRecord, as_utc, utcnow
 from controlplane.devices.publisher import CommandPublisher
 from controlplane.devices.schemas import (
     CommandCreate,
@@ -43,15 +42,6 @@ def _check_profile(name: str) -> None:
             f"profile '{name}' runs {profile.runtime.name} without a Python agent: it is a model-export "
             "target, not an enrollable device"
         )
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands datetimes back naive; they were written in UTC.
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
-
-
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 class DeviceService:
@@ -162,7 +152,7 @@ class DeviceService:
             # The newest `limit` records, returned oldest first.
             rows = list(session.exec(query.order_by(col(TelemetryRecord.seq).desc()).limit(limit)))
             rows.reverse()
-            return [TelemetryRead(device_id=r.device_id, seq=r.seq, ts=r.ts, received_at=_utc(r.received_at),
+            return [TelemetryRead(device_id=r.device_id, seq=r.seq, ts=r.ts, received_at=as_utc(r.received_at),
                                   payload=json.loads(r.payload)) for r in rows]
 
     # -- commands --------------------------------------------------------------------------------------------
@@ -191,7 +181,7 @@ class DeviceService:
                 raise NotFound(f"no command '{command_id}' for device '{device_id}'")
             return CommandRead(command_id=row.command_id, device_id=row.device_id, kind=row.kind, args=row.args,
                                status=row.status, reason=row.reason, result=row.result,
-                               created_at=_aware(row.created_at), acked_at=_aware(row.acked_at))  # type: ignore[arg-type]
+                               created_at=as_utc(row.created_at), acked_at=as_utc(row.acked_at))
 
     # -- helpers ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -214,7 +204,7 @@ class DeviceService:
     def _read(device: Device, tags: list[str]) -> DeviceRead:
         return DeviceRead(
             device_id=device.device_id, profile=device.profile, tags=tags, online=device.online,
-            created_at=_aware(device.created_at), last_seen=_aware(device.last_seen),  # type: ignore[arg-type]
+            created_at=as_utc(device.created_at), last_seen=as_utc(device.last_seen),
             agent_version=device.agent_version, last_seq=device.last_seq,
             reported_state=device.reported_state, last_telemetry=device.last_telemetry,
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from sqlmodel import Session, col, select
 
 from agent._manifest import ModelSource
 from controlplane._errors import Conflict, InvalidInput, NotFound
-from controlplane.db import Device, JobRecord, utcnow
+from controlplane.db import Device, JobRecord, as_utc, utcnow
 from controlplane.jobs.backends import Backend
 from controlplane.jobs.schemas import JobCreate, JobRead, Placement
 from controlplane.models.build import ModelBuilder
@@ -51,10 +50,6 @@ def decide_placement(data: JobCreate, cost: dict[str, Any], budgets: dict[str, A
                          f"(at most {max_samples} samples)")
     return "local", (f"~{memory:.0f} MB and {samples} samples fit the fleet's on-device budgets "
                      f"({ram} MB, {max_samples} samples): runs beside the control plane")
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 class JobService:
@@ -233,7 +228,7 @@ class JobService:
                 self._finish(record.id, "timed_out", f"no node could take the job within {limit:.0f} s "
                                                      f"(asked {asked}): the cluster lacks these resources")
             return
-        started = _utc(record.started_at)
+        started = as_utc(record.started_at)
         budget = float(record.spec.get("time_budget_s", 600)) + 120.0
         if state == "RUNNING" and started is not None and (utcnow() - started).total_seconds() > budget:
             backend.stop(record.backend_job_id)
@@ -307,8 +302,8 @@ class JobService:
                        placement=record.placement, placement_reason=record.placement_reason,
                        resources=record.resources, progress=record.progress, metrics=record.metrics,
                        logs_tail=record.logs_tail, model_version=record.model_version,
-                       backend_job_id=record.backend_job_id, created_at=_utc(record.created_at) or utcnow(),
-                       started_at=_utc(record.started_at), finished_at=_utc(record.finished_at))
+                       backend_job_id=record.backend_job_id, created_at=as_utc(record.created_at) or utcnow(),
+                       started_at=as_utc(record.started_at), finished_at=as_utc(record.finished_at))
 
 
 def _last_progress(logs: str) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from sqlmodel import Session, col, select
 
 from agent._manifest import SignedManifest, decode_signed
 from controlplane._errors import Conflict, NotFound
-from controlplane.db import ModelArtifactRecord, ModelVersionRecord, utcnow
+from controlplane.db import ModelArtifactRecord, ModelVersionRecord, as_utc, utcnow
 from controlplane.models.schemas import ArtifactRead, ModelRead
 
 __all__ = ["ModelService", "artifact_url", "manifest_url"]
@@ -25,10 +24,6 @@ def manifest_url(version: str, variant: str) -> str:
 
 def artifact_url(version: str, variant: str) -> str:
     return f"/api/v1/models/{version}/variants/{variant}/artifact"
-
-
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 class ModelService:
@@ -124,4 +119,4 @@ class ModelService:
         ]
         return ModelRead(version=record.version, task=record.task, source_kind=record.source_kind,
                          source_id=record.source_id, status=record.status, reason=record.reason,
-                         created_at=_utc(record.created_at), metrics=record.metrics, variants=variants)
+                         created_at=as_utc(record.created_at), metrics=record.metrics, variants=variants)

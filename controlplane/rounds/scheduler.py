@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from controlplane._errors import Conflict, InvalidInput, NotFound
-from controlplane.db import ScheduleRecord, utcnow
+from controlplane.db import ScheduleRecord, as_utc, utcnow
 from controlplane.rounds.schemas import RoundCreate, ScheduleCreate, ScheduleRead
 
 __all__ = ["RoundScheduler", "fire"]
@@ -120,7 +120,7 @@ class RoundScheduler:
         definition: dict[str, Any] = record.definition
         job = self._scheduler.get_job(record.id)
         next_run: datetime | None = job.next_run_time if job is not None else None
-        created = record.created_at if record.created_at.tzinfo else record.created_at.replace(tzinfo=UTC)
+        created = as_utc(record.created_at)
         return ScheduleRead(id=record.id, cron=definition.get("cron"), interval_s=definition.get("interval_s"),
                             max_runs=definition.get("max_runs"), runs=int(definition.get("runs", 0)),
                             next_run_time=next_run, round=definition.get("round", {}), created_at=created)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import msgspec
@@ -14,7 +13,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from controlplane._errors import InvalidInput, NotFound
-from controlplane.db import Device, RoundRecord, utcnow
+from controlplane.db import Device, RoundRecord, as_utc, utcnow
 from controlplane.rounds.eligibility import decide, invite_count
 from controlplane.rounds.schemas import RoundCreate, RoundRead
 from firmware_profiles import ProfileError, get_profile
@@ -43,10 +42,6 @@ class RoundRunner(Protocol):
 
 # After a successful run: build, gate, sign and register the model; returns the model version (or raises).
 PostRound = Callable[[int, RoundCreate, RoundOutcome], str | None]
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 class RoundService:
@@ -198,5 +193,5 @@ class RoundService:
         return RoundRead(id=record.id, schedule_id=record.schedule_id, task=record.task, strategy=record.strategy,
                          status=record.status, reason=record.reason, config=record.config, invited=record.invited,
                          participants=record.participants, skipped=record.skipped, metrics=record.metrics,
-                         model_version=record.model_version, created_at=_utc(record.created_at) or utcnow(),
-                         finished_at=_utc(record.finished_at))
+                         model_version=record.model_version, created_at=as_utc(record.created_at) or utcnow(),
+                         finished_at=as_utc(record.finished_at))
