@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import uvicorn
 from controlplane._fleet import Fleet
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
+from controlplane.broker import free_port
 from controlplane.settings import Settings
 
 __all__ = ["DEMO_PROFILES", "run_demo"]
@@ -28,11 +28,6 @@ __all__ = ["DEMO_PROFILES", "run_demo"]
 DEMO_PROFILES = ["raspberry-pi-5", "coral-dev-board", "jetson-orin-nano", "raspberry-pi-4",
                  "raspberry-pi-zero-2w", "x86-gateway"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Server:
@@ -77,7 +72,7 @@ def run_demo(*, agents: int = 4, duration_s: float = 20.0, broker_url: str | Non
         tmp = tempfile.TemporaryDirectory(prefix="edgefleet-demo-")
         data_dir = Path(tmp.name)
     settings = Settings(data_dir=data_dir / "controlplane", broker_url=broker_url,
-                        embedded_broker_port=_free_port(), database_url=None)
+                        embedded_broker_port=free_port(), database_url=None)
     fleet = Fleet(settings)
     procs: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
@@ -87,7 +82,7 @@ def run_demo(*, agents: int = 4, duration_s: float = 20.0, broker_url: str | Non
         _say(f"[demo] control plane up: broker {fleet.broker.url} ({'embedded' if fleet.embedded else 'external'}),"
              f" database {fleet.settings.database_url}")
         _, token = create_token(fleet.engine, Role.ADMIN, "demo")
-        port = _free_port()
+        port = free_port()
         with _Server(create_app(fleet=fleet), port):
             url = f"http://127.0.0.1:{port}"
             api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from ._auth import BrokerAuth, NoBrokerAuth
 from ._credentials import CredentialsFile, EmbeddedBrokerAuth
 from ._dynsec import MosquittoDynsecAuth
-from ._embedded import EmbeddedBroker
+from ._embedded import EmbeddedBroker, free_port
 from ._errors import BrokerAuthError
 from ._passwords import hash_password, verify_password
 
@@ -24,6 +24,7 @@ __all__ = [
     "EmbeddedBrokerAuth",
     "MosquittoDynsecAuth",
     "NoBrokerAuth",
+    "free_port",
     "hash_password",
     "verify_password",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
+
+from controlplane.broker import free_port
 
 __all__ = ["Backend", "LocalBackend", "RayBackend", "RayHead", "Resources"]
 
@@ -108,11 +109,6 @@ def _is_worker(pid: int, out_dir: Path) -> bool:
     return b"federated.burst.worker" in cmdline and str(out_dir).encode() in cmdline
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 class RayHead:
     """A local Ray head (`ray start --head --block`) in its own process group, for the Jobs API on 127.0.0.1."""
@@ -120,8 +116,8 @@ class RayHead:
     def __init__(self, temp_dir: Path, num_cpus: int | None = None) -> None:
         self.temp_dir = temp_dir
         self.num_cpus = num_cpus or max(1, os.cpu_count() or 1)
-        self.port = _free_port()
-        self.dashboard_port = _free_port()
+        self.port = free_port()
+        self.dashboard_port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
