@@ -83,9 +83,12 @@ class LocalBackend:
             return "RUNNING"
         return "SUCCEEDED" if (out_dir / "result.json").is_file() else "FAILED"
 
-    def logs(self, backend_id: str) -> str:
+    def logs(self, backend_id: str, tail_bytes: int = 64 * 1024) -> str:
+        """The end of the worker's log (it grows by a line per epoch; the service polls it every second)."""
         try:
-            return (self._parse(backend_id)[1] / "worker.log").read_text(errors="replace")
+            with open(self._parse(backend_id)[1] / "worker.log", "rb") as fh:
+                fh.seek(max(0, fh.seek(0, os.SEEK_END) - tail_bytes))
+                return fh.read().decode(errors="replace")
         except (OSError, ValueError):
             return ""
 

@@ -27,6 +27,7 @@ __all__ = ["JobService", "decide_placement"]
 log = structlog.get_logger("edgefleet.jobs")
 
 PROGRESS_PREFIX = "EDGEFLEET_PROGRESS "
+LOG_WINDOW = 64 * 1024
 _ACTIVE = ("queued", "running")
 
 
@@ -204,7 +205,8 @@ class JobService:
         if backend is None or record.backend_job_id is None:
             return
         state = backend.status(record.backend_job_id)
-        logs = backend.logs(record.backend_job_id)
+        # Followed every second: only the end of the log matters (the latest progress, the tail shown to users).
+        logs = backend.logs(record.backend_job_id)[-LOG_WINDOW:]
         progress = _last_progress(logs)
         now = time.monotonic()
         with Session(self.engine) as session:
