@@ -12,9 +12,10 @@ on the CPU (fp32) and, when ``torch.cuda.is_available()``, on CUDA (bf16 autocas
 "no CUDA device here". samples/s is the worker's own figure: optimiser steps only (checkpoint writes and the
 held-out evaluation excluded), median over ``--repeats``. ``wall`` is the whole ``run_job`` call.
 
-Ray row: when ``ray`` is importable, the same digits job in-process vs as a Ray task (``ray.remote(run_job)``)
-on a local Ray (``ray.init`` with ``--ray-cpus``): submit -> result wall time, the difference is the overhead.
-Without ``ray`` the row is reported as unavailable (never estimated).
+Job overhead: the same digits finetune (a) in-process (``run_job``), (b) through the control plane's
+``LocalBackend`` (a worker process), (c) through its ``RayBackend`` (Ray Jobs API on a local head started here, as
+the control plane does): submit -> terminal status, polled every 50 ms (the control plane polls every second).
+Without ``ray`` that row is reported as unavailable (never estimated).
 """
 
 from __future__ import annotations
@@ -112,14 +113,29 @@ def _throughput(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str | N
     return rows, cuda_note
 
 
-def _ray_overhead(args: argparse.Namespace) -> dict[str, Any]:
-    if importlib.util.find_spec("ray") is None:
-        return {"available": False, "reason": "ray is not importable in this environment"}
-    import ray
+def _backend_job_s(backend: Any, spec: JobSpec, job_id: int, poll_s: float = 0.05) -> float:
+    """Submit -> terminal state through a control-plane backend, the way JobService drives it."""
+    import msgspec
 
-    from federated.burst.worker import run_job
+    with tempfile.TemporaryDirectory(prefix="burst-bench-job-") as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_bytes(msgspec.json.encode(spec))
+        started = time.perf_counter()
+        backend_id = backend.submit(job_id, spec_path, Path(tmp) / "out", {"cpus": 1.0, "memory_gb": 1.0})
+        while (state := backend.status(backend_id)) in ("PENDING", "RUNNING"):
+            time.sleep(poll_s)
+        elapsed = time.perf_counter() - started
+        result = json.loads((Path(tmp) / "out" / "result.json").read_text()) if state == "SUCCEEDED" else {}
+        if result.get("status") != "succeeded":
+            raise RuntimeError(f"{backend.name} job {backend_id}: {state}: {backend.logs(backend_id)[-1500:]}")
+    return elapsed
 
-    spec = JobSpec(job_id="bench-ray", kind="finetune", epochs=args.epochs, batch_size=args.batch_size,
+
+def _job_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    """The same digits finetune in-process, as a local worker process, and as a Ray job (Jobs API)."""
+    from controlplane.jobs.backends import LocalBackend, RayBackend
+
+    spec = JobSpec(job_id="bench-overhead", kind="finetune", epochs=args.epochs, batch_size=args.batch_size,
                    lr=1e-3, device="cpu", checkpoint_every_steps=10**9)
 
     def in_process() -> float:
@@ -127,33 +143,40 @@ def _ray_overhead(args: argparse.Namespace) -> dict[str, Any]:
         _quiet(_run, spec, None)
         return time.perf_counter() - started
 
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
-    try:
-        remote = ray.remote(num_cpus=1)(lambda s, d: run_job(s, d))
+    local = LocalBackend()
+    in_process_s = [in_process() for _ in range(args.repeats)]
+    local_s = [_backend_job_s(local, spec, i) for i in range(args.repeats)]
+    out: dict[str, Any] = {
+        "in_process_s": round(statistics.median(in_process_s), 3),
+        "local_process_s": round(statistics.median(local_s), 3),
+        "local_process_ratio": round(statistics.median(local_s) / statistics.median(in_process_s), 2),
+    }
+    if importlib.util.find_spec("ray") is None:
+        return {**out, "ray": {"available": False, "reason": "ray is not importable (pip install 'edgefleet[burst]')"}}
+    import ray
 
-        def via_ray() -> float:
-            with tempfile.TemporaryDirectory(prefix="burst-bench-ray-") as tmp:
-                started = time.perf_counter()
-                result = ray.get(remote.remote(spec, tmp))
-                if result["status"] != "succeeded":
-                    raise RuntimeError(f"ray task: {result['status']}: {result['error']}")
-                return time.perf_counter() - started
-
-        first_task_s = via_ray()  # cold: the first task starts a worker process and imports torch there
-        local = [in_process() for _ in range(args.repeats)]
-        ray_s = [via_ray() for _ in range(args.repeats)]
-    finally:
-        ray.shutdown()
-    return {
+    with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
+        backend = RayBackend(Path(tmp))
+        try:
+            started = time.perf_counter()
+            backend._jobs()  # starts the local head, as the first burst job does
+            head_start_s = time.perf_counter() - started
+            first_job_s = _backend_job_s(backend, spec, 100)
+            ray_s = [_backend_job_s(backend, spec, 101 + i) for i in range(args.repeats)]
+        finally:
+            backend.close()
+    median = statistics.median(ray_s)
+    out["ray"] = {
         "available": True,
         "ray_version": ray.__version__,
-        "in_process_s": round(statistics.median(local), 3),
-        "ray_task_s": round(statistics.median(ray_s), 3),
-        "overhead_s": round(statistics.median(ray_s) - statistics.median(local), 3),
-        "first_task_s": round(first_task_s, 3),
-        "note": "ray.remote(run_job) on a local Ray; first_task_s is a cold worker (process start, torch "
-                "import); a Ray *job* (entrypoint python -m federated.burst.worker) also starts a driver process",
+        "head_start_s": round(head_start_s, 3),
+        "first_job_s": round(first_job_s, 3),
+        "job_s": round(median, 3),
+        "job_s_all": [round(x, 3) for x in ray_s],
+        "overhead_s": round(median - statistics.median(in_process_s), 3),
+        "ratio": round(median / statistics.median(in_process_s), 2),
     }
+    return out
 
 
 def main() -> int:
@@ -163,7 +186,6 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "burst.json")
     args = parser.parse_args()
 
@@ -172,7 +194,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows, cuda_note = _throughput(args)
-    ray_row = _ray_overhead(args)
+    overhead = _job_overhead(args)
 
     print(f"\nfinetune, digits pool (1437 samples), {args.epochs} epochs, batch {args.batch_size}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
@@ -188,10 +210,18 @@ def main() -> int:
     for model in dict.fromkeys(r["model"] for r in rows):
         if (model, "cuda") in by_key:
             print(f"{model}: cuda / cpu = {by_key[(model, 'cuda')] / by_key[(model, 'cpu')]:.1f}x")
+    print(f"\njob overhead: the digits finetune ({args.epochs} epochs) submitted -> finished")
+    print(f"{'how':<34} {'seconds':>8} {'vs in-process':>14}")
+    base = overhead["in_process_s"]
+    print(f"{'in-process run_job':<34} {base:>8.2f} {'1.00x':>14}")
+    print(f"{'local worker process':<34} {overhead['local_process_s']:>8.2f} "
+          f"{overhead['local_process_ratio']:>13.2f}x")
+    ray_row = overhead["ray"]
     if ray_row["available"]:
-        print(f"ray {ray_row['ray_version']}: in-process {ray_row['in_process_s']}s, as a Ray task "
-              f"{ray_row['ray_task_s']}s (warm worker), overhead {ray_row['overhead_s']}s; "
-              f"first task on a cold worker {ray_row['first_task_s']}s")
+        print(f"{'Ray job (Jobs API, warm head)':<34} {ray_row['job_s']:>8.2f} {ray_row['ratio']:>13.2f}x")
+        print(f"{'Ray job, first on the head':<34} {ray_row['first_job_s']:>8.2f} "
+              f"{ray_row['first_job_s'] / base:>13.2f}x")
+        print(f"{'local Ray head start (once)':<34} {ray_row['head_start_s']:>8.2f}")
     else:
         print(f"ray: unavailable ({ray_row['reason']})")
 
@@ -209,7 +239,7 @@ def main() -> int:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "throughput": rows,
         "cuda_note": cuda_note,
-        "ray": ray_row,
+        "job_overhead": overhead,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")

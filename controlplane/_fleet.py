@@ -104,12 +104,13 @@ class Fleet:
                                     self.settings.data_dir / "builds")
         self.runner = FlowerRoundRunner(self.settings.data_dir / "flower", self.devices,
                                         superlink_host=self.settings.superlink_host) if _installed("flwr") else None
-        self.rounds = RoundService(self.engine, runner=self.runner, post_round=self._post_round)
         backends: dict[str, Backend] = {"local": LocalBackend()}
         if _installed("ray"):
             backends["burst"] = RayBackend(self.settings.data_dir / "ray", address=self.settings.ray_address)
         self.jobs = JobService(self.engine, self.settings.data_dir / "jobs", backends, self.models, self.builder)
         self.jobs.start()
+        self.rounds = RoundService(self.engine, runner=self.runner, post_round=self._post_round, jobs=self.jobs)
+        self.rounds.recover()
         self.schedules = RoundScheduler(self.engine, on_fire=self._on_schedule, validate=self.rounds.validate)
         if self.settings.run_scheduler:
             self.schedules.start()
@@ -173,6 +174,9 @@ class Fleet:
         schedules = self.__dict__.get("schedules")
         if schedules is not None:
             schedules.stop()
+        rounds = self.__dict__.get("rounds")
+        if rounds is not None:
+            rounds.stop()
         jobs = self.__dict__.get("jobs")
         if jobs is not None:
             jobs.stop()

@@ -243,8 +243,11 @@ def _job_line(job: dict[str, Any]) -> str:
     progress = job.get("progress") or {}
     where = f"{job['placement']}" + (f" ({job['backend_job_id']})" if job.get("backend_job_id") else "")
     step = f" epoch {progress.get('epoch')} loss {progress.get('loss')}" if progress else ""
+    accuracy = (job.get("metrics") or {}).get("accuracy")
+    result = f" accuracy {accuracy:.4f}" if isinstance(accuracy, float) else ""
+    of_round = f" (round {job['round_id']})" if job.get("round_id") is not None else ""
     return (f"#{job['id']:<4} {job['kind']:<9} {job['status']:<10} {where:<40} model {job.get('model_version')}"
-            f"{step}")
+            f"{result}{step}{of_round}")
 
 
 @jobs_app.command("submit")
@@ -326,6 +329,8 @@ def demo(
     strategy: Annotated[StrategyOption, typer.Option(help="Flower strategy.")] = StrategyOption.fedavg,
     alpha: Annotated[float, typer.Option(help="Dirichlet alpha of the devices' non-IID data.")] = 0.5,
     learn: Annotated[bool, typer.Option(help="Run the learning loop (needs edgefleet[train,build]).")] = True,
+    burst: Annotated[JobKindOption | None, typer.Option(
+        help="Attach this burst job to the round: it runs on the federated result before the build.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary as JSON.")] = None,
     broker: Annotated[str | None, typer.Option(help="Use this broker instead of the embedded one.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Demo state (default: a temporary directory).")] = None,
@@ -337,7 +342,8 @@ def demo(
 
     configure_logging("warning")
     summary = run_demo(agents=agents, duration_s=duration, broker_url=broker, data_dir=data_dir, rounds=rounds,
-                       alpha=alpha, strategy=strategy.value, learn=None if learn else False)
+                       alpha=alpha, strategy=strategy.value, learn=None if learn else False,
+                       burst=None if burst is None else burst.value)
     if json_path is not None:
         json_path.write_text(json.dumps(summary, indent=2))
         typer.echo(f"summary written to {json_path}")

@@ -57,10 +57,11 @@ def _say(text: str) -> None:
 
 def run_demo(*, agents: int = 4, duration_s: float = 20.0, broker_url: str | None = None,
              data_dir: Path | None = None, rounds: int = 3, alpha: float = 0.5, strategy: str = "fedavg",
-             learn: bool | None = None) -> dict[str, Any]:
+             learn: bool | None = None, burst: str | None = None) -> dict[str, Any]:
     """The whole loop: fleet up → scheduled federated rounds → build, gate, sign → rollout → on-device inference.
 
-    `learn=False` (or no flwr installed) runs the fleet part only: enrol, telemetry, commands.
+    `learn=False` (or no flwr installed) runs the fleet part only: enrol, telemetry, commands. `burst` ("qat",
+    "finetune", "distill") attaches that burst job to the round: it runs on the federated result before the build.
     """
     _quiet_ml_logs()
     if learn is None:
@@ -90,7 +91,8 @@ def run_demo(*, agents: int = 4, duration_s: float = 20.0, broker_url: str | Non
             procs = _start_agents(api, agents, data_dir, url, partitions)
             summary = _watch(api, procs, 8.0 if learn else duration_s)
             if learn:
-                summary.update(_learn(api, fleet, rounds=rounds, strategy=strategy, partitions=partitions))
+                summary.update(_learn(api, fleet, rounds=rounds, strategy=strategy, partitions=partitions,
+                                      burst=burst))
                 _say(f"[demo] on-device inference with the new model for {duration_s:.0f} s")
                 time.sleep(duration_s)
             summary["devices"] = _fleet_table(api, summary.get("model_version"))
@@ -181,17 +183,20 @@ def _centralized_accuracy(paths: list[Path]) -> float:
 
 
 def _learn(api: httpx.Client, fleet: Fleet, *, rounds: int, strategy: str,
-           partitions: dict[str, Path]) -> dict[str, Any]:
+           partitions: dict[str, Path], burst: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    schedule = {"id": "demo-nightly", "interval_s": 1, "max_runs": 1,
+    schedule: dict[str, Any] = {"id": "demo-nightly", "interval_s": 1, "max_runs": 1,
                 "round": {"task": "digits", "strategy": strategy, "rounds": rounds, "min_clients": 2,
                           "local_epochs": 10, "learning_rate": 0.02, "round_timeout_s": 60, "deploy": True,
                           # Simulated batteries and links; and every "device" shares this machine's CPU, so
                           # the demo does not hold a busy CPU against them.
                           "eligibility": {"allow_metered": True, "min_battery_percent": 10,
                                           "max_cpu_percent": 100}}}
+    if burst is not None:
+        schedule["round"]["burst"] = {"kind": burst, "epochs": 3}
     api.post("/api/v1/schedules", json=schedule).raise_for_status()
-    _say(f"[demo] schedule 'demo-nightly' created: {rounds} round(s) of {strategy}, then build and roll out")
+    step = f", then a {burst} burst job" if burst else ""
+    _say(f"[demo] schedule 'demo-nightly' created: {rounds} round(s) of {strategy}{step}, then build and roll out")
     record: dict[str, Any] = {}
     t0 = time.monotonic()
     while time.monotonic() - t0 < 400:
@@ -217,6 +222,12 @@ def _learn(api: httpx.Client, fleet: Fleet, *, rounds: int, strategy: str,
     if participants and partitions:
         out["centralized_accuracy"] = _centralized_accuracy([partitions[d] for d in participants if d in partitions])
         _say(f"[demo] centralised training on the participants' pooled data: {out['centralized_accuracy']:.4f}")
+    if record.get("job_id") is not None:
+        job = api.get(f"/api/v1/jobs/{record['job_id']}").json()
+        out["burst_job"] = {k: job[k] for k in ("id", "kind", "status", "reason", "placement", "placement_reason",
+                                                "metrics", "model_version")}
+        _say(f"[demo] burst step: job {job['id']} {job['kind']} {job['status']} on {job['placement']} "
+             f"({job['placement_reason']}); accuracy {job['metrics'].get('accuracy')}")
     if record.get("status") != "succeeded":
         _say(f"[demo] round failed: {record.get('reason')}")
         return out

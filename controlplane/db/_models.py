@@ -186,6 +186,7 @@ class RoundRecord(SQLModel, table=True):
     metrics: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     flower_run_id: str | None = Field(default=None, max_length=32)
     model_version: str | None = Field(default=None, max_length=64)
+    job_id: int | None = None  # the burst step's job
     result_token: str = Field(max_length=64)
     created_at: datetime = _ts(nullable=False)
     finished_at: datetime | None = _ts(nullable=True)
@@ -220,6 +221,7 @@ class JobRecord(SQLModel, table=True):
     model_version: str | None = Field(default=None, max_length=64)
     out_dir: str
     deploy: bool = False
+    round_id: int | None = None  # the round this job is the burst step of
     created_at: datetime = _ts(nullable=False)
     started_at: datetime | None = _ts(nullable=True)
     finished_at: datetime | None = _ts(nullable=True)

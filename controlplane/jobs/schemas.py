@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-__all__ = ["JobCreate", "JobKind", "JobRead", "Placement", "Resources"]
+__all__ = ["BurstStep", "JobCreate", "JobKind", "JobRead", "Placement", "Resources"]
 
 
 class JobKind(enum.StrEnum):
@@ -46,6 +46,25 @@ class JobCreate(msgspec.Struct, forbid_unknown_fields=True):
     deploy: bool = False  # and roll it out to every device that can run it
 
 
+class BurstStep(msgspec.Struct, forbid_unknown_fields=True):
+    """A burst job a round runs on its federated result before the build (e.g. QAT to win back int8 accuracy)."""
+
+    kind: JobKind = JobKind.QAT
+    resources: Resources = msgspec.field(default_factory=Resources)
+    time_budget_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86_400)] = 600.0
+    epochs: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 5
+    learning_rate: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.005
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = 64
+    placement: Placement = Placement.AUTO
+    pending_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
+
+    def job(self, task: str, *, build: bool, deploy: bool) -> JobCreate:
+        return JobCreate(kind=self.kind, task=task, resources=self.resources, time_budget_s=self.time_budget_s,
+                         epochs=self.epochs, learning_rate=self.learning_rate, batch_size=self.batch_size,
+                         placement=self.placement, pending_timeout_s=self.pending_timeout_s, build=build,
+                         deploy=deploy)
+
+
 class JobRead(msgspec.Struct):
     id: int
     kind: str
@@ -59,6 +78,7 @@ class JobRead(msgspec.Struct):
     metrics: dict[str, Any]
     logs_tail: str
     model_version: str | None
+    round_id: int | None  # the federated round whose burst step this is
     backend_job_id: str | None
     created_at: datetime
     started_at: datetime | None

@@ -22,13 +22,17 @@ from controlplane.models.build import ModelBuilder
 from controlplane.models.service import ModelService
 from firmware_profiles import ProfileError, get_profile
 
-__all__ = ["JobService", "decide_placement"]
+__all__ = ["JobService", "JobServiceStopped", "decide_placement"]
 
 log = structlog.get_logger("edgefleet.jobs")
 
 PROGRESS_PREFIX = "EDGEFLEET_PROGRESS "
 LOG_WINDOW = 64 * 1024
 _ACTIVE = ("queued", "running")
+
+
+class JobServiceStopped(RuntimeError):
+    """The control plane is shutting down: whoever waits on a job stops waiting (the job itself goes on)."""
 
 
 def decide_placement(data: JobCreate, cost: dict[str, Any], budgets: dict[str, Any]) -> tuple[str, str]:
@@ -66,7 +70,9 @@ class JobService:
         self._queued_since: dict[int, float] = {}
 
     # -- API -------------------------------------------------------------------------------------------------
-    def submit(self, data: JobCreate) -> JobRead:
+    def submit(self, data: JobCreate, *, base_weights: Path | None = None, round_id: int | None = None) -> JobRead:
+        """Decide where the job runs, record it and hand it to that backend. `base_weights` (a state_dict .npz,
+        e.g. a round's result) stands in for `base_model_version`; `round_id` links a round's burst step."""
         from federated.burst.spec import estimate_cost
         from federated.tasks import get_task
 
@@ -74,21 +80,24 @@ class JobService:
             task = get_task(data.task)
         except (LookupError, ValueError, ImportError) as exc:
             raise InvalidInput(str(exc)) from None
-        base_weights = None
+        self.check(data)
+        if base_weights is not None and not base_weights.is_file():
+            raise InvalidInput(f"no weights to start from at {base_weights}")
         if data.base_model_version is not None:
             model = self.models.get(data.base_model_version)
-            base_weights = str(self.builder.build_dir / model.version / "weights.npz")
-            if not Path(base_weights).is_file():
+            base_weights = self.builder.build_dir / model.version / "weights.npz"
+            if not base_weights.is_file():
                 raise InvalidInput(f"model {data.base_model_version} has no stored weights to start from")
         with Session(self.engine) as session:
             record = JobRecord(kind=str(data.kind), task=data.task, spec={}, resources=msgspec.to_builtins(
                 data.resources), placement="local", placement_reason="", out_dir="", deploy=data.deploy,
-                created_at=utcnow())
+                round_id=round_id, created_at=utcnow())
             session.add(record)
             session.flush()
             assert record.id is not None
             job_id = record.id
-            spec = {"job_id": str(job_id), "kind": str(data.kind), "task": data.task, "base_weights": base_weights,
+            spec = {"job_id": str(job_id), "kind": str(data.kind), "task": data.task,
+                    "base_weights": None if base_weights is None else str(base_weights),
                     "epochs": data.epochs, "lr": data.learning_rate, "batch_size": data.batch_size,
                     "time_budget_s": data.time_budget_s, "seed": job_id, "checkpoint_every_steps": 50,
                     "device": "auto", "teacher_hidden": 512}
@@ -103,6 +112,15 @@ class JobService:
         self._launch(job_id)
         return self.get(job_id)
 
+    def check(self, data: JobCreate) -> None:
+        """Refuse what cannot run here whatever the fleet: accelerators without a burst backend, or locally."""
+        accelerators = bool(data.resources.gpus or data.resources.tpus)
+        if data.placement is Placement.LOCAL and accelerators:
+            decide_placement(data, {}, {})  # raises, naming what was asked
+        if (accelerators or data.placement is Placement.BURST) and "burst" not in self.backends:
+            raise InvalidInput("the job needs the burst backend (Ray), which is not installed here: "
+                               "pip install 'edgefleet[burst]'")
+
     def get(self, job_id: int) -> JobRead:
         with Session(self.engine) as session:
             record = session.get(JobRecord, job_id)
@@ -114,6 +132,18 @@ class JobService:
         with Session(self.engine) as session:
             rows = session.exec(select(JobRecord).order_by(col(JobRecord.id).desc()).limit(limit))
             return [self._read(r) for r in rows]
+
+    def wait(self, job_id: int, timeout: float | None = None, poll_s: float = 0.5) -> JobRead:
+        """Block until the job has ended (its own pending timeout and time budget bound this) or `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if job.status not in _ACTIVE:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.status} after {timeout:.0f} s")
+            if self._stop.wait(poll_s):
+                raise JobServiceStopped(f"stopped while waiting on job {job_id}")
 
     def cancel(self, job_id: int) -> JobRead:
         with Session(self.engine) as session:
@@ -252,7 +282,10 @@ class JobService:
         with Session(self.engine) as session:
             row = session.get(JobRecord, record.id)
             assert row is not None
-            row.metrics = {k: v for k, v in result.items() if k not in ("status",)}
+            # One flat dict: the model's metrics (accuracy, loss, ...) beside how it ran (device, dtype, steps).
+            trained = result.get("metrics")
+            row.metrics = {**{k: v for k, v in result.items() if k not in ("status", "metrics")},
+                           **(trained if isinstance(trained, dict) else {})}
             session.add(row)
             session.commit()
         if status != "succeeded":
@@ -262,8 +295,11 @@ class JobService:
         version = None
         if record.spec.get("build", True):
             try:
+                # A round's burst step names the model after the round it refines.
+                name = (f"round-{record.round_id}-{record.kind}" if record.round_id is not None
+                        else f"job-{record.id}-{record.kind}")
                 version = self.builder.build(task_name=record.task, weights_path=out_dir / "weights.npz",
-                                             model_version=f"job-{record.id}-{record.kind}",
+                                             model_version=name,
                                              source=ModelSource(kind="burst", id=str(record.id)),
                                              deploy=record.deploy)
             except Exception as exc:
@@ -303,7 +339,7 @@ class JobService:
         return JobRead(id=record.id, kind=record.kind, task=record.task, status=record.status, reason=record.reason,
                        placement=record.placement, placement_reason=record.placement_reason,
                        resources=record.resources, progress=record.progress, metrics=record.metrics,
-                       logs_tail=record.logs_tail, model_version=record.model_version,
+                       logs_tail=record.logs_tail, model_version=record.model_version, round_id=record.round_id,
                        backend_job_id=record.backend_job_id, created_at=as_utc(record.created_at) or utcnow(),
                        started_at=as_utc(record.started_at), finished_at=as_utc(record.finished_at))
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from controlplane.jobs.schemas import BurstStep
 from controlplane.rounds.eligibility import EligibilityRule
 
 __all__ = ["RoundCreate", "RoundRead", "ScheduleCreate", "ScheduleRead", "Strategy"]
@@ -34,6 +35,9 @@ class RoundCreate(msgspec.Struct, forbid_unknown_fields=True):
     learning_rate: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.01
     proximal_mu: Annotated[float, msgspec.Meta(ge=0)] = 0.1  # FedProx only
     round_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 120.0
+    # A burst job (e.g. {"kind": "qat"}) run on the federated result before the build: the model built, signed
+    # and rolled out is then the job's.
+    burst: BurstStep | None = None
     build: bool = True  # build, gate and sign TFLite variants of the result
     deploy: bool = False  # then roll the new model out to every device that can run it
 
@@ -51,6 +55,7 @@ class RoundRead(msgspec.Struct):
     skipped: dict[str, str]  # device id -> why it was not invited (or dropped out)
     metrics: list[dict[str, Any]]  # per Flower round: round, accuracy, loss, participants
     model_version: str | None
+    job_id: int | None  # the burst step's job, when the round has one
     created_at: datetime
     finished_at: datetime | None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
@@ -14,6 +15,7 @@ from sqlmodel import Session, col, select
 
 from controlplane._errors import InvalidInput, NotFound
 from controlplane.db import Device, RoundRecord, as_utc, utcnow
+from controlplane.jobs.service import JobService, JobServiceStopped
 from controlplane.rounds.eligibility import decide, invite_count
 from controlplane.rounds.schemas import RoundCreate, RoundRead
 from firmware_profiles import ProfileError, get_profile
@@ -45,11 +47,18 @@ PostRound = Callable[[int, RoundCreate, RoundOutcome], str | None]
 
 
 class RoundService:
-    def __init__(self, engine: Engine, runner: RoundRunner | None, post_round: PostRound | None = None) -> None:
+    def __init__(self, engine: Engine, runner: RoundRunner | None, post_round: PostRound | None = None,
+                 jobs: JobService | None = None) -> None:
         self.engine = engine
         self.runner = runner
         self.post_round = post_round
+        self.jobs = jobs  # runs a round's burst step
         self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Before the SuperLink and the database go: rounds in flight stay recorded as running (see recover())."""
+        self._stopping.set()
 
     def validate(self, data: RoundCreate) -> None:
         from federated.tasks import get_task
@@ -61,6 +70,27 @@ class RoundService:
                                f"unknown task {data.task!r}: {exc}") from None
         if data.max_clients is not None and data.max_clients < data.min_clients:
             raise InvalidInput(f"max_clients {data.max_clients} < min_clients {data.min_clients}")
+        if data.burst is not None:
+            if self.jobs is None:
+                raise InvalidInput("burst: this control plane runs no burst jobs")
+            try:
+                self.jobs.check(data.burst.job(data.task, build=data.build, deploy=data.deploy))
+            except InvalidInput as exc:
+                raise InvalidInput(f"burst: {exc}") from None
+
+    def recover(self) -> None:
+        """After a restart: a round waiting on its burst job waits again (the job was re-attached); a round whose
+        Flower run the restart cut off is failed with that reason, never left running."""
+        with Session(self.engine) as session:
+            rows = list(session.exec(select(RoundRecord).where(col(RoundRecord.status).in_(("pending", "running")))))
+        for record in rows:
+            assert record.id is not None
+            if record.job_id is not None and self.jobs is not None:
+                log.info("round.reattached", round_id=record.id, job_id=record.job_id)
+                self._spawn(self._resume, record.id, record.job_id)
+            else:
+                self._update(record.id, status="failed", reason="the control plane restarted during the Flower run",
+                             finished=True)
 
     # -- API -------------------------------------------------------------------------------------------------
     def start(self, data: RoundCreate, schedule_id: str | None = None, *, wait: bool = False) -> RoundRead:
@@ -81,13 +111,16 @@ class RoundService:
             round_id = record.id
         log.info("round.planned", round_id=round_id, invited=invited, skipped=len(skipped))
         if len(invited) >= data.min_clients:
-            thread = threading.Thread(target=self._execute, args=(round_id, data, invited), name=f"round-{round_id}",
-                                      daemon=True)
-            self._threads.append(thread)
-            thread.start()
+            thread = self._spawn(self._execute, round_id, data, invited)
             if wait:
                 thread.join()
         return self.get(round_id)
+
+    def _spawn(self, target: Callable[..., None], round_id: int, *args: Any) -> threading.Thread:
+        thread = threading.Thread(target=target, args=(round_id, *args), name=f"round-{round_id}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return thread
 
     def get(self, round_id: int) -> RoundRead:
         with Session(self.engine) as session:
@@ -144,6 +177,10 @@ class RoundService:
                 raise RuntimeError("no federated runtime (install edgefleet[train])")
             outcome = self.runner.run(round_id, data, invited)
         except Exception as exc:
+            if self._stopping.is_set():
+                # The SuperLink went down with the control plane: recover() marks the round on the next start.
+                log.info("round.interrupted_by_shutdown", round_id=round_id)
+                return
             log.exception("round.failed", round_id=round_id)
             self._update(round_id, status="failed", reason=f"{type(exc).__name__}: {exc}", finished=True)
             return
@@ -153,20 +190,59 @@ class RoundService:
             self._update(round_id, status="failed", reason=outcome.reason, finished=True)
             return
         version = None
-        if data.build and self.post_round is not None:
-            try:
+        try:
+            if data.burst is not None:
+                version = self._burst_step(round_id, data, outcome)
+            elif data.build and self.post_round is not None:
                 version = self.post_round(round_id, data, outcome)
-            except Exception as exc:
-                log.exception("round.build_failed", round_id=round_id)
-                self._update(round_id, status="failed", reason=f"build failed: {exc}", finished=True)
-                return
+        except _BurstStepFailed as exc:
+            self._update(round_id, status="failed", reason=str(exc), finished=True)
+            return
+        except JobServiceStopped:
+            return  # shutting down: the round stays running with its job, and recover() picks it up again
+        except Exception as exc:
+            log.exception("round.build_failed", round_id=round_id)
+            self._update(round_id, status="failed", reason=f"build failed: {exc}", finished=True)
+            return
+        self._update(round_id, status="succeeded", model_version=version, finished=True)
+        log.info("round.succeeded", round_id=round_id, model_version=version)
+
+    def _burst_step(self, round_id: int, data: RoundCreate, outcome: RoundOutcome) -> str | None:
+        """The round's result goes through a burst job (e.g. QAT) whose output is what gets built and signed."""
+        assert data.burst is not None
+        if self.jobs is None or outcome.weights_path is None:
+            raise _BurstStepFailed("burst step: no job service or no weights from the Flower run")
+        try:
+            job = self.jobs.submit(data.burst.job(data.task, build=data.build, deploy=data.deploy),
+                                   base_weights=Path(outcome.weights_path), round_id=round_id)
+        except Exception as exc:
+            raise _BurstStepFailed(f"burst step could not be submitted: {exc}") from exc
+        self._update(round_id, job_id=job.id)
+        log.info("round.burst_step", round_id=round_id, job_id=job.id, kind=job.kind, placement=job.placement)
+        return self._await_job(job.id)
+
+    def _await_job(self, job_id: int) -> str | None:
+        assert self.jobs is not None
+        job = self.jobs.wait(job_id)
+        if job.status != "succeeded":
+            raise _BurstStepFailed(f"burst step (job {job_id}, {job.kind}) {job.status}: {job.reason}")
+        return job.model_version
+
+    def _resume(self, round_id: int, job_id: int) -> None:
+        try:
+            version = self._await_job(job_id)
+        except JobServiceStopped:
+            return
+        except (_BurstStepFailed, NotFound) as exc:
+            self._update(round_id, status="failed", reason=str(exc), finished=True)
+            return
         self._update(round_id, status="succeeded", model_version=version, finished=True)
         log.info("round.succeeded", round_id=round_id, model_version=version)
 
     def _update(self, round_id: int, *, status: str | None = None, reason: str | None = None,
                 metrics: list[dict[str, Any]] | None = None, participants: list[str] | None = None,
                 skipped_extra: dict[str, str] | None = None, model_version: str | None = None,
-                finished: bool = False) -> None:
+                job_id: int | None = None, finished: bool = False) -> None:
         with Session(self.engine) as session:
             record = session.get(RoundRecord, round_id)
             assert record is not None
@@ -182,6 +258,8 @@ class RoundService:
                 record.skipped = {**record.skipped, **skipped_extra}
             if model_version is not None:
                 record.model_version = model_version
+            if job_id is not None:
+                record.job_id = job_id
             if finished:
                 record.finished_at = utcnow()
             session.add(record)
@@ -193,5 +271,10 @@ class RoundService:
         return RoundRead(id=record.id, schedule_id=record.schedule_id, task=record.task, strategy=record.strategy,
                          status=record.status, reason=record.reason, config=record.config, invited=record.invited,
                          participants=record.participants, skipped=record.skipped, metrics=record.metrics,
-                         model_version=record.model_version, created_at=as_utc(record.created_at) or utcnow(),
+                         model_version=record.model_version, job_id=record.job_id,
+                         created_at=as_utc(record.created_at) or utcnow(),
                          finished_at=as_utc(record.finished_at))
+
+
+class _BurstStepFailed(RuntimeError):
+    """The round's burst job did not produce a model (its reason is the round's)."""

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
-from controlplane.auth import Role, verify_token
+from controlplane._fleet import Fleet
+from controlplane.app import create_app
+from controlplane.auth import Role, create_token, verify_token
 from controlplane.cli import app
 from controlplane.db import create_db_engine
+from controlplane.demo import _Server
+from tests._services import fleet_settings, free_port
 
 runner = CliRunner()
 
@@ -72,3 +77,39 @@ def test_agent_rejects_a_bad_broker_url(tmp_path: Path) -> None:
                                  "--broker", "http://x", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "scheme must be mqtt" in result.output
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_jobs_commands_against_a_running_control_plane(mosquitto_url: str, tmp_path: Path) -> None:
+    # Prepare: a served control plane and an operator token, as `edgefleet controlplane serve` gives
+    fleet = Fleet(fleet_settings(mosquitto_url, tmp_path / "cp")).start()
+    _, token = create_token(fleet.engine, Role.OPERATOR, "cli")
+    port = free_port()
+    common = ["--url", f"http://127.0.0.1:{port}", "--token", token]
+    try:
+        with _Server(create_app(fleet=fleet), port):
+            # Execute
+            submitted = runner.invoke(app, ["jobs", "submit", "finetune", "--epochs", "3", "--placement", "local",
+                                            *common])
+            listed = runner.invoke(app, ["jobs", "list", *common])
+            shown = runner.invoke(app, ["jobs", "show", "1", *common])
+            cancel_done = runner.invoke(app, ["jobs", "cancel", "1", *common])
+            long_job = runner.invoke(app, ["jobs", "submit", "finetune", "--epochs", "500", "--no-wait", *common])
+            cancelled = runner.invoke(app, ["jobs", "cancel", "2", *common])
+            refused = runner.invoke(app, ["jobs", "submit", "qat", "--gpus", "1", "--placement", "local", *common])
+            no_token = runner.invoke(app, ["jobs", "list", "--url", common[1]], env={"EDGEFLEET_TOKEN": ""})
+    finally:
+        fleet.stop()
+    # Assert
+    assert submitted.exit_code == 0, submitted.output
+    assert "job #1: local — placement=local requested" in submitted.stdout
+    assert "#1    finetune  succeeded" in submitted.stdout and "model job-1-finetune accuracy 0." in submitted.stdout
+    assert listed.exit_code == 0 and "#1    finetune  succeeded" in listed.stdout
+    job = json.loads(shown.stdout)
+    assert job["status"] == "succeeded" and job["metrics"]["accuracy"] > 0.5 and "EDGEFLEET_PROGRESS" in job["logs_tail"]
+    assert cancel_done.exit_code == 1 and "409: job 1 is already succeeded" in cancel_done.output
+    assert long_job.exit_code == 0 and "job #2:" in long_job.stdout
+    assert cancelled.exit_code == 0 and "#2    finetune  cancelled" in cancelled.stdout
+    assert refused.exit_code == 1 and "400: placement=local cannot provide 1 GPU" in refused.output
+    assert no_token.exit_code != 0 and "an API token is needed" in no_token.output

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,24 +60,36 @@ def test_local_job_builds_a_model_version(fleet: Fleet) -> None:
     done = fleet.jobs.get(job.id)
     assert done.placement == "local", done.placement_reason
     assert done.status == "succeeded", (done.reason, done.logs_tail[-500:])
-    assert done.metrics["metrics"]["accuracy"] > 0.9
+    assert done.metrics["accuracy"] > 0.9
     assert done.progress.get("epoch") is not None
     model = fleet.models.get(done.model_version or "")
     assert model.status == "ready" and model.source_kind == "burst" and model.source_id == str(job.id)
 
 
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-def test_cancel_a_running_job(fleet: Fleet) -> None:
+@pytest.mark.parametrize("placement", [Placement.LOCAL, pytest.param(Placement.BURST, marks=needs_ray)])
+def test_cancel_a_running_job(fleet: Fleet, placement: Placement) -> None:
     # Prepare
-    job = fleet.jobs.submit(JobCreate(kind=JobKind.FINETUNE, epochs=5000, time_budget_s=600,
-                                      placement=Placement.LOCAL))
-    wait_for(lambda: fleet.jobs.get(job.id).status == "running", timeout=60, what="job running")
+    job = fleet.jobs.submit(JobCreate(kind=JobKind.FINETUNE, epochs=5000, time_budget_s=600, placement=placement))
+    wait_for(lambda: fleet.jobs.get(job.id).progress.get("epoch") is not None, timeout=120, what="job training")
     # Execute
     cancelled = fleet.jobs.cancel(job.id)
-    # Assert
-    assert cancelled.status == "cancelled"
-    assert fleet.jobs.get(job.id).model_version is None
+    # Assert: recorded as cancelled, and the worker really stopped: it ended its step, kept its checkpoint and
+    # exported no weights
+    assert cancelled.status == "cancelled" and cancelled.reason == "cancelled by an operator"
+    backend = fleet.jobs.backends[str(placement)]
+    wait_for(lambda: backend.status(cancelled.backend_job_id or "") in ("STOPPED", "FAILED"), timeout=60,
+             what="worker stopped")
+    out_dir = Path(fleet.settings.data_dir) / "jobs" / f"job-{job.id}"
+    result = json.loads((out_dir / "result.json").read_text())
+    assert result["status"] == "cancelled" and result["checkpoint"] and result["epochs_done"] < 5000
+    assert not (out_dir / "weights.npz").exists()
+    time.sleep(1.5)  # a service step later, the record is unchanged
+    assert fleet.jobs.get(job.id).status == "cancelled" and fleet.jobs.get(job.id).model_version is None
 
 
 def test_invalid_jobs_are_400(fleet: Fleet) -> None:
@@ -88,9 +102,6 @@ def test_invalid_jobs_are_400(fleet: Fleet) -> None:
     assert bad_kind.status_code == 400 and "kind" in str(bad_kind.json())
     assert bad_task.status_code == 400 and "unknown task 'nope'" in bad_task.json()["detail"]
     assert missing.status_code == 404
-
-
-needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
 
 
 @needs_ray
