@@ -1,6 +1,7 @@
 """Burst worker training-step throughput (samples/s) on CPU vs CUDA, and the Ray job overhead.
 
-    python bench/burst.py [--hidden 2048] [--epochs 5] [--batch-size 256] [--repeats 3] [--threads N]
+    python bench/burst.py [--hidden 2048] [--epochs 5] [--long-epochs 1000] [--batch-size 256] [--repeats 3]
+                          [--threads N]
                           [--json bench/results/burst.json]
 
 Rows: ``finetune`` jobs of :func:`federated.burst.worker.run_job` on the digits pool (1437 samples) for
@@ -14,7 +15,8 @@ held-out evaluation excluded), median over ``--repeats``. ``wall`` is the whole 
 
 Job overhead: the same digits finetune (a) in-process (``run_job``), (b) through the control plane's
 ``LocalBackend`` (a worker process), (c) through its ``RayBackend`` (Ray Jobs API on a local head started here, as
-the control plane does): submit -> terminal status, polled every 50 ms (the control plane polls every second).
+the control plane does): submit -> terminal status, polled every 50 ms (the control plane polls every second);
+for a short job (``--epochs``: the fixed cost) and a longer one (``--long-epochs``).
 Without ``ray`` that row is reported as unavailable (never estimated).
 """
 
@@ -132,27 +134,31 @@ def _backend_job_s(backend: Any, spec: JobSpec, job_id: int, poll_s: float = 0.0
 
 
 def _job_overhead(args: argparse.Namespace) -> dict[str, Any]:
-    """The same digits finetune in-process, as a local worker process, and as a Ray job (Jobs API)."""
+    """The same digits finetune in-process, as a local worker process, and as a Ray job (Jobs API), for a short
+    job (``--epochs``: the fixed cost dominates) and a longer one (``--long-epochs``: what a real job pays)."""
     from controlplane.jobs.backends import LocalBackend, RayBackend
 
-    spec = JobSpec(job_id="bench-overhead", kind="finetune", epochs=args.epochs, batch_size=args.batch_size,
-                   lr=1e-3, device="cpu", checkpoint_every_steps=10**9)
+    def spec_for(epochs: int) -> JobSpec:
+        return JobSpec(job_id=f"bench-overhead-{epochs}", kind="finetune", epochs=epochs, batch_size=args.batch_size,
+                       lr=1e-3, device="cpu", checkpoint_every_steps=10**9)
 
-    def in_process() -> float:
+    def in_process(spec: JobSpec) -> float:
         started = time.perf_counter()
         _quiet(_run, spec, None)
         return time.perf_counter() - started
 
+    sizes = [args.epochs, args.long_epochs]
     local = LocalBackend()
-    in_process_s = [in_process() for _ in range(args.repeats)]
-    local_s = [_backend_job_s(local, spec, i) for i in range(args.repeats)]
-    out: dict[str, Any] = {
-        "in_process_s": round(statistics.median(in_process_s), 3),
-        "local_process_s": round(statistics.median(local_s), 3),
-        "local_process_ratio": round(statistics.median(local_s) / statistics.median(in_process_s), 2),
-    }
+    rows: list[dict[str, Any]] = []
+    for epochs in sizes:
+        spec = spec_for(epochs)
+        base = statistics.median(in_process(spec) for _ in range(args.repeats))
+        local_s = statistics.median(_backend_job_s(local, spec, i) for i in range(args.repeats))
+        rows.append({"epochs": epochs, "in_process_s": round(base, 3), "local_process_s": round(local_s, 3),
+                     "local_overhead_s": round(local_s - base, 3), "local_ratio": round(local_s / base, 2)})
     if importlib.util.find_spec("ray") is None:
-        return {**out, "ray": {"available": False, "reason": "ray is not importable (pip install 'edgefleet[burst]')"}}
+        return {"rows": rows, "ray": {"available": False,
+                                      "reason": "ray is not importable (pip install 'edgefleet[burst]')"}}
     import ray
 
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
@@ -161,22 +167,17 @@ def _job_overhead(args: argparse.Namespace) -> dict[str, Any]:
             started = time.perf_counter()
             backend._jobs()  # starts the local head, as the first burst job does
             head_start_s = time.perf_counter() - started
-            first_job_s = _backend_job_s(backend, spec, 100)
-            ray_s = [_backend_job_s(backend, spec, 101 + i) for i in range(args.repeats)]
+            first_job_s = _backend_job_s(backend, spec_for(args.epochs), 100)
+            for row in rows:
+                ray_s = [_backend_job_s(backend, spec_for(row["epochs"]), 101 + i) for i in range(args.repeats)]
+                median = statistics.median(ray_s)
+                row.update(ray_job_s=round(median, 3), ray_job_s_all=[round(x, 3) for x in ray_s],
+                           ray_overhead_s=round(median - row["in_process_s"], 3),
+                           ray_ratio=round(median / row["in_process_s"], 2))
         finally:
             backend.close()
-    median = statistics.median(ray_s)
-    out["ray"] = {
-        "available": True,
-        "ray_version": ray.__version__,
-        "head_start_s": round(head_start_s, 3),
-        "first_job_s": round(first_job_s, 3),
-        "job_s": round(median, 3),
-        "job_s_all": [round(x, 3) for x in ray_s],
-        "overhead_s": round(median - statistics.median(in_process_s), 3),
-        "ratio": round(median / statistics.median(in_process_s), 2),
-    }
-    return out
+    return {"rows": rows, "ray": {"available": True, "ray_version": ray.__version__,
+                                  "head_start_s": round(head_start_s, 3), "first_job_s": round(first_job_s, 3)}}
 
 
 def main() -> int:
@@ -185,6 +186,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--long-epochs", type=int, default=1000, help="the longer job of the overhead table")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "burst.json")
     args = parser.parse_args()
@@ -210,20 +212,19 @@ def main() -> int:
     for model in dict.fromkeys(r["model"] for r in rows):
         if (model, "cuda") in by_key:
             print(f"{model}: cuda / cpu = {by_key[(model, 'cuda')] / by_key[(model, 'cpu')]:.1f}x")
-    print(f"\njob overhead: the digits finetune ({args.epochs} epochs) submitted -> finished")
-    print(f"{'how':<34} {'seconds':>8} {'vs in-process':>14}")
-    base = overhead["in_process_s"]
-    print(f"{'in-process run_job':<34} {base:>8.2f} {'1.00x':>14}")
-    print(f"{'local worker process':<34} {overhead['local_process_s']:>8.2f} "
-          f"{overhead['local_process_ratio']:>13.2f}x")
-    ray_row = overhead["ray"]
-    if ray_row["available"]:
-        print(f"{'Ray job (Jobs API, warm head)':<34} {ray_row['job_s']:>8.2f} {ray_row['ratio']:>13.2f}x")
-        print(f"{'Ray job, first on the head':<34} {ray_row['first_job_s']:>8.2f} "
-              f"{ray_row['first_job_s'] / base:>13.2f}x")
-        print(f"{'local Ray head start (once)':<34} {ray_row['head_start_s']:>8.2f}")
+    ray_info = overhead["ray"]
+    print("\njob overhead: the digits finetune submitted -> finished (median seconds; x = vs in-process)")
+    print(f"{'epochs':>7} {'in-process':>11} {'local process':>20} {'Ray job (warm head)':>22}")
+    for row in overhead["rows"]:
+        ray_cell = (f"{row['ray_job_s']:>8.2f}s {row['ray_ratio']:>6.2f}x (+{row['ray_overhead_s']:.2f}s)"
+                    if "ray_job_s" in row else "unavailable")
+        print(f"{row['epochs']:>7} {row['in_process_s']:>10.2f}s {row['local_process_s']:>8.2f}s "
+              f"{row['local_ratio']:>6.2f}x (+{row['local_overhead_s']:.2f}s) {ray_cell}")
+    if ray_info["available"]:
+        print(f"ray {ray_info['ray_version']}: local head start {ray_info['head_start_s']:.2f}s (once), first job "
+              f"on it {ray_info['first_job_s']:.2f}s")
     else:
-        print(f"ray: unavailable ({ray_row['reason']})")
+        print(f"ray: unavailable ({ray_info['reason']})")
 
     report = {
         "date": time.strftime("%Y-%m-%d"),

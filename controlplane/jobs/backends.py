@@ -6,12 +6,14 @@ lines (`EDGEFLEET_PROGRESS {...}`) to its log, checkpoints, and `result.json` + 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +28,7 @@ __all__ = ["Backend", "LocalBackend", "RayBackend", "RayHead", "Resources"]
 log = structlog.get_logger("edgefleet.jobs")
 
 Resources = dict[str, float]
+LOG_WINDOW = 64 * 1024  # what the service keeps of a job's log: the latest progress and the tail users see
 
 
 class Backend(Protocol):
@@ -36,7 +39,8 @@ class Backend(Protocol):
     def status(self, backend_id: str) -> str:
         """PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED"""
 
-    def logs(self, backend_id: str) -> str: ...
+    def logs(self, backend_id: str, final: bool = False) -> str:
+        """The end of the job's log (at most LOG_WINDOW characters); `final` once the job has ended."""
 
     def stop(self, backend_id: str) -> None: ...
 
@@ -83,11 +87,11 @@ class LocalBackend:
             return "RUNNING"
         return "SUCCEEDED" if (out_dir / "result.json").is_file() else "FAILED"
 
-    def logs(self, backend_id: str, tail_bytes: int = 64 * 1024) -> str:
+    def logs(self, backend_id: str, final: bool = False) -> str:
         """The end of the worker's log (it grows by a line per epoch; the service polls it every second)."""
         try:
             with open(self._parse(backend_id)[1] / "worker.log", "rb") as fh:
-                fh.seek(max(0, fh.seek(0, os.SEEK_END) - tail_bytes))
+                fh.seek(max(0, fh.seek(0, os.SEEK_END) - LOG_WINDOW))
                 return fh.read().decode(errors="replace")
         except (OSError, ValueError):
             return ""
@@ -178,6 +182,7 @@ class RayBackend:
         self._address = address
         self._head: RayHead | None = None
         self._client: Any = None
+        self._tails: dict[str, _LogTail] = {}
 
     def _jobs(self) -> Any:
         if self._client is None:
@@ -206,14 +211,44 @@ class RayBackend:
     def status(self, backend_id: str) -> str:
         return str(self._jobs().get_job_status(backend_id).value)
 
-    def logs(self, backend_id: str) -> str:
-        return str(self._jobs().get_job_logs(backend_id))
+    def logs(self, backend_id: str, final: bool = False) -> str:
+        """Followed over the Jobs API's log websocket while the job runs (a full fetch each second would grow with
+        the log); fetched whole once at the end, so nothing the follower had not received yet is missed."""
+        tail = self._tails.get(backend_id)
+        if final or (tail is not None and tail.failed):
+            self._tails.pop(backend_id, None)
+            return str(self._jobs().get_job_logs(backend_id))[-LOG_WINDOW:]
+        if tail is None:
+            tail = self._tails[backend_id] = _LogTail(self._jobs(), backend_id)
+        return tail.text
 
     def stop(self, backend_id: str) -> None:
+        self._tails.pop(backend_id, None)
         self._jobs().stop_job(backend_id)
 
     def close(self) -> None:
+        self._tails.clear()  # their websockets end with the head (or the job)
         if self._head is not None:
             self._head.stop()
             self._head = None
         self._client = None
+
+
+class _LogTail:
+    """The last LOG_WINDOW characters of one Ray job's log, followed on a thread over the Jobs API websocket."""
+
+    def __init__(self, client: Any, backend_id: str) -> None:
+        self.text = ""
+        self.failed = False  # the websocket broke: the caller falls back to full fetches
+        self._client = client
+        self._id = backend_id
+        threading.Thread(target=asyncio.run, args=(self._follow(),), name=f"ray-logs-{backend_id}",
+                         daemon=True).start()
+
+    async def _follow(self) -> None:
+        try:
+            async for chunk in self._client.tail_job_logs(self._id):
+                self.text = (self.text + chunk)[-LOG_WINDOW:]  # one writer; readers see whole strings
+        except Exception as exc:  # noqa: BLE001 - a broken stream only costs the optimisation
+            log.info("ray.log_tail_broke", job=self._id, error=str(exc))
+            self.failed = True

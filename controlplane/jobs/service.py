@@ -16,7 +16,7 @@ from sqlmodel import Session, col, select
 from agent._manifest import ModelSource
 from controlplane._errors import Conflict, InvalidInput, NotFound
 from controlplane.db import Device, JobRecord, as_utc, utcnow
-from controlplane.jobs.backends import Backend
+from controlplane.jobs.backends import LOG_WINDOW, Backend
 from controlplane.jobs.schemas import JobCreate, JobRead, Placement
 from controlplane.models.build import ModelBuilder
 from controlplane.models.service import ModelService
@@ -27,8 +27,8 @@ __all__ = ["JobService", "JobServiceStopped", "decide_placement"]
 log = structlog.get_logger("edgefleet.jobs")
 
 PROGRESS_PREFIX = "EDGEFLEET_PROGRESS "
-LOG_WINDOW = 64 * 1024
 _ACTIVE = ("queued", "running")
+_ENDED = ("SUCCEEDED", "FAILED", "STOPPED")  # backend states
 
 
 class JobServiceStopped(RuntimeError):
@@ -236,7 +236,7 @@ class JobService:
             return
         state = backend.status(record.backend_job_id)
         # Followed every second: only the end of the log matters (the latest progress, the tail shown to users).
-        logs = backend.logs(record.backend_job_id)[-LOG_WINDOW:]
+        logs = backend.logs(record.backend_job_id, final=state in _ENDED)[-LOG_WINDOW:]
         progress = _last_progress(logs)
         now = time.monotonic()
         with Session(self.engine) as session:
@@ -266,7 +266,7 @@ class JobService:
             backend.stop(record.backend_job_id)
             self._finish(record.id, "timed_out", f"still running {budget:.0f} s after it started")
             return
-        if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+        if state in _ENDED:
             self._complete(record, state, logs)
 
     def _complete(self, record: JobRecord, state: str, logs: str) -> None:

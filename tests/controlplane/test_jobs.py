@@ -76,6 +76,10 @@ def test_cancel_a_running_job(fleet: Fleet, placement: Placement) -> None:
     # Prepare
     job = fleet.jobs.submit(JobCreate(kind=JobKind.FINETUNE, epochs=5000, time_budget_s=600, placement=placement))
     wait_for(lambda: fleet.jobs.get(job.id).progress.get("epoch") is not None, timeout=120, what="job training")
+    backend_id = fleet.jobs.get(job.id).backend_job_id or ""
+    if placement is Placement.BURST:  # progress came over the Jobs API's log stream, not full re-fetches
+        tail = fleet.jobs.backends["burst"]._tails[backend_id]  # type: ignore[attr-defined]
+        assert not tail.failed and "EDGEFLEET_PROGRESS" in tail.text
     # Execute
     cancelled = fleet.jobs.cancel(job.id)
     # Assert: recorded as cancelled, and the worker really stopped: it ended its step, kept its checkpoint and
