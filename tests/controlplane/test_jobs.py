@@ -147,3 +147,38 @@ def test_a_running_job_is_reattached_after_a_restart(mosquitto_url: str, tmp_pat
         assert done.model_version is not None
     finally:
         second.stop()
+
+
+@needs_ray
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_ray_job_cut_off_by_a_restart_resumes_from_its_checkpoint(mosquitto_url: str, tmp_path: Path) -> None:
+    # Prepare: a Ray job training on the local head when the control plane (and so its head) stops
+    settings = fleet_settings(mosquitto_url, tmp_path / "cp")
+    first = Fleet(settings).start()
+    job = first.jobs.submit(JobCreate(kind=JobKind.FINETUNE, epochs=2000, placement=Placement.BURST))
+    wait_for(lambda: int(first.jobs.get(job.id).progress.get("step") or 0) > 200, timeout=120,
+             what="job past a checkpoint")
+    first.stop()
+    out_dir = Path(settings.data_dir) / "jobs" / f"job-{job.id}"
+    # Execute
+    second = Fleet(settings).start()
+    try:
+        wait_for(lambda: second.jobs.get(job.id).status not in ("queued", "running"), timeout=240, what="job done")
+        # Assert: re-submitted to the new head, resumed where the checkpoint was, finished with a model
+        done = second.jobs.get(job.id)
+        assert done.status == "succeeded", (done.reason, done.logs_tail[-800:])
+        assert done.metrics["resumed_from_step"] and done.metrics["resumed_from_step"] >= 50
+        assert done.model_version is not None
+        # and the cut-off worker is gone: no two workers ever write the same job's directory
+        assert not [p for p in Path("/proc").glob("[0-9]*") if _is_worker_for(p, out_dir)]
+    finally:
+        second.stop()
+
+
+def _is_worker_for(proc: Path, out_dir: Path) -> bool:
+    try:
+        cmdline = (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"federated.burst.worker" in cmdline and str(out_dir).encode() in cmdline
