@@ -330,7 +330,13 @@ def _print_table(summary: dict[str, Any]) -> None:
             final = summary["rounds"][-1]["accuracy"]
             gap = (summary["centralized_accuracy"] - final) * 100
             _say(f"centralised training on the same data: {summary['centralized_accuracy']:.4f} "
-                 f"(federated is {gap:+.1f} points {'below' if gap > 0 else 'above'})")
+                 f"(federated is {abs(gap):.1f} points {'below' if gap > 0 else 'above'})")
+    if summary.get("burst_job"):
+        job = summary["burst_job"]
+        accuracy = (job.get("metrics") or {}).get("accuracy")
+        shown = f"{accuracy:.4f}" if isinstance(accuracy, float) else "-"
+        _say(f"burst step: job {job['id']} {job['kind']} on {job['placement']}: {job['status']}, accuracy {shown} "
+             f"-> {job.get('model_version')}")
     if summary.get("variants"):
         _say("")
         _say(f"{'PROFILE':<22} {'VARIANT':<13} {'SIZE B':>8} {'ACCURACY':>9}")
