@@ -30,10 +30,10 @@ class Resources(msgspec.Struct, forbid_unknown_fields=True):
     memory_gb: Annotated[float, msgspec.Meta(gt=0, le=4096)] = 1.0
 
 
-class JobCreate(msgspec.Struct, forbid_unknown_fields=True):
+class _Training(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How a burst job trains and where it may run."""
+
     kind: JobKind
-    task: str = "digits"
-    base_model_version: str | None = None
     resources: Resources = msgspec.field(default_factory=Resources)
     time_budget_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86_400)] = 600.0
     epochs: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
@@ -42,27 +42,24 @@ class JobCreate(msgspec.Struct, forbid_unknown_fields=True):
     placement: Placement = Placement.AUTO
     # How long the job may wait for its resources before it is given up as timed_out (Ray waits forever).
     pending_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
+
+
+class JobCreate(_Training, kw_only=True):
+    task: str = "digits"
+    base_model_version: str | None = None
     build: bool = True  # build, gate, sign the result as a model version
     deploy: bool = False  # and roll it out to every device that can run it
 
 
-class BurstStep(msgspec.Struct, forbid_unknown_fields=True):
+class BurstStep(_Training, kw_only=True):
     """A burst job a round runs on its federated result before the build (e.g. QAT to win back int8 accuracy)."""
 
     kind: JobKind = JobKind.QAT
-    resources: Resources = msgspec.field(default_factory=Resources)
-    time_budget_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86_400)] = 600.0
     epochs: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 5
     learning_rate: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.005
-    batch_size: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = 64
-    placement: Placement = Placement.AUTO
-    pending_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
 
     def job(self, task: str, *, build: bool, deploy: bool) -> JobCreate:
-        return JobCreate(kind=self.kind, task=task, resources=self.resources, time_budget_s=self.time_budget_s,
-                         epochs=self.epochs, learning_rate=self.learning_rate, batch_size=self.batch_size,
-                         placement=self.placement, pending_timeout_s=self.pending_timeout_s, build=build,
-                         deploy=deploy)
+        return JobCreate(**msgspec.structs.asdict(self), task=task, build=build, deploy=deploy)
 
 
 class JobRead(msgspec.Struct):
