@@ -183,6 +183,7 @@ class RayBackend:
         self._head: RayHead | None = None
         self._client: Any = None
         self._tails: dict[str, _LogTail] = {}
+        self._submitted: set[str] = set()
 
     def _jobs(self) -> Any:
         if self._client is None:
@@ -198,7 +199,7 @@ class RayBackend:
     def submit(self, job_id: int, spec_path: Path, out_dir: Path, resources: Resources) -> str:
         client = self._jobs()
         extra = {"TPU": resources["tpus"]} if resources.get("tpus") else None
-        return str(client.submit_job(
+        backend_id = str(client.submit_job(
             entrypoint=shlex.join(_entrypoint(spec_path, out_dir)),
             submission_id=f"edgefleet-job-{job_id}-{int(time.time())}",
             entrypoint_num_cpus=resources.get("cpus", 1.0),
@@ -207,6 +208,8 @@ class RayBackend:
             entrypoint_resources=extra,
             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
         ))
+        self._submitted.add(backend_id)
+        return backend_id
 
     def status(self, backend_id: str) -> str:
         return str(self._jobs().get_job_status(backend_id).value)
@@ -226,12 +229,35 @@ class RayBackend:
         self._tails.pop(backend_id, None)
         self._jobs().stop_job(backend_id)
 
-    def close(self) -> None:
+    def close(self, drain_timeout_s: float = 30.0) -> None:
         self._tails.clear()  # their websockets end with the head (or the job)
         if self._head is not None:
+            # Ray starts entrypoints in their own session, so the head's end would orphan them: stop ours first.
+            # Each checkpoints and exits; a restarted control plane re-submits it and it resumes.
+            self._drain(drain_timeout_s)
             self._head.stop()
             self._head = None
         self._client = None
+
+
+    def _drain(self, timeout_s: float) -> None:
+        client = self._client
+        if client is None:
+            return
+        active = set()
+        for backend_id in self._submitted:
+            try:
+                if str(client.get_job_status(backend_id).value) in ("PENDING", "RUNNING"):
+                    client.stop_job(backend_id)
+                    active.add(backend_id)
+            except Exception as exc:  # noqa: BLE001 - the head is going anyway; say which job may be orphaned
+                log.warning("ray.stop_failed", job=backend_id, error=str(exc))
+        deadline = time.monotonic() + timeout_s
+        while active and time.monotonic() < deadline:
+            time.sleep(0.2)
+            active = {b for b in active if str(client.get_job_status(b).value) in ("PENDING", "RUNNING")}
+        if active:
+            log.warning("ray.jobs_still_running_at_shutdown", jobs=sorted(active))
 
 
 class _LogTail:

@@ -35,6 +35,7 @@ Exit status of the CLI: 0 succeeded, 1 failed, 2 bad spec, 75 (EX_TEMPFAIL) time
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -75,6 +76,7 @@ __all__ = [
 PROGRESS_PREFIX: Final = "EDGEFLEET_PROGRESS "
 RESULT_PREFIX: Final = "EDGEFLEET_RESULT "
 CHECKPOINT_NAME: Final = "checkpoint.pt"
+LOCK_NAME: Final = ".worker.lock"
 WEIGHTS_NAME: Final = "weights.npz"
 RESULT_NAME: Final = "result.json"
 CHECKPOINT_FORMAT: Final = 1
@@ -199,10 +201,7 @@ class _Job:
     # ---------------------------------------------------------------------------------------- reporting
 
     def emit(self, event: str, **fields: Any) -> None:
-        payload = {"job_id": self.spec.job_id, "event": event, **fields}
-        print(PROGRESS_PREFIX + json.dumps(payload, sort_keys=True), flush=True)
-        if self.progress is not None:
-            self.progress(payload)
+        _emit(self.spec, self.progress, event, **fields)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -422,6 +421,42 @@ class _Job:
         return min(self.pos.phase * self.spec.epochs + self.pos.epoch, len(self.phases) * self.spec.epochs)
 
 
+def _emit(spec: JobSpec, progress: ProgressFn | None, event: str, **fields: Any) -> None:
+    payload = {"job_id": spec.job_id, "event": event, **fields}
+    print(PROGRESS_PREFIX + json.dumps(payload, sort_keys=True), flush=True)
+    if progress is not None:
+        progress(payload)
+
+
+@contextmanager
+def _sole_worker(out: Path, spec: JobSpec, progress: ProgressFn | None,
+                 should_stop: StopFn | None) -> Iterator[bool]:
+    """One worker at a time per job directory. A worker whose Ray head was lost (a control plane killed with its
+    local head still up) may still be running when the job is re-submitted: wait for it to end, then resume from
+    its last checkpoint instead of both writing the same files. Yields False when stopped while waiting."""
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if should_stop is not None and should_stop():
+                    yield False
+                    return
+                if not waiting:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    _emit(spec, progress, "waiting", reason=f"another worker (pid {holder}) holds this job's directory")
+                    waiting = True
+                time.sleep(0.5)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}@{os.uname().nodename}".encode(), 0)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def run_job(
     spec: JobSpec,
     out_dir: str | Path,
@@ -438,6 +473,17 @@ def run_job(
     started = time.monotonic()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with _sole_worker(out, spec, progress, should_stop) as sole:
+        if sole:
+            return _run_job(spec, out, progress, should_stop, task, started)
+    # Cancelled while another worker held the directory: its files are its own, nothing is written here.
+    _emit(spec, progress, "finished", status="cancelled", steps=0, accuracy=None, error=None)
+    return {"job_id": spec.job_id, "kind": spec.kind, "status": "cancelled", "metrics": {}, "steps": 0,
+            "error": "cancelled while another worker held the job's directory", "weights": None, "checkpoint": None}
+
+
+def _run_job(spec: JobSpec, out: Path, progress: ProgressFn | None, should_stop: StopFn | None, task: Task | None,
+             started: float) -> dict[str, Any]:
     (out / WEIGHTS_NAME).unlink(missing_ok=True)  # present only after this attempt succeeds
     result: dict[str, Any] = {
         "job_id": spec.job_id,

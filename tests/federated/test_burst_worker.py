@@ -199,6 +199,57 @@ def test_cancel_then_resume_continues_where_it_stopped(tmp_path: Path) -> None:
         np.testing.assert_allclose(resumed[name], value, rtol=0, atol=1e-6)
 
 
+def test_a_second_worker_on_the_same_job_waits_then_resumes(tmp_path: Path) -> None:
+    # Prepare: another worker (here: this test) holds the job directory, as an orphan of a lost Ray head would
+    import fcntl
+    import threading
+
+    from federated.burst.worker import LOCK_NAME, run_job
+
+    spec = JobSpec(job_id="sole-1", kind="finetune", epochs=3, device="cpu")
+    out = tmp_path / "job"
+    out.mkdir()
+    holder = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    os.pwrite(holder, b"4242@elsewhere", 0)
+    events: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    # Execute
+    worker = threading.Thread(target=lambda: results.append(run_job(spec, out, progress=events.append)))
+    worker.start()
+    worker.join(2.0)
+    waited = worker.is_alive() and not (out / "result.json").exists()
+    os.close(holder)  # the other worker ends
+    worker.join(60)
+    stopped = run_job(spec, tmp_path / "other", should_stop=lambda: True)  # free directory: runs, stops at once
+    # Assert
+    assert waited and events[0]["event"] == "waiting" and "pid 4242@elsewhere" in events[0]["reason"]
+    assert results[0]["status"] == "succeeded", results[0]["error"]
+    assert stopped["status"] == "cancelled"
+
+
+def test_a_worker_cancelled_while_waiting_writes_nothing(tmp_path: Path) -> None:
+    # Prepare
+    import fcntl
+
+    from federated.burst.worker import LOCK_NAME, run_job
+
+    out = tmp_path / "job"
+    out.mkdir()
+    holder = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    polls = iter(range(3))
+    # Execute
+    try:
+        result = run_job(JobSpec(job_id="sole-2", kind="finetune", epochs=3, device="cpu"), out,
+                         should_stop=lambda: next(polls, 3) >= 2)
+    finally:
+        os.close(holder)
+    # Assert
+    assert result["status"] == "cancelled" and "another worker" in result["error"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
 def test_distill_resumes_in_teacher_phase(tmp_path: Path) -> None:
     # Prepare
     from federated.burst.worker import run_job
