@@ -7,6 +7,7 @@ lines (`EDGEFLEET_PROGRESS {...}`) to its log, checkpoints, and `result.json` + 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import signal
@@ -118,18 +119,48 @@ def _is_worker(pid: int, out_dir: Path) -> bool:
 
 
 class RayHead:
-    """A local Ray head (`ray start --head --block`) in its own process group, for the Jobs API on 127.0.0.1."""
+    """A local Ray head (`ray start --head --block`) in its own process group, for the Jobs API on 127.0.0.1.
 
-    def __init__(self, temp_dir: Path, num_cpus: int | None = None) -> None:
+    Its pid and ports are kept in `state_path`, so that a control plane restarted after a crash adopts the head that
+    is still running (and re-attaches to its jobs) instead of leaking it and starting another.
+    """
+
+    def __init__(self, temp_dir: Path, num_cpus: int | None = None, state_path: Path | None = None) -> None:
         self.temp_dir = temp_dir
         self.num_cpus = num_cpus or max(1, os.cpu_count() or 1)
+        self.state_path = state_path
         self.port = free_port()
         self.dashboard_port = free_port()
+        self.pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.address}/api/version", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    @classmethod
+    def adopt(cls, state_path: Path) -> RayHead | None:
+        """The head an earlier control plane left running (it crashed), if it is still ours and answers."""
+        try:
+            state = json.loads(state_path.read_text())
+            head = cls(Path(state["temp_dir"]), state_path=state_path)
+            head.pid, head.port, head.dashboard_port = int(state["pid"]), int(state["port"]), int(state["dashboard_port"])
+            cmdline = Path(f"/proc/{head.pid}/cmdline").read_bytes()
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if b"--head" not in cmdline or f"--dashboard-port={head.dashboard_port}".encode() not in cmdline:
+            return None  # gone, or the pid now belongs to something else
+        if not head._answers():
+            return None
+        log.info("ray.head_adopted", address=head.address, pid=head.pid)
+        return head
 
     def start(self, timeout_s: float = 90.0) -> RayHead:
         if len(str(self.temp_dir)) > 40:
@@ -146,29 +177,49 @@ class RayHead:
         with open(log_path, "ab") as log_file:
             self._proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                           start_new_session=True)
+        self.pid = self._proc.pid
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"ray head exited: {log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.address}/api/version", timeout=2) as response:
-                    if response.status == 200:
-                        log.info("ray.head_started", address=self.address)
-                        return self
-            except OSError:
-                pass
+            if self._answers():
+                log.info("ray.head_started", address=self.address)
+                if self.state_path is not None:
+                    self.state_path.parent.mkdir(parents=True, exist_ok=True)
+                    self.state_path.write_text(json.dumps({
+                        "pid": self.pid, "port": self.port, "dashboard_port": self.dashboard_port,
+                        "temp_dir": str(self.temp_dir)}))
+                return self
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"the local Ray head did not answer on {self.address} within {timeout_s:.0f} s")
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGTERM)
+        if self.pid is not None:
             try:
-                self._proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-        self._proc = None
+                os.killpg(self.pid, signal.SIGTERM)
+                if not _wait_gone(self.pid, self._proc, 30.0):
+                    os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.state_path is not None:
+            self.state_path.unlink(missing_ok=True)
+        self.pid = self._proc = None
+
+
+def _wait_gone(pid: int, proc: subprocess.Popen[bytes] | None, timeout_s: float) -> bool:
+    if proc is not None:
+        try:
+            proc.wait(timeout_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return True
+        time.sleep(0.2)
+    return False
 
 
 class RayBackend:
@@ -183,7 +234,6 @@ class RayBackend:
         self._head: RayHead | None = None
         self._client: Any = None
         self._tails: dict[str, _LogTail] = {}
-        self._submitted: set[str] = set()
 
     def _jobs(self) -> Any:
         if self._client is None:
@@ -191,25 +241,35 @@ class RayBackend:
 
             address = self._address
             if address is None:
-                self._head = RayHead(self.temp_dir).start()
+                state = self.temp_dir / "head.json"
+                self._head = RayHead.adopt(state) or RayHead(self.temp_dir, state_path=state).start()
                 address = self._head.address
             self._client = JobSubmissionClient(address)
         return self._client
 
-    def submit(self, job_id: int, spec_path: Path, out_dir: Path, resources: Resources) -> str:
+    def submit(self, job_id: int, spec_path: Path, out_dir: Path, resources: Resources,
+               agent_wait_s: float = 60.0) -> str:
         client = self._jobs()
         extra = {"TPU": resources["tpus"]} if resources.get("tpus") else None
-        backend_id = str(client.submit_job(
-            entrypoint=shlex.join(_entrypoint(spec_path, out_dir)),
-            submission_id=f"edgefleet-job-{job_id}-{int(time.time())}",
-            entrypoint_num_cpus=resources.get("cpus", 1.0),
-            entrypoint_num_gpus=resources.get("gpus", 0.0),
-            entrypoint_memory=int(resources.get("memory_gb", 1.0) * 2**30),
-            entrypoint_resources=extra,
-            runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
-        ))
-        self._submitted.add(backend_id)
-        return backend_id
+        submission_id = f"edgefleet-job-{job_id}-{int(time.time())}"
+        deadline = time.monotonic() + agent_wait_s
+        while True:
+            try:
+                return str(client.submit_job(
+                    entrypoint=shlex.join(_entrypoint(spec_path, out_dir)),
+                    submission_id=submission_id,
+                    entrypoint_num_cpus=resources.get("cpus", 1.0),
+                    entrypoint_num_gpus=resources.get("gpus", 0.0),
+                    entrypoint_memory=int(resources.get("memory_gb", 1.0) * 2**30),
+                    entrypoint_resources=extra,
+                    runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
+                ))
+            except RuntimeError as exc:
+                # A head that has just started (or restarted) answers before its job agent has registered.
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                log.info("ray.waiting_for_job_agent", job_id=job_id)
+                time.sleep(1.0)
 
     def status(self, backend_id: str) -> str:
         return str(self._jobs().get_job_status(backend_id).value)
@@ -245,11 +305,15 @@ class RayBackend:
         if client is None:
             return
         active = set()
-        for backend_id in self._submitted:
+        try:  # our own head: every job on it is ours, also those re-attached after a restart
+            running = [j.submission_id for j in client.list_jobs() if str(j.status.value) in ("PENDING", "RUNNING")]
+        except Exception as exc:  # noqa: BLE001 - the head is going anyway; say that jobs may be orphaned
+            log.warning("ray.list_failed", error=str(exc))
+            return
+        for backend_id in running:
             try:
-                if str(client.get_job_status(backend_id).value) in ("PENDING", "RUNNING"):
-                    client.stop_job(backend_id)
-                    active.add(backend_id)
+                client.stop_job(backend_id)
+                active.add(backend_id)
             except Exception as exc:  # noqa: BLE001 - the head is going anyway; say which job may be orphaned
                 log.warning("ray.stop_failed", job=backend_id, error=str(exc))
         deadline = time.monotonic() + timeout_s

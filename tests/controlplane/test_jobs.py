@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from litestar.testing import TestClient
 
@@ -18,7 +24,8 @@ from controlplane.auth import Role, create_token
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.jobs.schemas import JobCreate, JobKind, Placement, Resources
 from controlplane.jobs.service import decide_placement
-from tests._services import fleet_settings, wait_for
+from controlplane.settings import Settings
+from tests._services import fleet_settings, free_port, wait_for
 
 BUDGETS = {"ram_budget_mb": 2048, "max_samples": 20000}
 
@@ -185,3 +192,57 @@ def _is_worker_for(proc: Path, out_dir: Path) -> bool:
     except OSError:
         return False
     return b"federated.burst.worker" in cmdline and str(out_dir).encode() in cmdline
+
+
+@needs_ray
+@pytest.mark.integration
+@pytest.mark.slow
+def test_after_a_crash_the_local_ray_head_is_adopted_and_its_job_reattached(tmp_path: Path) -> None:
+    # Prepare: `edgefleet controlplane serve` running a Ray job, then killed -9 (its Ray head lives on)
+    data_dir, port = tmp_path / "cp", free_port()
+    cli = [sys.executable, "-m", "controlplane._entry"]
+    token = subprocess.run([*cli, "tokens", "create", "--role", "operator", "--data-dir", str(data_dir)],
+                           check=True, capture_output=True, text=True).stdout.split()[0]
+    server = subprocess.Popen([*cli, "controlplane", "serve", "--port", str(port), "--data-dir", str(data_dir),
+                               "--embedded-broker-port", str(free_port()), "--log-level", "warning"],
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"},
+                           timeout=60)  # the first burst job starts the local Ray head
+        wait_for(lambda: _answers(api), timeout=60, what="control plane up")
+        job = api.post("/api/v1/jobs", json={"kind": "finetune", "epochs": 1500, "placement": "burst"}).json()
+        wait_for(lambda: api.get(f"/api/v1/jobs/{job['id']}").json()["progress"].get("epoch"), timeout=120,
+                 what="job training")
+    except BaseException:
+        _kill_head(data_dir)
+        raise
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    head = json.loads((data_dir / "ray" / "head.json").read_text())
+    # Execute
+    fleet = Fleet(Settings(data_dir=data_dir, embedded_broker_port=free_port())).start()
+    try:
+        wait_for(lambda: fleet.jobs.get(job["id"]).status not in ("queued", "running"), timeout=240,
+                 what="job done")
+        # Assert: the same head, the same worker, never interrupted
+        done = fleet.jobs.get(job["id"])
+        assert done.status == "succeeded", (done.reason, done.logs_tail[-800:])
+        assert done.backend_job_id == job["backend_job_id"] and done.metrics["resumed_from_step"] is None
+        assert json.loads((data_dir / "ray" / "head.json").read_text())["pid"] == head["pid"]
+    finally:
+        fleet.stop()
+        _kill_head(data_dir)  # only if the test failed before the fleet stopped it
+    assert not (data_dir / "ray" / "head.json").exists() and not Path(f"/proc/{head['pid']}").exists()
+
+
+def _kill_head(data_dir: Path) -> None:
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        os.killpg(int(json.loads((data_dir / "ray" / "head.json").read_text())["pid"]), signal.SIGKILL)
+
+
+def _answers(api: httpx.Client) -> bool:
+    try:
+        return api.get("/healthz").status_code == 200
+    except httpx.HTTPError:
+        return False
