@@ -64,6 +64,7 @@ class Fleet:
     runner: FlowerRoundRunner | None = field(init=False, default=None)
     jobs: JobService = field(init=False)
     deployments: DeploymentService = field(init=False)
+    _stopped: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.settings = self.settings.resolved()
@@ -171,6 +172,10 @@ class Fleet:
         self.rounds.start(data, schedule_id)
 
     def stop(self) -> None:
+        """Idempotent: the app's shutdown and its caller may both call it."""
+        if self._stopped:
+            return
+        self._stopped = True
         schedules = self.__dict__.get("schedules")
         if schedules is not None:
             schedules.stop()

@@ -76,8 +76,10 @@ def _database_error(_: Request[Any, Any, Any], exc: OperationalError) -> Respons
     return _error(503, f"database unavailable: {str(exc.orig).splitlines()[0] if exc.orig else exc}")
 
 
-def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None) -> Litestar:
-    """The control-plane ASGI app. Pass a started `fleet` to share it (tests, demo); else one is started."""
+def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, stop_fleet: bool = False) -> Litestar:
+    """The control-plane ASGI app. Pass a started `fleet` to share it (tests, demo; `stop_fleet`: stop it when the
+    app shuts down, as `controlplane serve` needs: uvicorn re-raises SIGTERM once it has shut down, so code after
+    `uvicorn.run` never runs); else one is started and stopped with the app."""
     owns_fleet = fleet is None
     the_fleet = fleet or Fleet(settings or Settings.from_env())
 
@@ -90,7 +92,7 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None) 
         try:
             yield
         finally:
-            if owns_fleet:
+            if owns_fleet or stop_fleet:
                 await anyio.to_thread.run_sync(the_fleet.stop)
 
     def provide_devices(request: Request[Any, Any, Any]) -> DeviceService:

@@ -150,7 +150,8 @@ def controlplane_serve(
     try:
         typer.secho(f"control plane on http://{settings.host}:{settings.port}  broker {fleet.broker.url}  "
                     f"API docs /schema", err=True, fg=typer.colors.GREEN)
-        uvicorn.run(create_app(fleet=fleet), host=settings.host, port=settings.port, log_level="warning")
+        uvicorn.run(create_app(fleet=fleet, stop_fleet=True), host=settings.host, port=settings.port,
+                    log_level="warning")
     finally:
         fleet.stop()
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
+import time
 
 from ._embedded import READY_LINE, configure_logging, run_embedded_broker
 
@@ -19,14 +23,25 @@ def main(argv: list[str] | None = None) -> None:
         "--credentials", required=True, help="JSON credentials file (re-read when it changes)"
     )
     parser.add_argument("--log-level", default="WARNING", help="Python logging level (default: %(default)s)")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="exit when this process is gone (a control plane killed -9 must not leave its broker "
+                             "holding the port)")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    if args.parent_pid is not None:
+        threading.Thread(target=_exit_with_parent, args=(args.parent_pid,), name="parent-watch", daemon=True).start()
 
     def ready() -> None:
         sys.stdout.buffer.write(READY_LINE)
         sys.stdout.flush()
 
     run_embedded_broker(args.host, args.port, args.credentials, on_ready=ready)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":

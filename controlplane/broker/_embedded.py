@@ -290,6 +290,7 @@ class EmbeddedBroker:
             "--host", self._host, "--port", str(self._port),
             "--credentials", os.fspath(self._credentials_file),
             "--log-level", self._log_level,
+            "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         self._process = process = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr

@@ -171,7 +171,12 @@ class RayHead:
         command = [ray, "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
                    f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
-                   "--disable-usage-stats"]
+                   "--disable-usage-stats",
+                   # Ray's fixed default ports (agent 52365, client 10001, ...) would make a second head on this
+                   # machine (another control plane, a user's own Ray, one a crash left) start without a job agent.
+                   *(f"--{name}={free_port()}" for name in (
+                       "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                       "metrics-export-port", "ray-client-server-port"))]
         env = dict(os.environ, RAY_TMPDIR=str(self.temp_dir), RAY_USAGE_STATS_ENABLED="0")
         log_path = self.temp_dir / "ray-head.log"
         with open(log_path, "ab") as log_file:
@@ -234,18 +239,23 @@ class RayBackend:
         self._head: RayHead | None = None
         self._client: Any = None
         self._tails: dict[str, _LogTail] = {}
+        self._lock = threading.Lock()
+        self._closed = False
 
     def _jobs(self) -> Any:
-        if self._client is None:
-            from ray.job_submission import JobSubmissionClient
+        with self._lock:  # jobs are launched on their own threads: one head, however many arrive at once
+            if self._closed:
+                raise RuntimeError("the Ray backend is shut down")
+            if self._client is None:
+                from ray.job_submission import JobSubmissionClient
 
-            address = self._address
-            if address is None:
-                state = self.temp_dir / "head.json"
-                self._head = RayHead.adopt(state) or RayHead(self.temp_dir, state_path=state).start()
-                address = self._head.address
-            self._client = JobSubmissionClient(address)
-        return self._client
+                address = self._address
+                if address is None:
+                    state = self.temp_dir / "head.json"
+                    self._head = RayHead.adopt(state) or RayHead(self.temp_dir, state_path=state).start()
+                    address = self._head.address
+                self._client = JobSubmissionClient(address)
+            return self._client
 
     def submit(self, job_id: int, spec_path: Path, out_dir: Path, resources: Resources,
                agent_wait_s: float = 60.0) -> str:
@@ -290,6 +300,11 @@ class RayBackend:
         self._jobs().stop_job(backend_id)
 
     def close(self, drain_timeout_s: float = 30.0) -> None:
+        with self._lock:  # a head still starting for a launch is stopped here, not left behind
+            self._closed = True
+            self._close(drain_timeout_s)
+
+    def _close(self, drain_timeout_s: float) -> None:
         self._tails.clear()  # their websockets end with the head (or the job)
         if self._head is not None:
             # Ray starts entrypoints in their own session, so the head's end would orphan them: stop ours first.

@@ -109,7 +109,12 @@ class JobService:
             session.add(record)
             session.commit()
         log.info("job.submitted", job_id=job_id, kind=str(data.kind), placement=placement, reason=reason)
-        self._launch(job_id)
+        if placement == "burst":
+            # Reaching the cluster can take seconds (the local head starts on the first burst job): answer now;
+            # the job is queued, and a launch failure lands on it with the reason.
+            threading.Thread(target=self._launch, args=(job_id,), name=f"job-{job_id}-launch", daemon=True).start()
+        else:
+            self._launch(job_id)
         return self.get(job_id)
 
     def check(self, data: JobCreate) -> None:
@@ -203,23 +208,34 @@ class JobService:
         with Session(self.engine) as session:
             record = session.get(JobRecord, job_id)
             assert record is not None
-            out_dir = Path(record.out_dir)
+            out_dir, placement, resources = Path(record.out_dir), record.placement, dict(record.resources)
             out_dir.mkdir(parents=True, exist_ok=True)
             spec_path = out_dir / "spec.json"
             spec_path.write_text(json.dumps({k: v for k, v in record.spec.items()
                                              if k not in ("build", "pending_timeout_s", "cost")}))
-            backend = self.backends.get(record.placement)
-            if backend is None:
-                record.status, record.reason = "failed", f"no {record.placement} backend (install edgefleet[burst])"
-                record.finished_at = utcnow()
+        backend = self.backends.get(placement)
+        backend_id, failure = None, None
+        if backend is None:
+            failure = f"no {placement} backend (install edgefleet[burst])"
+        else:
+            try:
+                backend_id = backend.submit(job_id, spec_path, out_dir, resources)
+            except Exception as exc:  # noqa: BLE001 - reported on the job
+                if self._stop.is_set():
+                    return  # shutting down: still queued without a backend id, so the next start submits it
+                failure = f"submission failed: {exc}"
+        with Session(self.engine) as session:
+            record = session.get(JobRecord, job_id)
+            assert record is not None
+            record.backend_job_id = backend_id
+            if record.status not in _ACTIVE:  # cancelled while it was being submitted
+                if backend is not None and backend_id is not None:
+                    backend.stop(backend_id)
+            elif failure is not None:
+                record.status, record.reason, record.finished_at = "failed", failure, utcnow()
             else:
-                try:
-                    record.backend_job_id = backend.submit(job_id, spec_path, out_dir, dict(record.resources))
-                    record.status, record.reason = "queued", note
-                    self._queued_since[job_id] = time.monotonic()
-                except Exception as exc:  # noqa: BLE001 - reported on the job
-                    record.status, record.reason = "failed", f"submission failed: {exc}"
-                    record.finished_at = utcnow()
+                record.status, record.reason = "queued", note
+                self._queued_since[job_id] = time.monotonic()
             session.add(record)
             session.commit()
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,7 @@ from controlplane.auth import Role, create_token, verify_token
 from controlplane.cli import app
 from controlplane.db import create_db_engine
 from controlplane.demo import _Server
-from tests._services import fleet_settings, free_port
+from tests._services import fleet_settings, free_port, wait_for
 
 runner = CliRunner()
 
@@ -102,6 +106,7 @@ def test_jobs_commands_against_a_running_control_plane(mosquitto_url: str, tmp_p
     finally:
         fleet.stop()
     # Assert
+    assert not (tmp_path / "cp" / "ray" / "head.json").exists()  # no Ray head outlives the control plane
     assert submitted.exit_code == 0, submitted.output
     assert "job #1: local — placement=local requested" in submitted.stdout
     assert "#1    finetune  succeeded" in submitted.stdout and "model job-1-finetune accuracy 0." in submitted.stdout
@@ -113,3 +118,29 @@ def test_jobs_commands_against_a_running_control_plane(mosquitto_url: str, tmp_p
     assert cancelled.exit_code == 0 and "#2    finetune  cancelled" in cancelled.stdout
     assert refused.exit_code == 1 and "400: placement=local cannot provide 1 GPU" in refused.output
     assert no_token.exit_code != 0 and "an API token is needed" in no_token.output
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_serve_never_leaves_its_embedded_broker_behind(tmp_path: Path, sig: signal.Signals) -> None:
+    # Prepare: `edgefleet controlplane serve` with its embedded broker
+    port, broker_port = free_port(), free_port()
+    server = subprocess.Popen([sys.executable, "-m", "controlplane._entry", "controlplane", "serve", "--port", str(port),
+                               "--data-dir", str(tmp_path / "cp"), "--embedded-broker-port", str(broker_port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _port_open(port) and _port_open(broker_port), timeout=60, what="control plane up")
+        # Execute: stopped (SIGTERM: a graceful stop; SIGKILL: a crash)
+        server.send_signal(sig)
+        code = server.wait(30)
+        # Assert: the broker went with it, so the next start can take the port
+        wait_for(lambda: not _port_open(broker_port), timeout=10, what="broker port free")
+        assert code == -sig
+    finally:
+        server.kill()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0

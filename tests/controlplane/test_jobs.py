@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,8 +121,11 @@ def test_invalid_jobs_are_400(fleet: Fleet) -> None:
 @pytest.mark.slow
 def test_burst_jobs_on_local_ray(fleet: Fleet) -> None:
     # Execute: a CPU job placed on the burst backend, and one asking for a GPU this cluster does not have
+    started = time.monotonic()
     cpu = fleet.jobs.submit(JobCreate(kind=JobKind.QAT, epochs=10, placement=Placement.BURST))
+    answered_s = time.monotonic() - started  # while the local head starts in the background
     gpu = fleet.jobs.submit(JobCreate(kind=JobKind.FINETUNE, resources=Resources(gpus=1), pending_timeout_s=10))
+    assert cpu.status == "queued" and cpu.backend_job_id is None, answered_s  # answered before the head is up
     wait_for(lambda: all(fleet.jobs.get(j.id).status not in ("queued", "running") for j in (cpu, gpu)),
              timeout=240, what="both jobs done")
     # Assert
@@ -132,6 +136,44 @@ def test_burst_jobs_on_local_ray(fleet: Fleet) -> None:
     starved = fleet.jobs.get(gpu.id)
     assert starved.status == "timed_out"
     assert "GPU" in starved.placement_reason and "lacks these resources" in (starved.reason or "")
+
+
+@needs_ray
+@pytest.mark.integration
+@pytest.mark.slow
+def test_another_ray_on_this_machine_does_not_take_our_heads_ports(fleet: Fleet, tmp_path: Path) -> None:
+    # Prepare: somebody else's Ray head on Ray's default ports (agent 52365, client 10001, ...)
+    temp, dashboard = Path(tempfile.mkdtemp(prefix="foreign-ray-")), free_port()
+    foreign = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                                f"--port={free_port()}", f"--dashboard-port={dashboard}", "--num-cpus=1",
+                                f"--temp-dir={temp}", "--disable-usage-stats"],
+                               env=dict(os.environ, RAY_TMPDIR=str(temp)), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _http_ok(f"http://127.0.0.1:{dashboard}/api/version"), timeout=90, what="foreign head up")
+        # Execute
+        job = fleet.jobs.submit(JobCreate(kind=JobKind.FINETUNE, epochs=5, placement=Placement.BURST))
+        wait_for(lambda: fleet.jobs.get(job.id).status not in ("queued", "running"), timeout=180, what="job done")
+    finally:
+        os.killpg(foreign.pid, signal.SIGKILL)
+        foreign.wait()
+    # Assert
+    done = fleet.jobs.get(job.id)
+    assert done.status == "succeeded", (done.reason, done.logs_tail[-800:])
+
+
+@needs_ray
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_burst_job_cancelled_while_being_submitted_never_runs(fleet: Fleet) -> None:
+    # Execute: cancelled before the (starting) head has taken it
+    job = fleet.jobs.submit(JobCreate(kind=JobKind.FINETUNE, epochs=2000, placement=Placement.BURST))
+    cancelled = fleet.jobs.cancel(job.id)
+    wait_for(lambda: fleet.jobs.get(job.id).backend_job_id is not None, timeout=120, what="submission done")
+    # Assert: still cancelled, and the submission that arrived after the cancel was stopped
+    backend, backend_id = fleet.jobs.backends["burst"], fleet.jobs.get(job.id).backend_job_id or ""
+    wait_for(lambda: backend.status(backend_id) in ("STOPPED", "FAILED"), timeout=60, what="Ray job stopped")
+    assert cancelled.status == fleet.jobs.get(job.id).status == "cancelled"
 
 
 @pytest.mark.integration
@@ -208,11 +250,12 @@ def test_after_a_crash_the_local_ray_head_is_adopted_and_its_job_reattached(tmp_
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"},
-                           timeout=60)  # the first burst job starts the local Ray head
+                           timeout=30)
         wait_for(lambda: _answers(api), timeout=60, what="control plane up")
         job = api.post("/api/v1/jobs", json={"kind": "finetune", "epochs": 1500, "placement": "burst"}).json()
         wait_for(lambda: api.get(f"/api/v1/jobs/{job['id']}").json()["progress"].get("epoch"), timeout=120,
                  what="job training")
+        job = api.get(f"/api/v1/jobs/{job['id']}").json()
     except BaseException:
         _kill_head(data_dir)
         raise
@@ -239,6 +282,13 @@ def test_after_a_crash_the_local_ray_head_is_adopted_and_its_job_reattached(tmp_
 def _kill_head(data_dir: Path) -> None:
     with contextlib.suppress(OSError, ValueError, KeyError):
         os.killpg(int(json.loads((data_dir / "ray" / "head.json").read_text())["pid"]), signal.SIGKILL)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _answers(api: httpx.Client) -> bool:
