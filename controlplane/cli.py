@@ -18,7 +18,11 @@ jobs_app = typer.Typer(no_args_is_help=True, help="Burst training jobs (finetune
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(cp_app, name="controlplane")
 app.add_typer(tokens_app, name="tokens")
+rounds_app = typer.Typer(no_args_is_help=True, help="Federated rounds via the API.")
+schedules_app = typer.Typer(no_args_is_help=True, help="Recurring federated rounds via the API.")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(rounds_app, name="rounds")
+app.add_typer(schedules_app, name="schedules")
 
 
 class RoleOption(enum.StrEnum):  # typer 0.15 rejects Literal options: use enums
@@ -319,6 +323,118 @@ def jobs_show(job_id: int, url: UrlOpt = "http://127.0.0.1:8080", token: TokenOp
 def jobs_cancel(job_id: int, url: UrlOpt = "http://127.0.0.1:8080", token: TokenOpt = "") -> None:
     """Cancel a queued or running job."""
     typer.echo(_job_line(_call(_api(url, token).post(f"/api/v1/jobs/{job_id}/cancel"))))
+
+
+# -- rounds and schedules ------------------------------------------------------------------------------------
+def _round_body(task: str, strategy: StrategyOption, rounds: int, min_clients: int, max_clients: int | None,
+                local_epochs: int, eligibility: str | None, burst: JobKindOption | None, build: bool,
+                deploy: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"task": task, "strategy": strategy.value, "rounds": rounds, "min_clients": min_clients,
+                            "max_clients": max_clients, "local_epochs": local_epochs, "build": build, "deploy": deploy}
+    if eligibility is not None:
+        try:
+            body["eligibility"] = json.loads(eligibility)
+        except ValueError as exc:
+            _fail(f"--eligibility is not JSON: {exc}")
+    if burst is not None:
+        body["burst"] = {"kind": burst.value}
+    return body
+
+
+def _round_line(r: dict[str, Any]) -> str:
+    last = (r.get("metrics") or [{}])[-1]
+    accuracy = f" accuracy {last['accuracy']:.4f}" if isinstance(last.get("accuracy"), float) else ""
+    job = f" job #{r['job_id']}" if r.get("job_id") is not None else ""
+    return (f"#{r['id']:<4} {r['status']:<10} {r['strategy']:<8} invited {len(r['invited'])} "
+            f"took part {len(r['participants'])}{accuracy}{job} model {r.get('model_version')}"
+            + (f"  ({r['reason']})" if r.get("reason") else ""))
+
+
+TaskOpt = Annotated[str, typer.Option(help="Task name or package.module:Class.")]
+StrategyOpt = Annotated[StrategyOption, typer.Option(help="Flower strategy.")]
+EligibilityOpt = Annotated[str | None, typer.Option(
+    help='Eligibility rule as JSON, e.g. \'{"min_battery_percent": 30, "allow_metered": false}\'.')]
+BurstOpt = Annotated[JobKindOption | None, typer.Option(help="A burst job on the round's result before the build.")]
+
+
+@rounds_app.command("start")
+def rounds_start(
+    task: TaskOpt = "digits", strategy: StrategyOpt = StrategyOption.fedavg,
+    rounds: Annotated[int, typer.Option(help="Flower rounds in this run.")] = 3,
+    min_clients: Annotated[int, typer.Option()] = 2, max_clients: Annotated[int | None, typer.Option()] = None,
+    local_epochs: Annotated[int, typer.Option()] = 2, eligibility: EligibilityOpt = None, burst: BurstOpt = None,
+    build: Annotated[bool, typer.Option(help="Build, gate and sign the result.")] = True,
+    deploy: Annotated[bool, typer.Option(help="Roll the result out.")] = False,
+    wait: Annotated[bool, typer.Option(help="Follow the round until it ends.")] = False,
+    url: UrlOpt = "http://127.0.0.1:8080", token: TokenOpt = "",
+) -> None:
+    """Start a round now among the devices eligible now; prints who was invited and why the others were not."""
+    import time
+
+    api = _api(url, token)
+    r = _call(api.post("/api/v1/rounds", json=_round_body(task, strategy, rounds, min_clients, max_clients,
+                                                           local_epochs, eligibility, burst, build, deploy)))
+    typer.echo(f"round #{r['id']}: invited {', '.join(r['invited']) or 'nobody'}")
+    for device_id, why in sorted(r["skipped"].items()):
+        typer.echo(f"  not invited {device_id}: {why}")
+    while wait and r["status"] in ("pending", "running"):
+        time.sleep(2)
+        r = _call(api.get(f"/api/v1/rounds/{r['id']}"))
+    typer.echo(_round_line(r))
+    if r["status"] == "failed":
+        raise typer.Exit(1)
+
+
+@rounds_app.command("list")
+def rounds_list(url: UrlOpt = "http://127.0.0.1:8080", token: TokenOpt = "") -> None:
+    """List rounds, newest first."""
+    for r in _call(_api(url, token).get("/api/v1/rounds")):
+        typer.echo(_round_line(r))
+
+
+@rounds_app.command("show")
+def rounds_show(round_id: int, url: UrlOpt = "http://127.0.0.1:8080", token: TokenOpt = "") -> None:
+    """One round in full (JSON): invited, skipped and why, per-round metrics, model version."""
+    typer.echo(json.dumps(_call(_api(url, token).get(f"/api/v1/rounds/{round_id}")), indent=2))
+
+
+@schedules_app.command("create")
+def schedules_create(
+    schedule_id: Annotated[str, typer.Argument(help="Name of the schedule.")],
+    cron: Annotated[str | None, typer.Option(help='Crontab in UTC, e.g. "0 2 * * *".')] = None,
+    interval: Annotated[float | None, typer.Option(help="Or every this many seconds.")] = None,
+    max_runs: Annotated[int | None, typer.Option(help="Stop after this many firings.")] = None,
+    task: TaskOpt = "digits", strategy: StrategyOpt = StrategyOption.fedavg,
+    rounds: Annotated[int, typer.Option(help="Flower rounds per firing.")] = 3,
+    min_clients: Annotated[int, typer.Option()] = 2, max_clients: Annotated[int | None, typer.Option()] = None,
+    local_epochs: Annotated[int, typer.Option()] = 2, eligibility: EligibilityOpt = None, burst: BurstOpt = None,
+    build: Annotated[bool, typer.Option(help="Build, gate and sign each result.")] = True,
+    deploy: Annotated[bool, typer.Option(help="Roll each result out.")] = False,
+    url: UrlOpt = "http://127.0.0.1:8080", token: TokenOpt = "",
+) -> None:
+    """A recurring round (exactly one of --cron or --interval); survives control-plane restarts."""
+    body = {"id": schedule_id, "cron": cron, "interval_s": interval, "max_runs": max_runs,
+            "round": _round_body(task, strategy, rounds, min_clients, max_clients, local_epochs, eligibility, burst,
+                                 build, deploy)}
+    s = _call(_api(url, token).post("/api/v1/schedules", json=body))
+    typer.echo(f"schedule {s['id']}: next run {s['next_run_time']}")
+
+
+@schedules_app.command("list")
+def schedules_list(url: UrlOpt = "http://127.0.0.1:8080", token: TokenOpt = "") -> None:
+    """List schedules with their next run."""
+    for s in _call(_api(url, token).get("/api/v1/schedules")):
+        when = s["cron"] if s["cron"] is not None else f"every {s['interval_s']:g} s"
+        typer.echo(f"{s['id']:<24} {when:<16} runs {s['runs']}/{s['max_runs'] or '-'}  next {s['next_run_time']}")
+
+
+@schedules_app.command("delete")
+def schedules_delete(schedule_id: str, url: UrlOpt = "http://127.0.0.1:8080", token: TokenOpt = "") -> None:
+    """Delete a schedule (rounds it started are kept)."""
+    response = _api(url, token).delete(f"/api/v1/schedules/{schedule_id}")
+    if response.status_code >= 400:
+        _call(response)
+    typer.echo(f"schedule {schedule_id} deleted")
 
 
 # -- demo ----------------------------------------------------------------------------------------------------

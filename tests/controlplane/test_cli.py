@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,28 +85,33 @@ def test_agent_rejects_a_bad_broker_url(tmp_path: Path) -> None:
     assert "scheme must be mqtt" in result.output
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_jobs_commands_against_a_running_control_plane(mosquitto_url: str, tmp_path: Path) -> None:
-    # Prepare: a served control plane and an operator token, as `edgefleet controlplane serve` gives
+@contextlib.contextmanager
+def served(mosquitto_url: str, tmp_path: Path) -> Iterator[tuple[Fleet, list[str]]]:
+    """A served control plane, as `edgefleet controlplane serve` gives, and the CLI options to reach it."""
     fleet = Fleet(fleet_settings(mosquitto_url, tmp_path / "cp")).start()
     _, token = create_token(fleet.engine, Role.OPERATOR, "cli")
     port = free_port()
-    common = ["--url", f"http://127.0.0.1:{port}", "--token", token]
     try:
         with _Server(create_app(fleet=fleet), port):
-            # Execute
-            submitted = runner.invoke(app, ["jobs", "submit", "finetune", "--epochs", "3", "--placement", "local",
-                                            *common])
-            listed = runner.invoke(app, ["jobs", "list", *common])
-            shown = runner.invoke(app, ["jobs", "show", "1", *common])
-            cancel_done = runner.invoke(app, ["jobs", "cancel", "1", *common])
-            long_job = runner.invoke(app, ["jobs", "submit", "finetune", "--epochs", "500", "--no-wait", *common])
-            cancelled = runner.invoke(app, ["jobs", "cancel", "2", *common])
-            refused = runner.invoke(app, ["jobs", "submit", "qat", "--gpus", "1", "--placement", "local", *common])
-            no_token = runner.invoke(app, ["jobs", "list", "--url", common[1]], env={"EDGEFLEET_TOKEN": ""})
+            yield fleet, ["--url", f"http://127.0.0.1:{port}", "--token", token]
     finally:
         fleet.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_jobs_commands_against_a_running_control_plane(mosquitto_url: str, tmp_path: Path) -> None:
+    with served(mosquitto_url, tmp_path) as (_, common):
+        # Execute
+        submitted = runner.invoke(app, ["jobs", "submit", "finetune", "--epochs", "3", "--placement", "local",
+                                        *common])
+        listed = runner.invoke(app, ["jobs", "list", *common])
+        shown = runner.invoke(app, ["jobs", "show", "1", *common])
+        cancel_done = runner.invoke(app, ["jobs", "cancel", "1", *common])
+        long_job = runner.invoke(app, ["jobs", "submit", "finetune", "--epochs", "500", "--no-wait", *common])
+        cancelled = runner.invoke(app, ["jobs", "cancel", "2", *common])
+        refused = runner.invoke(app, ["jobs", "submit", "qat", "--gpus", "1", "--placement", "local", *common])
+        no_token = runner.invoke(app, ["jobs", "list", "--url", common[1]], env={"EDGEFLEET_TOKEN": ""})
     # Assert
     assert not (tmp_path / "cp" / "ray" / "head.json").exists()  # no Ray head outlives the control plane
     assert submitted.exit_code == 0, submitted.output
@@ -144,3 +151,35 @@ def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.integration
+def test_rounds_and_schedules_commands(mosquitto_url: str, tmp_path: Path) -> None:
+    with served(mosquitto_url, tmp_path) as (fleet, common):
+        # Execute
+        created = runner.invoke(app, ["schedules", "create", "nightly", "--cron", "0 2 * * *", "--burst", "qat",
+                                      "--eligibility", '{"min_battery_percent": 30}', "--deploy", *common])
+        (stored,) = fleet.schedules.list_all()
+        listed = runner.invoke(app, ["schedules", "list", *common])
+        bad_cron = runner.invoke(app, ["schedules", "create", "bad", "--cron", "61 * * * *", *common])
+        bad_json = runner.invoke(app, ["schedules", "create", "bad", "--interval", "60", "--eligibility", "{no",
+                                       *common])
+        started = runner.invoke(app, ["rounds", "start", "--rounds", "1", *common])
+        rounds = runner.invoke(app, ["rounds", "list", *common])
+        shown = runner.invoke(app, ["rounds", "show", "1", *common])
+        deleted = runner.invoke(app, ["schedules", "delete", "nightly", *common])
+        again = runner.invoke(app, ["schedules", "delete", "nightly", *common])
+        remaining = fleet.schedules.list_all()
+    # Assert
+    assert created.exit_code == 0 and "schedule nightly: next run 20" in created.stdout, created.output
+    assert "nightly" in listed.stdout and "0 2 * * *" in listed.stdout
+    assert bad_cron.exit_code == 1 and "400: invalid cron expression '61 * * * *'" in bad_cron.output
+    assert bad_json.exit_code != 0 and "--eligibility is not JSON" in bad_json.output
+    # no device is enrolled: the round fails at once, saying why
+    assert started.exit_code == 1 and "0 eligible device(s), min_clients is 2" in started.stdout
+    assert "#1    failed" in rounds.stdout
+    assert json.loads(shown.stdout)["config"]["rounds"] == 1
+    assert deleted.exit_code == 0 and again.exit_code == 1 and "404" in again.output
+    assert remaining == []
+    assert stored.round["burst"]["kind"] == "qat" and stored.round["deploy"] is True
+    assert stored.round["eligibility"]["min_battery_percent"] == 30
