@@ -302,18 +302,14 @@ class RayBackend:
     def close(self, drain_timeout_s: float = 30.0) -> None:
         with self._lock:  # a head still starting for a launch is stopped here, not left behind
             self._closed = True
-            self._close(drain_timeout_s)
-
-    def _close(self, drain_timeout_s: float) -> None:
-        self._tails.clear()  # their websockets end with the head (or the job)
-        if self._head is not None:
-            # Ray starts entrypoints in their own session, so the head's end would orphan them: stop ours first.
-            # Each checkpoints and exits; a restarted control plane re-submits it and it resumes.
-            self._drain(drain_timeout_s)
-            self._head.stop()
-            self._head = None
-        self._client = None
-
+            self._tails.clear()  # their websockets end with the head (or the job)
+            if self._head is not None:
+                # Ray starts entrypoints in their own session, so the head's end would orphan them: stop ours
+                # first. Each checkpoints and exits; a restarted control plane re-submits it and it resumes.
+                self._drain(drain_timeout_s)
+                self._head.stop()
+                self._head = None
+            self._client = None
 
     def _drain(self, timeout_s: float) -> None:
         client = self._client

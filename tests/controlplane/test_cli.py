@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from controlplane.auth import Role, create_token, verify_token
 from controlplane.cli import app
 from controlplane.db import create_db_engine
 from controlplane.demo import _Server
-from tests._services import fleet_settings, free_port, wait_for
+from tests._services import fleet_settings, free_port, port_open, wait_for
 
 runner = CliRunner()
 
@@ -136,21 +135,17 @@ def test_serve_never_leaves_its_embedded_broker_behind(tmp_path: Path, sig: sign
                                "--data-dir", str(tmp_path / "cp"), "--embedded-broker-port", str(broker_port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: _port_open(port) and _port_open(broker_port), timeout=60, what="control plane up")
+        wait_for(lambda: port_open("127.0.0.1", port) and port_open("127.0.0.1", broker_port), timeout=60,
+                 what="control plane up")
         # Execute: stopped (SIGTERM: a graceful stop; SIGKILL: a crash)
         server.send_signal(sig)
         code = server.wait(30)
         # Assert: the broker went with it, so the next start can take the port
-        wait_for(lambda: not _port_open(broker_port), timeout=10, what="broker port free")
+        wait_for(lambda: not port_open("127.0.0.1", broker_port), timeout=10, what="broker port free")
         assert code == -sig
     finally:
         server.kill()
 
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.mark.integration

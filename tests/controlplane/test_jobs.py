@@ -23,6 +23,7 @@ from controlplane._fleet import Fleet
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.devices.schemas import DeviceCreate
+from controlplane.jobs.backends import _is_worker
 from controlplane.jobs.schemas import JobCreate, JobKind, Placement, Resources
 from controlplane.jobs.service import decide_placement
 from controlplane.settings import Settings
@@ -211,7 +212,7 @@ def test_a_ray_job_cut_off_by_a_restart_resumes_from_its_checkpoint(mosquitto_ur
     first.stop()
     out_dir = Path(settings.data_dir) / "jobs" / f"job-{job.id}"
     # the head's end orphans nothing: the worker was stopped first, and checkpointed
-    assert not [p for p in Path("/proc").glob("[0-9]*") if _is_worker_for(p, out_dir)]
+    assert not [p for p in Path("/proc").glob("[0-9]*") if _is_worker(int(p.name), out_dir)]
     cut = json.loads((out_dir / "result.json").read_text())
     assert cut["status"] == "cancelled" and cut["checkpoint"]
     # Execute
@@ -227,13 +228,6 @@ def test_a_ray_job_cut_off_by_a_restart_resumes_from_its_checkpoint(mosquitto_ur
     finally:
         second.stop()
 
-
-def _is_worker_for(proc: Path, out_dir: Path) -> bool:
-    try:
-        cmdline = (proc / "cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"federated.burst.worker" in cmdline and str(out_dir).encode() in cmdline
 
 
 @needs_ray
@@ -251,7 +245,7 @@ def test_after_a_crash_the_local_ray_head_is_adopted_and_its_job_reattached(tmp_
     try:
         api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"},
                            timeout=30)
-        wait_for(lambda: _answers(api), timeout=60, what="control plane up")
+        wait_for(lambda: _http_ok(f"http://127.0.0.1:{port}/healthz"), timeout=60, what="control plane up")
         job = api.post("/api/v1/jobs", json={"kind": "finetune", "epochs": 1500, "placement": "burst"}).json()
         wait_for(lambda: api.get(f"/api/v1/jobs/{job['id']}").json()["progress"].get("epoch"), timeout=120,
                  what="job training")
@@ -290,9 +284,3 @@ def _http_ok(url: str) -> bool:
     except httpx.HTTPError:
         return False
 
-
-def _answers(api: httpx.Client) -> bool:
-    try:
-        return api.get("/healthz").status_code == 200
-    except httpx.HTTPError:
-        return False
