@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 from agent._manifest import ModelSource
 from agent._mqtt import BrokerAddress, MqttProtocol, parse_broker_url
 from controlplane._errors import BrokerUnavailable
+from controlplane._private import private_dir
 from controlplane.broker import (
     BrokerAuth,
     EmbeddedBroker,
@@ -69,7 +70,7 @@ class Fleet:
     def __post_init__(self) -> None:
         self.settings = self.settings.resolved()
         assert self.settings.database_url is not None
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.data_dir)
         self.engine = create_db_engine(self.settings.database_url)
 
     def start(self, *, ingest: bool = True) -> Fleet:

@@ -117,7 +117,10 @@ def controlplane_serve(
     database_url: Annotated[str | None, typer.Option(
         help="SQLAlchemy URL [env EDGEFLEET_DATABASE_URL, default SQLite in the data dir].")] = None,
     broker: Annotated[str | None, typer.Option(
-        help="mqtt://user:pass@host:port [env EDGEFLEET_BROKER_URL, default: an embedded broker].")] = None,
+        help="mqtt://user@host:port [env EDGEFLEET_BROKER_URL, default: an embedded broker]; its password "
+             "from --broker-password-file or EDGEFLEET_BROKER_PASSWORD, not the command line.")] = None,
+    broker_password_file: Annotated[Path | None, typer.Option(
+        help="File holding the broker account's password [env EDGEFLEET_BROKER_PASSWORD_FILE].")] = None,
     broker_auth: Annotated[BrokerAuthOption | None, typer.Option(
         help="How device credentials reach the broker [env EDGEFLEET_BROKER_AUTH].")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="[env EDGEFLEET_DATA_DIR]")] = None,
@@ -136,8 +139,12 @@ def controlplane_serve(
     from agent._logging import configure_logging
 
     configure_logging(log_level)
+    if broker is not None and _url_has_password(broker):
+        typer.secho("warning: --broker carries a password, which other users see in the process list; use "
+                    "--broker-password-file or EDGEFLEET_BROKER_PASSWORD instead", err=True, fg=typer.colors.YELLOW)
     settings = _settings(
         host=host, port=port, database_url=database_url, broker_url=broker, data_dir=data_dir,
+        broker_password_file=broker_password_file,
         broker_auth=BrokerAuthMode(broker_auth.value) if broker_auth else None,
         embedded_broker_port=embedded_broker_port, ingest_workers=ingest_workers,
     )
@@ -160,11 +167,24 @@ def controlplane_serve(
         fleet.stop()
 
 
+def _url_has_password(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        return bool(urlsplit(url).password)
+    except ValueError:
+        return False
+
+
 # -- tokens --------------------------------------------------------------------------------------------------
 def _engine(database_url: str | None, data_dir: Path | None) -> Any:
+    from agent._logging import configure_logging
+    from controlplane._private import private_dir
     from controlplane.db import create_db_engine, migrate
 
+    configure_logging("warning")  # on stderr: stdout carries what scripts read (a new token)
     settings = _settings(database_url=database_url, data_dir=data_dir).resolved()
+    private_dir(settings.data_dir)
     engine = create_db_engine(settings.database_url)
     migrate(engine)
     return engine

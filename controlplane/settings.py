@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 __all__ = ["BrokerAuthMode", "Settings", "default_data_dir", "normalize_database_url"]
 
@@ -36,6 +37,10 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     database_url: str | None = None  # default: SQLite file in data_dir
     broker_url: str | None = None  # default: an embedded broker
+    # The broker account's password, kept off the command line (where `ps` shows it): the value, or a file
+    # holding it. Used when `broker_url` names a user but no password.
+    broker_password: str | None = field(default=None, repr=False)
+    broker_password_file: Path | None = None
     broker_auth: BrokerAuthMode | None = None  # default: embedded for the embedded broker, else none
     device_broker_url: str | None = None  # the URL handed to devices at enrolment (default: broker URL)
     host: str = "127.0.0.1"
@@ -66,6 +71,8 @@ class Settings:
             "data_dir": Path,
             "database_url": str,
             "broker_url": str,
+            "broker_password": str,
+            "broker_password_file": Path,
             "broker_auth": BrokerAuthMode,
             "device_broker_url": str,
             "host": str,
@@ -95,10 +102,39 @@ class Settings:
         return cls(**values)
 
     def resolved(self) -> Settings:
-        """Fill in the defaults that depend on other settings."""
+        """Fill in the defaults that depend on other settings.
+
+        Raises
+        ------
+        ValueError
+            When the broker password file cannot be read, or a password is given without a broker URL.
+        """
         database_url = self.database_url or f"sqlite:///{self.data_dir / 'edgefleet.db'}"
         auth = self.broker_auth or (BrokerAuthMode.EMBEDDED if self.broker_url is None else BrokerAuthMode.NONE)
-        return replace(self, database_url=normalize_database_url(database_url), broker_auth=auth)
+        return replace(self, database_url=normalize_database_url(database_url), broker_auth=auth,
+                       broker_url=self._broker_url_with_password(), broker_password=None, broker_password_file=None)
+
+    def _broker_url_with_password(self) -> str | None:
+        password = self.broker_password
+        if self.broker_password_file is not None:
+            try:
+                password = self.broker_password_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"broker password file {self.broker_password_file}: {exc.strerror}") from None
+            if not password:
+                raise ValueError(f"broker password file {self.broker_password_file} is empty")
+        if password is None:
+            return self.broker_url
+        if self.broker_url is None:
+            raise ValueError("a broker password was given but no broker URL (EDGEFLEET_BROKER_URL / --broker)")
+        parts = urlsplit(self.broker_url)
+        if not parts.username:
+            raise ValueError(f"broker URL {parts.hostname}: a password was given but the URL names no user "
+                             "(mqtt://USER@HOST:PORT)")
+        if parts.password:
+            return self.broker_url  # the URL's own password wins (as flags win over the environment)
+        netloc = f"{parts.username}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"
+        return urlunsplit(parts._replace(netloc=netloc))
 
     @property
     def db_url(self) -> str:

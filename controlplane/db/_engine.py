@@ -11,6 +11,8 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
 from sqlmodel import create_engine
 
+from controlplane._private import private_file
+
 __all__ = ["create_db_engine", "migrate"]
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -22,7 +24,14 @@ def create_db_engine(url: str) -> Engine:
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            # 0600 before SQLite creates it: it holds token hashes, download tokens and telemetry. SQLite gives
+            # its -wal and -shm files the database file's mode.
+            database = Path(parsed.database)
+            database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_file(database)
+            for suffix in ("-wal", "-shm"):
+                if (sidecar := Path(f"{database}{suffix}")).exists():
+                    private_file(sidecar)
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:
         kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
