@@ -29,7 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--password", default=env("EDGEFLEET_MQTT_PASSWORD"),
                      help="broker password; prefer the variable [EDGEFLEET_MQTT_PASSWORD]")
     run.add_argument("--controlplane", default=env("EDGEFLEET_CONTROLPLANE_URL"),
-                     help="control-plane URL, for model downloads [EDGEFLEET_CONTROLPLANE_URL]")
+                     help="the control plane this device was enrolled with; models are downloaded only from "
+                          "its scheme, host and port [EDGEFLEET_CONTROLPLANE_URL]")
+    run.add_argument("--task", default=env("EDGEFLEET_TASK", "digits"),
+                     help="the task this device runs; models released for another task are refused "
+                          "(default: digits, the shipped starter model's) [EDGEFLEET_TASK]")
     run.add_argument("--data-dir", type=Path, default=Path(env("EDGEFLEET_DATA_DIR", "./edgefleet-agent")),
                      help="agent state directory [EDGEFLEET_DATA_DIR]")
     run.add_argument("--telemetry-interval", type=float, default=None, help="seconds (default: the profile's)")
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                                        args.password or address.password)
     settings = AgentSettings(
         device_id=args.device_id, profile=profile, broker=address, data_dir=args.data_dir,
-        controlplane_url=args.controlplane, telemetry_interval_s=args.telemetry_interval,
+        controlplane_url=args.controlplane, task=args.task, telemetry_interval_s=args.telemetry_interval,
         inference_rate_hz=args.inference_rate, power_mode=PowerMode(args.power_source), model_path=args.model,
         data_path=args.data, outbox_max_bytes=int(args.outbox_max_mb * 2**20), signing_key=signing_key,
     )

@@ -83,7 +83,9 @@ class AgentSettings:
     profile: Profile
     broker: BrokerAddress
     data_dir: Path
+    # The control plane this device was enrolled with: model downloads come only from this origin.
     controlplane_url: str | None = None
+    task: str = "digits"  # the task this device runs (the shipped starter model's): releases for others are refused
     telemetry_interval_s: float | None = None  # default: the profile's
     inference_rate_hz: float = 5.0
     power_mode: PowerMode = PowerMode.AUTO

@@ -2,14 +2,20 @@
 
 The job, in order (any failure keeps the current model and acks ``ok=False`` with the reason)::
 
-    checks      signing key configured, variant allowed by the profile and the runtime in use
-    manifest    download (small), decode, verify the ed25519 signature BEFORE anything else is downloaded;
-                then: matches the command, lists this runtime at >= its minimum version, fits max_model_bytes
+    checks      signing key configured, variant allowed by the profile and the runtime in use; manifest and
+                artifact URLs on the control plane this device was enrolled with (same scheme, host and port;
+                redirects elsewhere are refused)
+    release     download (small), decode, verify the ed25519 signature BEFORE anything else is downloaded;
+                then: bound to this command's deployment, this device's class (profile) and task; not expired
+                (CLOCK_SKEW_S allowed); release number above the device's (or equal, for the same artifact),
+                unless it is a rollback signed as such and not older than the device's release; the artifact
+                matches the command, lists this runtime at >= its minimum version, fits max_model_bytes
     artifact    download into models/.partial/ with HTTP Range resume, retries with backoff, stall timeout
     verify      size and sha256 against the manifest
     load        TFLiteModel.load on the device's runtime
     self-test   predict on the golden input, compare with the golden output within its tolerance
-    commit      model dir via a staging dir + rename, fsync, then the pointer file replaced atomically
+    commit      the device's release (release.json) replaced atomically, then the model dir via a staging dir
+                + rename, fsync, then the pointer file replaced atomically
     swap        InferenceLoop.swap_model, agent.model_version / active_variant, publish_state()
     watchdog    ~30 s: if more than half the new model's inferences fail, roll back to the previous model
     cleanup     (finally) staging dirs and stale partial downloads; a partial download is kept for resume only
@@ -20,7 +26,10 @@ On-disk layout under ``<data_dir>/models``::
     current.json              {"model_version", "variant", "path", "sha256", "previous": {...} | null}
                               ("path" relative to this directory; a previous entry with "path": null is the
                               shipped starter model)
-    <version>-<variant>/      model.tflite, manifest.json (the signed manifest as received)
+    release.json              {"release", "model_version", "variant", "sha256", "deployment_id", "rollback"}:
+                              the highest release this device activated (lowered only by a signed rollback);
+                              kept across restarts and watchdog rollbacks so neither reopens a downgrade
+    <version>-<variant>/      model.tflite, manifest.json (the signed release as received)
     .partial/<sha>-<file>     a download in progress
     .tmp-*                    staging / discarded directories; never referenced by the pointer
 
@@ -60,10 +69,11 @@ from agent._manifest import (
     Golden,
     ManifestError,
     ModelManifest,
-    decode_signed,
+    Release,
+    decode_signed_release,
     file_sha256,
     verify_artifact,
-    verify_signature,
+    verify_release,
 )
 from firmware_profiles import ModelVariant, RuntimeName, variant_unsupported
 
@@ -71,15 +81,18 @@ if TYPE_CHECKING:
     from agent._runtime import TFLiteModel
 
 __all__ = [
+    "CLOCK_SKEW_S",
     "DOWNLOAD",
     "MANIFEST_FILE",
     "MODEL_FILE",
     "POINTER_FILE",
+    "RELEASE_FILE",
     "WATCHDOG",
     "DeployError",
     "DownloadPolicy",
     "Entry",
     "Pointer",
+    "ReleaseState",
     "WatchdogPolicy",
     "handle_deploy_model",
     "resolve_startup_model",
@@ -92,6 +105,7 @@ log = structlog.get_logger("edgefleet.agent.ota")
 
 MODELS_DIR: Final = "models"
 POINTER_FILE: Final = "current.json"
+RELEASE_FILE: Final = "release.json"
 MODEL_FILE: Final = "model.tflite"
 MANIFEST_FILE: Final = "manifest.json"
 PARTIAL_DIR: Final = ".partial"
@@ -124,6 +138,8 @@ class WatchdogPolicy:
 # Module-level so an operator build (or a test) can tune them.
 DOWNLOAD = DownloadPolicy()
 WATCHDOG = WatchdogPolicy()
+# How far this device's clock may be off the control plane's when a release's expiry is checked.
+CLOCK_SKEW_S = 300.0
 
 
 class DeployError(Exception):
@@ -168,6 +184,34 @@ class Pointer(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     @property
     def current(self) -> Entry:
         return Entry(self.model_version, self.variant, self.path, self.sha256)
+
+
+class ReleaseState(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    """The highest release this device activated: what a new release is compared with."""
+
+    release: int
+    model_version: str
+    variant: str
+    sha256: str
+    deployment_id: int
+    rollback: bool = False
+
+
+def _read_release(models: Path) -> ReleaseState | None:
+    try:
+        return msgspec.json.decode((models / RELEASE_FILE).read_bytes(), type=ReleaseState)
+    except FileNotFoundError:
+        return None
+    except (OSError, msgspec.DecodeError) as exc:
+        # Never forget a release because its record is damaged: that would reopen downgrades. Refuse instead.
+        raise DeployError("release", f"the device's release record {models / RELEASE_FILE} is unreadable "
+                                     f"({exc}): refusing deployments until it is repaired") from exc
+
+
+def _write_release(models: Path, release: Release) -> None:
+    state = ReleaseState(release.release, release.model_version, release.variant, release.artifact.sha256,
+                         release.deployment_id, release.rollback)
+    write_atomic(models / RELEASE_FILE, msgspec.json.format(msgspec.json.encode(state)) + b"\n")
 
 
 def _fsync_path(path: Path) -> None:
@@ -310,17 +354,51 @@ def resolve_startup_model(data_dir: Path, runtime: str) -> tuple[Path, str, str]
 # ------------------------------------------------------------------------------------------------ download
 
 
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    """(scheme, host, port) with the scheme's default port filled in; None if it is not an http(s) URL."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80)
+
+
 def _resolve_url(value: Any, base: str | None, what: str) -> str:
+    """The absolute URL of a download; it must be on the control plane this device was enrolled with."""
     if not isinstance(value, str) or not value:
         raise DeployError("request", f"{what} is required (absolute, or relative to the control plane URL)")
     url: str = value
-    if not urlsplit(url).scheme:
-        if not base:
-            raise DeployError("request", f"{what} {url!r} is relative but no control plane URL is configured")
-        url = urljoin(base if base.endswith("/") else base + "/", url)
-    if urlsplit(url).scheme not in ("http", "https"):
+    if urlsplit(url).scheme and urlsplit(url).scheme not in ("http", "https"):
         raise DeployError("request", f"{what} {url!r}: only http:// and https:// are supported")
+    home = _origin(base) if base else None
+    if base is None or home is None:
+        raise DeployError("request", f"no control plane URL is configured on this device (--controlplane): "
+                                     f"refusing to download {what} {url!r} from anywhere")
+    url = urljoin(base if base.endswith("/") else base + "/", url)
+    if _origin(url) != home:
+        raise DeployError("request", f"{what} {url!r} is not on the control plane this device was enrolled "
+                                     f"with ({base}): refused")
     return url
+
+
+def _same_origin_redirects(origin: tuple[str, str, int | None] | None) -> Any:
+    import urllib.request
+
+    class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+        """Follow a redirect only within the control plane's origin."""
+
+        def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                             newurl: str) -> Any:
+            if _origin(newurl) != origin:
+                raise DeployError("download", f"{req.full_url} redirects to {newurl}, off the control plane: "
+                                              f"refused")
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    return SameOriginRedirects()
 
 
 def _request(url: str, bearer: str | None, headers: dict[str, str], timeout: float) -> Any:
@@ -330,7 +408,8 @@ def _request(url: str, bearer: str | None, headers: dict[str, str], timeout: flo
     request.add_header("User-Agent", "edgefleet-agent")
     if bearer:
         request.add_unredirected_header("Authorization", f"Bearer {bearer}")  # not to redirect targets
-    return urllib.request.urlopen(request, timeout=timeout)  # the scheme is checked in _resolve_url
+    opener = urllib.request.build_opener(_same_origin_redirects(_origin(url)))
+    return opener.open(request, timeout=timeout)  # the scheme and origin are checked in _resolve_url
 
 
 def _classify(exc: BaseException, policy: DownloadPolicy) -> str:
@@ -494,6 +573,43 @@ def _check_variant(agent: Agent, variant: ModelVariant) -> None:
     why = variant_unsupported(runtime_name, version, variant)
     if why:
         raise DeployError("compatibility", f"variant {variant} is not supported on {name} {version}: {why}")
+
+
+def _check_release(agent: Agent, release: Release, deployment_id: int, floor: ReleaseState | None,
+                   now: float) -> None:
+    """Binding (deployment, device class, task), expiry and ordering of a verified release."""
+    profile = agent.settings.profile.name
+    if release.deployment_id != deployment_id:
+        raise DeployError("release", f"the release belongs to deployment {release.deployment_id}, the command "
+                                     f"to deployment {deployment_id}")
+    if profile not in release.device_classes:
+        raise DeployError("release", f"the release is for device classes {', '.join(release.device_classes)}, "
+                                     f"this device is {profile}")
+    if release.task != agent.settings.task:
+        raise DeployError("release", f"the release is a {release.task!r} model, this device runs task "
+                                     f"{agent.settings.task!r}")
+    if now > release.expires_at + CLOCK_SKEW_S:
+        raise DeployError("release", f"the release expired {now - release.expires_at:.0f} s ago (at "
+                                     f"{_utc(release.expires_at)}; clock skew allowed {CLOCK_SKEW_S:g} s)")
+    if release.issued_at > now + CLOCK_SKEW_S:
+        raise DeployError("release", f"the release was issued {release.issued_at - now:.0f} s in the future "
+                                     f"({_utc(release.issued_at)}): check this device's clock")
+    if floor is None or release.release > floor.release:
+        return
+    if release.release == floor.release and release.artifact.sha256 == floor.sha256:
+        return  # the same artifact again (e.g. after a watchdog rollback, or a lost pointer)
+    active = f"release {floor.release} ({floor.model_version} {floor.variant})"
+    if not release.rollback:
+        raise DeployError("release", f"release {release.release} ({release.model_version} {release.variant}) "
+                                     f"is not newer than this device's {active}; only a deployment signed as a "
+                                     f"rollback may go back")
+    if floor.release > release.rollback_from:
+        raise DeployError("release", f"the rollback to release {release.release} was signed when release "
+                                     f"{release.rollback_from} was the newest; this device has {active}")
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _check_manifest(agent: Agent, manifest: ModelManifest, model_version: str, variant: str) -> None:
@@ -771,25 +887,31 @@ def _deploy(agent: Agent, model_version: str, variant: ModelVariant, args: dict[
         raise DeployError("request", "no model signing key is configured on this device (--signing-key): "
                                      "refusing to deploy a model whose signature cannot be checked")
     _check_variant(agent, variant)
+    deployment_id = args.get("deployment_id")
+    if not isinstance(deployment_id, int) or isinstance(deployment_id, bool):
+        raise DeployError("request", f"deployment_id must be an integer, got {deployment_id!r}")
     manifest_url = _resolve_url(args.get("manifest_url"), settings.controlplane_url, "manifest_url")
     artifact_url = _resolve_url(args.get("artifact_url"), settings.controlplane_url, "artifact_url")
     bearer = args.get("bearer") if isinstance(args.get("bearer"), str) else None
     models = settings.data_dir / MODELS_DIR
     partial_dir = models / PARTIAL_DIR
     partial_dir.mkdir(parents=True, exist_ok=True)
+    floor = _read_release(models)
     keep_partial: Path | None = None
     try:
-        # 1. The manifest, signature checked before anything else is fetched.
+        # 1. The release, signature checked before anything else is fetched.
         manifest_json = _fetch_small(manifest_url, bearer, policy, "manifest")
         try:
-            signed = decode_signed(manifest_json)
+            signed = decode_signed_release(manifest_json)
         except ManifestError as exc:
             raise DeployError("manifest", f"manifest rejected: {exc}") from exc
         try:
-            manifest = verify_signature(signed, settings.signing_key)
+            release = verify_release(signed, settings.signing_key)
         except ManifestError as exc:
             raise DeployError("signature", f"manifest signature rejected: {exc}") from exc
+        manifest = release.artifact
         _check_manifest(agent, manifest, model_version, str(variant))
+        _check_release(agent, release, deployment_id, floor, time.time())
         partial = partial_dir / f"{manifest.sha256[:16]}-{manifest.file_name}"
         have = partial.stat().st_size if partial.exists() else 0
         free = shutil.disk_usage(models).free
@@ -815,15 +937,18 @@ def _deploy(agent: Agent, model_version: str, variant: ModelVariant, args: dict[
         except (ModelLoadError, RuntimeUnavailable) as exc:
             raise DeployError("load", str(exc)) from exc
         figures = self_test(model, manifest.golden)
-        # 6. Commit on disk, then swap in memory.
+        # 6. Commit on disk (the release first: a crash after it leaves the old model, which the same release
+        # can still replace), then swap in memory.
         previous = _active_entry(agent, models)
+        _write_release(models, release)
         entry = _commit(models, partial, manifest_json, manifest, previous)
         model.path = str(models / (entry.path or ""))
         watched = _activate(agent, model, manifest.model_version, manifest.variant, previous)
         if watched is not None:
             threading.Thread(target=_watch, args=(agent, watched, manifest.model_version, WATCHDOG),
                              name="ota-watchdog", daemon=True).start()
-        return {"path": entry.path, "sha256": manifest.sha256, "size_bytes": manifest.size_bytes,
+        return {"path": entry.path, "release": release.release, "deployment_id": release.deployment_id,
+                "rollback": release.rollback, "sha256": manifest.sha256, "size_bytes": manifest.size_bytes,
                 "previous": previous.model_version if previous else None, "self_test": figures,
                 "download": download, "runtime": f"{model.runtime_name} {model.runtime_version}"}
     finally:

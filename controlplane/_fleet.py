@@ -100,7 +100,7 @@ class Fleet:
         self.devices = DeviceService(self.engine, self.broker_auth, self.device_broker_url, self.publisher,
                                      self.signer.public_key_b64)
         self.models = ModelService(self.engine, self.settings.data_dir / "models")
-        self.deployments = DeploymentService(self.engine, self.models, self.publisher)
+        self.deployments = DeploymentService(self.engine, self.models, self.publisher, self.signer)
         self.deployments.start()
         self.builder = ModelBuilder(self.engine, self.models, self.deployments, self.signer,
                                     self.settings.data_dir / "builds")

@@ -1,4 +1,4 @@
-"""The control plane's ed25519 model-signing key.
+"""The control plane's ed25519 model-signing key: it signs build manifests and deployments' releases.
 
 :class:`Signer` keeps one key pair in a directory::
 
@@ -21,7 +21,15 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from agent._manifest import ModelManifest, SignedManifest, canonical_bytes, key_id
+from agent._manifest import (
+    ModelManifest,
+    Release,
+    SignedManifest,
+    SignedRelease,
+    canonical_bytes,
+    key_id,
+    release_bytes,
+)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -165,6 +173,16 @@ class Signer:
         signature = private_key.sign(canonical_bytes(manifest))
         return SignedManifest(
             manifest=manifest,
+            signature=base64.b64encode(signature).decode("ascii"),
+            key_id=self._key_id_of(private_key),
+        )
+
+    def sign_release(self, release: Release) -> SignedRelease:
+        """A deployment's release with an ed25519 signature over ``release_bytes(release)`` (domain-prefixed)."""
+        private_key = self._private_key()
+        signature = private_key.sign(release_bytes(release))
+        return SignedRelease(
+            release=release,
             signature=base64.b64encode(signature).decode("ascii"),
             key_id=self._key_id_of(private_key),
         )

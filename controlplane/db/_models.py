@@ -12,6 +12,7 @@ __all__ = [
     "ApiToken",
     "CommandRecord",
     "DeploymentRecord",
+    "DeploymentReleaseRecord",
     "DeploymentTargetRecord",
     "Device",
     "DeviceTag",
@@ -116,6 +117,8 @@ class ModelVersionRecord(SQLModel, table=True):
 
     __tablename__ = "model_version"
     version: str = Field(primary_key=True, max_length=64)
+    # Assigned when the version is registered: strictly increasing across versions, signed into its releases.
+    release: int = Field(sa_column=Column(Integer, nullable=False, unique=True, index=True))
     task: str = Field(max_length=64)
     source_kind: str = Field(max_length=16)  # round | burst | starter
     source_id: str = Field(max_length=64)
@@ -151,9 +154,19 @@ class DeploymentRecord(SQLModel, table=True):
     current_wave: int = 0
     status: str = Field(default="running", max_length=16)  # running | succeeded | halted | failed
     reason: str | None = None
-    download_token: str = Field(max_length=64)
+    rollback: bool = False  # an operator's explicit rollback to a lower release
     created_at: datetime = _ts(nullable=False)
     updated_at: datetime = _ts(nullable=False)
+
+
+class DeploymentReleaseRecord(SQLModel, table=True):
+    """The signed release a deployment issues for one variant: what its devices download and verify."""
+
+    __tablename__ = "deployment_release"
+    deployment_id: int = Field(primary_key=True, foreign_key="deployment.id", ondelete="CASCADE")
+    variant: str = Field(primary_key=True, max_length=16)
+    signed_release: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    expires_at: datetime = _ts(nullable=False)
 
 
 class DeploymentTargetRecord(SQLModel, table=True):
@@ -163,6 +176,8 @@ class DeploymentTargetRecord(SQLModel, table=True):
     wave: int
     variant: str | None = Field(default=None, max_length=16)
     command_id: str | None = Field(default=None, max_length=64)
+    # SHA-256 (hex) of the download token sent to this device with its command; the token itself is not kept.
+    token_hash: str | None = Field(default=None, max_length=64, index=True)
     status: str = Field(default="waiting", max_length=16)  # waiting | sent | succeeded | failed | skipped
     reason: str | None = None
     sent_at: datetime | None = _ts(nullable=True)

@@ -30,6 +30,9 @@ class DeploymentCreate(msgspec.Struct, forbid_unknown_fields=True):
     # Fraction of a wave's devices that may fail before the rollout halts (0: any failure halts it).
     failure_threshold: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
     wave_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 600.0
+    # Needed to deploy a version whose release is lower than one already deployed; devices accept such a
+    # release only when it is signed as a rollback.
+    rollback: bool = False
 
 
 class TargetRead(msgspec.Struct):
@@ -44,6 +47,8 @@ class TargetRead(msgspec.Struct):
 class DeploymentRead(msgspec.Struct):
     id: int
     model_version: str
+    release: int
+    rollback: bool
     status: str  # running | succeeded | halted | failed
     reason: str | None
     waves: list[float]

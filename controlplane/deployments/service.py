@@ -1,36 +1,59 @@
-"""Rollouts: desired model per device, `deploy_model` commands wave by wave, progress from the devices' acks."""
+"""Rollouts: desired model per device, `deploy_model` commands wave by wave, progress from the devices' acks.
+
+A deployment issues one signed :class:`~agent._manifest.Release` per variant it sends (release number, task,
+device classes, deployment id, expiry, rollback flag) and one download token per device, sent only in that
+device's command: the database keeps its SHA-256, the command table keeps the command without it. A token
+opens the release and artifact of its own deployment and variant only, and only while the deployment runs and
+its release has not expired.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 import threading
 import time
 import uuid
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
+import msgspec
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
 from agent import protocol as wire
+from agent._manifest import Release, decode_signed
 from controlplane._errors import InvalidInput, NotFound
 from controlplane.db import (
     CommandRecord,
     DeploymentRecord,
+    DeploymentReleaseRecord,
     DeploymentTargetRecord,
     Device,
     DeviceTag,
     ModelArtifactRecord,
+    ModelVersionRecord,
     as_utc,
     utcnow,
 )
 from controlplane.deployments.schemas import DeploymentCreate, DeploymentRead, TargetRead
 from controlplane.devices.publisher import CommandPublisher
-from controlplane.models.service import ModelService, artifact_url, manifest_url
 from firmware_profiles import ModelVariant, Profile, ProfileError, get_profile, variant_unsupported
 
-__all__ = ["DeploymentService", "choose_variant", "download_token_valid"]
+if TYPE_CHECKING:  # the models package imports this module (its download routes serve deployments' releases)
+    from controlplane.models.service import ModelService
+    from federated.signing import Signer
+
+__all__ = [
+    "RELEASE_GRACE_S",
+    "DeploymentService",
+    "choose_variant",
+    "download_authorized",
+    "release_artifact_url",
+    "release_manifest_url",
+]
 
 log = structlog.get_logger("edgefleet.deployments")
 
@@ -74,18 +97,49 @@ def choose_variant(profile: Profile, published: dict[str, ModelArtifactRecord]) 
     return chosen, f"{chosen}: most accurate the device can run (accuracy {runnable[chosen].accuracy})"
 
 
-def download_token_valid(engine: Engine, version: str, token: str) -> bool:
+# A release stays valid this long beyond the deployment's own schedule (waves x wave timeout).
+RELEASE_GRACE_S = 900.0
+
+
+def release_manifest_url(deployment_id: int, variant: str) -> str:
+    return f"/api/v1/deployments/{deployment_id}/variants/{variant}/manifest"
+
+
+def release_artifact_url(deployment_id: int, variant: str) -> str:
+    return f"/api/v1/deployments/{deployment_id}/variants/{variant}/artifact"
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def download_authorized(engine: Engine, deployment_id: int, variant: str, token: str) -> str | None:
+    """None if ``token`` is a download token of this deployment and variant, still valid; else why not."""
     with Session(engine) as session:
-        row = session.exec(select(DeploymentRecord.id).where(
-            DeploymentRecord.model_version == version, DeploymentRecord.download_token == token)).first()
-        return row is not None
+        row = session.exec(
+            select(DeploymentTargetRecord, DeploymentRecord)
+            .join(DeploymentRecord, col(DeploymentRecord.id) == col(DeploymentTargetRecord.deployment_id))
+            .where(DeploymentTargetRecord.token_hash == _token_hash(token))).first()
+        if row is None:
+            return "not a valid token"
+        target, deployment = row
+        if (target.deployment_id, target.variant) != (deployment_id, variant):
+            return "the token is for another deployment or variant"
+        if deployment.status != "running":
+            return f"deployment {deployment.id} is {deployment.status}: its download tokens have expired"
+        release = session.get(DeploymentReleaseRecord, (deployment_id, variant))
+        if release is None or (as_utc(release.expires_at) or utcnow()) <= utcnow():
+            return "the token has expired"
+        return None
 
 
 class DeploymentService:
-    def __init__(self, engine: Engine, models: ModelService, publisher: CommandPublisher | None) -> None:
+    def __init__(self, engine: Engine, models: ModelService, publisher: CommandPublisher | None,
+                 signer: Signer) -> None:
         self.engine = engine
         self.models = models
         self.publisher = publisher
+        self.signer = signer
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -98,31 +152,50 @@ class DeploymentService:
             raise InvalidInput(f"model '{data.model_version}' is {model.status}, not ready to deploy")
         published = self.models.published(data.model_version)
         with Session(self.engine) as session:
+            highest = self._highest_deployed(session)
+            if highest is not None and model.release < highest[0] and not data.rollback:
+                raise InvalidInput(
+                    f"model '{data.model_version}' is release {model.release}, lower than release {highest[0]} "
+                    f"('{highest[1]}') already deployed: going back needs \"rollback\": true")
             devices: list[Device] = self._resolve(session, data)
             if not devices:
                 raise InvalidInput("the targets match no enrolled device")
             now = utcnow()
             record = DeploymentRecord(model_version=data.model_version, targets=_to_dict(data), waves=data.waves,
                                       failure_threshold=data.failure_threshold, wave_timeout_s=data.wave_timeout_s,
-                                      download_token=secrets.token_urlsafe(24), created_at=now, updated_at=now)
+                                      rollback=data.rollback, created_at=now, updated_at=now)
             session.add(record)
             session.flush()
             assert record.id is not None
             total = len(devices)
             bounds = [math.ceil(total * p / 100) for p in data.waves]
+            classes: dict[str, set[str]] = {}  # variant -> the device classes (profiles) it is sent to
             for index, device in enumerate(devices):
                 wave = next(i for i, bound in enumerate(bounds) if index < bound)
                 try:
                     variant, reason = choose_variant(get_profile(device.profile), published)
                 except ProfileError as exc:
                     variant, reason = None, str(exc)
+                if variant:
+                    classes.setdefault(variant, set()).add(device.profile)
                 session.add(DeploymentTargetRecord(
                     deployment_id=record.id, device_id=device.device_id, wave=wave, variant=variant,
                     status="waiting" if variant else "skipped", reason=None if variant else reason))
+            rollback_from = max(model.release, highest[0] if highest else 0) if data.rollback else 0
+            expires = now + timedelta(seconds=data.wave_timeout_s * len(data.waves) + RELEASE_GRACE_S)
+            for variant, profiles in classes.items():
+                build = decode_signed(msgspec.json.encode(published[variant].signed_manifest)).manifest
+                release = Release(release=model.release, model_version=data.model_version, variant=variant,
+                                  task=model.task, device_classes=sorted(profiles), deployment_id=record.id,
+                                  rollback=data.rollback, rollback_from=rollback_from,
+                                  issued_at=int(now.timestamp()), expires_at=int(expires.timestamp()),
+                                  artifact=build)
+                session.add(DeploymentReleaseRecord(deployment_id=record.id, variant=variant, expires_at=expires,
+                                                    signed_release=self._sign(release)))
             session.commit()
             deployment_id = record.id
         log.info("deployment.created", deployment_id=deployment_id, model_version=data.model_version,
-                 devices=len(devices))
+                 release=model.release, rollback=data.rollback, devices=len(devices))
         self.step()
         return self.get(deployment_id)
 
@@ -196,19 +269,27 @@ class DeploymentService:
         if self.publisher is None:
             target.status, target.reason = "failed", "no broker connection"
             return
-        assert target.variant is not None
+        assert target.variant is not None and record.id is not None
         command_id = uuid.uuid4().hex
-        args = {"model_version": record.model_version, "variant": target.variant,
-                "manifest_url": manifest_url(record.model_version, target.variant),
-                "artifact_url": artifact_url(record.model_version, target.variant),
-                "bearer": record.download_token}
+        token = secrets.token_urlsafe(32)
+        args: dict[str, Any] = {
+            "model_version": record.model_version, "variant": target.variant, "deployment_id": record.id,
+            "manifest_url": release_manifest_url(record.id, target.variant),
+            "artifact_url": release_artifact_url(record.id, target.variant)}
+        # Own session, committed before the command goes out: the device may download at once. (The step's
+        # session is never flushed in between, so this does not wait on its lock.)
         with Session(self.engine) as cmd_session:
+            self._renew_release(cmd_session, record, target.variant, now)
             cmd_session.add(CommandRecord(command_id=command_id, device_id=target.device_id,
                                           kind=wire.CommandKind.DEPLOY_MODEL, args=args, created_at=now))
+            cmd_session.exec(update(DeploymentTargetRecord).where(
+                col(DeploymentTargetRecord.deployment_id) == record.id,
+                col(DeploymentTargetRecord.device_id) == target.device_id).values(token_hash=_token_hash(token)))
             cmd_session.commit()
+        target.token_hash = _token_hash(token)
         try:
             payload = wire.encode(wire.Command(command_id=command_id, kind=wire.CommandKind.DEPLOY_MODEL,
-                                               args=args, ts=time.time()))
+                                               args={**args, "bearer": token}, ts=time.time()))
             self.publisher.publish(wire.topic(target.device_id, wire.Channel.CMD), payload)
         except Exception as exc:  # noqa: BLE001 - retried on the next step
             log.warning("deployment.send_failed", device_id=target.device_id, error=str(exc))
@@ -226,6 +307,52 @@ class DeploymentService:
         sent_at = as_utc(target.sent_at) or now
         if now - sent_at > timedelta(seconds=record.wave_timeout_s):
             target.status, target.reason, target.finished_at = "failed", "no answer within the wave timeout", now
+
+    # -- releases --------------------------------------------------------------------------------------------
+    def _sign(self, release: Release) -> dict[str, Any]:
+        signed: dict[str, Any] = msgspec.to_builtins(self.signer.sign_release(release))
+        return signed
+
+    def _renew_release(self, session: Session, record: DeploymentRecord, variant: str, now: datetime) -> None:
+        """Re-sign a running deployment's release with a later expiry when it would lapse before this wave ends
+        (a wave held up by a broker outage, for instance)."""
+        row = session.get(DeploymentReleaseRecord, (record.id, variant))
+        if row is None:
+            raise NotFound(f"deployment {record.id} issued no release for variant {variant}")
+        if (as_utc(row.expires_at) or now) - now >= timedelta(seconds=record.wave_timeout_s + RELEASE_GRACE_S / 2):
+            return
+        remaining = len(record.waves) - record.current_wave
+        expires = now + timedelta(seconds=record.wave_timeout_s * remaining + RELEASE_GRACE_S)
+        release = msgspec.convert(row.signed_release["release"], Release)
+        release = msgspec.structs.replace(release, issued_at=int(now.timestamp()),
+                                          expires_at=int(expires.timestamp()))
+        row.signed_release, row.expires_at = self._sign(release), expires
+        session.add(row)
+        log.info("deployment.release_renewed", deployment_id=record.id, variant=variant,
+                 expires_at=expires.isoformat())
+
+    def signed_release(self, deployment_id: int, variant: str) -> dict[str, Any]:
+        with Session(self.engine) as session:
+            row = session.get(DeploymentReleaseRecord, (deployment_id, variant))
+            if row is None:
+                raise NotFound(f"deployment {deployment_id} has no release for variant '{variant}'")
+            return row.signed_release
+
+    def model_version_of(self, deployment_id: int) -> str:
+        with Session(self.engine) as session:
+            record = session.get(DeploymentRecord, deployment_id)
+            if record is None:
+                raise NotFound(f"no deployment {deployment_id}")
+            return record.model_version
+
+    @staticmethod
+    def _highest_deployed(session: Session) -> tuple[int, str] | None:
+        """The highest release any deployment sent (or is sending), and its model version."""
+        row = session.exec(
+            select(ModelVersionRecord.release, ModelVersionRecord.version)
+            .join(DeploymentRecord, col(DeploymentRecord.model_version) == col(ModelVersionRecord.version))
+            .order_by(col(ModelVersionRecord.release).desc()).limit(1)).first()
+        return (row[0], row[1]) if row else None
 
     # -- helpers ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -257,8 +384,10 @@ class DeploymentService:
         for t in targets:
             counts[t.status] = counts.get(t.status, 0) + 1
         assert record.id is not None
+        model = session.get(ModelVersionRecord, record.model_version)
         return DeploymentRead(
-            id=record.id, model_version=record.model_version, status=record.status, reason=record.reason,
+            id=record.id, model_version=record.model_version, release=model.release if model else 0,
+            rollback=record.rollback, status=record.status, reason=record.reason,
             waves=record.waves, current_wave=record.current_wave, failure_threshold=record.failure_threshold,
             created_at=as_utc(record.created_at) or utcnow(), updated_at=as_utc(record.updated_at) or utcnow(),
             counts=counts,

@@ -1,4 +1,4 @@
-"""HTTP API of the model registry, with resumable (HTTP Range) artifact downloads."""
+"""HTTP API of the model registry, with resumable (HTTP Range) artifact downloads for operators and devices."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from litestar.exceptions import NotAuthorizedException
 
 from controlplane.auth import Role
 from controlplane.auth._guards import requires
+from controlplane.db import ModelArtifactRecord
+from controlplane.deployments.service import DeploymentService
 from controlplane.models.schemas import ModelRead
 from controlplane.models.service import ModelService
 
@@ -53,42 +55,67 @@ class ModelController(Controller):
 
 
 class DownloadController(Controller):
-    """Manifest and artifact downloads: for operators (API token) and devices (a deployment's download token)."""
+    """Manifest and artifact downloads.
 
-    path = "/api/v1/models/{version:str}/variants/{variant:str}"
+    ``/models/{version}/variants/{variant}/...``: the build's manifest and artifact, for API tokens (any role).
+    ``/deployments/{id}/variants/{variant}/...``: what a deployment sends: its signed release and the artifact,
+    for the download token of that deployment and variant (sent to each device in its command) or an API token.
+    """
+
+    path = "/api/v1"
     tags: ClassVar[list[str]] = ["models"]  # type: ignore[misc]
 
-    @get("/manifest", sync_to_thread=True, exclude_from_auth=True)
+    @get("/models/{version:str}/variants/{variant:str}/manifest", sync_to_thread=True, exclude_from_auth=True)
     def manifest(self, request: Request[Any, Any, Any], version: str, variant: str,
                  models: ModelService) -> Response[bytes]:
-        _authorize_download(request, version)
+        _authorize(request, None)
         signed = models.signed_manifest(version, variant)
         return Response(msgspec.json.encode(signed), media_type="application/json")
 
-    @get("/artifact", sync_to_thread=True, exclude_from_auth=True)
+    @get("/models/{version:str}/variants/{variant:str}/artifact", sync_to_thread=True, exclude_from_auth=True)
     def artifact(self, request: Request[Any, Any, Any], version: str, variant: str,
                  models: ModelService) -> Response[bytes]:
-        _authorize_download(request, version)
-        record = models.artifact(version, variant)
-        assert record.path is not None
-        with open(record.path, "rb") as fh:
-            data = fh.read()
-        headers = {"Accept-Ranges": "bytes", "ETag": f'"{record.sha256}"'}
-        try:
-            wanted = parse_range(request.headers.get("range"), len(data))
-        except ValueError:
-            return Response(b"", status_code=416, headers={**headers, "Content-Range": f"bytes */{len(data)}"})
-        if wanted is None:
-            return Response(data, media_type="application/octet-stream", headers=headers)
-        start, end = wanted
-        return Response(data[start : end + 1], status_code=206, media_type="application/octet-stream",
-                        headers={**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"})
+        _authorize(request, None)
+        return _serve_artifact(request, models.artifact(version, variant))
+
+    @get("/deployments/{deployment_id:int}/variants/{variant:str}/manifest", sync_to_thread=True,
+         exclude_from_auth=True)
+    def release(self, request: Request[Any, Any, Any], deployment_id: int, variant: str,
+                deployments: DeploymentService) -> Response[bytes]:
+        _authorize(request, (deployment_id, variant))
+        signed = deployments.signed_release(deployment_id, variant)
+        return Response(msgspec.json.encode(signed), media_type="application/json")
+
+    @get("/deployments/{deployment_id:int}/variants/{variant:str}/artifact", sync_to_thread=True,
+         exclude_from_auth=True)
+    def release_artifact(self, request: Request[Any, Any, Any], deployment_id: int, variant: str,
+                         deployments: DeploymentService, models: ModelService) -> Response[bytes]:
+        _authorize(request, (deployment_id, variant))
+        deployments.signed_release(deployment_id, variant)  # 404 unless the deployment sends this variant
+        return _serve_artifact(request, models.artifact(deployments.model_version_of(deployment_id), variant))
 
 
-def _authorize_download(request: Request[Any, Any, Any], version: str) -> None:
-    """An operator token of any role, or the download token of a deployment of this model version."""
+def _serve_artifact(request: Request[Any, Any, Any], record: ModelArtifactRecord) -> Response[bytes]:
+    """The whole file, or the single byte range asked for (resumable downloads)."""
+    assert record.path is not None
+    with open(record.path, "rb") as fh:
+        data = fh.read()
+    headers = {"Accept-Ranges": "bytes", "ETag": f'"{record.sha256}"'}
+    try:
+        wanted = parse_range(request.headers.get("range"), len(data))
+    except ValueError:
+        return Response(b"", status_code=416, headers={**headers, "Content-Range": f"bytes */{len(data)}"})
+    if wanted is None:
+        return Response(data, media_type="application/octet-stream", headers=headers)
+    start, end = wanted
+    return Response(data[start : end + 1], status_code=206, media_type="application/octet-stream",
+                    headers={**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"})
+
+
+def _authorize(request: Request[Any, Any, Any], scope: tuple[int, str] | None) -> None:
+    """An API token of any role; for a deployment's ``scope`` (id, variant) also its download token."""
     from controlplane.auth import verify_token
-    from controlplane.deployments.service import download_token_valid
+    from controlplane.deployments.service import download_authorized
 
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
@@ -96,6 +123,11 @@ def _authorize_download(request: Request[Any, Any, Any], version: str) -> None:
     if not secret:
         raise NotAuthorizedException("downloads need a bearer token (an API token or a deployment's download token)")
     engine = request.app.state.engine
-    if verify_token(engine, secret) is not None or download_token_valid(engine, version, secret):
+    if verify_token(engine, secret) is not None:
         return
-    raise NotAuthorizedException("token not valid for this model version")
+    if scope is None:
+        raise NotAuthorizedException("model downloads need an API token (devices download through their "
+                                     "deployment)")
+    why = download_authorized(engine, scope[0], scope[1], secret)
+    if why is not None:
+        raise NotAuthorizedException(f"download token refused for deployment {scope[0]} variant {scope[1]}: {why}")

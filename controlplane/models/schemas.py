@@ -23,6 +23,7 @@ class ArtifactRead(msgspec.Struct):
 
 class ModelRead(msgspec.Struct):
     version: str
+    release: int  # assigned at registration, strictly increasing across versions; signed into its releases
     task: str
     source_kind: str
     source_id: str

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from agent._manifest import SignedManifest, decode_signed
@@ -32,13 +33,22 @@ class ModelService:
         self.artifacts_dir = artifacts_dir
         artifacts_dir.mkdir(parents=True, exist_ok=True)
 
-    def start_version(self, version: str, task: str, source_kind: str, source_id: str) -> None:
-        with Session(self.engine) as session:
-            if session.get(ModelVersionRecord, version) is not None:
-                raise Conflict(f"model version '{version}' exists")
-            session.add(ModelVersionRecord(version=version, task=task, source_kind=source_kind,
-                                           source_id=source_id, created_at=utcnow()))
-            session.commit()
+    def start_version(self, version: str, task: str, source_kind: str, source_id: str) -> int:
+        """Register a version; returns its release number (one above every registered version's)."""
+        for _ in range(10):
+            with Session(self.engine) as session:
+                if session.get(ModelVersionRecord, version) is not None:
+                    raise Conflict(f"model version '{version}' exists")
+                highest = session.exec(select(func.max(ModelVersionRecord.release))).one() or 0
+                session.add(ModelVersionRecord(version=version, release=highest + 1, task=task,
+                                               source_kind=source_kind, source_id=source_id, created_at=utcnow()))
+                try:
+                    session.commit()
+                except IntegrityError:  # another version took this release number (or this name) meanwhile
+                    session.rollback()
+                    continue
+                return highest + 1
+        raise Conflict(f"could not assign a release number to model version '{version}': retry")
 
     def register_build(self, version: str, published: list[tuple[SignedManifest, Path]],
                        rejected: dict[str, str], metrics: dict[str, Any]) -> ModelRead:
@@ -117,6 +127,6 @@ class ModelService:
                          artifact_url=artifact_url(r.model_version, r.variant) if r.published else None)
             for r in rows
         ]
-        return ModelRead(version=record.version, task=record.task, source_kind=record.source_kind,
+        return ModelRead(version=record.version, release=record.release, task=record.task, source_kind=record.source_kind,
                          source_id=record.source_id, status=record.status, reason=record.reason,
                          created_at=as_utc(record.created_at), metrics=record.metrics, variants=variants)

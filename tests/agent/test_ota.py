@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,10 +37,13 @@ from agent._manifest import (
     Golden,
     ModelManifest,
     ModelSource,
+    Release,
     SignedManifest,
+    SignedRelease,
     canonical_bytes,
     file_sha256,
     key_id,
+    release_bytes,
 )
 from agent._mqtt import BrokerAddress
 from agent._runtime import DataSource, TFLiteModel, starter_model_path
@@ -76,6 +80,7 @@ class FileServer(ThreadingHTTPServer):
         self.hits: list[Hit] = []
         self.faults: dict[str, str] = {}
         self.release = threading.Event()
+        self.releases: dict[str, int] = {}  # model version -> release number, as a registry assigns them
 
     @property
     def url(self) -> str:
@@ -99,6 +104,12 @@ class RangeHandler(BaseHTTPRequestHandler):
         fault = self.server.faults.get(name)
         if fault == "503":
             self.send_error(503)
+            return
+        if fault and fault.startswith("redirect "):
+            self.send_response(302)
+            self.send_header("Location", fault.removeprefix("redirect "))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         file = self.server.root / name
         if not file.is_file():
@@ -181,6 +192,21 @@ def sign(manifest: ModelManifest, key: Ed25519PrivateKey, claimed_key: bytes | N
     return msgspec.json.encode(signed)
 
 
+def sign_release(release: Release, key: Ed25519PrivateKey, claimed_key: bytes | None = None) -> bytes:
+    """A signed release; ``claimed_key`` forges the key id (the signature is still ``key``'s)."""
+    signature = base64.b64encode(key.sign(release_bytes(release))).decode()
+    return msgspec.json.encode(SignedRelease(release, signature, key_id(claimed_key or public_raw(key))))
+
+
+def make_release(manifest: ModelManifest, release: int, **changes: Any) -> Release:
+    """What a deployment issues for ``manifest``: for every profile the tests use, valid for an hour."""
+    now = int(time.time())
+    made = Release(release=release, model_version=manifest.model_version, variant=manifest.variant,
+                   task=manifest.task, device_classes=["raspberry-pi-5", "coral-dev-board"], deployment_id=1,
+                   issued_at=now, expires_at=now + 3600, artifact=manifest)
+    return msgspec.structs.replace(made, **changes)
+
+
 def make_manifest(model_version: str, variant: str, artifact: Path, **changes: Any) -> ModelManifest:
     manifest = ModelManifest(
         model_version=model_version, task="digits", variant=variant,
@@ -194,18 +220,24 @@ def make_manifest(model_version: str, variant: str, artifact: Path, **changes: A
 def publish(
     server: FileServer, key: Ed25519PrivateKey, model_version: str, variant: str, *,
     artifact_bytes: bytes | None = None, manifest: ModelManifest | None = None, signed: bytes | None = None,
-    source: Path | None = None,
+    source: Path | None = None, **release: Any,
 ) -> dict[str, Any]:
-    """Put a model on the server; returns the deploy_model args (manifest URL relative, artifact absolute)."""
+    """Put a model and its signed release on the server; returns the deploy_model args (manifest URL relative,
+    artifact absolute). Each new model version gets the next release number unless ``release=`` says;
+    other keyword arguments change the release (``deployment_id``, ``rollback``, ``expires_at``...)."""
     source = source or ARTIFACTS[variant]
     name = f"{model_version}-{variant}"
     (server.root / "artifacts" / f"{name}.tflite").write_bytes(
         artifact_bytes if artifact_bytes is not None else source.read_bytes()
     )
     manifest = manifest or make_manifest(model_version, variant, source)
-    (server.root / "manifests" / f"{name}.json").write_bytes(signed or sign(manifest, key))
-    return {"model_version": model_version, "variant": variant, "manifest_url": f"manifests/{name}.json",
-            "artifact_url": f"{server.url}/artifacts/{name}.tflite"}
+    number = release.pop("release", None) or server.releases.get(model_version) or (
+        max(server.releases.values(), default=1) + 1)
+    server.releases[model_version] = number
+    issued = make_release(manifest, number, **release)
+    (server.root / "manifests" / f"{name}.json").write_bytes(signed or sign_release(issued, key))
+    return {"model_version": model_version, "variant": variant, "deployment_id": issued.deployment_id,
+            "manifest_url": f"manifests/{name}.json", "artifact_url": f"{server.url}/artifacts/{name}.tflite"}
 
 
 # ------------------------------------------------------------------------------------------------- agents
@@ -482,9 +514,9 @@ def test_bad_signature_is_rejected_before_the_artifact_is_downloaded(
 ) -> None:
     # Prepare: the manifest is signed by another key (claiming its own key id, or the trusted one)
     agent = make_agent()
-    manifest = make_manifest("digits-2", "full-int8", ARTIFACTS["full-int8"])
+    manifest = make_release(make_manifest("digits-2", "full-int8", ARTIFACTS["full-int8"]), 2)
     other = Ed25519PrivateKey.generate()
-    signed = sign(manifest, other, claimed_key=public_raw(key) if forgery == "forged key id" else None)
+    signed = sign_release(manifest, other, claimed_key=public_raw(key) if forgery == "forged key id" else None)
     args = publish(server, key, "digits-2", "full-int8", signed=signed)
 
     # Execute
@@ -569,7 +601,8 @@ def test_incompatible_deployments_are_refused_early(
 def test_malformed_commands_are_refused(make_agent: AgentFactory) -> None:
     # Prepare
     agent = make_agent()
-    good = {"model_version": "digits-2", "variant": "fp32", "manifest_url": "m.json", "artifact_url": "a.tflite"}
+    good = {"model_version": "digits-2", "variant": "fp32", "deployment_id": 1, "manifest_url": "m.json",
+            "artifact_url": "a.tflite"}
 
     # Execute
     outcomes = {
@@ -585,6 +618,168 @@ def test_malformed_commands_are_refused(make_agent: AgentFactory) -> None:
     assert "unknown variant 'int4'" in (outcomes["variant"][1] or "")
     assert "only http:// and https://" in (outcomes["scheme"][1] or "")
     assert "manifest_url is required" in (outcomes["missing"][1] or "")
+
+
+# ------------------------------------------------------------------------------------ replay and downgrade
+
+
+@pytest.fixture(name="other_server")
+def fx_other_server(tmp_path: Path) -> Iterator[FileServer]:
+    """Any other HTTP server (an attacker's, or a stale mirror): same files, another origin."""
+    root = tmp_path / "elsewhere"
+    (root / "manifests").mkdir(parents=True)
+    (root / "artifacts").mkdir()
+    server = FileServer(root)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="test-http-2", daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def assert_still_on(agent: Agent, version: str, variant: str) -> None:
+    assert (agent.model_version, agent.active_variant) == (version, variant)
+    assert reported(agent).active_model == version
+    current = pointer(agent)
+    assert current is not None and (current["model_version"], current["variant"]) == (version, variant)
+
+
+def test_an_older_signed_release_from_any_server_does_not_roll_a_device_back(
+    make_agent: AgentFactory, server: FileServer, other_server: FileServer, key: Ed25519PrivateKey
+) -> None:
+    # Prepare: the device runs release 3; release 2 (validly signed by the same key) is kept elsewhere
+    agent = make_agent()
+    ok, reason, _ = deploy(agent, publish(server, key, "digits-3", "full-int8", release=3))
+    assert ok, reason
+    older = publish(other_server, key, "digits-2", "fp32", release=2)
+    older_here = publish(server, key, "digits-2", "fp32", release=2)
+
+    # Execute: named in a deploy_model command, from the other server, then from the control plane itself
+    from_elsewhere = deploy(agent, older | {"manifest_url": f"{other_server.url}/{older['manifest_url']}"})
+    from_home = deploy(agent, older_here)
+
+    # Assert: both refused with the reason, the newer model kept, nothing fetched from the other server
+    assert from_elsewhere[0] is False and from_elsewhere[2]["stage"] == "request"
+    assert f"{other_server.url}/manifests/digits-2-fp32.json" in (from_elsewhere[1] or "")
+    assert f"not on the control plane this device was enrolled with ({server.url})" in (from_elsewhere[1] or "")
+    assert other_server.hits == []
+    assert from_home[0] is False and from_home[2]["stage"] == "release"
+    assert ("release 2 (digits-2 fp32) is not newer than this device's release 3 (digits-3 full-int8); only a "
+            "deployment signed as a rollback may go back") in (from_home[1] or "")
+    assert server.hits_for("artifacts/digits-2") == []
+    assert_still_on(agent, "digits-3", "full-int8")
+
+
+def test_the_release_survives_a_restart(make_agent: AgentFactory, server: FileServer,
+                                        key: Ed25519PrivateKey) -> None:
+    # Prepare: release 3 installed, then the watchdog-free path: the device restarts on the same data dir
+    agent = make_agent()
+    assert deploy(agent, publish(server, key, "digits-3", "full-int8", release=3))[0]
+    older = publish(server, key, "digits-2", "fp32", release=2)
+    agent._inference.stop(timeout=5.0)
+    restarted = make_agent(data_dir=agent.settings.data_dir)
+
+    # Execute
+    ok, reason, _ = deploy(restarted, older)
+
+    # Assert
+    assert ok is False and "is not newer than this device's release 3" in (reason or "")
+    assert json.loads((agent.settings.data_dir / "models" / "release.json").read_bytes())["release"] == 3
+
+
+def test_an_explicit_rollback_goes_back_once_and_cannot_be_replayed_later(
+    make_agent: AgentFactory, server: FileServer, key: Ed25519PrivateKey
+) -> None:
+    # Prepare: release 3 active; an operator's rollback to release 2, signed when 3 was the newest
+    agent = make_agent()
+    assert deploy(agent, publish(server, key, "digits-3", "full-int8", release=3))[0]
+    rollback = publish(server, key, "digits-2", "fp32", release=2, deployment_id=7, rollback=True,
+                       rollback_from=3)
+
+    # Execute: the rollback, then release 4, then the same rollback replayed
+    rolled = deploy(agent, rollback)
+    newer = deploy(agent, publish(server, key, "digits-4", "full-int8", release=4, deployment_id=8))
+    replayed = deploy(agent, rollback)
+
+    # Assert
+    assert rolled[0] is True and rolled[2]["rollback"] is True and rolled[2]["release"] == 2, rolled
+    assert newer[0] is True, newer
+    assert replayed[0] is False and replayed[2]["stage"] == "release"
+    assert ("the rollback to release 2 was signed when release 3 was the newest; this device has release 4 "
+            "(digits-4 full-int8)") in (replayed[1] or "")
+    assert_still_on(agent, "digits-4", "full-int8")
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("other device class", "the release is for device classes coral-dev-board, this device is raspberry-pi-5"),
+        ("other task", "the release is a 'keywords' model, this device runs task 'digits'"),
+        ("other deployment", "the release belongs to deployment 5, the command to deployment 6"),
+        ("expired", "clock skew allowed 300 s"),
+        ("issued in the future", "s in the future"),
+        ("build manifest", "a build manifest, not a release"),
+        ("same release, another artifact", "release 3 (digits-3 fp32) is not newer than this device's release 3"),
+    ],
+)
+def test_releases_not_meant_for_this_device_now_are_refused(
+    case: str, expected: str, make_agent: AgentFactory, server: FileServer, key: Ed25519PrivateKey
+) -> None:
+    # Prepare: release 3 (full-int8) is active; each case is a validly signed document this device must refuse
+    agent = make_agent()
+    assert deploy(agent, publish(server, key, "digits-3", "full-int8", release=3))[0]
+    now = int(time.time())
+    fp32 = make_manifest("digits-4", "fp32", ARTIFACTS["fp32"])
+    if case == "other device class":
+        args = publish(server, key, "digits-4", "fp32", device_classes=["coral-dev-board"])
+    elif case == "other task":
+        fp32 = msgspec.structs.replace(fp32, task="keywords")
+        args = publish(server, key, "digits-4", "fp32", manifest=fp32, task="keywords")
+    elif case == "other deployment":
+        args = publish(server, key, "digits-4", "fp32", deployment_id=5) | {"deployment_id": 6}
+    elif case == "expired":  # beyond the clock skew allowed (300 s)
+        args = publish(server, key, "digits-4", "fp32", issued_at=now - 4000, expires_at=now - 400)
+    elif case == "issued in the future":
+        args = publish(server, key, "digits-4", "fp32", issued_at=now + 3600, expires_at=now + 7200)
+    elif case == "build manifest":
+        args = publish(server, key, "digits-4", "fp32", signed=sign(fp32, key))
+    else:
+        args = publish(server, key, "digits-3", "fp32")
+
+    # Execute
+    ok, reason, result = deploy(agent, args)
+
+    # Assert: acked as an error with the reason, the artifact never fetched, the model kept
+    assert ok is False and expected in (reason or ""), reason
+    assert result["stage"] in ("release", "manifest")
+    assert [hit.path for hit in server.hits_for("artifacts/") if "digits-3-full" not in hit.path] == []
+    assert_still_on(agent, "digits-3", "full-int8")
+
+
+def test_downloads_stay_on_the_control_plane(make_agent: AgentFactory, server: FileServer,
+                                             other_server: FileServer, key: Ed25519PrivateKey) -> None:
+    # Prepare: the control plane's artifact URL redirects to another server that has the same file
+    agent = make_agent()
+    args = publish(server, key, "digits-2", "full-int8")
+    publish(other_server, key, "digits-2", "full-int8")
+    server.faults["artifacts/digits-2-full-int8.tflite"] = (
+        f"redirect {other_server.url}/artifacts/digits-2-full-int8.tflite")
+    no_home = make_agent(data_dir=agent.settings.data_dir.parent / "no-home")
+    no_home.settings.controlplane_url = None
+
+    # Execute
+    redirected = deploy(agent, args)
+    absolute_elsewhere = deploy(agent, args | {"artifact_url": f"{other_server.url}/artifacts/x.tflite"})
+    unconfigured = deploy(no_home, args)
+
+    # Assert
+    assert redirected[0] is False and "redirects to " + other_server.url in (redirected[1] or "")
+    assert "off the control plane: refused" in (redirected[1] or "")
+    assert absolute_elsewhere[0] is False and "is not on the control plane" in (absolute_elsewhere[1] or "")
+    assert unconfigured[0] is False and "no control plane URL is configured" in (unconfigured[1] or "")
+    assert other_server.hits == []
+    assert_unchanged(agent)
 
 
 # ------------------------------------------------------------------------------------------------- rollback
