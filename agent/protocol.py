@@ -14,21 +14,32 @@ state     device -> cp 1   yes      :class:`State` (also the Last Will, online=F
 cmd       cp -> device 1   no       :class:`Command`
 ack       device -> cp 1   no       :class:`Ack`
 ========= ============ === ======== ==============================================
+
+Ranges (checked by msgspec as a payload is decoded, on both sides: see :func:`check`): integers fit in int64
+(``seq``, counters and sizes are 0..2**63-1); numbers are finite (JSON has no NaN/Infinity and a literal such as
+``1e999`` is refused as out of range; the agent's encoder writes a NaN or infinite float as ``null``); strings hold
+no NUL character and are bounded (labels and ids 128 characters, reasons 2048, free-form strings 4096); the
+free-form dicts (``State.config``, ``Ack.result``) nest at most 6 containers deep with at most 256 entries each, and
+a payload is at most 64 KiB. A payload outside these is refused as a whole: the control plane dead-letters it, the
+agent never sends it.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias, TypeVar
 
 import msgspec
 
 __all__ = [
+    "INT64_MAX",
+    "MAX_FREEFORM_DEPTH",
     "MAX_PAYLOAD_BYTES",
     "PROTOCOL_VERSION",
     "SUPPORTED_PROTOCOL_VERSIONS",
     "TOPIC_PREFIX",
+    "UPSTREAM_CHANNELS",
     "Ack",
     "Channel",
     "Command",
@@ -42,8 +53,10 @@ __all__ = [
     "State",
     "SystemStats",
     "Telemetry",
+    "check",
     "decode",
     "encode",
+    "has_nul",
     "parse_topic",
     "subscription",
     "topic",
@@ -55,6 +68,9 @@ SUPPORTED_PROTOCOL_VERSIONS: Final = frozenset({1})
 TOPIC_PREFIX: Final = "edgefleet/v1/devices"
 # Larger messages are dead-lettered as oversized by the control plane; agents never produce them.
 MAX_PAYLOAD_BYTES: Final = 64 * 1024
+
+INT64_MAX: Final = 2**63 - 1
+MAX_FREEFORM_DEPTH: Final = 6
 
 # Device ids become MQTT topic levels and broker usernames: no wildcards, separators or spaces.
 _DEVICE_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -121,8 +137,37 @@ def parse_topic(name: str) -> tuple[str, Channel]:
     return validate_device_id(parts[3]), channel
 
 
+# -- ranges (msgspec checks them while it decodes: no Python code per record) ----------------------------------
+# A NUL in any string (keys too) is refused by `check` with a byte search, not per field: a regex per string
+# would cost more than the rest of decoding.
+Count = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=INT64_MAX)]
+DeviceIdField = Annotated[str, msgspec.Meta(max_length=64)]  # and the device id pattern, checked by `decode`
+CommandId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Label = Annotated[str, msgspec.Meta(max_length=128)]
+Reason = Annotated[str, msgspec.Meta(max_length=2048)]
+_FreeText = Annotated[str, msgspec.Meta(max_length=4096)]
+_Scalar = _FreeText | Int64 | float | bool | None
+
+
+def _free_form(depth: int) -> Any:
+    """JSON values nested at most `depth` containers deep, 256 entries each (a typed bound: msgspec stops at the
+    first level too deep instead of recursing)."""
+    value: Any = _Scalar
+    for _ in range(depth - 1):
+        value = (_Scalar | Annotated[list[value], msgspec.Meta(max_length=256)]
+                 | Annotated[dict[Label, value], msgspec.Meta(max_length=256)])
+    return Annotated[dict[Label, value], msgspec.Meta(max_length=256)]
+
+
+if TYPE_CHECKING:
+    FreeForm: TypeAlias = dict[str, Any]
+else:
+    FreeForm = _free_form(MAX_FREEFORM_DEPTH)
+
+
 class _Message(msgspec.Struct, kw_only=True, omit_defaults=False):
-    protocol_version: int = PROTOCOL_VERSION
+    protocol_version: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = PROTOCOL_VERSION
 
 
 class SystemStats(msgspec.Struct, kw_only=True):
@@ -139,7 +184,7 @@ class PowerStats(msgspec.Struct, kw_only=True):
     """Power state; ``source`` says where the figures come from (``os`` or ``simulated``)."""
 
     source: Literal["os", "simulated", "profile"]
-    power_source: str
+    power_source: Label
     battery_percent: float | None = None
     charging: bool | None = None
 
@@ -147,35 +192,37 @@ class PowerStats(msgspec.Struct, kw_only=True):
 class NetworkStats(msgspec.Struct, kw_only=True):
     source: Literal["os", "simulated", "profile"]
     metered: bool | None = None
-    kind: str | None = None
-    bytes_sent: int | None = None
-    bytes_recv: int | None = None
+    kind: Label | None = None
+    bytes_sent: Count | None = None
+    bytes_recv: Count | None = None
 
 
 class InferenceStats(msgspec.Struct, kw_only=True):
     """Inference since the previous telemetry message."""
 
-    model_version: str | None
-    count: int
+    model_version: Label | None
+    count: Count
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     mean_confidence: float | None = None
-    class_histogram: dict[str, int] = msgspec.field(default_factory=dict)
-    errors: int = 0
+    class_histogram: Annotated[dict[Label, Count], msgspec.Meta(max_length=1024)] = msgspec.field(
+        default_factory=dict
+    )
+    errors: Count = 0
     # Where the local data carries labels: how many of the labelled inferences were right (on-device accuracy).
-    labelled: int = 0
-    correct: int = 0
+    labelled: Count = 0
+    correct: Count = 0
 
 
 class OutboxStats(msgspec.Struct, kw_only=True):
-    pending: int
-    pending_bytes: int
-    dropped_total: int
+    pending: Count
+    pending_bytes: Count
+    dropped_total: Count
 
 
 class Telemetry(_Message, kw_only=True):
-    device_id: str
-    seq: Annotated[int, msgspec.Meta(ge=0)]
+    device_id: DeviceIdField
+    seq: Count
     ts: float
     system: SystemStats
     power: PowerStats
@@ -187,16 +234,16 @@ class Telemetry(_Message, kw_only=True):
 class State(_Message, kw_only=True):
     """Retained presence and reported state. The Last Will is the same message with ``online=False``."""
 
-    device_id: str
+    device_id: DeviceIdField
     online: bool
     ts: float
-    profile: str | None = None
-    agent_version: str | None = None
-    runtime: str | None = None
-    runtime_version: str | None = None
-    active_model: str | None = None
-    active_variant: str | None = None
-    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    profile: Label | None = None
+    agent_version: Label | None = None
+    runtime: Label | None = None
+    runtime_version: Label | None = None
+    active_model: Label | None = None
+    active_variant: Label | None = None
+    config: FreeForm = msgspec.field(default_factory=dict)
 
 
 class Command(_Message, kw_only=True):
@@ -207,21 +254,40 @@ class Command(_Message, kw_only=True):
 
 
 class Ack(_Message, kw_only=True):
-    device_id: str
-    command_id: str
+    device_id: DeviceIdField
+    command_id: CommandId
     ok: bool
-    reason: str | None = None
-    result: dict[str, Any] = msgspec.field(default_factory=dict)
+    reason: Reason | None = None
+    result: FreeForm = msgspec.field(default_factory=dict)
     ts: float = 0.0
 
 
 _T = TypeVar("_T")
 _ENCODER: Final = msgspec.json.Encoder()
 _DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+# The device -> control plane channels and their payload types.
+UPSTREAM_CHANNELS: Final[dict[Channel, type[Telemetry | State | Ack]]] = {
+    Channel.TELEMETRY: Telemetry,
+    Channel.STATE: State,
+    Channel.ACK: Ack,
+}
 
 
 def encode(message: msgspec.Struct) -> bytes:
-    return _ENCODER.encode(message)
+    """JSON bytes of a message; a NaN or infinite float becomes ``null``.
+
+    An :class:`Ack` whose ``reason`` or ``result`` breaks the contract (say, a result nested too deep) is sent as
+    an error ack that says so, instead of an ack the control plane would have to drop.
+    """
+    data = _ENCODER.encode(message)
+    if isinstance(message, Ack):
+        try:
+            check(data, Channel.ACK)
+        except ProtocolError as exc:
+            reason = f"the command's result could not be sent: {exc}"
+            data = _ENCODER.encode(Ack(device_id=message.device_id, command_id=message.command_id, ok=False,
+                                       reason=reason[:2048].replace("\x00", ""), ts=message.ts))
+    return data
 
 
 def decode(data: bytes, kind: type[_T]) -> _T:
@@ -230,7 +296,7 @@ def decode(data: bytes, kind: type[_T]) -> _T:
     Raises
     ------
     ProtocolError
-        Malformed JSON, a field of the wrong type or range, or an unsupported protocol version.
+        Malformed JSON or UTF-8, a field of the wrong type or range, or an unsupported protocol version.
     """
     decoder = _DECODERS.get(kind)
     if decoder is None:
@@ -239,6 +305,12 @@ def decode(data: bytes, kind: type[_T]) -> _T:
         message: _T = decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise ProtocolError(str(exc)) from exc
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"invalid UTF-8: {exc}") from exc
+    except RecursionError:
+        raise ProtocolError("JSON nested too deep") from None
+    if has_nul(data):
+        raise ProtocolError("a string holds a NUL character (\\u0000)")
     version = getattr(message, "protocol_version", PROTOCOL_VERSION)
     if version not in SUPPORTED_PROTOCOL_VERSIONS:
         raise ProtocolError(f"unsupported protocol_version {version}")
@@ -246,3 +318,41 @@ def decode(data: bytes, kind: type[_T]) -> _T:
     if device_id is not None:
         validate_device_id(device_id)
     return message
+
+
+def has_nul(data: bytes) -> bool:
+    """Whether a string of this (valid) JSON holds a NUL character. A byte search first: on the honest path that
+    is all it costs; only a payload that contains the escape is decoded again to rule out an escaped backslash."""
+    if b"\\u0000" not in data:
+        return False
+    try:
+        return _nul_in(msgspec.json.decode(data))
+    except RecursionError:
+        return True  # deeper than Python recursion allows: refuse rather than guess
+
+
+def _nul_in(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _nul_in(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_nul_in(v) for v in value)
+    return False
+
+
+def check(data: bytes, channel: Channel) -> Telemetry | State | Ack:
+    """Check one device -> control plane payload against the contract (both sides use this one definition).
+
+    Raises
+    ------
+    ProtocolError
+        The payload is larger than :data:`MAX_PAYLOAD_BYTES` or :func:`decode` refuses it.
+    """
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        kind = UPSTREAM_CHANNELS[channel]
+    except KeyError:
+        raise ProtocolError(f"{channel} is not a device -> control plane channel") from None
+    return decode(data, kind)

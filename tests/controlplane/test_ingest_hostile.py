@@ -1,0 +1,116 @@
+"""One device sending what the wire contract forbids, on its own topics, cannot stop ingest for the others.
+
+A real broker (the machine's mosquitto) and a real database (SQLite and PostgreSQL): the hostile device is
+enrolled and publishes on its own topics, as a device holding its own valid credentials could.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent import protocol as wire
+from agent._mqtt import MqttProtocol, make_client, parse_broker_url
+from controlplane._fleet import Fleet
+from controlplane.devices.schemas import CommandCreate, DeviceCreate
+from controlplane.ingest import read_stats
+from tests._services import fleet_settings, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def telemetry(device_id: str, seq: int) -> bytes:
+    return wire.encode(wire.Telemetry(
+        device_id=device_id, seq=seq, ts=time.time(),
+        system=wire.SystemStats(cpu_percent=1.0, mem_used_mb=10.0, mem_total_mb=100.0, disk_used_percent=5.0),
+        power=wire.PowerStats(source="simulated", power_source="battery", battery_percent=80.0, charging=True),
+        network=wire.NetworkStats(source="simulated", metered=False),
+    ))
+
+
+def deep(depth: int) -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+# (channel, payload template): {id} is the hostile device's id, {cmd} a command id pending for it.
+HOSTILE: dict[str, tuple[wire.Channel, bytes]] = {
+    "seq_2_63": (wire.Channel.TELEMETRY, telemetry("{id}", 1).replace(b'"seq":1', b'"seq":9223372036854775808')),
+    "seq_2_70": (wire.Channel.TELEMETRY, telemetry("{id}", 1).replace(b'"seq":1', b'"seq":%d' % 2**70)),
+    "bytes_sent_2_64": (wire.Channel.TELEMETRY,
+                        telemetry("{id}", 7).replace(b'"metered":false', b'"metered":false,"bytes_sent":%d' % 2**64)),
+    "invalid_utf8": (wire.Channel.TELEMETRY, telemetry("{id}", 2).replace(b'"battery"', b'"\xff\xfe"')),
+    "nul_in_string": (wire.Channel.TELEMETRY, telemetry("{id}", 3).replace(b'"battery"', b'"bat\\u0000tery"')),
+    "state_deep_config": (wire.Channel.STATE,
+                          b'{"device_id":"{id}","online":true,"ts":1.0,"config":' + deep(5000) + b"}"),
+    "state_nul_agent_version": (wire.Channel.STATE,
+                                b'{"device_id":"{id}","online":true,"ts":1.0,"agent_version":"1\\u0000"}'),
+    "ack_deep_result": (wire.Channel.ACK, b'{"device_id":"{id}","command_id":"{cmd}","ok":true,"result":'
+                        + deep(5000) + b"}"),
+    "ack_nul_reason": (wire.Channel.ACK, b'{"device_id":"{id}","command_id":"{cmd}","ok":false,"reason":"x\\u0000"}'),
+    "ack_huge_int_result": (wire.Channel.ACK, b'{"device_id":"{id}","command_id":"{cmd}","ok":true,'
+                            b'"result":{"n":%d}}' % 2**200),
+}
+
+
+@pytest.fixture(name="fleet")
+def fx_fleet(mosquitto_url: str, database_url: str, tmp_path: Path) -> Iterator[Fleet]:
+    fleet = Fleet(fleet_settings(mosquitto_url, tmp_path / "cp", database_url)).start()
+    yield fleet
+    fleet.stop()
+
+
+@pytest.fixture(name="publisher")
+def fx_publisher(mosquitto_url: str) -> Iterator[mqtt.Client]:
+    address = parse_broker_url(mosquitto_url)
+    client = make_client(address, f"test-{uuid.uuid4().hex[:6]}", protocol=MqttProtocol.V5)
+    client.connect(address.host, address.port)
+    client.loop_start()
+    yield client
+    client.disconnect()
+    client.loop_stop()
+
+
+def enroll(fleet: Fleet) -> str:
+    device_id = f"dev-{uuid.uuid4().hex[:8]}"
+    fleet.devices.enroll(DeviceCreate(device_id=device_id, profile="raspberry-pi-5"))
+    return device_id
+
+
+def publish(client: mqtt.Client, topic: str, payload: bytes) -> None:
+    client.publish(topic, payload, qos=1).wait_for_publish(10)
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_record_does_not_stop_honest_device(fleet: Fleet, publisher: mqtt.Client, case: str) -> None:
+    # Prepare: an honest device with one record stored, a hostile one with a command pending
+    honest, hostile = enroll(fleet), enroll(fleet)
+    honest_cmd = fleet.devices.send_command(honest, CommandCreate(kind="ping", wait_s=0)).command_id
+    hostile_cmd = fleet.devices.send_command(hostile, CommandCreate(kind="ping", wait_s=0)).command_id
+    publish(publisher, wire.topic(honest, wire.Channel.TELEMETRY), telemetry(honest, 1))
+    wait_for(lambda: read_stats(fleet.engine)["stored"] == 1, what="the first honest record stored")
+    channel, template = HOSTILE[case]
+    payload = template.replace(b"{id}", hostile.encode()).replace(b"{cmd}", hostile_cmd.encode())
+    # Execute: the hostile message, then the honest device goes on (telemetry, state, ack)
+    publish(publisher, wire.topic(hostile, channel), payload)
+    for seq in range(2, 6):
+        publish(publisher, wire.topic(honest, wire.Channel.TELEMETRY), telemetry(honest, seq))
+    publish(publisher, wire.topic(honest, wire.Channel.STATE),
+            wire.encode(wire.State(device_id=honest, online=True, ts=time.time(), agent_version="1.0")))
+    publish(publisher, wire.topic(honest, wire.Channel.ACK),
+            wire.encode(wire.Ack(device_id=honest, command_id=honest_cmd, ok=True, result={"pong": 1.0})))
+    # Assert: everything the honest device sent is stored; the hostile message is a dead letter
+    wait_for(lambda: read_stats(fleet.engine)["received"] >= 8, timeout=15, what="all 8 messages ingested")
+    assert [r.seq for r in fleet.devices.telemetry(honest, since=None, until=None, limit=100)] == [1, 2, 3, 4, 5]
+    assert fleet.devices.get(honest).online
+    assert fleet.devices.get(honest).agent_version == "1.0"
+    assert fleet.devices.get_command(honest, honest_cmd).status == "ok"
+    assert fleet.devices.telemetry(hostile, since=None, until=None, limit=100) == []
+    assert fleet.devices.get_command(hostile, hostile_cmd).status == "pending"
+    stats = read_stats(fleet.engine)
+    assert sum(stats["dead_letters"].values()) == 1, stats  # type: ignore[attr-defined]
+    assert all(w.alive for w in fleet.workers)
