@@ -16,7 +16,7 @@ from controlplane._fleet import Fleet
 from controlplane.app import create_app
 from controlplane.demo import _Server
 from controlplane.deployments.schemas import DeploymentCreate, Targets
-from controlplane.devices.schemas import DeviceCreate, DeviceEnrolled
+from controlplane.devices.schemas import CommandCreate, DeviceCreate, DeviceEnrolled
 from controlplane.settings import Settings
 from tests._services import free_port, wait_for
 from tests.controlplane.test_build_registry import fx_weights  # noqa: F401 - the trained weights fixture
@@ -33,12 +33,12 @@ def fx_served(tmp_path: Path) -> Iterator[tuple[Fleet, str]]:
     fleet.stop()
 
 
-def start_agent(creds: DeviceEnrolled, controlplane: str, data_dir: Path) -> subprocess.Popen[bytes]:
+def start_agent(creds: DeviceEnrolled, controlplane: str, data_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "controlplane._entry", "agent", "run", "--device-id", creds.device_id,
          "--profile", creds.profile, "--broker", creds.broker_url, "--data-dir", str(data_dir),
          "--controlplane", controlplane, "--signing-key", creds.signing_public_key, "--telemetry-interval", "1",
-         "--log-level", "warning"],
+         "--log-level", "warning", *extra],
         env=dict(os.environ, EDGEFLEET_MQTT_PASSWORD=creds.mqtt_password),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -107,3 +107,42 @@ def test_tampered_artifact_is_refused_and_the_old_model_kept(served: tuple[Fleet
         assert (fleet.devices.get("pi5").reported_state or {}).get("active_model") == before
     finally:
         stop(agent)
+
+
+def test_devices_refuse_what_is_not_for_them_and_the_records_say_why(served: tuple[Fleet, str], weights: Path,
+                                                                     tmp_path: Path) -> None:
+    # Prepare: two Pi 5s, one of them running another task; an operator who names a download elsewhere
+    fleet, url = served
+    pi5 = fleet.devices.enroll(DeviceCreate(device_id="pi5", profile="raspberry-pi-5"))
+    other = fleet.devices.enroll(DeviceCreate(device_id="pi5-kws", profile="raspberry-pi-5"))
+    version = fleet.builder.build(task_name="digits", weights_path=weights, model_version="r3",
+                                  source=ModelSource(kind="round", id="3"))
+    agents = [start_agent(pi5, url, tmp_path / "pi5"), start_agent(other, url, tmp_path / "kws", "--task", "kws")]
+    try:
+        wait_for(lambda: all(d.online for d in fleet.devices.find()), what="agents online")
+        # Execute: a rollout to both; then a deploy_model command naming the release on another server (to the
+        # device that does not run it: the one that does would answer "already active" without downloading)
+        created = fleet.deployments.create(DeploymentCreate(model_version=version, targets=Targets(all=True),
+                                                            failure_threshold=1.0))
+        wait_for(lambda: fleet.deployments.get(created.id).status != "running", timeout=90, what="rollout done")
+        result = fleet.deployments.get(created.id)
+        sent = {t.device_id: t for t in result.targets}["pi5"]
+        elsewhere = f"http://127.0.0.1:{free_port()}"
+        replay = fleet.devices.send_command("pi5-kws", CommandCreate(kind="deploy_model", wait_s=30, args={
+            "model_version": version, "variant": sent.variant, "deployment_id": created.id,
+            "manifest_url": f"{elsewhere}/api/v1/deployments/{created.id}/variants/{sent.variant}/manifest",
+            "artifact_url": f"{elsewhere}/api/v1/deployments/{created.id}/variants/{sent.variant}/artifact"}))
+
+        # Assert: the deployment record shows each device's outcome and reason; the device kept its model
+        by_device = {t.device_id: t for t in result.targets}
+        assert by_device["pi5"].status == "succeeded", by_device["pi5"]
+        assert by_device["pi5-kws"].status == "failed"
+        assert by_device["pi5-kws"].reason == "the release is a 'digits' model, this device runs task 'kws'"
+        assert (fleet.devices.get("pi5-kws").reported_state or {}).get("active_model") != version
+        assert replay.status == "error"
+        assert f"is not on the control plane this device was enrolled with ({url})" in (replay.reason or "")
+        assert (fleet.devices.get("pi5").reported_state or {}).get("active_model") == version
+        assert (fleet.devices.get("pi5-kws").reported_state or {}).get("active_model") != version
+    finally:
+        for agent in agents:
+            stop(agent)

@@ -16,8 +16,12 @@ from agent._manifest import (
     ManifestError,
     ModelManifest,
     ModelSource,
+    Release,
+    SignedRelease,
     decode_signed,
+    decode_signed_release,
     key_id,
+    verify_release,
     verify_signature,
 )
 from federated.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, Signer, SigningKeyError
@@ -138,6 +142,56 @@ def test_manifest_signed_by_another_key_fails(signer: Signer, tmp_path: Path) ->
         verify_signature(signed, signer.public_key_raw)
     with pytest.raises(ManifestError, match="bad signature"):
         verify_signature(disguised, signer.public_key_raw)
+
+
+def _release(**changes: object) -> Release:
+    release = Release(release=3, model_version="digits-3", variant="fp32", task="digits",
+                      device_classes=["raspberry-pi-5"], deployment_id=7, issued_at=1_800_000_000,
+                      expires_at=1_800_003_600, artifact=_manifest())
+    return msgspec.structs.replace(release, **changes)
+
+
+def test_signed_release_verifies_and_round_trips(signer: Signer) -> None:
+    # Execute
+    signed = signer.sign_release(_release(rollback=True, rollback_from=5))
+    decoded = decode_signed_release(msgspec.json.encode(signed))
+
+    # Assert
+    assert verify_release(decoded, signer.public_key_raw) == _release(rollback=True, rollback_from=5)
+
+
+@pytest.mark.parametrize("change", [{"release": 4}, {"expires_at": 1_900_000_000}, {"rollback": True},
+                                    {"device_classes": ["raspberry-pi-5", "coral-dev-board"]},
+                                    {"deployment_id": 8}, {"task": "kws"}])
+def test_changed_release_fails_verification(signer: Signer, change: dict[str, object]) -> None:
+    # Prepare
+    signed = signer.sign_release(_release())
+    tampered = msgspec.structs.replace(signed, release=_release(**change))
+
+    # Execute / Assert
+    with pytest.raises(ManifestError, match="bad signature"):
+        verify_release(tampered, signer.public_key_raw)
+
+
+def test_a_build_signature_is_no_release_signature(signer: Signer) -> None:
+    # Prepare: a release carrying the signature of its own artifact's build manifest
+    build = signer.sign(_manifest())
+    forged = SignedRelease(release=_release(), signature=build.signature, key_id=build.key_id)
+
+    # Execute / Assert: refused as a release, and a build manifest does not decode as one
+    with pytest.raises(ManifestError, match="bad signature"):
+        verify_release(forged, signer.public_key_raw)
+    with pytest.raises(ManifestError, match="a build manifest, not a release"):
+        decode_signed_release(msgspec.json.encode(build))
+
+
+def test_release_of_another_artifact_is_refused(signer: Signer) -> None:
+    # Prepare: validly signed, but the embedded artifact is another version's
+    signed = signer.sign_release(_release(artifact=_manifest(model_version="digits-1")))
+
+    # Execute / Assert
+    with pytest.raises(ManifestError, match="its artifact for digits-1"):
+        verify_release(signed, signer.public_key_raw)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file permissions")
