@@ -347,10 +347,15 @@ class DeploymentService:
 
     @staticmethod
     def _highest_deployed(session: Session) -> tuple[int, str] | None:
-        """The highest release any deployment sent (or is sending), and its model version."""
+        """The highest release that reached a device or is on its way to one, and its model version.
+
+        (A release no device installed does not count: devices that never got it accept the ones below it.)
+        """
         row = session.exec(
             select(ModelVersionRecord.release, ModelVersionRecord.version)
             .join(DeploymentRecord, col(DeploymentRecord.model_version) == col(ModelVersionRecord.version))
+            .join(DeploymentTargetRecord, col(DeploymentTargetRecord.deployment_id) == col(DeploymentRecord.id))
+            .where(col(DeploymentTargetRecord.status).in_(("sent", "succeeded")))
             .order_by(col(ModelVersionRecord.release).desc()).limit(1)).first()
         return (row[0], row[1]) if row else None
 

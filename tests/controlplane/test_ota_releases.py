@@ -49,6 +49,7 @@ class Device:
         address = parse_broker_url(broker_url)
         self.device_id = device_id
         self.commands: list[wire.Command] = []
+        self.acked = 0
         self.client = make_client(address, f"dev-{device_id}-{uuid.uuid4().hex[:4]}", protocol=MqttProtocol.V5)
         self.client.on_message = self._on_message
         subscribed = threading.Event()
@@ -62,7 +63,9 @@ class Device:
         self.commands.append(wire.decode(msg.payload, wire.Command))
 
     def ack(self, ok: bool = True, reason: str | None = None) -> None:
-        for command in self.commands:
+        """Ack the commands not acked yet."""
+        fresh, self.acked = self.commands[self.acked:], len(self.commands)
+        for command in fresh:
             ack = wire.Ack(device_id=self.device_id, command_id=command.command_id, ok=ok, reason=reason)
             self.client.publish(wire.topic(self.device_id, wire.Channel.ACK), wire.encode(ack), qos=1)
 
@@ -141,9 +144,10 @@ def test_download_tokens_are_hashed_scoped_hidden_and_expire(fleet: Fleet, mosqu
 
 
 def test_a_lower_release_needs_an_explicit_rollback(fleet: Fleet, mosquitto_url: str) -> None:
-    # Prepare: m-old (release n) and m-new (release n+1); m-new is deployed
+    # Prepare: m-old (release n), m-new (n+1), m-bad (n+2); m-new is deployed, m-bad reached no device
     register_starter(fleet, "m-old", {"fp32": 0.975, "full-int8": 0.975})
     register_starter(fleet, "m-new", {"fp32": 0.975, "full-int8": 0.975})
+    register_starter(fleet, "m-bad", {"fp32": 0.975, "full-int8": 0.975})
     fleet.devices.enroll(DeviceCreate(device_id="pi-0", profile="raspberry-pi-5"))
     pi = Device(mosquitto_url, "pi-0")
     _, operator = create_token(fleet.engine, Role.OPERATOR)
@@ -155,13 +159,18 @@ def test_a_lower_release_needs_an_explicit_rollback(fleet: Fleet, mosquitto_url:
             wait_for(lambda: pi.commands, what="the first command")
             pi.ack()
             wait_for(lambda: fleet.deployments.get(first.json()["id"]).status == "succeeded", what="rollout 1")
+            bad = client.post("/api/v1/deployments", headers=bearer(operator),
+                              json={"model_version": "m-bad", "targets": {"all": True}})
+            wait_for(lambda: len(pi.commands) == 2, what="the m-bad command")
+            pi.ack(ok=False, reason="self-test failed")
+            wait_for(lambda: fleet.deployments.get(bad.json()["id"]).status == "halted", what="rollout 2 halts")
             # Execute
             plain = client.post("/api/v1/deployments", headers=bearer(operator),
                                 json={"model_version": "m-old", "targets": {"all": True}})
             rollback = client.post("/api/v1/deployments", headers=bearer(operator),
                                    json={"model_version": "m-old", "targets": {"all": True}, "rollback": True})
-            wait_for(lambda: len(pi.commands) == 2, what="the rollback command")
-            command = pi.commands[1]
+            wait_for(lambda: len(pi.commands) == 3, what="the rollback command")
+            command = pi.commands[2]
             signed = client.get(command.args["manifest_url"], headers=bearer(command.args["bearer"]))
 
         # Assert
