@@ -118,7 +118,8 @@ class ModelVersionRecord(SQLModel, table=True):
     __tablename__ = "model_version"
     version: str = Field(primary_key=True, max_length=64)
     # Assigned when the version is registered: strictly increasing across versions, signed into its releases.
-    release: int = Field(sa_column=Column(Integer, nullable=False, unique=True, index=True))
+    # (NULL-able in SQL only: migration 0005 could not add NOT NULL on SQLite without rebuilding the table.)
+    release: int = Field(sa_column=Column(Integer, nullable=True, unique=True, index=True))
     task: str = Field(max_length=64)
     source_kind: str = Field(max_length=16)  # round | burst | starter
     source_id: str = Field(max_length=64)

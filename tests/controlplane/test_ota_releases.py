@@ -201,3 +201,37 @@ def test_release_numbers_increase_across_concurrent_registrations(database_url: 
     assert {m.version: m.release for m in models.list_all()} == {f"v{i}": n for i, n in enumerate(numbers)}
     engine.dispose()
 
+
+
+def test_the_migration_numbers_existing_versions_and_drops_plain_tokens(database_url: str, tmp_path: Path) -> None:
+    # Prepare: a database at revision 0004 with two model versions and a deployment holding a plain token
+    from alembic import command
+    from alembic.config import Config
+
+    from controlplane.db import _engine
+
+    engine = create_db_engine(database_url)
+    config = Config()
+    config.set_main_option("script_location", str(_engine._MIGRATIONS))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0004")
+        for version, created in (("b-second", "2026-01-02"), ("a-first", "2026-01-01")):
+            conn.execute(text("INSERT INTO model_version (version, task, source_kind, source_id, created_at, status, "
+                              "metrics) VALUES (:v, 'digits', 'test', '1', :c, 'ready', '{}')"),
+                         {"v": version, "c": created})
+        conn.execute(text("INSERT INTO deployment (model_version, targets, waves, failure_threshold, wave_timeout_s, "
+                          "current_wave, status, download_token, created_at, updated_at) VALUES ('a-first', '{}', "
+                          "'[100]', 0, 600, 0, 'succeeded', 'plain-secret', '2026-01-03', '2026-01-03')"))
+
+    # Execute
+    migrate(engine)
+
+    # Assert: numbered in registration order; the plain token is gone; the deployment is no rollback
+    with engine.connect() as conn:
+        releases = dict(conn.execute(text("SELECT version, release FROM model_version")).all())
+        deployment = conn.execute(text("SELECT * FROM deployment")).mappings().one()
+    assert releases == {"a-first": 1, "b-second": 2}
+    assert "download_token" not in deployment and not deployment["rollback"]
+    assert ModelService(engine, tmp_path / "artifacts").start_version("c-third", "digits", "test", "3") == 3
+    engine.dispose()

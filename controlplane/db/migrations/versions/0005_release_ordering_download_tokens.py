@@ -20,22 +20,21 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('model_version') as batch:
-        batch.add_column(sa.Column('release', sa.Integer(), nullable=True))
+    # Plain column operations only: on SQLite a batch "move and copy" of model_version or deployment would drop a
+    # table other rows reference, which the enforced foreign keys refuse. (So `release` stays NULL-able in SQL;
+    # the registry always assigns one. DROP COLUMN needs SQLite >= 3.35.)
+    op.add_column('model_version', sa.Column('release', sa.Integer(), nullable=True))
     conn = op.get_bind()
     versions = conn.execute(sa.text('SELECT version FROM model_version ORDER BY created_at, version')).scalars()
     for number, version in enumerate(list(versions), start=1):
         conn.execute(sa.text('UPDATE model_version SET release = :n WHERE version = :v'),
                      {'n': number, 'v': version})
-    with op.batch_alter_table('model_version') as batch:
-        batch.alter_column('release', existing_type=sa.Integer(), nullable=False)
-        batch.create_index(batch.f('ix_model_version_release'), ['release'], unique=True)
-    with op.batch_alter_table('deployment') as batch:
-        batch.add_column(sa.Column('rollback', sa.Boolean(), nullable=False, server_default=sa.false()))
-        batch.drop_column('download_token')
-    with op.batch_alter_table('deployment_target') as batch:
-        batch.add_column(sa.Column('token_hash', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True))
-        batch.create_index(batch.f('ix_deployment_target_token_hash'), ['token_hash'], unique=False)
+    op.create_index(op.f('ix_model_version_release'), 'model_version', ['release'], unique=True)
+    op.add_column('deployment', sa.Column('rollback', sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.drop_column('deployment', 'download_token')
+    op.add_column('deployment_target',
+                  sa.Column('token_hash', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True))
+    op.create_index(op.f('ix_deployment_target_token_hash'), 'deployment_target', ['token_hash'], unique=False)
     op.create_table('deployment_release',
     sa.Column('deployment_id', sa.Integer(), nullable=False),
     sa.Column('variant', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
@@ -48,14 +47,11 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table('deployment_release')
-    with op.batch_alter_table('deployment_target') as batch:
-        batch.drop_index(batch.f('ix_deployment_target_token_hash'))
-        batch.drop_column('token_hash')
-    with op.batch_alter_table('deployment') as batch:
-        # The old plain-text tokens are gone; downgraded deployments get an unusable placeholder.
-        batch.add_column(sa.Column('download_token', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False,
-                                   server_default='revoked'))
-        batch.drop_column('rollback')
-    with op.batch_alter_table('model_version') as batch:
-        batch.drop_index(batch.f('ix_model_version_release'))
-        batch.drop_column('release')
+    op.drop_index(op.f('ix_deployment_target_token_hash'), table_name='deployment_target')
+    op.drop_column('deployment_target', 'token_hash')
+    # The old plain-text tokens are gone; downgraded deployments get an unusable placeholder.
+    op.add_column('deployment', sa.Column('download_token', sqlmodel.sql.sqltypes.AutoString(length=64),
+                                          nullable=False, server_default='revoked'))
+    op.drop_column('deployment', 'rollback')
+    op.drop_index(op.f('ix_model_version_release'), table_name='model_version')
+    op.drop_column('model_version', 'release')
