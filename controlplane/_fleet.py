@@ -23,6 +23,7 @@ from controlplane.broker import (
     EmbeddedBrokerAuth,
     MosquittoDynsecAuth,
     NoBrokerAuth,
+    client_id_secret,
 )
 from controlplane.db import create_db_engine, migrate
 from controlplane.deployments import DeploymentService
@@ -84,9 +85,13 @@ class Fleet:
                 shared = self.settings.ingest_shared
                 if shared is None:
                     shared = self.settings.ingest_workers > 1
+                # Unguessable (a client id names a session anyone could resume or wipe) and stable across
+                # restarts (the persistent sessions).
+                secret = client_id_secret(self.settings.data_dir)
                 for index in range(self.settings.ingest_workers):
                     worker = IngestWorker(
-                        self.engine, self.broker, name=f"edgefleet-ingest-{self.settings.instance_name}-{index}",
+                        self.engine, self.broker,
+                        name=f"edgefleet-ingest-{self.settings.instance_name}-{secret}-{index}",
                         shared=shared and self.embedded is None, group=self.settings.ingest_group, protocol=protocol,
                         session_expiry_s=self.settings.ingest_session_expiry_s,
                         batch_max=self.settings.ingest_batch_max, batch_wait_s=self.settings.ingest_batch_wait_s,

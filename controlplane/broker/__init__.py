@@ -9,7 +9,8 @@ Backends of :class:`BrokerAuth`:
 
 from __future__ import annotations
 
-from ._auth import BrokerAuth, NoBrokerAuth
+from ._auth import RESERVED_PREFIX, BrokerAuth, NoBrokerAuth, is_reserved
+from ._client_ids import client_id_secret
 from ._credentials import CredentialsFile, EmbeddedBrokerAuth
 from ._dynsec import MosquittoDynsecAuth
 from ._embedded import EmbeddedBroker, free_port
@@ -17,6 +18,7 @@ from ._errors import BrokerAuthError
 from ._passwords import hash_password, verify_password
 
 __all__ = [
+    "RESERVED_PREFIX",
     "BrokerAuth",
     "BrokerAuthError",
     "CredentialsFile",
@@ -24,7 +26,9 @@ __all__ = [
     "EmbeddedBrokerAuth",
     "MosquittoDynsecAuth",
     "NoBrokerAuth",
+    "client_id_secret",
     "free_port",
     "hash_password",
+    "is_reserved",
     "verify_password",
 ]

@@ -6,7 +6,13 @@ Loaded through the broker config::
 
 The file is re-read when it changes (inode, mtime or size), so enrolments and removals take effect without a
 restart: on every CONNECT, and at most every ``reload_interval`` seconds for topic checks (PUBLISH, SUBSCRIBE,
-RECEIVE). A user removed from the file cannot connect, and its live connection is denied every topic action.
+RECEIVE) and by the broker's credentials watcher (``controlplane.broker._embedded``).
+
+Identity: a device account may connect only with its device id (== its username) as client id. Every accepted
+session is stamped with the credential (password hash) it authenticated with; a session whose stamp is no longer
+the user's current credential (the password was rotated, the user removed or removed and enrolled again) is
+*stale*: it is denied every topic action, and the broker closes its connection and drops it, queued messages and
+subscriptions included.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ from ._credentials import CredentialsFile, UserEntry, acl_allows
 from ._errors import BrokerAuthError
 from ._passwords import verify_password
 
-__all__ = ["EdgeFleetAuthPlugin"]
+__all__ = ["CREDENTIAL_ATTR", "EdgeFleetAuthPlugin"]
+
+# The attribute of an amqtt Session that holds the credential (password hash) it authenticated with.
+CREDENTIAL_ATTR = "edgefleet_credential"
 
 
 class EdgeFleetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
@@ -48,7 +57,13 @@ class EdgeFleetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
         self._users: dict[str, UserEntry] = {}
         self._signature: tuple[int, int, int] | None = None
         self._checked_at = 0.0
+        self.generation = 0
+        """Bumped whenever the set of users or any credential changes: the broker then looks for stale sessions."""
         self._reload()
+
+    @property
+    def reload_interval(self) -> float:
+        return self._reload_interval
 
     # -- credentials ------------------------------------------------------------------------------------------
 
@@ -62,6 +77,8 @@ class EdgeFleetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
                 self.context.logger.warning(
                     f"credentials file {self._file.path} disappeared; no user may connect"
                 )
+            if self._users:
+                self.generation += 1
             self._users, self._signature = {}, None
             return
         except OSError as exc:
@@ -76,8 +93,19 @@ class EdgeFleetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
             # Writers replace the file atomically, so this is a real problem; keep the last good state.
             self.context.logger.error(f"{exc}; keeping the previous {len(self._users)} user(s)")
             return
+        if users != self._users:
+            self.generation += 1
         self._users, self._signature = users, signature
         self.context.logger.info(f"{len(users)} broker user(s) loaded from {self._file.path}")
+
+    def refresh(self) -> None:
+        """Re-read the file now if it changed (the broker's watcher calls this every ``reload_interval``)."""
+        self._reload()
+
+    def is_current(self, session: Session) -> bool:
+        """Whether ``session`` authenticated with its user's current credential (the file as last read)."""
+        entry = self._users.get(session.username or "")
+        return entry is not None and getattr(session, CREDENTIAL_ATTR, None) == entry.hash
 
     def _user(self, username: str | None, *, fresh: bool) -> UserEntry | None:
         if fresh or time.monotonic() - self._checked_at >= self._reload_interval:
@@ -103,6 +131,12 @@ class EdgeFleetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
             self.context.logger.info(f"refused {username!r}: no password")
             return False
         # PBKDF2 takes tens of milliseconds and releases the GIL: keep the event loop serving other clients.
+        if entry.role == "device" and session.client_id != username:
+            # Client ids name sessions: another id would resume, or wipe, that client's session and its commands.
+            self.context.logger.info(
+                f"refused {username!r}: client id {session.client_id!r} is not its device id"
+            )
+            return False
         if not await asyncio.to_thread(verify_password, password, entry.hash):
             self.context.logger.info(f"refused {username!r}: wrong password")
             return False
@@ -114,6 +148,7 @@ class EdgeFleetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
                 f"refused {username!r}: Last Will topic {session.will_topic!r} not allowed"
             )
             return False
+        setattr(session, CREDENTIAL_ATTR, entry.hash)
         return True
 
     async def topic_filtering(
@@ -122,8 +157,8 @@ class EdgeFleetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
         if session is None or topic is None or action is None:
             return False
         entry = self._user(session.username, fresh=False)
-        if entry is None:
-            return False
+        if entry is None or getattr(session, CREDENTIAL_ATTR, None) != entry.hash:
+            return False  # unknown user, or a session of a rotated/removed credential
         allowed = acl_allows(entry.role, session.username or "", str(action), topic)
         if not allowed:
             self.context.logger.info(f"denied {action} of {topic!r} to {session.username!r}")

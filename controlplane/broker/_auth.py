@@ -2,23 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, Protocol
 
-__all__ = ["BrokerAuth", "NoBrokerAuth"]
+from ._errors import BrokerAuthError
+
+__all__ = ["RESERVED_PREFIX", "BrokerAuth", "NoBrokerAuth", "check_device_username", "is_reserved"]
+
+# Broker usernames and client ids of the control plane itself (service account, ingest workers, publisher, dynsec
+# admin) start with this; a device may not be named so, or it could pass for one of them.
+RESERVED_PREFIX: Final = "edgefleet-"
+
+
+def is_reserved(device_id: str) -> bool:
+    """Whether ``device_id`` is a name reserved for the control plane's own broker accounts and client ids."""
+    return device_id.lower().startswith(RESERVED_PREFIX)
+
+
+def check_device_username(device_id: str) -> None:
+    """Refuse a reserved name as a device's broker account."""
+    if is_reserved(device_id):
+        raise BrokerAuthError(
+            f"{device_id!r}: names starting with {RESERVED_PREFIX!r} are reserved for the control plane's own "
+            "broker accounts and client ids"
+        )
 
 
 class BrokerAuth(Protocol):
     """Credentials + ACLs of devices on the broker.
 
     A device may publish only `edgefleet/v1/devices/{id}/telemetry|state|ack` and subscribe only to its own
-    `.../cmd`. The MQTT username of a device is its device id.
+    `.../cmd`. The MQTT username of a device is its device id, and so must be its client id.
     """
 
     def ensure_device(self, device_id: str, password: str) -> None:
-        """Create or update the device's broker account (idempotent)."""
+        """Create or update the device's broker account (idempotent). A changed password ends the sessions of
+        the old one: live connections are closed and the persistent session (subscriptions, queue) dropped."""
 
     def remove_device(self, device_id: str) -> None:
-        """Remove the device's broker account; its live connections lose access."""
+        """Remove the device's broker account; its live connections are closed and its session dropped."""
 
     def close(self) -> None:
         """Release connections."""

@@ -22,6 +22,7 @@ from typing import Any, Final, Literal, get_args
 
 from agent.protocol import TOPIC_PREFIX, Channel, DeviceIdError, validate_device_id
 
+from ._auth import check_device_username
 from ._errors import BrokerAuthError
 from ._passwords import hash_password, verify_password
 
@@ -203,8 +204,9 @@ class CredentialsFile:
 class EmbeddedBrokerAuth:
     """:class:`~controlplane.broker.BrokerAuth` for the embedded (amqtt) broker, over a credentials file.
 
-    The broker process picks changes up on the next connection or topic check (within about a second): a removed
-    device can no longer connect, and its live connection may no longer publish, subscribe or receive.
+    The broker process picks changes up on the next connection and within about a second otherwise: a removed or
+    rotated credential can no longer connect, its live connections are closed and its sessions dropped
+    (subscriptions, queued messages), see ``controlplane.broker._embedded``.
     """
 
     def __init__(self, credentials: CredentialsFile | str | os.PathLike[str]) -> None:
@@ -217,6 +219,7 @@ class EmbeddedBrokerAuth:
     def ensure_device(self, device_id: str, password: str) -> None:
         validate_device_id(device_id)
         self._refuse_service_account(device_id, "turn into a device")
+        check_device_username(device_id)
         self._file.ensure_user(device_id, password, "device")
 
     def ensure_service(self, username: str, password: str) -> None:

@@ -13,16 +13,26 @@ Layout on the broker (all created on first use, idempotently):
 mosquitto 2.0.11's dynsec does not substitute ``%u``/``%c`` in ACL topics (tested: such ACLs match nothing), hence
 one role per device.
 
+Identity: each device client is bound to its device id as MQTT client id (dynsec ``clientid``): mosquitto refuses
+a CONNECT of the device's account with any other client id ("Not authorized") before it looks at sessions, so a
+device can neither resume nor wipe another client's session. Device clients created before this binding get it
+when the control plane starts (:meth:`MosquittoDynsecAuth.prepare`).
+
 mosquitto disconnects a client's live connections when its password or roles change (``modifyClient``,
-``setClientPassword``) and when it is deleted, so :meth:`MosquittoDynsecAuth.ensure_device` on an existing device
-makes it reconnect, and :meth:`~MosquittoDynsecAuth.remove_device` cuts it off immediately.
+``setClientPassword``) and when it is deleted, but it keeps the client id's persistent session (2.0.11, tested):
+a device rotated or deleted and enrolled again would be handed the commands queued for the old credential. So
+after every such change the admin connects once with that client id and a clean start (session expiry 0), which
+discards the session, its subscriptions and its queue. :meth:`MosquittoDynsecAuth.ensure_device` returns (and the
+new password is handed out) only after that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any, Final, Self
@@ -30,10 +40,13 @@ from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.protocol import TOPIC_PREFIX, Channel, validate_device_id
 
+from ._auth import check_device_username
 from ._errors import BrokerAuthError
 
 __all__ = ["MosquittoDynsecAuth"]
@@ -145,19 +158,18 @@ class MosquittoDynsecAuth:
             raise BrokerAuthError(
                 f"dynsec: {device_id!r} is the broker's admin/service account, not a device"
             )
+        check_device_username(device_id)
         self._ensure_initialised()
         role = device_role(device_id)
         self._ensure_role(role, device_role_acls(device_id))
         roles = [{"rolename": role, "priority": 0}]
-        reply = self._execute_one(
-            {"command": "createClient", "username": device_id, "password": password, "roles": roles},
-            ok_errors=("Client already exists",),
-        )
+        client = {"username": device_id, "clientid": device_id, "password": password, "roles": roles}
+        reply = self._execute_one({"command": "createClient", **client}, ok_errors=("Client already exists",))
         if reply.get("error"):
-            # Existing client: new password, exactly our role (mosquitto disconnects its live connections).
-            self._execute_one(
-                {"command": "modifyClient", "username": device_id, "password": password, "roles": roles}
-            )
+            # Existing client: new password, exactly our role, bound to its id (mosquitto disconnects it).
+            self._execute_one({"command": "modifyClient", **client})
+        # Nothing queued for an earlier credential of this id may reach the new one.
+        self._drop_session(device_id)
 
     def remove_device(self, device_id: str) -> None:
         validate_device_id(device_id)
@@ -170,6 +182,7 @@ class MosquittoDynsecAuth:
         self._execute_one(
             {"command": "deleteRole", "rolename": device_role(device_id)}, ok_errors=("Role not found",)
         )
+        self._drop_session(device_id)
 
     def close(self) -> None:
         with self._lock:
@@ -192,10 +205,59 @@ class MosquittoDynsecAuth:
         self.close()
 
     def prepare(self) -> None:
-        """Connect, create the ``edgefleet-service`` role and grant it to the service account. Done on first
-        :meth:`ensure_device` anyway; call it at start-up to fail early and let the control plane publish
-        commands before any device is enrolled."""
+        """Connect, create the ``edgefleet-service`` role and grant it to the service account, and bind device
+        clients created before client-id binding to their device id. Done on first :meth:`ensure_device` anyway
+        (but for the binding); call it at start-up to fail early and let the control plane publish commands
+        before any device is enrolled."""
         self._ensure_initialised()
+        self._bind_client_ids()
+
+    def _bind_client_ids(self) -> None:
+        reply = self._execute_one({"command": "listClients", "verbose": True})
+        for client in (reply.get("data") or {}).get("clients") or ():
+            username = client.get("username")
+            if not isinstance(username, str) or client.get("clientid") == username:
+                continue
+            if not any(r.get("rolename") == device_role(username) for r in client.get("roles") or ()):
+                continue  # not one of our devices
+            # mosquitto disconnects the device; it comes back with its own id at once (the agent uses it).
+            self._execute_one({"command": "setClientId", "username": username, "clientid": username})
+
+    def _drop_session(self, client_id: str) -> None:
+        """Discard ``client_id``'s persistent session (subscriptions, queued messages): connect as the admin with
+        that client id and a clean start, and leave (session expiry 0)."""
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        client.username_pw_set(self._username, self._password)
+        if isinstance(self._tls, ssl.SSLContext):
+            client.tls_set_context(self._tls)
+        elif self._tls:
+            client.tls_set()
+        result: list[ReasonCode] = []
+        client.on_connect = lambda _c, _u, _f, reason, _p: result.append(reason)
+        where = f"mosquitto at {self._host}:{self._port}"
+        try:
+            client.connect(self._host, self._port, keepalive=10, clean_start=True,
+                           properties=Properties(PacketTypes.CONNECT))  # type: ignore[no-untyped-call]
+            deadline = time.monotonic() + self._timeout
+            while not result and time.monotonic() < deadline:
+                if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
+                    break
+        except OSError as exc:
+            raise BrokerAuthError(f"dynsec: cannot drop the session of {client_id!r} on {where}: {exc}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                client.disconnect()
+                client.loop(timeout=0.1)
+            with contextlib.suppress(OSError):
+                sock = client.socket()
+                if sock is not None:
+                    sock.close()
+        if not result:
+            raise BrokerAuthError(f"dynsec: no CONNACK within {self._timeout:g} s dropping the session of "
+                                  f"{client_id!r} on {where}")
+        if result[0].is_failure:
+            raise BrokerAuthError(f"dynsec: cannot drop the session of {client_id!r} on {where}: {result[0]} "
+                                  f"(may {self._username!r} connect with any client id?)")
 
     # -- setup ------------------------------------------------------------------------------------------------
 

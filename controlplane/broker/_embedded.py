@@ -87,11 +87,26 @@ def _make_broker(config: dict[str, Any]) -> Any:
        other devices' retained state. Here they go only to the session's own subscriptions, through the check.
     2. A refused CONNECT just closes the socket; here the client first gets CONNACK 5 (not authorised), as
        mosquitto does, so it can tell bad credentials from a network failure.
+    3. amqtt looks the client id up in its sessions *before* authenticating: a clean-session CONNECT deleted that
+       client's session (subscriptions, queue) even with a wrong password, and a persistent one resumed another
+       client's session and received its queued messages. Here the CONNECT is authenticated first (the plugin
+       also binds a device account to its own client id), then the session is looked up; a clean session that
+       replaces a connected one closes that connection (MQTT-3.1.4-2) instead of leaving it subscribed to
+       nothing; a persistent session of another credential (rotated, or removed and enrolled again) is dropped,
+       not resumed.
+    4. Changed credentials end sessions: a watcher re-reads the credentials file every ``reload_interval`` and
+       closes the connection of, and drops (subscriptions, queued and in-flight messages), every session whose
+       credential is no longer its user's current one. Its Last Will is not published.
     """
     from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
     from amqtt.broker import Broker
     from amqtt.contexts import Action
+    from amqtt.errors import AMQTTError, MQTTError, NoDataError
     from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+    from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+    from amqtt.utils import format_client_message, gen_client_id
+
+    from ._amqtt_plugin import CREDENTIAL_ATTR, EdgeFleetAuthPlugin
 
     class _PrefixedReader(StreamReaderAdapter):  # type: ignore[misc]
         """Serves the bytes already read (to peek at the CONNECT) before the rest of the stream."""
@@ -117,6 +132,22 @@ def _make_broker(config: dict[str, Any]) -> Any:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._edgefleet_authenticated: dict[int, Any] = {}
+            plugins = [p for p in self.plugins_manager.plugins if isinstance(p, EdgeFleetAuthPlugin)]
+            if not plugins:
+                raise ValueError("the embedded broker needs the EdgeFleetAuthPlugin")
+            self._edgefleet_auth: EdgeFleetAuthPlugin = plugins[0]
+            self._edgefleet_watcher: asyncio.Task[None] | None = None
+
+        async def start(self) -> None:
+            await super().start()
+            self._edgefleet_watcher = asyncio.create_task(self._edgefleet_watch())
+
+        async def shutdown(self) -> None:
+            if self._edgefleet_watcher is not None:
+                self._edgefleet_watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._edgefleet_watcher
+            await super().shutdown()
 
         async def stream_connected(
             self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
@@ -140,17 +171,66 @@ def _make_broker(config: dict[str, Any]) -> Any:
                 listener_name, _PrefixedReader(reader, consumed), StreamWriterAdapter(writer)
             )
 
-        async def _handle_client_session(
-            self, reader: Any, writer: Any, client_session: Any, handler: Any, server: Any, listener_name: str
-        ) -> None:
-            if not await self._authenticate(client_session, self.listeners_config[listener_name]):
+        # -- identity: authenticate before any session is touched (fix 3) ------------------------------------
+
+        async def _initialize_client_session(
+            self, reader: Any, writer: Any, remote_address: str, remote_port: int
+        ) -> tuple[Any, Any]:
+            # amqtt 0.11.4's, with authentication moved before the session lookup.
+            peer = format_client_message(address=remote_address, port=remote_port)
+            try:
+                handler, session = await BrokerProtocolHandler.init_from_connect(
+                    reader, writer, self.plugins_manager
+                )
+            except AMQTTError as exc:
+                self.logger.warning(f"[MQTT-3.1.0-1] {peer}: Can't read first packet as CONNECT: {exc}")
+                raise AMQTTError(exc) from exc
+            except MQTTError as exc:
+                self.logger.warning(f"Invalid connection from {peer}: {exc}")
+                await writer.close()
+                raise MQTTError(exc) from exc
+            except NoDataError as exc:
+                self.logger.warning(f"No data from {peer}: {exc}")
+                raise AMQTTError(exc) from exc
+
+            if not await super()._authenticate(session, None):
                 with contextlib.suppress(Exception):
                     await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
                 with contextlib.suppress(Exception):
                     await writer.close()
-                return
-            # super() authenticates again: answer that from the result above (PBKDF2 is not cheap).
-            self._edgefleet_authenticated[id(client_session)] = client_session
+                raise AMQTTError(f"{peer}: CONNECT of client {session.client_id!r} not authorised")
+
+            client_id = session.client_id
+            if session.clean_session:
+                if client_id:
+                    await self._edgefleet_drop(client_id, "replaced by a clean session")
+                else:
+                    session.client_id = gen_client_id()
+                session.parent = 0
+            elif client_id in self._sessions:
+                existing = self._sessions[client_id][0]
+                if getattr(existing, CREDENTIAL_ATTR, None) != getattr(session, CREDENTIAL_ATTR, None):
+                    await self._edgefleet_drop(client_id, "a session of an older credential")
+                    session.parent = 0
+                else:
+                    # The new connection can bring an updated will and keep-alive.
+                    for attr in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive",
+                                 "username", "password"):  # fmt: skip
+                        setattr(existing, attr, getattr(session, attr))
+                    session = existing
+                    session.parent = 1
+            else:
+                session.parent = 0
+
+            delay = self.config.get("timeout-disconnect-delay", 0)
+            if session.keep_alive > 0 and isinstance(delay, int):
+                session.keep_alive += delay
+            self._edgefleet_authenticated[id(session)] = session
+            return handler, session
+
+        async def _handle_client_session(
+            self, reader: Any, writer: Any, client_session: Any, handler: Any, server: Any, listener_name: str
+        ) -> None:
             try:
                 await super()._handle_client_session(
                     reader, writer, client_session, handler, server, listener_name
@@ -159,9 +239,41 @@ def _make_broker(config: dict[str, Any]) -> Any:
                 self._edgefleet_authenticated.pop(id(client_session), None)
 
         async def _authenticate(self, session: Any, listener: Any) -> bool:
+            # Done in _initialize_client_session; super() asks again for the same session.
             if self._edgefleet_authenticated.pop(id(session), None) is session:
                 return True
             return bool(await super()._authenticate(session, listener))
+
+        # -- changed credentials end sessions (fix 4) ---------------------------------------------------------
+
+        async def _edgefleet_watch(self) -> None:
+            seen = -1
+            while True:
+                try:
+                    self._edgefleet_auth.refresh()
+                    if self._edgefleet_auth.generation != seen:
+                        seen = self._edgefleet_auth.generation
+                        for client_id, (session, _) in list(self._sessions.items()):
+                            if not self._edgefleet_auth.is_current(session):
+                                await self._edgefleet_drop(client_id, "its credential was rotated or removed")
+                except Exception:  # the watcher must outlive one bad round
+                    self.logger.exception("credentials watcher")
+                await asyncio.sleep(self._edgefleet_auth.reload_interval)
+
+        async def _edgefleet_drop(self, client_id: str, why: str) -> None:
+            """Close the connection of ``client_id``'s session, if any, and drop the session: subscriptions,
+            queued and in-flight messages. Its Last Will is not published."""
+            session, handler = self._sessions.pop(client_id, (None, None))
+            if session is None:
+                return
+            self.logger.info(f"dropped the session of {client_id!r} (user {session.username!r}): {why}")
+            session.will_flag = False
+            await self._del_all_subscriptions(session)
+            if handler is not None and session.transitions.is_connected():
+                await self._stop_handler(handler)
+            session.clear_queues()
+            session.inflight_out.clear()
+            session.inflight_in.clear()
 
         async def _publish_retained_messages_for_subscription(
             self, subscription: tuple[str, int], session: Any

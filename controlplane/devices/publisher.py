@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
-import uuid
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -22,7 +22,10 @@ class CommandPublisher:
         self.broker = broker
         self.protocol = MqttProtocol.V5 if protocol is MqttProtocol.AUTO else protocol
         self._connected = threading.Event()
-        self._client = make_client(broker, f"edgefleet-cp-{uuid.uuid4().hex[:8]}", protocol=self.protocol)
+        # Random and long: whoever connects with this id disconnects the publisher (a clean session, so it need
+        # not survive restarts).
+        self.client_id = f"edgefleet-cp-{secrets.token_hex(12)}"
+        self._client = make_client(broker, self.client_id, protocol=self.protocol)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = lambda *a: self._connected.clear()
         self._client.reconnect_delay_set(1, 10)

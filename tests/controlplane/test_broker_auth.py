@@ -22,6 +22,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.protocol import Channel, topic
@@ -67,16 +69,25 @@ class Probe:
         *,
         protocol: int = mqtt.MQTTv311,
         will: tuple[str, bytes] | None = None,
+        client_id: str | None = None,
+        persistent: bool = False,
     ) -> None:
+        """``client_id``: a random one by default; ``persistent``: a session that outlives the connection
+        (MQTT 3.1.1 clean_session=False; MQTT 5 clean_start=False with a session expiry)."""
         self.host, self.port = host, port
+        self.protocol, self.persistent = protocol, persistent
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.connack: ReasonCode | None = None
+        self.session_present = False
         self.disconnects: list[ReasonCode] = []
         self._connack_event = threading.Event()
         self._subacks: dict[int, list[ReasonCode]] = {}
         self._suback_event = threading.Condition()
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"probe-{secrets.token_hex(4)}", protocol=protocol
+            CallbackAPIVersion.VERSION2,
+            client_id=f"probe-{secrets.token_hex(4)}" if client_id is None else client_id,
+            protocol=protocol,
+            clean_session=None if protocol == mqtt.MQTTv5 else not persistent,
         )
         if username is not None:
             self.client.username_pw_set(username, password)
@@ -88,9 +99,10 @@ class Probe:
         self.client.on_message = lambda _c, _u, message: self.messages.put(message)
         self.client.reconnect_delay_set(0.2, 1)
 
-    def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
+    def _on_connect(self, _c: Any, _u: Any, flags: Any, reason: ReasonCode, _p: Any) -> None:
         if self.connack is None:
             self.connack = reason
+            self.session_present = bool(flags.session_present)
             self._connack_event.set()
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
@@ -104,7 +116,15 @@ class Probe:
 
     def connect(self, timeout: float = 10.0) -> ReasonCode | None:
         """The CONNACK reason (None: the broker closed the connection without one)."""
-        self.client.connect(self.host, self.port, keepalive=30)
+        if self.protocol == mqtt.MQTTv5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            if self.persistent:
+                props.SessionExpiryInterval = 3600
+            self.client.connect(
+                self.host, self.port, keepalive=30, clean_start=not self.persistent, properties=props
+            )
+        else:
+            self.client.connect(self.host, self.port, keepalive=30)
         self.client.loop_start()
         assert self._connack_event.wait(timeout), "no CONNACK and no disconnect"
         return self.connack
@@ -157,6 +177,13 @@ class Probe:
         if sock is not None:
             sock.close()
 
+    def wait_disconnected(self, timeout: float) -> bool:
+        """Whether the broker closed the connection within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.disconnects and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return bool(self.disconnects)
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
@@ -177,6 +204,9 @@ class Backend:
     probes: list[Probe]
 
     def probe(self, username: str | None, password: str | None, **kwargs: Any) -> Probe:
+        """A client; a device's client id is its device id unless ``client_id`` says otherwise."""
+        if username is not None and username != self.service_username:
+            kwargs.setdefault("client_id", username)
         p = Probe(self.host, self.port, username, password, protocol=self.protocol, **kwargs)
         self.probes.append(p)
         return p
@@ -362,6 +392,112 @@ class TestAuthentication:
         assert not _refused(backend.probe("dev-a", "pw-a2").connect())
 
 
+DISCONNECT_WITHIN = 3.0  # seconds: how soon a revoked credential's live connection must be closed
+
+
+@pytest.mark.integration
+class TestIdentity:
+    """A device account may only use its own device id as client id, and a changed credential ends the sessions
+    (live and persistent) of the old one (issue 8, findings 2, 3 and 6)."""
+
+    def _offline_session_with_a_queued_command(self, backend: Backend, device_id: str, password: str) -> Probe:
+        """``device_id`` subscribes on a persistent session and goes away; the service queues a command."""
+        device = backend.probe(device_id, password, persistent=True)
+        assert not _refused(device.connect())
+        assert device.subscribe(topic(device_id, Channel.CMD))
+        device.close()
+        service = backend.service()
+        service.publish(topic(device_id, Channel.CMD), b"queued-for-" + device_id.encode())
+        return service
+
+    def test_device_cannot_take_another_devices_queued_commands(self, backend: Backend) -> None:
+        # Prepare: dev-a has a persistent session with a queued command (a deploy_model with its token, say)
+        backend.auth.ensure_device("dev-a", "pw-a")
+        backend.auth.ensure_device("dev-b", "pw-b")
+        self._offline_session_with_a_queued_command(backend, "dev-a", "pw-a")
+        # Execute: dev-b connects with its own credentials but dev-a's client id, resuming the session
+        thief = backend.probe("dev-b", "pw-b", client_id="dev-a", persistent=True)
+        refused = _refused(thief.connect())
+        stolen = thief.drain()
+        # Assert: refused at CONNECT, nothing delivered, and dev-a still gets its command
+        assert refused, "a device connected with another device's client id"
+        assert stolen == []
+        victim = backend.probe("dev-a", "pw-a", persistent=True)
+        assert not _refused(victim.connect())
+        assert victim.expect(topic("dev-a", Channel.CMD), b"queued-for-dev-a") == []
+
+    def test_device_client_id_must_be_its_device_id(self, backend: Backend) -> None:
+        backend.auth.ensure_device("dev-a", "pw-a")
+        assert _refused(backend.probe("dev-a", "pw-a", client_id="dev-a-2").connect())
+        assert _refused(backend.probe("dev-a", "pw-a", client_id="").connect())
+        assert _refused(backend.probe("dev-a", "pw-a", client_id="DEV-A").connect())
+        assert not _refused(backend.probe("dev-a", "pw-a").connect())
+
+    @pytest.mark.parametrize("password", ["pw-b", "wrong"], ids=["own-credentials", "wrong-password"])
+    def test_clean_connect_with_another_devices_id_leaves_its_subscription(
+        self, backend: Backend, password: str
+    ) -> None:
+        # Prepare: dev-a is online and subscribed to its commands
+        backend.auth.ensure_device("dev-a", "pw-a")
+        backend.auth.ensure_device("dev-b", "pw-b")
+        victim = backend.device("dev-a", "pw-a", persistent=True)
+        assert victim.subscribe(topic("dev-a", Channel.CMD))
+        # Execute: a short clean-session connection with dev-a's client id
+        intruder = backend.probe("dev-b", password, client_id="dev-a")
+        assert _refused(intruder.connect())
+        intruder.close()
+        # Assert: dev-a is still connected and still receives its commands
+        service = backend.service()
+        service.publish(topic("dev-a", Channel.CMD), b"still-there")
+        assert victim.expect(topic("dev-a", Channel.CMD), b"still-there") == []
+        assert victim.connected and victim.disconnects == []
+
+    def test_rotation_ends_the_old_sessions(self, backend: Backend) -> None:
+        # Prepare: a queued command for the old credential, and a live connection of it
+        backend.auth.ensure_device("dev-a", "pw-old")
+        self._offline_session_with_a_queued_command(backend, "dev-a", "pw-old")
+        live = backend.probe("dev-a", "pw-old", persistent=True)
+        assert not _refused(live.connect())
+        live.client.reconnect_delay_set(30, 60)  # watch the broker close it; no quick reconnect
+        assert live.expect(topic("dev-a", Channel.CMD), b"queued-for-dev-a") == []
+        service = backend.service()
+        service.publish(topic("dev-a", Channel.CMD), b"queued-again")  # delivered to live or queued
+        # Execute
+        backend.auth.ensure_device("dev-a", "pw-new")
+        # Assert: the old connection is closed soon, and the new credential starts with an empty session
+        assert live.wait_disconnected(DISCONNECT_WITHIN), "the old credential's connection stayed up"
+        fresh = backend.probe("dev-a", "pw-new", persistent=True)
+        assert not _refused(fresh.connect())
+        assert not fresh.session_present
+        assert fresh.subscribe(topic("dev-a", Channel.CMD))
+        service.publish(topic("dev-a", Channel.CMD), b"for-new")
+        assert fresh.expect(topic("dev-a", Channel.CMD), b"for-new") == []
+        assert fresh.drain() == []
+
+    def test_delete_and_reenrol_gives_nothing_to_the_stale_session(self, backend: Backend) -> None:
+        # Prepare: the old device is connected (persistent, subscribed); a command is queued for it offline
+        backend.auth.ensure_device("dev-a", "pw-old")
+        stale = backend.device("dev-a", "pw-old", persistent=True)
+        assert stale.subscribe(topic("dev-a", Channel.CMD))
+        stale.client.reconnect_delay_set(30, 60)
+        # Execute: delete, re-enrol the same id with a new password, send the new device a command
+        backend.auth.remove_device("dev-a")
+        backend.auth.ensure_device("dev-a", "pw-new")
+        assert stale.wait_disconnected(DISCONNECT_WITHIN), "the deleted credential's connection stayed up"
+        service = backend.service()
+        service.publish(topic("dev-a", Channel.CMD), b"for-the-new-device")
+        # Assert: the stale session never gets it; the re-enrolled device does, on a fresh session
+        assert _refused(backend.probe("dev-a", "pw-old").connect())
+        fresh = backend.probe("dev-a", "pw-new", persistent=True)
+        assert not _refused(fresh.connect())
+        assert not fresh.session_present
+        assert fresh.drain() == []
+        assert fresh.subscribe(topic("dev-a", Channel.CMD))
+        service.publish(topic("dev-a", Channel.CMD), b"for-the-new-device-2")
+        assert fresh.expect(topic("dev-a", Channel.CMD), b"for-the-new-device-2") == []
+        assert [m for m in stale.drain(0.1) if m[1].startswith(b"for-the-new")] == []
+
+
 # -- mosquitto dynsec specifics --------------------------------------------------------------------------------
 
 
@@ -370,7 +506,9 @@ class TestMosquittoDynsec:
     def test_remove_device_disconnects_it(self, dynsec_mosquitto: MosquittoInstance) -> None:
         with MosquittoDynsecAuth.from_url(dynsec_mosquitto.url, timeout=5.0) as auth:
             auth.ensure_device("dev-a", "pw-a")
-            probe = Probe(dynsec_mosquitto.host, dynsec_mosquitto.port, "dev-a", "pw-a", protocol=mqtt.MQTTv5)
+            probe = Probe(
+                dynsec_mosquitto.host, dynsec_mosquitto.port, "dev-a", "pw-a", protocol=mqtt.MQTTv5, client_id="dev-a"
+            )
             try:
                 assert not _refused(probe.connect())
                 auth.remove_device("dev-a")
@@ -381,6 +519,41 @@ class TestMosquittoDynsec:
                 assert str(probe.disconnects[0]) == "Administrative action"
             finally:
                 probe.close()
+
+    def test_prepare_binds_devices_enrolled_before_client_id_binding(
+        self, dynsec_mosquitto: MosquittoInstance
+    ) -> None:
+        # Prepare: a device client as earlier versions created it (no clientid)
+        with MosquittoDynsecAuth.from_url(dynsec_mosquitto.url, timeout=5.0) as auth:
+            auth.ensure_device("dev-a", "pw-a")
+            auth._execute_one({"command": "setClientId", "username": "dev-a"})  # no clientid: unbound
+            unbound = auth._execute_one({"command": "getClient", "username": "dev-a"})
+            assert "clientid" not in unbound["data"]["client"]
+        other_id = Probe(
+            dynsec_mosquitto.host, dynsec_mosquitto.port, "dev-a", "pw-a", protocol=mqtt.MQTTv5, client_id="x"
+        )
+        try:
+            assert not _refused(other_id.connect())  # the hole this closes
+        finally:
+            other_id.close()
+        # Execute: the control plane starts
+        with MosquittoDynsecAuth.from_url(dynsec_mosquitto.url, timeout=5.0) as auth:
+            auth.prepare()
+            bound = auth._execute_one({"command": "getClient", "username": "dev-a"})
+        # Assert
+        assert bound["data"]["client"]["clientid"] == "dev-a"
+        refused = Probe(
+            dynsec_mosquitto.host, dynsec_mosquitto.port, "dev-a", "pw-a", protocol=mqtt.MQTTv5, client_id="x"
+        )
+        own = Probe(
+            dynsec_mosquitto.host, dynsec_mosquitto.port, "dev-a", "pw-a", protocol=mqtt.MQTTv5, client_id="dev-a"
+        )
+        try:
+            assert _refused(refused.connect())
+            assert not _refused(own.connect())
+        finally:
+            refused.close()
+            own.close()
 
     def test_roles_on_the_broker(self, dynsec_mosquitto: MosquittoInstance) -> None:
         with MosquittoDynsecAuth.from_url(dynsec_mosquitto.url, timeout=5.0) as auth:
@@ -401,7 +574,9 @@ class TestMosquittoDynsec:
         for _ in range(2):
             with MosquittoDynsecAuth.from_url(dynsec_mosquitto.url, timeout=5.0) as auth:
                 auth.ensure_device("dev-a", "pw-a")
-        probe = Probe(dynsec_mosquitto.host, dynsec_mosquitto.port, "dev-a", "pw-a", protocol=mqtt.MQTTv5)
+        probe = Probe(
+                dynsec_mosquitto.host, dynsec_mosquitto.port, "dev-a", "pw-a", protocol=mqtt.MQTTv5, client_id="dev-a"
+            )
         try:
             assert not _refused(probe.connect())
         finally:
@@ -477,7 +652,7 @@ class TestMosquittoDynsec:
             with MosquittoDynsecAuth.from_url(f"mqtt://edgefleet-admin:{password}@127.0.0.1:{port}") as auth:
                 auth.prepare()
                 auth.ensure_device("dev-a", "pw-a")
-            device = Probe("127.0.0.1", port, "dev-a", "pw-a", protocol=mqtt.MQTTv5)
+            device = Probe("127.0.0.1", port, "dev-a", "pw-a", protocol=mqtt.MQTTv5, client_id="dev-a")
             anonymous = Probe("127.0.0.1", port, None, None)
             try:
                 assert not _refused(device.connect())
@@ -499,7 +674,9 @@ class TestEmbeddedBroker:
     ) -> None:
         embedded_broker.auth.ensure_device("dev-a", "pw-a")
         # With a password, stock amqtt 0.11.4 hangs on an MQTT 5 CONNECT until the client's keep-alive expires.
-        probe = Probe(embedded_broker.host, embedded_broker.port, "dev-a", "pw-a", protocol=mqtt.MQTTv5)
+        probe = Probe(
+            embedded_broker.host, embedded_broker.port, "dev-a", "pw-a", protocol=mqtt.MQTTv5, client_id="dev-a"
+        )
         try:
             reason = probe.connect(timeout=5.0)
             assert reason is not None and reason.value == 132, reason  # Unsupported protocol version
@@ -510,7 +687,7 @@ class TestEmbeddedBroker:
         self, embedded_broker: EmbeddedBrokerInstance
     ) -> None:
         embedded_broker.auth.ensure_device("dev-a", "pw-a")
-        probe = Probe(embedded_broker.host, embedded_broker.port, "dev-a", "bad")
+        probe = Probe(embedded_broker.host, embedded_broker.port, "dev-a", "bad", client_id="dev-a")
         try:
             reason = probe.connect()
             assert reason is not None and str(reason) == "Not authorized"
