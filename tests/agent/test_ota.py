@@ -816,6 +816,9 @@ def test_model_failing_at_runtime_is_rolled_back(
     assert model_dirs(agent) == [".partial"]
     before = loop.stats.count
     wait_for(lambda: loop.stats.count >= before + 5, timeout=10, what="inferences on the restored model")
+    # the device's release stays where it was: a local rollback does not reopen older releases
+    release = json.loads((agent.settings.data_dir / "models" / "release.json").read_bytes())
+    assert (release["release"], release["model_version"]) == (server.releases["digits-2"], "digits-2")
 
 
 def test_rollback_restores_the_previous_installed_model(
