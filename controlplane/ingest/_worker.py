@@ -399,6 +399,7 @@ class IngestWorker:
         self.last_error_at: float | None = None  # wall-clock time
         self._state = "starting"  # starting | running | reconnecting | db_unavailable | restarting | stopped | dead
         self._trouble_since: float | None = None  # monotonic time the current non-running state began
+        self._restarted_at = 0.0
         self._log = log.bind(worker=self.name)
 
     def _filters(self) -> list[str]:
@@ -494,7 +495,8 @@ class IngestWorker:
             self._record_error(f"broker refused the connection: {reason}")
             return
         self._connected = True
-        self._set_state("running")
+        if self._state != "restarting":  # that one lasts until a batch is stored again (see `_loop`)
+            self._set_state("running")
         client.subscribe([(f, 1) for f in self._filters()])
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -543,6 +545,7 @@ class IngestWorker:
             self._log.error("ingest.loop_failed_again", restarts=self.restarts, error=error)
         self._record_error(error)
         self._set_state("restarting")
+        self._restarted_at = time.monotonic()
         self._pending = []
         self._connected = False
         client = self._client
@@ -567,6 +570,8 @@ class IngestWorker:
                     self._stop.wait(reconnect_delay)
                     reconnect_delay = min(reconnect_delay * 2, 2.0)
                     continue
+            if self._state == "restarting" and self._connected and time.monotonic() - self._restarted_at > 10:
+                self._set_state("running")  # quiet since the restart: nothing left to prove
             wait = 0.2
             if self._pending:
                 wait = max(0.0, self._first_pending_at + self.batch_wait_s - time.monotonic())
@@ -604,7 +609,7 @@ class IngestWorker:
                 client.loop(timeout=0)  # keep the connection alive (PINGREQ) while the database is away
         self._pending = []
         self.processed += len(batch)
-        if self._state == "db_unavailable":
+        if self._state in ("db_unavailable", "restarting"):
             self._set_state("running" if self._connected else "reconnecting")
         if not self._connected:
             return  # the acks cannot be sent; the broker redelivers and (device_id, seq) dedupes

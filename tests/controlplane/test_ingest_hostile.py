@@ -114,3 +114,50 @@ def test_hostile_record_does_not_stop_honest_device(fleet: Fleet, publisher: mqt
     stats = read_stats(fleet.engine)
     assert sum(stats["dead_letters"].values()) == 1, stats  # type: ignore[attr-defined]
     assert all(w.alive for w in fleet.workers)
+
+
+def test_worker_failure_is_restarted_and_visible(fleet: Fleet, publisher: mqtt.Client) -> None:
+    """A real fault under the worker (its counters table vanishes, as after a broken manual migration): PostgreSQL
+    refuses the statement (an error that is not the database being away: the loop restarts), SQLite reports it as
+    operational (the batch is retried). Either way /healthz says ingest is down and why; once the table is back
+    nothing is lost."""
+    from litestar.testing import TestClient
+
+    from controlplane.app import create_app
+    from controlplane.auth import Role, create_token
+
+    # Prepare
+    honest = enroll(fleet)
+    topic = wire.topic(honest, wire.Channel.TELEMETRY)
+    publish(publisher, topic, telemetry(honest, 1))
+    wait_for(lambda: read_stats(fleet.engine)["stored"] == 1, what="the first record stored")
+    _, token = create_token(fleet.engine, Role.VIEWER)
+    postgres = fleet.engine.dialect.name == "postgresql"
+    with TestClient(app=create_app(fleet=fleet)) as client:
+        assert client.get("/healthz").json()["ingest"] == {"ok": True, "workers": 1}
+        # Execute: the fault, then the device goes on publishing
+        with fleet.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE ingest_counter RENAME TO ingest_counter_away")
+        for seq in (2, 3):
+            publish(publisher, topic, telemetry(honest, seq))
+        wait_for(lambda: client.get("/healthz").status_code == 503, timeout=30, what="/healthz degraded")
+        down = client.get("/healthz").json()
+        worker = fleet.workers[0].status()
+        with fleet.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE ingest_counter_away RENAME TO ingest_counter")
+        wait_for(lambda: read_stats(fleet.engine)["stored"] == 3, timeout=30, what="the held records stored")
+        wait_for(lambda: client.get("/healthz").status_code == 200, timeout=15, what="/healthz ok again")
+        stats = client.get("/api/v1/ingest/stats", headers={"Authorization": f"Bearer {token}"}).json()
+    # Assert: visible while down, restarted (PostgreSQL) or retried (SQLite), nothing lost or doubled
+    assert down["status"] == "degraded" and down["ingest"]["ok"] is False
+    assert fleet.workers[0].name in down["ingest"]["reason"] and "ingest_counter" in down["ingest"]["reason"]
+    assert worker["alive"] is True
+    if postgres:
+        assert worker["state"] == "restarting" and worker["restarts"] >= 1
+    else:
+        assert worker["state"] == "db_unavailable" and worker["db_errors"] >= 1
+    assert "ingest_counter" in worker["last_error"]
+    assert [r.seq for r in fleet.devices.telemetry(honest, since=None, until=None, limit=10)] == [1, 2, 3]
+    (after,) = stats["workers"]
+    assert after["alive"] and after["connected"] and after["state"] == "running"
+    assert after["restarts"] == worker["restarts"] and after["last_error"] == worker["last_error"]
