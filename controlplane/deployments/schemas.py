@@ -7,6 +7,9 @@ from typing import Annotated
 
 import msgspec
 
+from controlplane._bounds import NAME_PATTERN, Name
+from controlplane.devices.schemas import TAG_PATTERN
+
 __all__ = ["DeploymentCreate", "DeploymentRead", "TargetRead", "Targets"]
 
 Percent = Annotated[float, msgspec.Meta(gt=0, le=100)]
@@ -15,14 +18,16 @@ Percent = Annotated[float, msgspec.Meta(gt=0, le=100)]
 class Targets(msgspec.Struct, forbid_unknown_fields=True):
     """Devices matching ANY of these (an empty selector matches nothing)."""
 
-    profiles: list[str] = msgspec.field(default_factory=list)
-    tags: list[str] = msgspec.field(default_factory=list)
-    device_ids: list[str] = msgspec.field(default_factory=list)
+    profiles: Annotated[list[Name], msgspec.Meta(max_length=1000)] = msgspec.field(default_factory=list)
+    tags: Annotated[list[Annotated[str, msgspec.Meta(pattern=TAG_PATTERN, max_length=64)]],
+                    msgspec.Meta(max_length=1000)] = msgspec.field(default_factory=list)
+    device_ids: Annotated[list[Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, max_length=64)]],
+                          msgspec.Meta(max_length=100_000)] = msgspec.field(default_factory=list)
     all: bool = False
 
 
 class DeploymentCreate(msgspec.Struct, forbid_unknown_fields=True):
-    model_version: str
+    model_version: Name
     targets: Targets
     # Cumulative percentages of the targets per wave, e.g. [10, 50, 100]; the last must be 100.
     waves: Annotated[list[Percent], msgspec.Meta(min_length=1, max_length=20)] = msgspec.field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar
 
@@ -9,10 +10,12 @@ from litestar import Controller, Response, delete, get, patch, post
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
+from controlplane._bounds import NAME_PATTERN, CommandIdParam, NameParam, OffsetParam
 from controlplane._errors import InvalidInput
 from controlplane.auth import Role
 from controlplane.auth._guards import requires
 from controlplane.devices.schemas import (
+    TAG_PATTERN,
     CommandCreate,
     CommandRead,
     DeviceCreate,
@@ -31,9 +34,13 @@ def _instant(name: str, value: str | None) -> float | None:
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise InvalidInput(f"{name}={value!r}: expected a finite number of UNIX seconds")
+        return seconds
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -46,60 +53,65 @@ class DeviceController(Controller):
     tags: ClassVar[list[str]] = ["devices"]  # type: ignore[misc]
 
     @post("/", guards=[requires(Role.ADMIN)], sync_to_thread=True, summary="Enrol a device")
-    def enroll(self, data: DeviceCreate, devices: DeviceService) -> DeviceEnrolled:
+    def enroll(self, data: DeviceCreate, device_service: DeviceService) -> DeviceEnrolled:
         """Registers the device and returns its broker credentials — once."""
-        return devices.enroll(data)
+        return device_service.enroll(data)
 
     @get("/", guards=[requires(Role.VIEWER)], sync_to_thread=True, summary="List devices")
     def list_devices(
         self,
-        devices: DeviceService,
-        profile: str | None = None,
-        tag: str | None = None,
+        device_service: DeviceService,
+        profile: Annotated[str | None, Parameter(pattern=NAME_PATTERN, max_length=64)] = None,
+        tag: Annotated[str | None, Parameter(pattern=TAG_PATTERN, max_length=64)] = None,
         online: bool | None = None,
         limit: Annotated[int, Parameter(ge=1, le=5000)] = 500,
-        offset: Annotated[int, Parameter(ge=0)] = 0,
+        offset: OffsetParam = 0,
     ) -> list[DeviceRead]:
-        return devices.find(profile=profile, tag=tag, online=online, limit=limit, offset=offset)
+        return device_service.find(profile=profile, tag=tag, online=online, limit=limit, offset=offset)
 
     @get("/{device_id:str}", guards=[requires(Role.VIEWER)], sync_to_thread=True)
-    def get_device(self, device_id: str, devices: DeviceService) -> DeviceRead:
-        return devices.get(device_id)
+    def get_device(self, device_id: NameParam, device_service: DeviceService) -> DeviceRead:
+        return device_service.get(device_id)
 
     @patch("/{device_id:str}", guards=[requires(Role.OPERATOR)], sync_to_thread=True)
-    def update_device(self, device_id: str, data: DeviceUpdate, devices: DeviceService) -> DeviceRead:
-        return devices.update(device_id, data)
+    def update_device(self, device_id: NameParam, data: DeviceUpdate,
+                      device_service: DeviceService) -> DeviceRead:
+        return device_service.update(device_id, data)
 
     @delete("/{device_id:str}", guards=[requires(Role.ADMIN)], sync_to_thread=True,
             status_code=HTTP_204_NO_CONTENT)
-    def delete_device(self, device_id: str, devices: DeviceService) -> None:
-        devices.delete(device_id)
+    def delete_device(self, device_id: NameParam, device_service: DeviceService) -> None:
+        device_service.delete(device_id)
 
     @post("/{device_id:str}/credentials", guards=[requires(Role.ADMIN)], sync_to_thread=True,
           summary="Issue new broker credentials (the old password stops working)")
-    def rotate_credentials(self, device_id: str, devices: DeviceService) -> DeviceEnrolled:
-        return devices.rotate_credentials(device_id)
+    def rotate_credentials(self, device_id: NameParam, device_service: DeviceService) -> DeviceEnrolled:
+        return device_service.rotate_credentials(device_id)
 
     @get("/{device_id:str}/telemetry", guards=[requires(Role.VIEWER)], sync_to_thread=True)
     def telemetry(
         self,
-        device_id: str,
-        devices: DeviceService,
-        since: Annotated[str | None, Parameter(description="device time, inclusive: UNIX seconds or ISO 8601")] = None,
-        until: Annotated[str | None, Parameter(description="device time, exclusive: UNIX seconds or ISO 8601")] = None,
+        device_id: NameParam,
+        device_service: DeviceService,
+        since: Annotated[str | None, Parameter(description="device time, inclusive: UNIX seconds or ISO 8601",
+                                               max_length=64)] = None,
+        until: Annotated[str | None, Parameter(description="device time, exclusive: UNIX seconds or ISO 8601",
+                                               max_length=64)] = None,
         limit: Annotated[int, Parameter(ge=1, le=10000)] = 100,
     ) -> list[TelemetryRead]:
         """The newest `limit` records in [since, until), oldest first."""
-        return devices.telemetry(device_id, since=_instant("since", since), until=_instant("until", until),
+        return device_service.telemetry(device_id, since=_instant("since", since), until=_instant("until", until),
                                  limit=limit)
 
     @post("/{device_id:str}/commands", guards=[requires(Role.OPERATOR)], sync_to_thread=True,
           status_code=HTTP_200_OK)
-    def send_command(self, device_id: str, data: CommandCreate, devices: DeviceService) -> Response[CommandRead]:
+    def send_command(self, device_id: NameParam, data: CommandCreate,
+                     device_service: DeviceService) -> Response[CommandRead]:
         """Sends a command and waits up to `wait_s` for the ack: 200 when acked, 202 while still pending."""
-        command = devices.send_command(device_id, data)
+        command = device_service.send_command(device_id, data)
         return Response(command, status_code=HTTP_202_ACCEPTED if command.status == "pending" else HTTP_200_OK)
 
     @get("/{device_id:str}/commands/{command_id:str}", guards=[requires(Role.VIEWER)], sync_to_thread=True)
-    def get_command(self, device_id: str, command_id: str, devices: DeviceService) -> CommandRead:
-        return devices.get_command(device_id, command_id)
+    def get_command(self, device_id: NameParam, command_id: CommandIdParam,
+                    device_service: DeviceService) -> CommandRead:
+        return device_service.get_command(device_id, command_id)

@@ -7,7 +7,10 @@ from typing import Annotated, Any
 
 import msgspec
 
+from controlplane._bounds import NAME_PATTERN
+
 __all__ = [
+    "TAG_PATTERN",
     "CommandCreate",
     "CommandRead",
     "DeviceCreate",
@@ -17,19 +20,21 @@ __all__ = [
     "TelemetryRead",
 ]
 
-DeviceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", max_length=64)]
-Tag = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:=-]{0,63}$")]
+DeviceId = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, max_length=64)]
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:=-]{0,63}$"
+Tag = Annotated[str, msgspec.Meta(pattern=TAG_PATTERN, max_length=64)]
 Tags = Annotated[list[Tag], msgspec.Meta(max_length=32)]
+ProfileName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, max_length=64)]
 
 
 class DeviceCreate(msgspec.Struct, forbid_unknown_fields=True):
     device_id: DeviceId
-    profile: str
+    profile: ProfileName
     tags: Tags = msgspec.field(default_factory=list)
 
 
 class DeviceUpdate(msgspec.Struct, forbid_unknown_fields=True):
-    profile: str | None = None
+    profile: ProfileName | None = None
     tags: Tags | None = None
 
 
@@ -68,7 +73,8 @@ class TelemetryRead(msgspec.Struct):
 
 
 class CommandCreate(msgspec.Struct, forbid_unknown_fields=True):
-    kind: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    kind: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$", max_length=64)]
+    # Any JSON object: its size and depth are bounded by the API's body limits (controlplane._http).
     args: dict[str, Any] = msgspec.field(default_factory=dict)
     # How long the request waits for the device's ack; 0 returns at once with status "pending".
     wait_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 10.0

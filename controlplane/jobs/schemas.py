@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import msgspec
 
+from controlplane._bounds import Name, TaskName
+
 __all__ = ["BurstStep", "JobCreate", "JobKind", "JobRead", "Placement", "Resources"]
 
 
@@ -45,8 +47,8 @@ class _Training(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class JobCreate(_Training, kw_only=True):
-    task: str = "digits"
-    base_model_version: str | None = None
+    task: TaskName = "digits"
+    base_model_version: Name | None = None
     build: bool = True  # build, gate, sign the result as a model version
     deploy: bool = False  # and roll it out to every device that can run it
 

@@ -9,6 +9,7 @@ import msgspec
 from litestar import Controller, Request, Response, get
 from litestar.exceptions import NotAuthorizedException
 
+from controlplane._bounds import NameParam, RowId
 from controlplane.auth import Role
 from controlplane.auth._guards import requires
 from controlplane.db import ModelArtifactRecord
@@ -46,12 +47,12 @@ class ModelController(Controller):
     tags: ClassVar[list[str]] = ["models"]  # type: ignore[misc]
 
     @get("/", guards=[requires(Role.VIEWER)], sync_to_thread=True, summary="List model versions")
-    def list_models(self, models: ModelService) -> list[ModelRead]:
-        return models.list_all()
+    def list_models(self, model_service: ModelService) -> list[ModelRead]:
+        return model_service.list_all()
 
     @get("/{version:str}", guards=[requires(Role.VIEWER)], sync_to_thread=True)
-    def get_model(self, version: str, models: ModelService) -> ModelRead:
-        return models.get(version)
+    def get_model(self, version: NameParam, model_service: ModelService) -> ModelRead:
+        return model_service.get(version)
 
 
 class DownloadController(Controller):
@@ -66,33 +67,34 @@ class DownloadController(Controller):
     tags: ClassVar[list[str]] = ["models"]  # type: ignore[misc]
 
     @get("/models/{version:str}/variants/{variant:str}/manifest", sync_to_thread=True, exclude_from_auth=True)
-    def manifest(self, request: Request[Any, Any, Any], version: str, variant: str,
-                 models: ModelService) -> Response[bytes]:
+    def manifest(self, request: Request[Any, Any, Any], version: NameParam, variant: NameParam,
+                 model_service: ModelService) -> Response[bytes]:
         _authorize(request, None)
-        signed = models.signed_manifest(version, variant)
+        signed = model_service.signed_manifest(version, variant)
         return Response(msgspec.json.encode(signed), media_type="application/json")
 
     @get("/models/{version:str}/variants/{variant:str}/artifact", sync_to_thread=True, exclude_from_auth=True)
-    def artifact(self, request: Request[Any, Any, Any], version: str, variant: str,
-                 models: ModelService) -> Response[bytes]:
+    def artifact(self, request: Request[Any, Any, Any], version: NameParam, variant: NameParam,
+                 model_service: ModelService) -> Response[bytes]:
         _authorize(request, None)
-        return _serve_artifact(request, models.artifact(version, variant))
+        return _serve_artifact(request, model_service.artifact(version, variant))
 
     @get("/deployments/{deployment_id:int}/variants/{variant:str}/manifest", sync_to_thread=True,
          exclude_from_auth=True)
-    def release(self, request: Request[Any, Any, Any], deployment_id: int, variant: str,
-                deployments: DeploymentService) -> Response[bytes]:
+    def release(self, request: Request[Any, Any, Any], deployment_id: RowId, variant: NameParam,
+                deployment_service: DeploymentService) -> Response[bytes]:
         _authorize(request, (deployment_id, variant))
-        signed = deployments.signed_release(deployment_id, variant)
+        signed = deployment_service.signed_release(deployment_id, variant)
         return Response(msgspec.json.encode(signed), media_type="application/json")
 
     @get("/deployments/{deployment_id:int}/variants/{variant:str}/artifact", sync_to_thread=True,
          exclude_from_auth=True)
-    def release_artifact(self, request: Request[Any, Any, Any], deployment_id: int, variant: str,
-                         deployments: DeploymentService, models: ModelService) -> Response[bytes]:
+    def release_artifact(self, request: Request[Any, Any, Any], deployment_id: RowId, variant: NameParam,
+                         deployment_service: DeploymentService, model_service: ModelService) -> Response[bytes]:
         _authorize(request, (deployment_id, variant))
-        deployments.signed_release(deployment_id, variant)  # 404 unless the deployment sends this variant
-        return _serve_artifact(request, models.artifact(deployments.model_version_of(deployment_id), variant))
+        deployment_service.signed_release(deployment_id, variant)  # 404 unless the deployment sends this variant
+        version = deployment_service.model_version_of(deployment_id)
+        return _serve_artifact(request, model_service.artifact(version, variant))
 
 
 def _serve_artifact(request: Request[Any, Any, Any], record: ModelArtifactRecord) -> Response[bytes]:

@@ -22,7 +22,7 @@ class EligibilityRule(msgspec.Struct, forbid_unknown_fields=True):
     allow_metered: bool = False
     max_temperature_c: Annotated[float, msgspec.Meta(gt=0, le=150)] = 75.0
     max_cpu_percent: Annotated[float, msgspec.Meta(gt=0, le=100)] = 80.0  # "idle enough"
-    max_telemetry_age_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    max_telemetry_age_s: Annotated[float, msgspec.Meta(gt=0, le=30 * 86_400)] = 300.0
 
 
 def decide(profile: Profile, online: bool, telemetry: dict[str, Any] | None, rule: EligibilityRule,

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import msgspec
 
+from controlplane._bounds import Name, TaskName
 from controlplane.jobs.schemas import BurstStep
 from controlplane.rounds.eligibility import EligibilityRule
 
-__all__ = ["RoundCreate", "RoundRead", "ScheduleCreate", "ScheduleRead", "Strategy"]
+__all__ = ["MAX_CLIENTS", "MAX_INTERVAL_S", "RoundCreate", "RoundRead", "ScheduleCreate", "ScheduleRead", "Strategy"]
+
+MAX_CLIENTS: Final = 100_000
+MAX_INTERVAL_S: Final = 366 * 86_400  # a schedule fires at least once a year
 
 
 class Strategy(enum.StrEnum):
@@ -23,17 +27,17 @@ class Strategy(enum.StrEnum):
 class RoundCreate(msgspec.Struct, forbid_unknown_fields=True):
     """One federated run of `rounds` Flower rounds among the devices eligible now."""
 
-    task: str = "digits"
+    task: TaskName = "digits"
     strategy: Strategy = Strategy.FEDAVG
     rounds: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
-    min_clients: Annotated[int, msgspec.Meta(ge=1)] = 2
+    min_clients: Annotated[int, msgspec.Meta(ge=1, le=MAX_CLIENTS)] = 2
     # Invite every eligible device up to this many (None: all), over-selecting past it by the observed dropout
     # rate so that at least `min_clients` remain.
-    max_clients: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_clients: Annotated[int, msgspec.Meta(ge=1, le=MAX_CLIENTS)] | None = None
     eligibility: EligibilityRule = msgspec.field(default_factory=EligibilityRule)
     local_epochs: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
     learning_rate: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.01
-    proximal_mu: Annotated[float, msgspec.Meta(ge=0)] = 0.1  # FedProx only
+    proximal_mu: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 0.1  # FedProx only
     round_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 120.0
     # A burst job (e.g. {"kind": "qat"}) run on the federated result before the build: the model built, signed
     # and rolled out is then the job's.
@@ -64,10 +68,10 @@ class ScheduleCreate(msgspec.Struct, forbid_unknown_fields=True):
     """A recurring round: exactly one of `cron` (crontab, 5 fields, UTC) or `interval_s`."""
 
     round: RoundCreate = msgspec.field(default_factory=RoundCreate)
-    id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] | None = None
-    cron: str | None = None
-    interval_s: Annotated[float, msgspec.Meta(ge=1)] | None = None
-    max_runs: Annotated[int, msgspec.Meta(ge=1)] | None = None  # stop after this many firings
+    id: Name | None = None
+    cron: Annotated[str, msgspec.Meta(pattern=r"^[ -~]{1,128}$", max_length=128)] | None = None  # printable ASCII
+    interval_s: Annotated[float, msgspec.Meta(ge=1, le=MAX_INTERVAL_S)] | None = None
+    max_runs: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None  # stop after this many firings
 
 
 class ScheduleRead(msgspec.Struct):

@@ -61,13 +61,14 @@ class RoundService:
         self._stopping.set()
 
     def validate(self, data: RoundCreate) -> None:
-        from federated.tasks import get_task
+        """Refuse what cannot run: a task this control plane does not register (the name never imports code:
+        see federated.tasks), client bounds, a burst step that cannot run here."""
+        from federated.tasks import TaskNotFound, get_task
 
         try:
             get_task(data.task)
-        except (LookupError, ValueError, ImportError, AttributeError, TypeError) as exc:
-            raise InvalidInput(str(exc) if str(exc).startswith("unknown task") else
-                               f"unknown task {data.task!r}: {exc}") from None
+        except TaskNotFound as exc:
+            raise InvalidInput(str(exc)) from None
         if data.max_clients is not None and data.max_clients < data.min_clients:
             raise InvalidInput(f"max_clients {data.max_clients} < min_clients {data.min_clients}")
         if data.burst is not None:
@@ -94,8 +95,16 @@ class RoundService:
 
     # -- API -------------------------------------------------------------------------------------------------
     def start(self, data: RoundCreate, schedule_id: str | None = None, *, wait: bool = False) -> RoundRead:
-        """Decide who is invited now (and why the others are not), record it, then run in the background."""
-        self.validate(data)
+        """Decide who is invited now (and why the others are not), record it, then run in the background.
+
+        A request that does not validate raises InvalidInput; a schedule's firing that does not (its stored task
+        is no longer registered, say) is recorded as a failed round with the reason instead."""
+        try:
+            self.validate(data)
+        except InvalidInput as exc:
+            if schedule_id is None:
+                raise
+            return self._refuse(data, schedule_id, str(exc))
         invited, skipped = self.plan(data)
         with Session(self.engine) as session:
             record = RoundRecord(schedule_id=schedule_id, task=data.task, strategy=str(data.strategy),
@@ -114,6 +123,18 @@ class RoundService:
             thread = self._spawn(self._execute, round_id, data, invited)
             if wait:
                 thread.join()
+        return self.get(round_id)
+
+    def _refuse(self, data: RoundCreate, schedule_id: str, reason: str) -> RoundRead:
+        with Session(self.engine) as session:
+            record = RoundRecord(schedule_id=schedule_id, task=data.task, strategy=str(data.strategy),
+                                 config=msgspec.to_builtins(data), status="failed", reason=reason,
+                                 result_token=secrets.token_urlsafe(24), created_at=utcnow(), finished_at=utcnow())
+            session.add(record)
+            session.commit()
+            assert record.id is not None
+            round_id = record.id
+        log.warning("round.refused", round_id=round_id, schedule_id=schedule_id, reason=reason)
         return self.get(round_id)
 
     def _spawn(self, target: Callable[..., None], round_id: int, *args: Any) -> threading.Thread:

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from federated.tasks import (
+    TASKS_ENV,
     Dataset,
     Task,
     TaskNotFound,
+    TaskRegistry,
     dirichlet_partition,
     get_task,
 )
 from federated.tasks.digits import DigitsTask
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# tests/federated/_canary.py: importing it or calling touch() writes to $EDGEFLEET_TEST_CANARY (a harmless os:abort)
+CANARY, CANARY_ENV = "tests.federated._canary:touch", "EDGEFLEET_TEST_CANARY"
 _MISSING = [m for m in ("torch", "sklearn") if importlib.util.find_spec(m) is None]
 needs_training = pytest.mark.skipif(
     bool(_MISSING), reason=f"needs the train extra ({', '.join(_MISSING)} missing)"
@@ -91,20 +98,179 @@ def test_task_by_dotted_path() -> None:
     assert isinstance(task, DigitsTask)
 
 
+@pytest.fixture(name="canary")
+def fx_canary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The file tests/federated/_canary.py writes when it is imported or called."""
+    path = tmp_path / "canary"
+    monkeypatch.setenv(CANARY_ENV, str(path))
+    monkeypatch.delitem(sys.modules, "tests.federated._canary", raising=False)
+    return path
+
+
 @pytest.mark.parametrize(
-    ("name", "message"),
+    "name",
+    ["nope", "no_such_module_xyz:Task", "federated.tasks.digits:Missing", "collections:OrderedDict", "../evil:Task",
+     "os:abort", CANARY, "x" * 10_000],
+)
+def test_an_unregistered_name_is_unknown_and_lists_the_known_tasks(name: str) -> None:
+    # Execute / Assert
+    with pytest.raises(TaskNotFound, match=r"unknown task .*: known tasks are digits \(register others with "
+                                           r"EDGEFLEET_TASKS or the 'edgefleet.tasks' entry point group\)"):
+        get_task(name)
+
+
+def test_a_dotted_path_in_a_task_name_is_never_imported_or_called(canary: Path) -> None:
+    # Execute: before the registry this imported the module and called touch() (and "os:abort" killed the
+    # process that resolved it: the control plane, the ServerApp, a device's ClientApp, the burst worker).
+    with pytest.raises(TaskNotFound, match="unknown task"):
+        get_task(CANARY)
+
+    # Assert
+    assert not canary.exists(), canary.read_text()
+    assert "tests.federated._canary" not in sys.modules
+
+
+def test_allow_listed_task_by_name_and_by_its_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    monkeypatch.setenv(TASKS_ENV, "tiny=federated.tasks.digits:DigitsTask, tests.federated.test_tasks:TinyTask")
+
+    # Execute
+    by_name = get_task("tiny")
+    by_bare_target = get_task("tests.federated.test_tasks:TinyTask")
+    registry = TaskRegistry.from_env()
+
+    # Assert
+    assert isinstance(by_name, DigitsTask)
+    assert isinstance(by_bare_target, TinyTask) and by_bare_target.name == "tiny-digits"
+    assert registry.names() == ["digits", "tests.federated.test_tasks:TinyTask", "tiny"]
+    assert [e.source for e in registry] == ["built-in", "EDGEFLEET_TASKS", "EDGEFLEET_TASKS"]
+
+
+@pytest.mark.parametrize(
+    ("allow_list", "message"),
     [
-        ("nope", "unknown task 'nope'"),
-        ("no_such_module_xyz:Task", "cannot import module"),
-        ("federated.tasks.digits:Missing", "has no 'Missing'"),
-        ("collections:OrderedDict", "is not a Task"),
-        ("../evil:Task", "unknown task"),
+        ("bad name=federated.tasks.digits:DigitsTask", "the target must be"),
+        ("x=not a target", "the target must be 'package.module:Class'"),
+        ("x=os.path", "the target must be 'package.module:Class'"),
+        ("../evil=federated.tasks.digits:DigitsTask", "a task name is 1-64 letters"),
+        ("digits=tests.federated.test_tasks:TinyTask", ("task 'digits' is already registered as "
+                                                      "federated.tasks.digits:DigitsTask \\(built-in\\)")),
+        ("a=federated.tasks.digits:DigitsTask,a=tests.federated.test_tasks:TinyTask", "task 'a' is already"),
     ],
 )
-def test_bad_task_names_raise_task_not_found(name: str, message: str) -> None:
+def test_a_malformed_allow_list_is_refused_with_the_entry(allow_list: str, message: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    monkeypatch.setenv(TASKS_ENV, allow_list)
+
+    # Execute / Assert: at start-up (from_env), and by every resolution in a process started with it
+    with pytest.raises(ValueError, match=f"EDGEFLEET_TASKS: .*{message}"):
+        TaskRegistry.from_env()
+    with pytest.raises(TaskNotFound, match="EDGEFLEET_TASKS: "):
+        get_task("digits")
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("no_such_module_xyz:Task", "task 'broken': cannot import module 'no_such_module_xyz'"),
+        ("federated.tasks.digits:Missing", "task 'broken': module 'federated.tasks.digits' has no 'Missing'"),
+        ("collections:OrderedDict", "task 'broken': collections:OrderedDict is not a Task \\(missing name, "),
+        ("tests.federated.test_tasks:BrokenTask", ("task 'broken': .*BrokenTask\\(\\) failed: "
+                                                  "FileNotFoundError: no /srv/data.npz")),
+    ],
+)
+def test_a_registered_task_that_does_not_load_is_task_not_found(target: str, message: str) -> None:
+    # Prepare
+    registry = TaskRegistry.load(f"broken={target}", with_entry_points=False)
+
     # Execute / Assert
     with pytest.raises(TaskNotFound, match=message):
-        get_task(name)
+        registry.get("broken")
+
+
+def test_entry_point_tasks_are_registered(tmp_path: Path) -> None:
+    # Prepare: an installed distribution (its metadata on sys.path) declaring an edgefleet.tasks entry point
+    dist = tmp_path / "site" / "vibration_tasks-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vibration-tasks\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[edgefleet.tasks]\nvibration = federated.tasks.digits:DigitsTask\n"
+        "digits = tests.federated.test_tasks:TinyTask\n")
+    code = textwrap.dedent(
+        """
+        import json
+        from federated.tasks import TaskRegistry, get_task
+        print(json.dumps([[e.name, e.target, e.source] for e in TaskRegistry.from_env()]))
+        print(type(get_task("vibration")).__name__, type(get_task("digits")).__name__)
+        """
+    )
+
+    # Execute
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO_ROOT)])},
+    )
+
+    # Assert: the entry point is a task; one that would rebind a built-in is skipped with a warning
+    assert result.returncode == 0, result.stderr
+    entries, classes = result.stdout.strip().splitlines()
+    assert json.loads(entries) == [["digits", "federated.tasks.digits:DigitsTask", "built-in"],
+                                   ["vibration", "federated.tasks.digits:DigitsTask",
+                                    "entry point vibration-tasks"]]
+    assert classes == "DigitsTask DigitsTask"
+    assert "the name is taken by federated.tasks.digits:DigitsTask (built-in): skipped" in result.stderr
+
+
+def test_the_clientapp_resolves_the_run_configs_task_through_the_registry(canary: Path) -> None:
+    # Prepare: what a device's ClientApp receives: a run config naming the task (any SuperLink client sets it)
+    pytest.importorskip("flwr")
+    pytest.importorskip("torch")
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.common import Metadata
+
+    from federated.flower import client_app
+
+    context = Context(run_id=1, node_id=1, node_config={"device-id": "pi-1", "data-path": "/nonexistent"},
+                      state=RecordDict(), run_config={"task": CANARY})
+    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                        group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    message = Message(content=RecordDict({"config": ConfigRecord({})}), metadata=metadata)  # type: ignore[call-overload]
+
+    # Execute / Assert
+    with pytest.raises(TaskNotFound, match="unknown task"):
+        client_app._prepare(message, context)
+    assert not canary.exists()
+
+
+@needs_training
+def test_the_burst_worker_resolves_the_specs_task_through_the_registry(canary: Path, tmp_path: Path) -> None:
+    # Prepare: a job spec as a Ray/local backend hands it to the worker process
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"job_id": "7", "kind": "finetune", "task": CANARY, "epochs": 1}))
+
+    # Execute
+    result = subprocess.run(
+        [sys.executable, "-m", "federated.burst.worker", "--spec", str(spec), "--out-dir", str(tmp_path / "out")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+
+    # Assert
+    assert result.returncode == 1, result.stderr
+    outcome = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert outcome["status"] == "failed" and outcome["error"].startswith("TaskNotFound: unknown task"), outcome
+    assert not canary.exists()
+
+
+class TinyTask(DigitsTask):
+    """A user-style task for the registry tests."""
+
+    name = "tiny-digits"
+
+
+class BrokenTask(DigitsTask):
+    def __init__(self) -> None:
+        raise FileNotFoundError("no /srv/data.npz")
 
 
 # ---------------------------------------------------------------------------------------------------- digits
