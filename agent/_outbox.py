@@ -2,6 +2,10 @@
 
 Nothing is lost while the broker is down or the agent restarts. The outbox is bounded in bytes; when full, the
 oldest messages are dropped first and the drops are counted (and reported in telemetry).
+
+It is also the agent's gate to the wire: a telemetry or ack payload that breaks the wire contract
+(`agent.protocol.check`: ranges, lengths, nesting, NUL characters, another device's id) is refused with a log
+line and counted in `rejected`, so the agent never publishes what the control plane would have to dead-letter.
 """
 
 from __future__ import annotations
@@ -11,7 +15,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
+from agent import protocol as wire
+
 __all__ = ["Outbox", "OutboxEntry"]
+
+log = structlog.get_logger("edgefleet.agent.outbox")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -74,7 +84,17 @@ class Outbox:
             return seq
 
     def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
-        """Store a message; drops the oldest messages when the byte bound would be exceeded."""
+        """Store a message; drops the oldest messages when the byte bound would be exceeded.
+
+        Returns the message's id, or 0 when the payload breaks the wire contract (then it is logged, counted in
+        `rejected` and not stored: it is never published).
+        """
+        problem = _contract_problem(topic, payload)
+        if problem is not None:
+            with self._lock:
+                self._set_meta("rejected", self._meta("rejected") + 1)
+            log.error("outbox.rejected", topic=topic, size=len(payload), error=problem)
+            return 0
         size = len(payload)
         if size > self.max_bytes:
             raise ValueError(f"message of {size} bytes exceeds the outbox bound of {self.max_bytes} bytes")
@@ -134,3 +154,26 @@ class Outbox:
     def dropped(self) -> int:
         with self._lock:
             return self._meta("dropped")
+
+    @property
+    def rejected(self) -> int:
+        """Messages refused because they broke the wire contract (never stored, never published)."""
+        with self._lock:
+            return self._meta("rejected")
+
+
+def _contract_problem(topic: str, payload: bytes) -> str | None:
+    """Why a payload for an EdgeFleet device topic breaks the wire contract, or None. Other topics pass."""
+    try:
+        device_id, channel = wire.parse_topic(topic)
+    except wire.ProtocolError:
+        return None
+    if channel not in wire.UPSTREAM_CHANNELS or (channel is wire.Channel.STATE and not payload):
+        return None
+    try:
+        message = wire.check(payload, channel)
+    except wire.ProtocolError as exc:
+        return str(exc)
+    if message.device_id != device_id:
+        return f"device_id {message.device_id!r} in a message on {device_id!r}'s topic"
+    return None

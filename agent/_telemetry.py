@@ -7,6 +7,7 @@ come from a per-device *simulated* source when asked for (the demo does), and ev
 from __future__ import annotations
 
 import enum
+import math
 import os
 import random
 import time
@@ -18,7 +19,7 @@ import psutil
 
 from agent.protocol import NetworkStats, PowerStats, SystemStats
 
-__all__ = ["PowerMode", "PowerSensor", "SystemSensor"]
+__all__ = ["PowerMode", "PowerSensor", "SystemSensor", "finite_or_none"]
 
 
 class PowerMode(enum.StrEnum):
@@ -43,10 +44,15 @@ class SystemSensor:
             mem_used_mb=round((mem.total - mem.available) / 2**20, 1),
             mem_total_mb=round(mem.total / 2**20, 1),
             disk_used_percent=disk.percent,
-            temperature_c=_temperature(),
-            load_1m=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            temperature_c=finite_or_none(_temperature()),
+            load_1m=finite_or_none(os.getloadavg()[0]) if hasattr(os, "getloadavg") else None,
             uptime_s=round(time.time() - self._boot, 1),
         )
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A reading the wire contract can carry: a broken sensor's NaN or infinity becomes "unknown" (None)."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _temperature() -> float | None:
@@ -94,7 +100,7 @@ class PowerSensor:
             power = PowerStats(
                 source="os",
                 power_source="battery",
-                battery_percent=round(float(battery.percent), 1),
+                battery_percent=finite_or_none(round(float(battery.percent), 1)),
                 charging=bool(battery.power_plugged),
             )
         elif self._mode is PowerMode.OS:
