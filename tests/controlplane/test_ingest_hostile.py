@@ -161,3 +161,77 @@ def test_worker_failure_is_restarted_and_visible(fleet: Fleet, publisher: mqtt.C
     (after,) = stats["workers"]
     assert after["alive"] and after["connected"] and after["state"] == "running"
     assert after["restarts"] == worker["restarts"] and after["last_error"] == worker["last_error"]
+
+
+POISON_DDL = {
+    "postgresql": [
+        "ALTER TABLE telemetry ADD CONSTRAINT poison_ts CHECK (ts <> 666)",
+        "ALTER TABLE device ADD CONSTRAINT poison_version CHECK (agent_version IS NULL OR agent_version <> 'poison')",
+        "ALTER TABLE command ADD CONSTRAINT poison_reason CHECK (reason IS NULL OR reason <> 'poison')",
+    ],
+    "sqlite": [
+        "CREATE TRIGGER poison_ts BEFORE INSERT ON telemetry WHEN NEW.ts = 666 BEGIN SELECT RAISE(ABORT, 'ts'); END",
+        "CREATE TRIGGER poison_version BEFORE UPDATE ON device WHEN NEW.agent_version = 'poison' "
+        "BEGIN SELECT RAISE(ABORT, 'agent_version'); END",
+        "CREATE TRIGGER poison_reason BEFORE UPDATE ON command WHEN NEW.reason = 'poison' "
+        "BEGIN SELECT RAISE(ABORT, 'reason'); END",
+    ],
+}
+
+
+def test_records_the_database_refuses_are_isolated(database_url: str) -> None:
+    """Records inside the contract that the database still refuses (here: constraints the test adds) cost only
+    themselves: the batch is stored again record by record and each refused one is a `db_rejected` dead letter."""
+    from sqlmodel import Session
+
+    from controlplane.db import CommandRecord, Device, create_db_engine, migrate, utcnow
+    from controlplane.ingest import Message, process_batch
+    from controlplane.ingest._worker import _KnownDevices
+
+    # Prepare: two devices with a pending command each; the database refuses some values
+    engine = create_db_engine(database_url)
+    migrate(engine)
+    with Session(engine) as session:
+        for device_id in ("honest", "hostile"):
+            session.add(Device(device_id=device_id, profile="p", mqtt_password_hash="-", created_at=utcnow()))
+            session.add(CommandRecord(command_id=f"cmd-{device_id}", device_id=device_id, kind="ping", args={},
+                                      created_at=utcnow()))
+        session.commit()
+    with engine.begin() as conn:
+        for ddl in POISON_DDL[engine.dialect.name]:
+            conn.exec_driver_sql(ddl)
+    poison = wire.decode(telemetry("hostile", 1), wire.Telemetry)
+    poison.ts = 666.0
+
+    def msg(device_id: str, channel: wire.Channel, payload: bytes) -> Message:
+        return Message(wire.topic(device_id, channel), payload, 0, 1)
+
+    batch = [
+        msg("honest", wire.Channel.TELEMETRY, telemetry("honest", 1)),
+        msg("hostile", wire.Channel.TELEMETRY, wire.encode(poison)),
+        msg("honest", wire.Channel.TELEMETRY, telemetry("honest", 2)),
+        msg("hostile", wire.Channel.STATE, wire.encode(wire.State(device_id="hostile", online=True, ts=1.0,
+                                                                  agent_version="poison"))),
+        msg("honest", wire.Channel.STATE, wire.encode(wire.State(device_id="honest", online=True, ts=1.0,
+                                                                 agent_version="1.0"))),
+        msg("hostile", wire.Channel.ACK, wire.encode(wire.Ack(device_id="hostile", command_id="cmd-hostile",
+                                                              ok=False, reason="poison"))),
+        msg("honest", wire.Channel.ACK, wire.encode(wire.Ack(device_id="honest", command_id="cmd-honest", ok=True))),
+        msg("honest", wire.Channel.TELEMETRY, telemetry("honest", 3)),
+        msg("honest", wire.Channel.TELEMETRY, telemetry("honest", 2)),  # a re-send
+    ]
+    # Execute
+    counts = process_batch(engine, _KnownDevices(engine), batch)
+    # Assert
+    assert counts == {"received": 9, "stored": 3, "duplicates": 1, "states": 1, "acks": 1,
+                      "dead_letter:db_rejected": 3}
+    stats = read_stats(engine)
+    assert stats["stored"] == 3 and stats["dead_letters"] == {"db_rejected": 3}
+    with Session(engine) as session:
+        honest, hostile = session.get(Device, "honest"), session.get(Device, "hostile")
+        assert honest is not None and hostile is not None
+        assert (honest.last_seq, honest.agent_version, honest.online) == (3, "1.0", True)
+        assert (hostile.last_seq, hostile.agent_version, hostile.online) == (None, None, False)
+        assert session.get(CommandRecord, "cmd-honest").status == "ok"  # type: ignore[union-attr]
+        assert session.get(CommandRecord, "cmd-hostile").status == "pending"  # type: ignore[union-attr]
+    engine.dispose()
