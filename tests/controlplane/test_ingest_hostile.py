@@ -171,10 +171,10 @@ POISON_DDL = {
     ],
     "sqlite": [
         "CREATE TRIGGER poison_ts BEFORE INSERT ON telemetry WHEN NEW.ts = 666 BEGIN SELECT RAISE(ABORT, 'ts'); END",
-        "CREATE TRIGGER poison_version BEFORE UPDATE ON device WHEN NEW.agent_version = 'poison' "
-        "BEGIN SELECT RAISE(ABORT, 'agent_version'); END",
-        "CREATE TRIGGER poison_reason BEFORE UPDATE ON command WHEN NEW.reason = 'poison' "
-        "BEGIN SELECT RAISE(ABORT, 'reason'); END",
+        ("CREATE TRIGGER poison_version BEFORE UPDATE ON device WHEN NEW.agent_version = 'poison' "
+         "BEGIN SELECT RAISE(ABORT, 'agent_version'); END"),
+        ("CREATE TRIGGER poison_reason BEFORE UPDATE ON command WHEN NEW.reason = 'poison' "
+         "BEGIN SELECT RAISE(ABORT, 'reason'); END"),
     ],
 }
 
