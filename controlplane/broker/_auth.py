@@ -6,7 +6,14 @@ from typing import Final, Protocol
 
 from ._errors import BrokerAuthError
 
-__all__ = ["RESERVED_PREFIX", "BrokerAuth", "NoBrokerAuth", "check_device_username", "is_reserved"]
+__all__ = [
+    "RESERVED_PREFIX",
+    "BrokerAuth",
+    "NoBrokerAuth",
+    "check_device_username",
+    "is_reserved",
+    "reserved_reason",
+]
 
 # Broker usernames and client ids of the control plane itself (service account, ingest workers, publisher, dynsec
 # admin) start with this; a device may not be named so, or it could pass for one of them.
@@ -18,13 +25,21 @@ def is_reserved(device_id: str) -> bool:
     return device_id.lower().startswith(RESERVED_PREFIX)
 
 
+def reserved_reason(device_id: str) -> str | None:
+    """Why ``device_id`` may not be a device (a reserved name), or None."""
+    if is_reserved(device_id):
+        return (
+            f"device id '{device_id}': names starting with '{RESERVED_PREFIX}' are reserved for the control "
+            "plane's own broker accounts and client ids"
+        )
+    return None
+
+
 def check_device_username(device_id: str) -> None:
     """Refuse a reserved name as a device's broker account."""
-    if is_reserved(device_id):
-        raise BrokerAuthError(
-            f"{device_id!r}: names starting with {RESERVED_PREFIX!r} are reserved for the control plane's own "
-            "broker accounts and client ids"
-        )
+    reason = reserved_reason(device_id)
+    if reason is not None:
+        raise BrokerAuthError(reason)
 
 
 class BrokerAuth(Protocol):
@@ -33,6 +48,10 @@ class BrokerAuth(Protocol):
     A device may publish only `edgefleet/v1/devices/{id}/telemetry|state|ack` and subscribe only to its own
     `.../cmd`. The MQTT username of a device is its device id, and so must be its client id.
     """
+
+    def reserved(self, device_id: str) -> str | None:
+        """Why ``device_id`` cannot be a device on this broker (the name of one of the control plane's own
+        accounts or client ids), or None."""
 
     def ensure_device(self, device_id: str, password: str) -> None:
         """Create or update the device's broker account (idempotent). A changed password ends the sessions of
@@ -47,6 +66,9 @@ class BrokerAuth(Protocol):
 
 class NoBrokerAuth:
     """For a broker that does its own authentication (or none, as a development mosquitto)."""
+
+    def reserved(self, device_id: str) -> str | None:
+        return reserved_reason(device_id)
 
     def ensure_device(self, device_id: str, password: str) -> None:
         return None

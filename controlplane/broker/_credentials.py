@@ -22,7 +22,7 @@ from typing import Any, Final, Literal, get_args
 
 from agent.protocol import TOPIC_PREFIX, Channel, DeviceIdError, validate_device_id
 
-from ._auth import check_device_username
+from ._auth import check_device_username, reserved_reason
 from ._errors import BrokerAuthError
 from ._passwords import hash_password, verify_password
 
@@ -215,6 +215,12 @@ class EmbeddedBrokerAuth:
     @property
     def credentials(self) -> CredentialsFile:
         return self._file
+
+    def reserved(self, device_id: str) -> str | None:
+        entry = self._file.get(device_id)
+        if entry is not None and entry.role == "service":
+            return f"device id '{device_id}' is reserved: it is the broker's service account"
+        return reserved_reason(device_id)
 
     def ensure_device(self, device_id: str, password: str) -> None:
         validate_device_id(device_id)

@@ -46,7 +46,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.protocol import TOPIC_PREFIX, Channel, validate_device_id
 
-from ._auth import check_device_username
+from ._auth import check_device_username, reserved_reason
 from ._errors import BrokerAuthError
 
 __all__ = ["MosquittoDynsecAuth"]
@@ -149,6 +149,11 @@ class MosquittoDynsecAuth:
         return f"MosquittoDynsecAuth({self._username}@{self._host}:{self._port})"
 
     # -- BrokerAuth -------------------------------------------------------------------------------------------
+
+    def reserved(self, device_id: str) -> str | None:
+        if device_id in (self._username, self._service_username):
+            return f"device id '{device_id}' is reserved: it is the broker's admin/service account"
+        return reserved_reason(device_id)
 
     def ensure_device(self, device_id: str, password: str) -> None:
         validate_device_id(device_id)

@@ -13,7 +13,7 @@ from sqlmodel import Session, col, select
 
 from agent import protocol as wire
 from controlplane._errors import Conflict, InvalidInput, NotFound
-from controlplane.broker import RESERVED_PREFIX, BrokerAuth, hash_password, is_reserved
+from controlplane.broker import BrokerAuth, hash_password
 from controlplane.db import CommandRecord, Device, DeviceTag, TelemetryRecord, as_utc, utcnow
 from controlplane.devices.publisher import CommandPublisher
 from controlplane.devices.schemas import (
@@ -55,11 +55,9 @@ class DeviceService:
 
     # -- registry --------------------------------------------------------------------------------------------
     def enroll(self, data: DeviceCreate) -> DeviceEnrolled:
-        if is_reserved(data.device_id):
-            raise InvalidInput(
-                f"device id '{data.device_id}': names starting with '{RESERVED_PREFIX}' are reserved for the "
-                "control plane's own broker accounts and client ids"
-            )
+        reserved = self.broker_auth.reserved(data.device_id)
+        if reserved is not None:  # it could pass for the control plane on the broker
+            raise InvalidInput(reserved)
         _check_profile(data.profile)
         password = secrets.token_urlsafe(24)
         tags = sorted(set(data.tags))

@@ -614,6 +614,10 @@ class TestMosquittoDynsec:
 
     def test_refuses_to_touch_the_admin_account(self, dynsec_mosquitto: MosquittoInstance) -> None:
         with MosquittoDynsecAuth.from_url(dynsec_mosquitto.url, timeout=5.0) as auth:
+            assert "admin/service account" in (auth.reserved(dynsec_mosquitto.admin_username) or "")
+            assert auth.reserved("edgefleet-ingest-x-0") is not None and auth.reserved("dev-a") is None
+            with pytest.raises(BrokerAuthError, match="reserved"):
+                auth.ensure_device("edgefleet-ingest-x-0", "pw")
             with pytest.raises(BrokerAuthError, match="admin/service account"):
                 auth.ensure_device(dynsec_mosquitto.admin_username, "pw")
             with pytest.raises(BrokerAuthError, match="admin/service account"):
@@ -697,6 +701,12 @@ class TestEmbeddedBroker:
     def test_service_account_cannot_be_removed_as_a_device(
         self, embedded_broker: EmbeddedBrokerInstance
     ) -> None:
+        assert "service account" in (embedded_broker.auth.reserved(embedded_broker.service_username) or "")
+        assert embedded_broker.auth.reserved("EdgeFleet-x") is not None
+        assert embedded_broker.auth.reserved("dev-a") is None
+        assert NoBrokerAuth().reserved("edgefleet-x") is not None and NoBrokerAuth().reserved("dev-a") is None
+        with pytest.raises(BrokerAuthError, match="reserved"):
+            embedded_broker.auth.ensure_device("edgefleet-ingest-x-0", "pw")
         with pytest.raises(BrokerAuthError, match="service account"):
             embedded_broker.auth.remove_device(embedded_broker.service_username)
         with pytest.raises(BrokerAuthError, match="service account"):
