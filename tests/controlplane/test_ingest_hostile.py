@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -235,3 +236,41 @@ def test_records_the_database_refuses_are_isolated(database_url: str) -> None:
         assert session.get(CommandRecord, "cmd-honest").status == "ok"  # type: ignore[union-attr]
         assert session.get(CommandRecord, "cmd-hostile").status == "pending"  # type: ignore[union-attr]
     engine.dispose()
+
+
+def test_poison_waiting_in_the_session_does_not_kill_the_restarted_worker(
+    private_mosquitto: Any, database_url: str, tmp_path: Path
+) -> None:
+    """The crash loop of the report: a poison message the broker holds for the ingest session (here: sent while
+    the control plane was down) reaches the worker as soon as it reconnects. It is a dead letter; the worker lives
+    and stores what the honest device sent around it."""
+    # Prepare: a control plane that subscribed once (persistent session) and stopped
+    settings = fleet_settings(private_mosquitto.url, tmp_path / "cp", database_url)
+    fleet = Fleet(settings).start()
+    honest, hostile = enroll(fleet), enroll(fleet)
+    fleet.stop()
+    address = parse_broker_url(private_mosquitto.url)
+    client = make_client(address, f"test-{uuid.uuid4().hex[:6]}", protocol=MqttProtocol.V5)
+    client.connect(address.host, address.port)
+    client.loop_start()
+    poison = telemetry(hostile, 1).replace(b'"seq":1', b'"seq":9223372036854775808')
+    try:
+        publish(client, wire.topic(honest, wire.Channel.TELEMETRY), telemetry(honest, 1))
+        publish(client, wire.topic(hostile, wire.Channel.TELEMETRY), poison)
+        publish(client, wire.topic(honest, wire.Channel.TELEMETRY), telemetry(honest, 2))
+        # Execute: the control plane comes back on the same session
+        restarted = Fleet(settings).start()
+        try:
+            wait_for(lambda: read_stats(restarted.engine)["received"] >= 3, timeout=15, what="the held messages")
+            publish(client, wire.topic(honest, wire.Channel.TELEMETRY), telemetry(honest, 3))
+            wait_for(lambda: read_stats(restarted.engine)["stored"] >= 3, timeout=15, what="a new record stored")
+            # Assert
+            stats = read_stats(restarted.engine)
+            assert stats["dead_letters"] == {"invalid": 1}
+            assert [r.seq for r in restarted.devices.telemetry(honest, since=None, until=None, limit=10)] == [1, 2, 3]
+            assert all(w.alive and w.restarts == 0 for w in restarted.workers)
+        finally:
+            restarted.stop()
+    finally:
+        client.disconnect()
+        client.loop_stop()
