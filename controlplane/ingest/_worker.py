@@ -588,7 +588,7 @@ class IngestWorker:
                 self._flush(client)
 
     def _flush(self, client: mqtt.Client) -> None:
-        batch = self._pending
+        batch, self._pending = self._pending, []
         delay = 0.5
         while True:
             try:
@@ -603,11 +603,9 @@ class IngestWorker:
                 self._set_state("db_unavailable")
                 self._log.error("ingest.db_error", error=_first_line(exc), retry_in_s=delay)
                 if self._stop.wait(delay):
-                    self._pending = []
                     return  # unacked: the broker delivers them again to the persistent session
                 delay = min(delay * 2, 10.0)
                 client.loop(timeout=0)  # keep the connection alive (PINGREQ) while the database is away
-        self._pending = []
         self.processed += len(batch)
         if self._state in ("db_unavailable", "restarting"):
             self._set_state("running" if self._connected else "reconnecting")
