@@ -218,6 +218,8 @@ class OutboxStats(msgspec.Struct, kw_only=True):
     pending: Count
     pending_bytes: Count
     dropped_total: Count
+    # Messages the agent refused to queue because they broke this contract (`Outbox.rejected`).
+    rejected_total: Count = 0
 
 
 class Telemetry(_Message, kw_only=True):
