@@ -221,6 +221,14 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:500]
 
 
+_UPDATE_LATEST = (
+    update(_DEVICE)
+    .where(_DEVICE.c.device_id == bindparam("b_id"))
+    .where((_DEVICE.c.last_seq.is_(None)) | (_DEVICE.c.last_seq < bindparam("b_seq")))
+    .values(last_seen=bindparam("b_now"), last_seq=bindparam("b_seq"), last_telemetry=bindparam("b_payload"))
+)
+
+
 def _store(engine: Engine, known: _KnownDevices, parsed: _Parsed, *, isolate: bool) -> Counter[str]:
     counts = Counter(parsed.counts)
     now = utcnow()
@@ -303,14 +311,6 @@ def _store(engine: Engine, known: _KnownDevices, parsed: _Parsed, *, isolate: bo
                 counts[DEAD_LETTER_PREFIX + "unknown_command"] += 1
         add_counts(conn, counts)
     return counts
-
-
-_UPDATE_LATEST = (
-    update(_DEVICE)
-    .where(_DEVICE.c.device_id == bindparam("b_id"))
-    .where((_DEVICE.c.last_seq.is_(None)) | (_DEVICE.c.last_seq < bindparam("b_seq")))
-    .values(last_seen=bindparam("b_now"), last_seq=bindparam("b_seq"), last_telemetry=bindparam("b_payload"))
-)
 
 
 def _insert_one(conn: Any, row: tuple[str, int, float, Any, str]) -> bool:
