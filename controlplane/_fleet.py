@@ -91,7 +91,8 @@ class Fleet:
                 for index in range(self.settings.ingest_workers):
                     worker = IngestWorker(
                         self.engine, self.broker,
-                        name=f"edgefleet-ingest-{self.settings.instance_name}-{secret}-{index}",
+                        name=f"edgefleet-ingest-{self.settings.instance_name}-{index}",
+                        client_id=f"edgefleet-ingest-{self.settings.instance_name}-{secret}-{index}",
                         shared=shared and self.embedded is None, group=self.settings.ingest_group, protocol=protocol,
                         session_expiry_s=self.settings.ingest_session_expiry_s,
                         batch_max=self.settings.ingest_batch_max, batch_wait_s=self.settings.ingest_batch_wait_s,

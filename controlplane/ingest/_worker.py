@@ -367,6 +367,7 @@ class IngestWorker:
         broker: BrokerAddress,
         *,
         name: str | None = None,
+        client_id: str | None = None,
         shared: bool = True,
         group: str = SHARE_GROUP,
         session_expiry_s: int = 3600,
@@ -377,6 +378,9 @@ class IngestWorker:
         self.engine = engine
         self.broker = broker
         self.name = name or f"edgefleet-ingest-{uuid.uuid4().hex[:8]}"
+        # The MQTT client id; it may carry a secret (so no device can take over ingest's session): never shown in
+        # health, stats or logs, which use `name`.
+        self.client_id = client_id or self.name
         self.shared = shared
         self.group = group
         self.session_expiry_s = session_expiry_s
@@ -458,7 +462,7 @@ class IngestWorker:
 
     def start(self, timeout_s: float = 15.0) -> None:
         client = make_client(
-            self.broker, self.name, protocol=self.protocol, manual_ack=True, max_inflight=self.batch_max,
+            self.broker, self.client_id, protocol=self.protocol, manual_ack=True, max_inflight=self.batch_max,
             persistent=True,
         )
         client.on_connect = self._on_connect

@@ -103,7 +103,7 @@ def test_a_device_cannot_take_the_ingest_client_id(fleet: Fleet) -> None:
     # Prepare: mallory knows ingest's client id (the worst case; it is unguessable anyway)
     mallory = fleet.devices.enroll(DeviceCreate(device_id="mallory", profile="raspberry-pi-5"))
     honest = fleet.devices.enroll(DeviceCreate(device_id="honest", profile="raspberry-pi-5"))
-    intruder = Client(mallory, fleet.workers[0].name)
+    intruder = Client(mallory, fleet.workers[0].client_id)
     device = Client(honest, "honest")
     try:
         # Execute: a short clean-session connection with ingest's client id
@@ -123,6 +123,8 @@ def test_a_device_cannot_take_the_ingest_client_id(fleet: Fleet) -> None:
 
 def test_the_control_planes_client_ids_are_unguessable_and_stable(tmp_path: Path, mosquitto_url: str) -> None:
     # Prepare
+    shown: list[str] = []  # what health and stats show of the workers
+
     def names(data_dir: Path) -> list[str]:
         settings = Settings(data_dir=data_dir, broker_url=mosquitto_url, broker_auth=BrokerAuthMode.NONE,
                             instance_name="cp-host", ingest_workers=2, ingest_group=f"t-{uuid.uuid4().hex[:8]}",
@@ -130,7 +132,8 @@ def test_the_control_planes_client_ids_are_unguessable_and_stable(tmp_path: Path
         fleet = Fleet(settings).start()
         try:
             assert fleet.publisher is not None
-            return [w.name for w in fleet.workers] + [fleet.publisher.client_id]
+            shown.extend(f"{w.status()} {w.health(grace_s=0)}" for w in fleet.workers)
+            return [w.client_id for w in fleet.workers] + [fleet.publisher.client_id]
         finally:
             fleet.stop()
 
@@ -141,6 +144,7 @@ def test_the_control_planes_client_ids_are_unguessable_and_stable(tmp_path: Path
     assert first[:2] == [f"edgefleet-ingest-cp-host-{secret}-0", f"edgefleet-ingest-cp-host-{secret}-1"]
     assert again[:2] == first[:2], "ingest's client ids changed across a restart: its persistent sessions are lost"
     assert elsewhere[:2] != first[:2]
+    assert shown and not any(secret in text for text in shown), "the client-id secret is shown in health/stats"
     assert stat.S_IMODE(os.stat(tmp_path / "a" / "broker-client-id").st_mode) == 0o600
     publisher_ids = {first[2], again[2], elsewhere[2]}
     assert len(publisher_ids) == 3 and all(len(i) >= len("edgefleet-cp-") + 24 for i in publisher_ids)
@@ -201,7 +205,7 @@ def test_ingest_keeps_its_session_across_a_restart(dynsec_mosquitto: Any, tmp_pa
                         instance_name="cp-host")
     fleet = Fleet(settings).start()
     creds = fleet.devices.enroll(DeviceCreate(device_id="pi-1", profile="raspberry-pi-5"))
-    names = [w.name for w in fleet.workers]
+    names = [w.client_id for w in fleet.workers]
     fleet.stop()
     device = Client(creds, "pi-1")
     try:
@@ -213,7 +217,7 @@ def test_ingest_keeps_its_session_across_a_restart(dynsec_mosquitto: Any, tmp_pa
         fleet = Fleet(settings).start()
         try:
             # Assert: same client ids, so the broker kept what arrived meanwhile for ingest's session
-            assert [w.name for w in fleet.workers] == names
+            assert [w.client_id for w in fleet.workers] == names
             wait_for(lambda: stored(fleet, "pi-1") == 3, timeout=15, what="telemetry sent while the control plane was down")
         finally:
             fleet.stop()
