@@ -331,6 +331,7 @@ class Agent:
                 pending=self.outbox.pending,
                 pending_bytes=self.outbox.pending_bytes,
                 dropped_total=self.outbox.dropped,
+                rejected_total=self.outbox.rejected,
             ),
         )
         self.outbox.put(wire.topic(self.device_id, wire.Channel.TELEMETRY), wire.encode(message))
