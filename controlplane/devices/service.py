@@ -6,6 +6,7 @@ import json
 import secrets
 import time
 import uuid
+from typing import Any
 
 import structlog
 from sqlalchemy import Engine, delete, func
@@ -166,7 +167,7 @@ class DeviceService:
         with Session(self.engine) as session:
             self._device(session, device_id)
             session.add(CommandRecord(command_id=command_id, device_id=device_id, kind=data.kind,
-                                      args=data.args, created_at=utcnow()))
+                                      args=redact_secrets(data.args), created_at=utcnow()))
             session.commit()
         payload = wire.encode(wire.Command(command_id=command_id, kind=data.kind, args=data.args, ts=time.time()))
         self.publisher.publish(wire.topic(device_id, wire.Channel.CMD), payload)
@@ -213,3 +214,16 @@ class DeviceService:
         )
 
 
+# Argument names whose values are credentials: they travel to the device in the command, and are never stored
+# (viewers read stored commands).
+_SECRET_ARGS = ("bearer", "token", "password", "secret", "authorization", "credential")
+
+
+def redact_secrets(value: Any) -> Any:
+    """`value` with every credential-named key's value replaced by "[redacted]", at any depth."""
+    if isinstance(value, dict):
+        return {k: "[redacted]" if any(word in str(k).lower() for word in _SECRET_ARGS) else redact_secrets(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_secrets(v) for v in value]
+    return value

@@ -146,3 +146,34 @@ def test_agent_falls_back_to_mqtt_311_by_itself(fleet: Fleet, tmp_path: Path) ->
         wait_for(lambda: count(fleet, "pi-auto") >= 1, what="telemetry after falling back to 3.1.1")
     finally:
         stop(agent)
+
+
+def test_credentials_in_command_args_reach_the_device_but_are_never_stored(fleet: Fleet) -> None:
+    # Prepare: the device's own MQTT session, subscribed to its commands
+    creds = fleet.devices.enroll(DeviceCreate(device_id="pi-cmd", profile="raspberry-pi-5"))
+    address = parse_broker_url(creds.broker_url).with_credentials("pi-cmd", creds.mqtt_password)
+    protocol = MqttProtocol.V311 if address.protocol is MqttProtocol.V311 else MqttProtocol.V5
+    client = make_client(address, "pi-cmd", protocol=protocol)
+    received: list[bytes] = []
+    client.on_message = lambda _c, _u, msg: received.append(msg.payload)
+    client.on_connect = lambda c, *_: c.subscribe(wire.topic("pi-cmd", wire.Channel.CMD), qos=1)
+    client.connect(address.host, address.port)
+    client.loop_start()
+    try:
+        wait_for(lambda: fleet.devices.get("pi-cmd") is not None and client.is_connected(), what="device connected")
+        time.sleep(0.5)  # the subscription is in place
+        # Execute: an operator hands the device a download credential in the args
+        sent = fleet.devices.send_command("pi-cmd", CommandCreate(
+            kind="deploy_model", args={"manifest_url": "http://cp/x", "bearer": "s3cret-token",
+                                       "nested": {"api_token": "s3cret-2"}}, wait_s=0))
+        wait_for(lambda: received, what="the command at the device")
+        shown = fleet.devices.get_command("pi-cmd", sent.command_id)
+        with fleet.engine.connect() as conn:
+            stored = conn.exec_driver_sql("SELECT args FROM command").scalars().all()
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    # Assert
+    assert b"s3cret-token" in received[0] and b"s3cret-2" in received[0]
+    assert shown.args == {"manifest_url": "http://cp/x", "bearer": "[redacted]", "nested": {"api_token": "[redacted]"}}
+    assert not any("s3cret" in str(row) for row in stored)
