@@ -127,6 +127,9 @@ def controlplane_serve(
     embedded_broker_port: Annotated[int | None, typer.Option(help="Port of the embedded broker (1883).")] = None,
     ingest_workers: Annotated[int | None, typer.Option(help="Ingest workers in this process (1).")] = None,
     log_level: Annotated[str, typer.Option(envvar="EDGEFLEET_LOG_LEVEL")] = "info",
+    task: Annotated[list[str] | None, typer.Option(
+        "--task", help="Register a learning task, NAME=package.module:Class (repeatable; added to EDGEFLEET_TASKS). "
+                       "Requests select tasks by name only.")] = None,
 ) -> None:
     """Run the control plane (API, ingest, embedded broker unless --broker is given)."""
     try:
@@ -139,6 +142,7 @@ def controlplane_serve(
     from agent._logging import configure_logging
 
     configure_logging(log_level)
+    tasks = _register_tasks(task or [])
     if broker is not None and _url_has_password(broker):
         typer.secho("warning: --broker carries a password, which other users see in the process list; use "
                     "--broker-password-file or EDGEFLEET_BROKER_PASSWORD instead", err=True, fg=typer.colors.YELLOW)
@@ -160,11 +164,26 @@ def controlplane_serve(
         _fail(f"cannot start the control plane: {type(exc).__name__}: {str(exc).splitlines()[0]}", 1)
     try:
         typer.secho(f"control plane on http://{settings.host}:{settings.port}  broker {fleet.broker.url}  "
-                    f"API docs /schema", err=True, fg=typer.colors.GREEN)
+                    f"tasks {', '.join(tasks)}  API docs /schema", err=True, fg=typer.colors.GREEN)
         uvicorn.run(create_app(fleet=fleet, stop_fleet=True), host=settings.host, port=settings.port,
                     log_level="warning")
     finally:
         fleet.stop()
+
+
+def _register_tasks(extra: list[str]) -> list[str]:
+    """Add the --task entries to EDGEFLEET_TASKS, which this process and its children (the Flower ServerApp, burst
+    workers) resolve task names with, and load the whole registry now: a bad entry is one clear line at start."""
+    from federated.tasks import TASKS_ENV, TaskRegistry
+
+    if extra:
+        os.environ[TASKS_ENV] = ",".join(v for v in (os.environ.get(TASKS_ENV, ""), *extra) if v.strip())
+    names: list[str] = []
+    try:
+        names = TaskRegistry.from_env().names()
+    except ValueError as exc:
+        _fail(str(exc))
+    return names
 
 
 def _url_has_password(url: str) -> bool:
@@ -278,7 +297,7 @@ def _job_line(job: dict[str, Any]) -> str:
 @jobs_app.command("submit")
 def jobs_submit(
     kind: Annotated[JobKindOption, typer.Argument(help="finetune | distill | qat")],
-    task: Annotated[str, typer.Option(help="Task name or package.module:Class.")] = "digits",
+    task: Annotated[str, typer.Option(help="A task the control plane registers by name.")] = "digits",
     base_model: Annotated[str | None, typer.Option(help="Start from this model version.")] = None,
     gpus: Annotated[float, typer.Option(help="GPUs to ask for.")] = 0.0,
     tpus: Annotated[float, typer.Option(help="TPUs to ask for.")] = 0.0,
@@ -370,7 +389,7 @@ def _round_line(r: dict[str, Any]) -> str:
             + (f"  ({r['reason']})" if r.get("reason") else ""))
 
 
-TaskOpt = Annotated[str, typer.Option(help="Task name or package.module:Class.")]
+TaskOpt = Annotated[str, typer.Option(help="A task the control plane registers by name.")]
 StrategyOpt = Annotated[StrategyOption, typer.Option(help="Flower strategy.")]
 EligibilityOpt = Annotated[str | None, typer.Option(
     help='Eligibility rule as JSON, e.g. \'{"min_battery_percent": 30, "allow_metered": false}\'.')]

@@ -34,11 +34,17 @@ _ON_FIRE: Callable[[str, RoundCreate], None] | None = None
 
 
 def fire(schedule_id: str, round_json: str) -> None:
-    """The stored job: start a round for the schedule."""
+    """The stored job: start a round for the schedule (a stored round that no longer validates, e.g. one written
+    before the API's bounds, is logged with the reason and skipped)."""
     if _ON_FIRE is None:
         log.error("schedule.fired_without_controlplane", schedule_id=schedule_id)
         return
-    _ON_FIRE(schedule_id, msgspec.json.decode(round_json, type=RoundCreate))
+    try:
+        data = msgspec.json.decode(round_json, type=RoundCreate)
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        log.error("schedule.invalid_round", schedule_id=schedule_id, reason=str(exc))
+        return
+    _ON_FIRE(schedule_id, data)
 
 
 class RoundScheduler:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from litestar import Litestar
 from litestar.testing import TestClient
 from sqlmodel import Session, select
@@ -105,21 +106,29 @@ def test_a_stored_schedule_with_an_unknown_task_fails_its_run_with_the_reason(fl
     from controlplane.rounds.scheduler import fire
 
     stored = json.dumps({"task": CANARY, "min_clients": 1})
-    fleet.schedules._scheduler.add_job(fire, "date", run_date=datetime.now(UTC), args=["legacy", stored],
-                                       id="legacy")
+    out_of_bounds = json.dumps({"rounds": 10**6})
 
     # Execute
-    def failed_round() -> RoundRecord | None:
+    def round_of(schedule_id: str) -> RoundRecord | None:
         with Session(fleet.engine) as session:
-            return session.exec(select(RoundRecord).where(RoundRecord.schedule_id == "legacy")).first()
+            return session.exec(select(RoundRecord).where(RoundRecord.schedule_id == schedule_id)).first()
 
-    wait_for(failed_round, timeout=20, what="the schedule's round record")
+    with structlog.testing.capture_logs() as logs:
+        for schedule_id, round_json in (("legacy", stored), ("unbounded", out_of_bounds)):
+            fleet.schedules._scheduler.add_job(fire, "date", run_date=datetime.now(UTC), id=schedule_id,
+                                               args=[schedule_id, round_json])
+        wait_for(lambda: round_of("legacy"), timeout=20, what="the schedule's round record")
+        wait_for(lambda: any(e["event"] == "schedule.invalid_round" for e in logs), timeout=20,
+                 what="the invalid stored round logged")
 
     # Assert
-    record = failed_round()
+    record = round_of("legacy")
     assert record is not None and record.status == "failed" and record.finished_at is not None
     assert record.reason is not None and record.reason.startswith(f"unknown task '{CANARY}': known tasks are digits")
     assert not canary.exists()
+    assert round_of("unbounded") is None
+    (invalid,) = [e for e in logs if e["event"] == "schedule.invalid_round"]
+    assert invalid["schedule_id"] == "unbounded" and "Expected `int` <= 1000 - at `$.rounds`" in invalid["reason"]
 
 
 # ------------------------------------------------------------------------------------ finding 7: bounds, 5xx
@@ -322,7 +331,9 @@ def test_client_errors_are_one_log_line_without_a_traceback(tmp_path: Path) -> N
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log_file:
         server = subprocess.Popen([*cli, "controlplane", "serve", "--port", str(port), "--data-dir", str(data_dir),
-                                   "--embedded-broker-port", str(broker_port)], stdout=log_file, stderr=log_file)
+                                   "--embedded-broker-port", str(broker_port),
+                                   "--task", "tiny=tests.federated.test_tasks:TinyTask"],
+                                  stdout=log_file, stderr=log_file)
     try:
         wait_for(lambda: port_open("127.0.0.1", port), timeout=60, what="control plane up")
         import httpx
@@ -341,6 +352,7 @@ def test_client_errors_are_one_log_line_without_a_traceback(tmp_path: Path) -> N
 
         # Execute
         statuses = [httpx.request(method, base + path, timeout=30, **kw).status_code for method, path, kw in requests]
+        registered = httpx.post(base + "/rounds", json={"task": "tiny", "min_clients": 1}, headers=auth, timeout=30)
         time.sleep(0.5)
     finally:
         server.terminate()
@@ -348,9 +360,87 @@ def test_client_errors_are_one_log_line_without_a_traceback(tmp_path: Path) -> N
 
     # Assert
     assert statuses == [401, 401, 404, 400, 400, 400, 400]
+    assert registered.status_code == 201, registered.text  # the --task allow-list
+    assert "tasks digits, tiny" in log_path.read_text()
     lines = log_path.read_text().splitlines()[before:]
     errors = [json.loads(line) for line in lines if '"api.client_error"' in line]
     assert "Traceback" not in "\n".join(lines), "\n".join(lines)
     assert [e["status"] for e in errors] == statuses
     assert all(e["level"] == "info" and "exception" not in e for e in errors)
     assert errors[0]["method"] == "GET" and errors[0]["path"] == "/api/v1/devices" and "token" in errors[0]["detail"]
+
+
+def test_serve_refuses_a_malformed_task_allow_list(tmp_path: Path) -> None:
+    # Execute
+    result = subprocess.run([sys.executable, "-m", "controlplane._entry", "controlplane", "serve", "--data-dir",
+                             str(tmp_path), "--port", str(free_port()), "--task", "vibration=os.path"],
+                            capture_output=True, text=True, timeout=60, check=False)
+
+    # Assert: one clear line before anything starts
+    assert result.returncode == 2
+    assert "error: EDGEFLEET_TASKS: 'vibration=os.path': the target must be 'package.module:Class'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_server_fault_is_a_500_logged_with_its_traceback_once() -> None:
+    # Prepare: a handler that fails as a bug would, in an app with the control plane's error mapping
+    from litestar import get
+
+    from controlplane._http import exception_handlers, limit_json_nesting
+
+    @get("/boom", sync_to_thread=False)
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    app = Litestar([boom], exception_handlers=exception_handlers(),  # type: ignore[arg-type]
+                   before_request=limit_json_nesting, logging_config=None)
+
+    # Execute
+    with structlog.testing.capture_logs() as logs, TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/boom")
+        missing = client.get("/nowhere")
+
+    # Assert
+    assert response.status_code == 500 and response.json() == {"status_code": 500, "detail": "Internal Server Error"}
+    assert missing.status_code == 404
+    fault, not_found = logs
+    assert fault["event"] == "api.server_error" and fault["log_level"] == "error" and fault["status"] == 500
+    assert isinstance(fault["exc_info"], RuntimeError) and str(fault["exc_info"]) == "a bug"
+    assert not_found["event"] == "api.client_error" and not_found["log_level"] == "info" and "exc_info" not in not_found
+
+
+# ------------------------------------------------------------------------------------- finding 7: every endpoint
+
+# Valid input to these does real work that outlasts the run: a burst job trains (and may start a Ray head), a
+# command waits up to `wait_s` for the device's ack. They get invalid input only.
+_POSITIVE_EXCLUDED = ("ApiV1JobsSubmit", "ApiV1DevicesDeviceIdCommandsSendCommand")
+
+
+@pytest.mark.slow
+def test_no_endpoint_answers_5xx_to_generated_input(fleet: Fleet, admin: dict[str, str], tmp_path: Path) -> None:
+    # Prepare: the served API (uvicorn over real HTTP) and its OpenAPI schema; schemathesis generates requests
+    # from the schema (boundary values first, then fuzzed, valid and invalid) with an admin token
+    pytest.importorskip("schemathesis")
+    from controlplane.demo import _Server
+
+    port = free_port()
+    base = [sys.executable, "-m", "schemathesis.cli", "run", f"http://127.0.0.1:{port}/schema/openapi.json",
+            "--header", f"Authorization:{admin['Authorization']}", "--checks", "not_a_server_error",
+            "--phases", "coverage,fuzzing", "--seed", "1", "--workers", "1", "--no-color",
+            "--generation-database", "none", "--request-timeout", "30"]
+    runs = {
+        "all": [*base, "--mode", "all", "--max-examples", "15",
+                *(a for op in _POSITIVE_EXCLUDED for a in ("--exclude-operation-id", op))],
+        "negative": [*base, "--mode", "negative", "--max-examples", "15",
+                     *(a for op in _POSITIVE_EXCLUDED for a in ("--include-operation-id", op))],
+    }
+
+    # Execute
+    with _Server(create_app(fleet=fleet), port):
+        results = {name: subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                                        check=False) for name, command in runs.items()}
+
+    # Assert
+    for name, result in results.items():
+        assert result.returncode == 0, f"{name}:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
+        assert " passed" in result.stdout and "failed" not in result.stdout.split("SUMMARY")[-1], result.stdout
