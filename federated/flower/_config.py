@@ -7,7 +7,8 @@ Run-config keys (defaults in ``federated/flower/app/pyproject.toml``, the single
 ``round-id``
     The control plane's id of the round, echoed in the results and in the devices' status files.
 ``task``
-    A task name for :func:`federated.tasks.get_task` (``"digits"`` or ``"package.module:Class"``).
+    A registered task name (:func:`federated.tasks.get_task`): the ServerApp resolves it with the SuperLink's
+    registry and each device's ClientApp with its agent's (``EDGEFLEET_TASKS``, entry points), never by import.
 ``strategy``
     ``fedavg`` | ``fedprox`` | ``fedadam`` (Flower's built-in ``FedAvg``, ``FedProx``, ``FedAdam``).
 ``num-rounds``, ``min-clients``
