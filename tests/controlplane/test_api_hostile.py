@@ -272,9 +272,10 @@ def test_deeply_nested_json_is_400(client: TestClient[Litestar], admin: dict[str
 
 
 def test_strings_that_look_like_nesting_are_not_counted(client: TestClient[Litestar], admin: dict[str, str]) -> None:
-    # Execute: brackets and escaped quotes inside JSON strings are not nesting
+    # Execute: brackets and escaped quotes inside JSON strings are not nesting (and a NUL in a JSON argument is
+    # stored as JSON text, on PostgreSQL too)
     note = "[" * 5000 + '\\"{' * 100 + "\\" + "{" * 100
-    body = json.dumps({"kind": "ping", "wait_s": 0, "args": {"note": note, "[[[[": ["{{{{"]}})
+    body = json.dumps({"kind": "ping", "wait_s": 0, "args": {"note": note, "[[[[": ["{{{{"], "nul": "a\u0000b"}})
     client.post("/api/v1/devices", json={"device_id": "pi-1", "profile": "raspberry-pi-5"}, headers=admin)
     response = client.post("/api/v1/devices/pi-1/commands", content=body,
                            headers={**admin, "Content-Type": "application/json"})
