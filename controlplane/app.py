@@ -14,14 +14,13 @@ from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
-from sqlalchemy.exc import OperationalError
 
 from agent import __version__
-from controlplane._errors import ControlPlaneError
+from controlplane._bounds import MAX_BODY_BYTES
 from controlplane._fleet import Fleet
+from controlplane._http import exception_handlers, limit_json_nesting
 from controlplane.auth import Role
 from controlplane.auth._guards import BearerTokenMiddleware, requires
-from controlplane.broker import BrokerAuthError
 from controlplane.deployments import DeploymentController, DeploymentService
 from controlplane.devices import DeviceController, DeviceService
 from controlplane.ingest import read_stats
@@ -67,22 +66,6 @@ def signing_key(request: Request[Any, Any, Any]) -> dict[str, str]:
     """The ed25519 public key devices verify model manifests with (`edgefleet agent run --signing-key`)."""
     signer = request.app.state.fleet.signer
     return {"public_key": signer.public_key_b64, "key_id": signer.key_id, "algorithm": "ed25519"}
-
-
-def _error(status: int, detail: str) -> Response[dict[str, Any]]:
-    return Response({"status_code": status, "detail": detail}, status_code=status)
-
-
-def _control_plane_error(_: Request[Any, Any, Any], exc: ControlPlaneError) -> Response[dict[str, Any]]:
-    return _error(exc.status_code, str(exc))
-
-
-def _broker_auth_error(_: Request[Any, Any, Any], exc: BrokerAuthError) -> Response[dict[str, Any]]:
-    return _error(503, f"broker: {exc}")
-
-
-def _database_error(_: Request[Any, Any, Any], exc: OperationalError) -> Response[dict[str, Any]]:
-    return _error(503, f"database unavailable: {str(exc.orig).splitlines()[0] if exc.orig else exc}")
 
 
 def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, stop_fleet: bool = False) -> Litestar:
@@ -136,22 +119,23 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
     return Litestar(
         route_handlers=[healthz, ingest_stats, signing_key, DeviceController, ModelController, DownloadController,
                         DeploymentController, RoundController, ScheduleController, JobController],
+        # Named *_service / *_scheduler so that no dependency shadows a body, query or path field (a request
+        # field named like a dependency turns its validation errors into 500s).
         dependencies={
-            "devices": Provide(provide_devices, sync_to_thread=False),
-            "models": Provide(provide_models, sync_to_thread=False),
-            "deployments": Provide(provide_deployments, sync_to_thread=False),
-            "rounds": Provide(provide_rounds, sync_to_thread=False),
-            "jobs": Provide(provide_jobs, sync_to_thread=False),
-            "schedules": Provide(provide_schedules, sync_to_thread=False),
+            "device_service": Provide(provide_devices, sync_to_thread=False),
+            "model_service": Provide(provide_models, sync_to_thread=False),
+            "deployment_service": Provide(provide_deployments, sync_to_thread=False),
+            "round_service": Provide(provide_rounds, sync_to_thread=False),
+            "job_service": Provide(provide_jobs, sync_to_thread=False),
+            "round_scheduler": Provide(provide_schedules, sync_to_thread=False),
         },
         middleware=[auth],
         lifespan=[lifespan],
         openapi_config=openapi,
-        # structlog is configured by the entry point; Litestar only logs unhandled exceptions.
-        logging_config=LoggingConfig(configure_root_logger=False, log_exceptions="always"),
-        exception_handlers={
-            ControlPlaneError: _control_plane_error,
-            BrokerAuthError: _broker_auth_error,
-            OperationalError: _database_error,
-        },
+        # structlog is configured by the entry point; errors are answered and logged by controlplane._http only
+        # (a client error as one line, a server fault with its traceback), so Litestar logs none itself.
+        logging_config=LoggingConfig(configure_root_logger=False, log_exceptions="never"),
+        exception_handlers=exception_handlers(),  # type: ignore[arg-type]
+        request_max_body_size=MAX_BODY_BYTES,
+        before_request=limit_json_nesting,
     )
