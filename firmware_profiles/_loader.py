@@ -116,7 +116,7 @@ def get_profile(name: str, directory: Path | None = None) -> Profile:
     directory = directory or profile_dir()
     path = directory / f"{name}.toml"
     # A name is a file stem, never a path: "../x" or "a/b" must not reach outside the directory.
-    if not name or Path(name).name != name or not path.is_file():
+    if not name or len(name) > 128 or Path(name).name != name or not path.is_file():
         known = ", ".join(sorted(p.stem for p in directory.glob("*.toml"))) or "none"
         raise ProfileNotFound(f"unknown profile '{name}' (known: {known})", path=path)
     return load_profile(path)

@@ -272,7 +272,7 @@ class RayBackend:
                     entrypoint_num_gpus=resources.get("gpus", 0.0),
                     entrypoint_memory=int(resources.get("memory_gb", 1.0) * 2**30),
                     entrypoint_resources=extra,
-                    runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
+                    runtime_env={"env_vars": _worker_env()},
                 ))
             except RuntimeError as exc:
                 # A head that has just started (or restarted) answers before its job agent has registered.
@@ -353,3 +353,14 @@ class _LogTail:
         except Exception as exc:  # noqa: BLE001 - a broken stream only costs the optimisation
             log.info("ray.log_tail_broke", job=self._id, error=str(exc))
             self.failed = True
+
+
+def _worker_env() -> dict[str, str]:
+    """What a Ray worker needs from this process's environment: the task allow-list, so that a remote cluster
+    resolves the same registered tasks (a local head inherits it anyway)."""
+    from federated.tasks import TASKS_ENV
+
+    env = {"PYTHONUNBUFFERED": "1"}
+    if os.environ.get(TASKS_ENV):
+        env[TASKS_ENV] = os.environ[TASKS_ENV]
+    return env

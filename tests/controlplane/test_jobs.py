@@ -284,3 +284,14 @@ def _http_ok(url: str) -> bool:
     except httpx.HTTPError:
         return False
 
+
+
+def test_ray_workers_get_the_task_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A remote Ray cluster does not inherit the control plane's environment: the job's runtime_env carries it.
+    from controlplane.jobs.backends import _worker_env
+
+    monkeypatch.setenv("EDGEFLEET_TASKS", "vib=mypkg.vibration:VibrationTask")
+    with_list = _worker_env()
+    monkeypatch.delenv("EDGEFLEET_TASKS")
+    assert with_list["EDGEFLEET_TASKS"] == "vib=mypkg.vibration:VibrationTask"
+    assert "EDGEFLEET_TASKS" not in _worker_env()

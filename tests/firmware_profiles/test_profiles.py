@@ -374,7 +374,7 @@ def test_get_profile_by_name() -> None:
     assert profile.hardware.cpu_cores == 4
 
 
-@pytest.mark.parametrize("name", ["no-such-device", "", "../data/raspberry-pi-4", "data/raspberry-pi-4"])
+@pytest.mark.parametrize("name", ["no-such-device", "", "../data/raspberry-pi-4", "data/raspberry-pi-4", "x" * 300])
 def test_get_profile_unknown_name_lists_known_names(name: str) -> None:
     # Prepare / Execute
     with pytest.raises(ProfileNotFound) as caught:
