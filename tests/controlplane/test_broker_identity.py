@@ -8,7 +8,6 @@ import os
 import stat
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +23,13 @@ from controlplane.auth import Role, create_token
 from controlplane.broker import client_id_secret
 from controlplane.devices.schemas import CommandCreate, DeviceCreate, DeviceEnrolled
 from controlplane.settings import BrokerAuthMode, Settings
-from tests._services import free_port, wait_for
+from tests._services import wait_for
+from tests.controlplane.test_fleet_e2e import fx_fleet  # noqa: F401 - on both brokers
 from tests.controlplane.test_ingest import telemetry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(name="fleet", params=["embedded", "mosquitto-dynsec"])
-def fx_fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
-    if request.param == "embedded":
-        settings = Settings(data_dir=tmp_path / "cp", embedded_broker_port=free_port())
-    else:
-        mosquitto = request.getfixturevalue("dynsec_mosquitto")
-        settings = Settings(data_dir=tmp_path / "cp", broker_url=mosquitto.url, broker_auth=BrokerAuthMode.DYNSEC,
-                            instance_name=uuid.uuid4().hex[:8])
-    fleet = Fleet(settings).start()
-    yield fleet
-    fleet.stop()
 
 
 class Client:

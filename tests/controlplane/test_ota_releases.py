@@ -5,10 +5,7 @@ one deployment and variant, expire with it and are never shown to viewers."""
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
-import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +17,6 @@ from sqlmodel import Session, select
 
 from agent import protocol as wire
 from agent._manifest import decode_signed_release, verify_release
-from agent._mqtt import MqttProtocol, make_client, parse_broker_url
 from agent._runtime import starter_model_path
 from controlplane._fleet import Fleet
 from controlplane.app import create_app
@@ -29,35 +25,20 @@ from controlplane.db import CommandRecord, DeploymentTargetRecord, create_db_eng
 from controlplane.deployments.schemas import DeploymentCreate, Targets
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.models.service import ModelService
-from tests._services import fleet_settings, wait_for
-from tests.controlplane.test_models_deployments import register_starter
+from tests._services import wait_for
+from tests.controlplane.test_models_deployments import FakeDevice, register_starter
+from tests.controlplane.test_round_burst import fx_fleet  # noqa: F401 - on the database_url's two databases
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(name="fleet")
-def fx_fleet(mosquitto_url: str, database_url: str, tmp_path: Path) -> Iterator[Fleet]:
-    fleet = Fleet(fleet_settings(mosquitto_url, tmp_path / "cp", database_url)).start()
-    yield fleet
-    fleet.stop()
-
-
-class Device:
+class Device(FakeDevice):
     """A device on the real broker that keeps the deploy_model commands it gets and acks only when told."""
 
     def __init__(self, broker_url: str, device_id: str) -> None:
-        address = parse_broker_url(broker_url)
-        self.device_id = device_id
         self.commands: list[wire.Command] = []
         self.acked = 0
-        self.client = make_client(address, f"dev-{device_id}-{uuid.uuid4().hex[:4]}", protocol=MqttProtocol.V5)
-        self.client.on_message = self._on_message
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.connect(address.host, address.port)
-        self.client.subscribe(wire.topic(device_id, wire.Channel.CMD), qos=1)
-        self.client.loop_start()
-        assert subscribed.wait(5)
+        super().__init__(broker_url, device_id, ok=True)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         self.commands.append(wire.decode(msg.payload, wire.Command))
@@ -68,10 +49,6 @@ class Device:
         for command in fresh:
             ack = wire.Ack(device_id=self.device_id, command_id=command.command_id, ok=ok, reason=reason)
             self.client.publish(wire.topic(self.device_id, wire.Channel.ACK), wire.encode(ack), qos=1)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def bearer(token: str) -> dict[str, str]:
