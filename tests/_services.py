@@ -63,6 +63,17 @@ def fleet_settings(broker_url: str, data_dir: Path, database_url: str | None = N
                     instance_name=uuid.uuid4().hex[:8], ingest_session_expiry_s=30, **overrides)
 
 
+@pytest.fixture(name="fleet")
+def fx_fleet(mosquitto_url: str, database_url: str, tmp_path: Path) -> Iterator[Any]:
+    """A started control plane on the machine's mosquitto and each of the two databases (import it where a test
+    module wants this one)."""
+    from controlplane._fleet import Fleet
+
+    fleet = Fleet(fleet_settings(mosquitto_url, tmp_path / "cp", database_url)).start()
+    yield fleet
+    fleet.stop()
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
     """Poll until `predicate()` is true; fail the test naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from litestar.testing import TestClient
@@ -12,17 +11,9 @@ from litestar.testing import TestClient
 from controlplane._fleet import Fleet
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
-from tests._services import fleet_settings
+from tests._services import fleet_settings, fx_fleet  # noqa: F401 - fx_fleet
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(name="fleet")
-def fx_fleet(mosquitto_url: str, database_url: str, tmp_path: Path) -> Iterator[Fleet]:
-    settings = fleet_settings(mosquitto_url, tmp_path / "cp", database_url)
-    fleet = Fleet(settings).start()
-    yield fleet
-    fleet.stop()
 
 
 @pytest.fixture(name="client")

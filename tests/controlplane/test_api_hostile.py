@@ -25,20 +25,13 @@ from controlplane._fleet import Fleet
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.db import RoundRecord
-from tests._services import fleet_settings, free_port, port_open, wait_for
+from tests._services import fleet_settings, free_port, fx_fleet, port_open, wait_for  # noqa: F401 - fx_fleet
 
 pytestmark = pytest.mark.integration
 
 ROW_ID_MAX = 2**31 - 1  # rounds, jobs and deployments have PostgreSQL integer ids
 # tests/federated/_canary.py: importing it or calling touch() writes to $EDGEFLEET_TEST_CANARY (a harmless os:abort)
 CANARY, CANARY_ENV = "tests.federated._canary:touch", "EDGEFLEET_TEST_CANARY"
-
-
-@pytest.fixture(name="fleet")
-def fx_fleet(mosquitto_url: str, database_url: str, tmp_path: Path) -> Iterator[Fleet]:
-    fleet = Fleet(fleet_settings(mosquitto_url, tmp_path / "cp", database_url)).start()
-    yield fleet
-    fleet.stop()
 
 
 @pytest.fixture(name="client")

@@ -14,7 +14,7 @@ from agent._mqtt import MqttProtocol, make_client, parse_broker_url
 from controlplane._fleet import Fleet
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.ingest import read_stats
-from tests._services import fleet_settings, wait_for
+from tests._services import fleet_settings, fx_fleet, wait_for  # noqa: F401 - fx_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -28,16 +28,6 @@ def telemetry(device_id: str, seq: int) -> bytes:
     ))
 
 
-
-
-@pytest.fixture(name="fleet")
-def fx_fleet(mosquitto_url: str, database_url: str, tmp_path) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
-    settings = fleet_settings(mosquitto_url, tmp_path / "cp", database_url)
-    # A unique share group and client ids per test keep tests apart on the shared broker.
-    fleet = Fleet(settings)
-    fleet.start()
-    yield fleet
-    fleet.stop()
 
 
 @pytest.fixture(name="publisher")

@@ -20,18 +20,10 @@ from agent._mqtt import MqttProtocol, make_client, parse_broker_url
 from controlplane._fleet import Fleet
 from controlplane.devices.schemas import CommandCreate, DeviceCreate
 from controlplane.ingest import read_stats
-from tests._services import fleet_settings, wait_for
+from tests._services import fleet_settings, fx_fleet, wait_for  # noqa: F401 - fx_fleet
+from tests.controlplane.test_ingest import telemetry
 
 pytestmark = pytest.mark.integration
-
-
-def telemetry(device_id: str, seq: int) -> bytes:
-    return wire.encode(wire.Telemetry(
-        device_id=device_id, seq=seq, ts=time.time(),
-        system=wire.SystemStats(cpu_percent=1.0, mem_used_mb=10.0, mem_total_mb=100.0, disk_used_percent=5.0),
-        power=wire.PowerStats(source="simulated", power_source="battery", battery_percent=80.0, charging=True),
-        network=wire.NetworkStats(source="simulated", metered=False),
-    ))
 
 
 def deep(depth: int) -> bytes:
@@ -56,13 +48,6 @@ HOSTILE: dict[str, tuple[wire.Channel, bytes]] = {
     "ack_huge_int_result": (wire.Channel.ACK, b'{"device_id":"{id}","command_id":"{cmd}","ok":true,'
                             b'"result":{"n":%d}}' % 2**200),
 }
-
-
-@pytest.fixture(name="fleet")
-def fx_fleet(mosquitto_url: str, database_url: str, tmp_path: Path) -> Iterator[Fleet]:
-    fleet = Fleet(fleet_settings(mosquitto_url, tmp_path / "cp", database_url)).start()
-    yield fleet
-    fleet.stop()
 
 
 @pytest.fixture(name="publisher")

@@ -25,9 +25,8 @@ from controlplane.db import CommandRecord, DeploymentTargetRecord, create_db_eng
 from controlplane.deployments.schemas import DeploymentCreate, Targets
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.models.service import ModelService
-from tests._services import wait_for
+from tests._services import fx_fleet, wait_for  # noqa: F401 - fx_fleet
 from tests.controlplane.test_models_deployments import FakeDevice, register_starter
-from tests.controlplane.test_round_burst import fx_fleet  # noqa: F401 - on the database_url's two databases
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,10 @@ from controlplane.auth import Role, create_token
 from controlplane.db import RoundRecord, utcnow
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.jobs.schemas import JobCreate, JobKind, Placement
-from tests._services import fleet_settings, wait_for
+from tests._services import fleet_settings, fx_fleet, wait_for  # noqa: F401 - fx_fleet
 from tests.controlplane.test_build_registry import fx_weights  # noqa: F401 - the trained weights fixture
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(name="fleet")
-def fx_fleet(mosquitto_url: str, database_url: str, tmp_path: Path) -> Iterator[Fleet]:
-    fleet = Fleet(fleet_settings(mosquitto_url, tmp_path / "cp", database_url)).start()
-    yield fleet
-    fleet.stop()
 
 
 def test_a_burst_step_that_cannot_run_is_refused_with_the_reason(fleet: Fleet) -> None:
