@@ -366,7 +366,7 @@ def run_ours(args: argparse.Namespace, publisher: Publisher, workdir: Path, repe
     run = Run(f"ours-{workers}" + ("-nodb" if no_db else ""), repeat, args.messages)
     run_id = uuid.uuid4().hex[:8]
     rundir = workdir / f"run-{run_id}"
-    rundir.mkdir()
+    rundir.mkdir(mode=0o700)  # a control-plane data dir (the Fleet would tighten it otherwise)
     broker = Mosquitto(workdir)
     fleet = None
     try:
@@ -464,7 +464,7 @@ def breakdown(args: argparse.Namespace, workdir: Path, batch_size: int) -> dict[
     ids = device_ids(run_id)
     n = max(args.messages // batch_size, 4) * batch_size
     rundir = workdir / f"breakdown-{run_id}"
-    rundir.mkdir()
+    rundir.mkdir(mode=0o700)  # a control-plane data dir (the Fleet would tighten it otherwise)
     broker = Mosquitto(workdir)  # Fleet.start() wants a broker; no messages go through it
     result: dict[str, float] = {}
     try:
