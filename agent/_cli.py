@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     """Parse `agent ...` arguments (without the leading `agent`) and run; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    if any(a == "--password" or a.startswith("--password=") for a in given) or _url_has_password(args.broker):
+        print("warning: the broker password is on the command line, where other users see it in the process "
+              "list; use EDGEFLEET_MQTT_PASSWORD instead", file=sys.stderr)
     for name in ("device_id", "profile"):
         if not getattr(args, name):
             parser.error(f"--{name.replace('_', '-')} is required (or EDGEFLEET_{name.upper()})")
@@ -104,3 +108,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _url_has_password(url: str | None) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        return bool(url and urlsplit(url).password)
+    except ValueError:
+        return False

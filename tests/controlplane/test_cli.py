@@ -77,6 +77,20 @@ def test_agent_refuses_an_export_only_profile(tmp_path: Path) -> None:
     assert "export target" in result.output
 
 
+@pytest.mark.parametrize(("extra", "warned"), [
+    (["--password", "pw"], True),
+    (["--broker", "mqtt://d1:pw@127.0.0.1:1"], True),
+    ([], False),  # the password from EDGEFLEET_MQTT_PASSWORD
+])
+def test_agent_warns_about_a_password_on_the_command_line(tmp_path: Path, extra: list[str], warned: bool,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEFLEET_MQTT_PASSWORD", "pw")
+    result = runner.invoke(app, ["agent", "run", "--device-id", "d1", "--profile", "esp32-s3",
+                                 "--data-dir", str(tmp_path), *extra])
+    assert result.exit_code == 2  # an export-only profile: the agent stops after the check
+    assert ("password is on the command line" in result.output) is warned
+
+
 def test_agent_rejects_a_bad_broker_url(tmp_path: Path) -> None:
     result = runner.invoke(app, ["agent", "run", "--device-id", "d1", "--profile", "raspberry-pi-5",
                                  "--broker", "http://x", "--data-dir", str(tmp_path)])
