@@ -1,39 +1,31 @@
-"""Helpers shared by the benchmarks: free ports and a private mosquitto (the system one is never touched)."""
+"""Helpers shared by the benchmarks: a private mosquitto (the system one is never touched) and the repository root.
+
+Ports and child processes come from ``tests/processes.py``, the one copy the tests use too. bench/ is a folder of
+scripts, not a package: the import-direction rules (tests/test_packaging.py) bind the shipped packages, which never
+import tests/ or bench/. That module is standard library only, so a benchmark does not pull in pytest.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import getpass
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# Below the sys.path line: run as `python bench/x.py`, the repository root is not importable before it.
+from tests import processes
+from tests.processes import free_port, port_open, stop_process, wait_for_port
+
 __all__ = ["ROOT", "Mosquitto", "free_port", "mosquitto_binary", "port_open"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    found = processes.mosquitto_binary()
     if found is None:
         sys.exit("mosquitto not found (apt-get install mosquitto)")
     return found
@@ -56,12 +48,9 @@ class Mosquitto:
         self.log = open(workdir / f"mosquitto-{self.port}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.config)], stdout=self.log,
                                      stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while not port_open(self.port):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"mosquitto did not start on {self.port}: see {self.log.name}")
-            time.sleep(0.02)
+        if not wait_for_port("127.0.0.1", self.port, 10.0, self.proc):
+            self.stop()
+            raise RuntimeError(f"mosquitto did not start on {self.port}: see {self.log.name}")
 
     @property
     def url(self) -> str:
@@ -76,11 +65,5 @@ class Mosquitto:
         return 0.0
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()

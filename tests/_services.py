@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import getpass
 import os
-import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -18,6 +16,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.processes import free_port, mosquitto_binary, port_open, stop_process, wait_for_port
+
+__all__ = [
+    "MOSQUITTO_HOST",
+    "MOSQUITTO_PORT",
+    "PG_HOST",
+    "PG_PORT",
+    "PrivateMosquitto",
+    "fleet_settings",
+    "free_port",
+    "fx_database_url",
+    "fx_fleet",
+    "fx_mosquitto_url",
+    "fx_pg_url",
+    "fx_private_mosquitto",
+    "in_ci",
+    "mosquitto_binary",
+    "port_open",
+    "service_missing",
+    "stop_process",
+    "wait_for",
+    "wait_for_port",
+]
 
 PG_HOST = os.environ.get("EDGEFLEET_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("EDGEFLEET_TEST_PG_PORT", "5432"))
@@ -32,25 +54,10 @@ def in_ci() -> bool:
 
 
 def service_missing(what: str) -> None:
-    """Skip locally, fail in CI."""
+    """Skip locally, fail in CI: there a missing service is a broken CI image, not a reason to skip."""
     if in_ci():
-        pytest.fail(f"{what} is required in CI but is not available")
+        pytest.fail(f"{what} is required in CI but is not available", pytrace=False)
     pytest.skip(f"{what} not available")
-
-
-def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def fleet_settings(broker_url: str, data_dir: Path, database_url: str | None = None, **overrides: Any) -> Any:
@@ -129,30 +136,27 @@ class PrivateMosquitto:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.config)], stdout=subprocess.DEVNULL,
+        binary = mosquitto_binary()
+        if binary is None:
+            raise RuntimeError("mosquitto is not installed")
+        self.proc = subprocess.Popen([binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while not port_open("127.0.0.1", self.port, 0.2):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr and self.proc.poll() is not None else ""
-                raise RuntimeError(f"mosquitto did not start on {self.port}: {err}")
-            time.sleep(0.05)
+        if not wait_for_port("127.0.0.1", self.port, 10.0, self.proc):
+            exited = self.proc.poll() is not None
+            err = self.proc.stderr.read().decode() if self.proc.stderr and exited else ""
+            stop_process(self.proc)
+            raise RuntimeError(f"mosquitto did not start on {self.port}: {err}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
 
 
 @pytest.fixture(name="private_mosquitto")
 def fx_private_mosquitto(tmp_path: Path) -> Iterator[PrivateMosquitto]:
     """An anonymous mosquitto on a free port that a test may stop and restart."""
-    if shutil.which("mosquitto") is None:
+    if mosquitto_binary() is None:
         service_missing("the mosquitto binary")
     port = free_port()
     config = tmp_path / "mosquitto.conf"

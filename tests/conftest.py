@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +19,29 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-# The service fixtures (PostgreSQL, SQLite, the machine's mosquitto, a private mosquitto) and helpers.
+# The service fixtures (PostgreSQL, SQLite, the machine's mosquitto, a private mosquitto) and helpers; the port and
+# process helpers are tests/processes.py's, re-exported here for the modules that import them from conftest.
 from tests._services import (
     free_port,
     fx_database_url,
     fx_mosquitto_url,
     fx_pg_url,
     fx_private_mosquitto,
+    mosquitto_binary,
+    service_missing,
+    stop_process,
+    wait_for_port,
 )
 
-__all__ = ["free_port", "fx_database_url", "fx_mosquitto_url", "fx_pg_url", "fx_private_mosquitto"]
+__all__ = [
+    "free_port",
+    "fx_database_url",
+    "fx_mosquitto_url",
+    "fx_pg_url",
+    "fx_private_mosquitto",
+    "stop_process",
+    "wait_for_port",
+]
 
 if TYPE_CHECKING:
     from controlplane.broker import EmbeddedBroker, EmbeddedBrokerAuth
@@ -44,56 +55,19 @@ DYNSEC_PLUGIN_CANDIDATES = (
 )
 
 
-
-
-def wait_for_port(
-    host: str, port: int, timeout: float, process: subprocess.Popen[bytes] | None = None
-) -> bool:
-    """Wait until ``host:port`` accepts TCP connections; False on timeout or if ``process`` exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            return False
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _missing(what: str) -> None:
-    """Under CI a missing broker is a broken CI image, not a reason to skip."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{what} is required when CI=true", pytrace=False)
-    pytest.skip(f"{what} not installed")
-
-
 def find_mosquitto() -> tuple[str, str, str]:
     """Paths of (mosquitto, mosquitto_ctrl, the dynsec plugin); skips (fails under CI=true) if absent."""
-    mosquitto = shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
-    )
+    mosquitto = mosquitto_binary()
     ctrl = shutil.which("mosquitto_ctrl")
     plugin = os.environ.get("MOSQUITTO_DYNSEC_PLUGIN") or next(
         (p for p in DYNSEC_PLUGIN_CANDIDATES if os.path.exists(p)), None
     )
     if mosquitto is None:
-        _missing("mosquitto")
+        service_missing("mosquitto")
     if ctrl is None:
-        _missing("mosquitto_ctrl")
+        service_missing("mosquitto_ctrl")
     if plugin is None:
-        _missing("mosquitto_dynamic_security.so (set MOSQUITTO_DYNSEC_PLUGIN)")
+        service_missing("mosquitto_dynamic_security.so (set MOSQUITTO_DYNSEC_PLUGIN)")
     assert mosquitto and ctrl and plugin
     return mosquitto, ctrl, plugin
 
