@@ -63,6 +63,12 @@ def count(fleet: Fleet, device_id: str) -> int:
     return len(fleet.devices.telemetry(device_id, since=None, until=None, limit=100_000))
 
 
+def inferences(fleet: Fleet, device_id: str) -> int:
+    """Inferences the device reported in all its telemetry (each message counts those since the previous one)."""
+    return sum((t.payload.get("inference") or {}).get("count", 0)
+               for t in fleet.devices.telemetry(device_id, since=None, until=None, limit=100_000))
+
+
 def test_enrolled_agent_reports_and_answers(fleet: Fleet, tmp_path: Path) -> None:
     # Prepare
     creds = fleet.devices.enroll(DeviceCreate(device_id="pi-e2e", profile="raspberry-pi-5", tags=["lab"]))
@@ -76,23 +82,30 @@ def test_enrolled_agent_reports_and_answers(fleet: Fleet, tmp_path: Path) -> Non
         device = fleet.devices.get("pi-e2e")
         assert device.online
         assert (device.reported_state or {})["runtime"] in ("ai-edge-litert", "tflite-runtime")
-        assert (device.last_telemetry or {})["inference"]["count"] >= 0
+        # The agent runs its model and says so: inferences counted in its telemetry.
+        wait_for(lambda: inferences(fleet, "pi-e2e") > 0, what="inferences reported by the enrolled agent")
     finally:
         stop(agent)
 
 
 def test_wrong_password_never_connects(fleet: Fleet, tmp_path: Path) -> None:
-    # Prepare
+    # Prepare: a control agent with its right password starts at the same moment, so the window in which the
+    # wrong one reports nothing is one in which an agent demonstrably could connect and report.
     creds = fleet.devices.enroll(DeviceCreate(device_id="pi-wrong", profile="raspberry-pi-5"))
+    control = fleet.devices.enroll(DeviceCreate(device_id="pi-control", profile="raspberry-pi-5"))
     agent = start_agent(creds, tmp_path / "agent", password="not-the-password")
+    witness = start_agent(control, tmp_path / "control")
     try:
         # Execute
-        time.sleep(3)
+        wait_for(lambda: count(fleet, "pi-control") >= 3, what="telemetry from the control agent")
         # Assert
+        assert fleet.devices.get("pi-control").online
         assert count(fleet, "pi-wrong") == 0
         assert not fleet.devices.get("pi-wrong").online
+        assert agent.poll() is None  # still trying, not gone: the window covered its attempts
     finally:
         stop(agent)
+        stop(witness)
 
 
 def test_device_cannot_write_another_devices_topics(fleet: Fleet) -> None:
@@ -123,12 +136,22 @@ def test_deleted_device_loses_broker_access(fleet: Fleet, tmp_path: Path) -> Non
     creds = fleet.devices.enroll(DeviceCreate(device_id="pi-gone", profile="raspberry-pi-5"))
     fleet.devices.delete("pi-gone")
     # Execute: re-enrol under the same id: the old password must not work any more
-    fleet.devices.enroll(DeviceCreate(device_id="pi-gone", profile="raspberry-pi-5"))
+    renewed = fleet.devices.enroll(DeviceCreate(device_id="pi-gone", profile="raspberry-pi-5"))
+    control = fleet.devices.enroll(DeviceCreate(device_id="pi-control", profile="raspberry-pi-5"))
     agent = start_agent(creds, tmp_path / "agent")
+    witness = start_agent(control, tmp_path / "control")  # proves the window was long enough to report in
     try:
-        time.sleep(3)
+        wait_for(lambda: count(fleet, "pi-control") >= 3, what="telemetry from the control agent")
         # Assert
         assert count(fleet, "pi-gone") == 0
+        assert agent.poll() is None
+    finally:
+        stop(agent)
+        stop(witness)
+    # The same device id with its new credentials does get through: it was the old password that was refused.
+    agent = start_agent(renewed, tmp_path / "agent-renewed")
+    try:
+        wait_for(lambda: count(fleet, "pi-gone") >= 1, what="telemetry with the renewed credentials")
     finally:
         stop(agent)
 
