@@ -469,7 +469,10 @@ class Agent:
         if model_path is None:  # the shipped starter, in a variant this device class may run
             starter = "fp32" if self.settings.profile.allows("fp32") else "int8"
             model_path = _runtime.starter_model_path(starter)
-        model = _runtime.TFLiteModel.load(model_path, runtime=runtime)
+        # The model's own input contract (its signed manifest, else its metadata, else the explicit legacy x/16):
+        # the data source serves raw samples.
+        model = _runtime.TFLiteModel.load(model_path, runtime=runtime,
+                                          preprocessing=_runtime.declared_contract(model_path))
         self.runtime_name, self.runtime_version = model.runtime_name, model.runtime_version
         self.model_version = version or _runtime.model_version_of(model_path)
         if variant is None:

@@ -4,7 +4,8 @@ Two signed documents, both ed25519 over a canonical JSON encoding (sorted keys),
 given at enrolment:
 
 - :class:`ModelManifest` (signed at build time): describes one built artifact, a TFLite file of one variant —
-  sha256, size, runtimes, golden input/output. It says nothing about when or where it may be installed, so the
+  sha256, size, runtimes, its input contract (:class:`InputContract`: the preprocessing from a raw sample to
+  model input), golden input/output. It says nothing about when or where it may be installed, so the
   agent never installs one on its own.
 - :class:`Release` (signed when a deployment is created, per deployment and variant): embeds the artifact's
   manifest and adds what makes it safe to act on — the registry's monotonic ``release`` number, the ``task``,
@@ -14,7 +15,13 @@ given at enrolment:
   prefix (``edgefleet-release-v1``), so no other signed document can be passed off as a release.
 
 The agent checks the release (signature, binding, expiry, ordering), then the artifact's size and sha256, then
-runs the golden self-test. `cryptography` is imported only when a signature is checked, so an idle agent does
+runs the golden self-test: the golden input is a RAW sample, and the self-test runs it through the same path as
+live inference (raw -> the manifest's input contract -> model), so a model whose preprocessing is wrong on the
+device fails its self-test instead of predicting garbage.
+
+Manifests of schema version 1 (before the contract) carry only ``input_scale`` and a golden input that is
+already model input: :meth:`ModelManifest.input_contract` and :meth:`ModelManifest.raw_golden` read them as the
+contract ``x * input_scale`` and the golden input ``/ input_scale``, which is exactly what they declared. `cryptography` is imported only when a signature is checked, so an idle agent does
 not carry it.
 """
 
@@ -30,6 +37,7 @@ __all__ = [
     "MANIFEST_SCHEMA_VERSION",
     "RELEASE_SCHEMA_VERSION",
     "Golden",
+    "InputContract",
     "ManifestError",
     "ModelManifest",
     "ModelSource",
@@ -47,7 +55,7 @@ __all__ = [
     "verify_signature",
 ]
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2  # 2: the input contract (``preprocessing``) and a raw golden input
 RELEASE_SCHEMA_VERSION = 1
 # Prefixed to a release's canonical bytes before signing: a signature over anything else never verifies as one.
 _RELEASE_DOMAIN = b"edgefleet-release-v1\n"
@@ -63,6 +71,24 @@ class Golden(msgspec.Struct, forbid_unknown_fields=True):
     input: list[list[float]]
     output: list[list[float]]
     tolerance: float  # max absolute difference per output value
+
+
+class InputContract(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """What a model takes, and how a raw sample (as a device stores it) becomes that: ``x * scale + offset``.
+
+    ``scale`` and ``offset`` hold one value (for every feature) or one per feature (the sample flattened, in C
+    order); standardisation ``(x - mean) / std`` is ``scale = 1 / std``, ``offset = -mean / std``. ``shape`` is
+    one sample's shape without the batch dimension (None: whatever the model takes, only for models that
+    predate the contract); ``dtype`` the float type the preprocessing is computed in and the model is fed with
+    (before a full-int8 model's own input quantisation). The agent applies exactly this to every raw sample,
+    live and in the golden self-test (:class:`agent._runtime.Preprocessor`).
+    """
+
+    scale: list[float]
+    offset: list[float] = msgspec.field(default_factory=lambda: [0.0])
+    shape: list[int] | None = None
+    dtype: str = "float32"
+    source: str = "declared"  # how it came to be: "declared", "standardised on the training pool", "legacy ..."
 
 
 class ModelSource(msgspec.Struct, forbid_unknown_fields=True):
@@ -82,9 +108,29 @@ class ModelManifest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     runtimes: dict[str, str]
     source: ModelSource
     metrics: dict[str, float] = msgspec.field(default_factory=dict)
-    input_scale: float = 1.0  # the task's preprocessing of raw inputs
-    golden: Golden
+    input_scale: float = 1.0  # schema 1's preprocessing (raw * input_scale); superseded by ``preprocessing``
+    # The input contract (schema 2). None: a schema-1 manifest, whose contract is ``x * input_scale``.
+    preprocessing: InputContract | None = None
+    golden: Golden  # schema 2: a raw input; schema 1: model input (see raw_golden)
     created_at: str = ""
+
+    def input_contract(self) -> InputContract:
+        """The preprocessing this model needs: the declared contract, or schema 1's ``x * input_scale``."""
+        if self.preprocessing is not None:
+            return self.preprocessing
+        return InputContract(scale=[self.input_scale], source=f"schema-1 manifest: x * input_scale "
+                                                              f"({self.input_scale:g})")
+
+    def raw_golden(self) -> Golden:
+        """The golden test with a RAW input, for the one path raw -> :meth:`input_contract` -> model.
+
+        A schema-1 manifest's golden input is model input; dividing by its ``input_scale`` gives the raw sample
+        back (exactly so for powers of two such as the digits' 1/16).
+        """
+        if self.preprocessing is not None or self.input_scale in (0.0, 1.0):
+            return self.golden
+        raw = [[value / self.input_scale for value in row] for row in self.golden.input]
+        return Golden(input=raw, output=self.golden.output, tolerance=self.golden.tolerance)
 
 
 class SignedManifest(msgspec.Struct, forbid_unknown_fields=True):

@@ -324,7 +324,7 @@ def resolve_startup_model(data_dir: Path, runtime: str) -> tuple[Path, str, str]
     The pointer's current model if its file still has the recorded sha256 and loads on ``runtime``, else the
     previous model under the same checks, else None.
     """
-    from agent._runtime import ModelLoadError, TFLiteModel
+    from agent._runtime import ModelLoadError, TFLiteModel, declared_contract
 
     models = Path(data_dir) / MODELS_DIR
     pointer = _read_pointer(models)
@@ -339,7 +339,7 @@ def resolve_startup_model(data_dir: Path, runtime: str) -> tuple[Path, str, str]
                         reason="outside the models directory")
             continue
         try:
-            TFLiteModel.load(path, runtime=runtime, sha256=entry.sha256)
+            TFLiteModel.load(path, runtime=runtime, sha256=entry.sha256, preprocessing=declared_contract(path))
         except ModelLoadError as exc:
             log.warning("ota.startup_model_rejected", which=label, model_version=entry.model_version,
                         reason=exc.reason)
@@ -637,7 +637,8 @@ def _check_manifest(agent: Agent, manifest: ModelManifest, model_version: str, v
 
 
 def self_test(model: TFLiteModel, golden: Golden) -> dict[str, Any]:
-    """Run the golden input through ``model``; returns the figures, raises DeployError("self-test") if off."""
+    """Run the raw golden input through ``model`` (its input contract, then the model); returns the figures,
+    raises DeployError("self-test") if off."""
     expected = np.asarray(golden.output, dtype=np.float32)
     try:
         actual = model.predict(np.asarray(golden.input, dtype=np.float32))
@@ -766,7 +767,7 @@ def rollback(agent: Agent, reason: str = "requested") -> bool:
 
 
 def _rollback_locked(agent: Agent, state: _OtaState, reason: str) -> bool:
-    from agent._runtime import ModelLoadError, TFLiteModel, starter_model_path
+    from agent._runtime import ModelLoadError, TFLiteModel, declared_contract, starter_model_path
 
     models = agent.settings.data_dir / MODELS_DIR
     pointer = _read_pointer(models)
@@ -784,12 +785,14 @@ def _rollback_locked(agent: Agent, state: _OtaState, reason: str) -> bool:
     else:
         try:
             if target.path is None:
-                model = TFLiteModel.load(starter_model_path(), runtime=runtime)
+                starter = starter_model_path()
+                model = TFLiteModel.load(starter, runtime=runtime, preprocessing=declared_contract(starter))
             else:
                 path = _entry_file(models, target)
                 if path is None:
                     raise ModelLoadError(target.path, "outside the models directory")
-                model = TFLiteModel.load(path, runtime=runtime, sha256=target.sha256)
+                model = TFLiteModel.load(path, runtime=runtime, sha256=target.sha256,
+                                         preprocessing=declared_contract(path))
         except ModelLoadError as exc:
             log.error("ota.rollback_failed", device_id=agent.device_id, reason=reason, error=str(exc))
             return False
@@ -930,13 +933,14 @@ def _deploy(agent: Agent, model_version: str, variant: ModelVariant, args: dict[
             verify_artifact(manifest, partial)
         except ManifestError as exc:
             raise DeployError("verify", f"artifact rejected: {exc}") from exc
-        # 4. Load on this device's runtime, 5. golden self-test.
+        # 4. Load on this device's runtime with the model's signed input contract, 5. golden self-test: a raw
+        # golden sample through that contract, the very path live inference takes.
         try:
             model = TFLiteModel.load(partial, runtime=str(settings.profile.runtime.name),
-                                     sha256=manifest.sha256)
+                                     sha256=manifest.sha256, preprocessing=manifest.input_contract())
         except (ModelLoadError, RuntimeUnavailable) as exc:
             raise DeployError("load", str(exc)) from exc
-        figures = self_test(model, manifest.golden)
+        figures = self_test(model, manifest.raw_golden())
         # 6. Commit on disk (the release first: a crash after it leaves the old model, which the same release
         # can still replace), then swap in memory.
         previous = _active_entry(agent, models)

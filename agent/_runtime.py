@@ -1,4 +1,11 @@
-"""On-device inference: the TFLite interpreter, the shipped data source, the inference loop and its statistics.
+"""On-device inference: the TFLite interpreter, the model's input contract, the data source, the inference loop.
+
+The data source serves RAW samples, as the device stores them. What a model needs from a raw sample is the
+model's own input contract (:class:`agent._manifest.InputContract`, signed in its manifest): a
+:class:`TFLiteModel` loaded with it applies it in :meth:`TFLiteModel.predict`, so live inference and the golden
+self-test take one path (raw -> contract -> quantisation -> model) and a model swap swaps its preprocessing too.
+:func:`declared_contract` finds a model file's contract; a model that declares none gets the digits' ``x / 16``
+(:data:`LEGACY_INPUT_SCALE`), explicitly and with a warning.
 
 Device side only: the standard library, numpy and one TFLite runtime (``ai-edge-litert``, or ``tflite-runtime``
 on older device images). Importing this module never imports torch, and imports a runtime only when a model is
@@ -28,16 +35,18 @@ import time
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
 from agent import protocol
 from agent._errors import AgentError
+from agent._manifest import InputContract
 
 __all__ = [
     "DEFAULT_DATA_RESOURCE",
-    "DEFAULT_INPUT_SCALE",
     "DEFAULT_RUNTIME",
+    "LEGACY_INPUT_SCALE",
     "RUNTIMES",
     "AgentRuntimeError",
     "DataSource",
@@ -46,8 +55,10 @@ __all__ = [
     "InferenceStats",
     "LoadedRuntime",
     "ModelLoadError",
+    "Preprocessor",
     "RuntimeUnavailable",
     "TFLiteModel",
+    "declared_contract",
     "load_interpreter_class",
     "model_version_of",
     "read_model_metadata",
@@ -65,8 +76,11 @@ _RUNTIME_MODULES: Final = {
 }
 _RUNTIME_EXTRAS: Final = {"ai-edge-litert": "edgefleet[agent]", "tflite-runtime": "edgefleet[agent-tflite]"}
 
-# The shipped data set stores raw load_digits pixels (0..16); models take pixels / 16.
-DEFAULT_INPUT_SCALE: Final = 1.0 / 16.0
+# The shipped data set stores raw load_digits pixels (0..16); the digits models take pixels / 16. Only a model
+# that declares no input contract at all (no manifest, no metadata) is fed with this, as every model was before
+# models carried their contract.
+LEGACY_INPUT_SCALE: Final = 1.0 / 16.0
+_MANIFEST_FILE: Final = "manifest.json"  # beside an installed model: the signed release it came with
 DEFAULT_DATA_RESOURCE: Final = ("agent.data", "digits.npz")
 _MODELS_PACKAGE: Final = "agent.models"
 _TFLITE_IDENTIFIER: Final = b"TFL3"  # flatbuffer file identifier, bytes 4..8
@@ -210,6 +224,97 @@ def _check_sha256(path: Path, expected: str, source: str) -> None:
         )
 
 
+class Preprocessor:
+    """An :class:`InputContract` made ready to apply: ``x * scale + offset`` per feature, in the contract's dtype.
+
+    ``feature_shape`` is the model's sample shape; the contract's ``shape`` (when declared) must equal it and its
+    ``scale``/``offset`` must hold 1 or ``prod(feature_shape)`` finite values. The same function serves the
+    build (training, evaluation, calibration, golden) and the device, so both compute bit-identical inputs.
+
+    Raises
+    ------
+    ValueError
+        The contract does not fit ``feature_shape`` or holds a non-finite value (the message says which).
+    """
+
+    def __init__(self, contract: InputContract, feature_shape: tuple[int, ...] | None = None) -> None:
+        shape = tuple(contract.shape) if contract.shape is not None else feature_shape
+        if contract.shape is not None and feature_shape is not None and tuple(feature_shape) != shape:
+            raise ValueError(f"the input contract is for samples of shape {list(contract.shape)}, the model "
+                             f"takes {list(feature_shape)}")
+        try:
+            dtype = np.dtype(contract.dtype)
+        except TypeError:
+            raise ValueError(f"unknown input dtype {contract.dtype!r} in the input contract") from None
+        if dtype.kind != "f":
+            raise ValueError(f"input contract dtype must be a float type, got {contract.dtype!r}")
+        size = math.prod(shape) if shape is not None else None
+        arrays = []
+        for name, values in (("scale", contract.scale), ("offset", contract.offset)):
+            array = np.asarray(values, dtype=np.float64)
+            if array.ndim != 1 or array.size == 0 or (array.size != 1 and array.size != size):
+                raise ValueError(f"input contract {name} has {array.size} values; needs 1 or one per feature "
+                                 f"({size if size is not None else 'unknown'})")
+            if not np.all(np.isfinite(array)):
+                raise ValueError(f"input contract {name} holds a non-finite value")
+            if array.size != 1 and shape is not None:
+                array = array.reshape(shape)
+            arrays.append(array.astype(dtype))
+        self.contract = contract
+        self.shape = shape
+        self.dtype: np.dtype[Any] = dtype
+        self._scale, self._offset = arrays
+
+    def __call__(self, x: npt.ArrayLike) -> FloatArray:
+        """Raw samples ``(N, *shape)`` -> model input ``(N, *shape)`` in the contract's dtype."""
+        raw = np.asarray(x)
+        if self.shape is not None and (raw.ndim != len(self.shape) + 1 or raw.shape[1:] != self.shape):
+            raise ValueError(f"expected raw samples of shape (N>0, {', '.join(map(str, self.shape))}), got "
+                             f"{raw.shape}")
+        if raw.dtype.kind not in "iuf":
+            raise ValueError(f"raw samples of non-numeric type {raw.dtype}")
+        out: FloatArray = raw.astype(self.dtype) * self._scale + self._offset
+        return out.astype(self.dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"Preprocessor({self.contract.source}, shape={self.shape})"
+
+
+def declared_contract(path: str | os.PathLike[str]) -> InputContract:
+    """The input contract of a model file, as the agent finds it on disk.
+
+    In this order: the signed release installed beside it (``manifest.json``, verified when it was installed),
+    the ``preprocessing`` of its metadata (``model.json``), the ``input_scale`` of its metadata (the starter
+    models), and else — a model that declares nothing, e.g. an operator's ``--model`` file — the digits' legacy
+    ``x / 16``, logged as such.
+    """
+    from agent import _manifest
+
+    model_path = Path(path)
+    installed = model_path.parent / _MANIFEST_FILE
+    if installed.is_file():
+        data = installed.read_bytes()
+        try:
+            return _manifest.decode_signed_release(data).release.artifact.input_contract()
+        except _manifest.ManifestError:
+            try:
+                return _manifest.decode_signed(data).manifest.input_contract()
+            except _manifest.ManifestError as exc:
+                raise ModelLoadError(model_path, f"unreadable {installed.name} beside it: {exc}") from exc
+    metadata = read_model_metadata(model_path)
+    if "preprocessing" in metadata:
+        try:
+            return msgspec.convert(metadata["preprocessing"], InputContract)
+        except msgspec.ValidationError as exc:
+            raise ModelLoadError(model_path, f"bad 'preprocessing' in its metadata: {exc}") from exc
+    scale = metadata.get("input_scale")
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return InputContract(scale=[float(scale)], source=f"metadata input_scale ({float(scale):g})")
+    log.warning("model %s declares no input contract: feeding it raw samples * %g (the legacy digits default)",
+                model_path, LEGACY_INPUT_SCALE)
+    return InputContract(scale=[LEGACY_INPUT_SCALE], source="legacy default: none declared, x / 16")
+
+
 def _quantization(detail: dict[str, Any]) -> tuple[float, int]:
     scale, zero_point = detail.get("quantization", (0.0, 0))
     return float(scale), int(zero_point)
@@ -218,14 +323,17 @@ def _quantization(detail: dict[str, Any]) -> tuple[float, int]:
 class TFLiteModel:
     """One loaded TFLite classifier with a single input ``(batch, *features)`` and output ``(batch, classes)``.
 
-    :meth:`predict` takes float features and returns float32 scores. For integer (int8/uint8) input tensors it
+    With an input contract (``preprocessing``) :meth:`predict` takes RAW samples and applies the contract first;
+    without one it takes model input as it is (build tools that prepare it themselves).
+    :meth:`predict` returns float32 scores. For integer (int8/uint8) input tensors it
     quantizes with the tensor's (scale, zero_point) and it dequantizes integer outputs the same way, so callers
     never see the model's I/O types. Models are converted at batch 1; the input tensor is resized when the batch
     size changes (the last size is kept, so a steady batch size costs no reallocation). Calls are serialized by a
     lock: a TFLite interpreter is not thread-safe.
     """
 
-    def __init__(self, interpreter: Any, *, path: str, runtime_name: str, runtime_version: str) -> None:
+    def __init__(self, interpreter: Any, *, path: str, runtime_name: str, runtime_version: str,
+                 preprocessing: InputContract | None = None) -> None:
         self.path = path
         self.runtime_name = runtime_name
         self.runtime_version = runtime_version
@@ -256,6 +364,12 @@ class TFLiteModel:
             if dtype.kind not in "iuf":
                 raise ModelLoadError(path, f"unsupported {role} type {dtype.name}")
         self._batch = self._input_shape[0]
+        self._preprocess: Preprocessor | None = None
+        if preprocessing is not None:
+            try:
+                self._preprocess = Preprocessor(preprocessing, self._input_shape[1:])
+            except ValueError as exc:
+                raise ModelLoadError(path, str(exc)) from exc
 
     @classmethod
     def load(
@@ -265,8 +379,9 @@ class TFLiteModel:
         num_threads: int = 1,
         *,
         sha256: str | None = None,
+        preprocessing: InputContract | None = None,
     ) -> TFLiteModel:
-        """Load and allocate a model.
+        """Load and allocate a model; with ``preprocessing`` (its input contract) it predicts on raw samples.
 
         The file is checked against ``sha256`` if given, else against the ``sha256`` of its metadata file
         (:func:`read_model_metadata`) if it has one, before any runtime sees it: tflite-runtime 2.14 does not
@@ -275,8 +390,8 @@ class TFLiteModel:
         Raises
         ------
         ModelLoadError
-            The file is missing, not a TFLite model, corrupt, does not match its checksum, or is not a
-            single-input/single-output classifier.
+            The file is missing, not a TFLite model, corrupt, does not match its checksum, is not a
+            single-input/single-output classifier, or ``preprocessing`` does not fit its input.
         RuntimeUnavailable
             No TFLite runtime is installed.
         """
@@ -294,12 +409,18 @@ class TFLiteModel:
         except (ValueError, RuntimeError, OSError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(model_path, reason) from exc
-        return cls(interpreter, path=str(model_path), runtime_name=name, runtime_version=version)
+        return cls(interpreter, path=str(model_path), runtime_name=name, runtime_version=version,
+                   preprocessing=preprocessing)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """The input tensor's shape as converted, batch dimension first (the starter models: ``(1, 64)``)."""
         return self._input_shape
+
+    @property
+    def preprocessing(self) -> InputContract | None:
+        """The input contract :meth:`predict` applies to raw samples; None: it takes model input as is."""
+        return self._preprocess.contract if self._preprocess is not None else None
 
     @property
     def input_dtype(self) -> np.dtype[Any]:
@@ -343,12 +464,14 @@ class TFLiteModel:
     def predict(self, x: npt.ArrayLike) -> FloatArray:
         """Float32 scores ``(N, num_classes)`` for a batch ``x`` of shape ``(N, *input_shape[1:])``.
 
+        ``x`` is raw samples when the model has an input contract (:attr:`preprocessing`), else model input.
+
         Raises
         ------
         ValueError
             ``x`` does not have the model's feature shape, or the batch is empty.
         """
-        batch = np.asarray(x)
+        batch = np.asarray(x) if self._preprocess is None else self._preprocess(x)
         features = self._input_shape[1:]
         if batch.ndim != len(self._input_shape) or batch.shape[1:] != features or batch.shape[0] == 0:
             raise ValueError(
@@ -368,7 +491,8 @@ class TFLiteModel:
     def __repr__(self) -> str:
         return (
             f"TFLiteModel({self.path!r}, runtime={self.runtime_name} {self.runtime_version}, "
-            f"input={list(self._input_shape)} {self._input_dtype.name}, classes={self.num_classes})"
+            f"input={list(self._input_shape)} {self._input_dtype.name}, classes={self.num_classes}, "
+            f"preprocessing={self._preprocess!r})"
         )
 
 
@@ -379,13 +503,12 @@ class DataSource:
     """Samples for the inference loop, served cyclically from an ``.npz`` file.
 
     The file holds ``x`` (raw features, one row per sample; any trailing shape) and optionally ``y`` (labels).
-    Features are multiplied by ``input_scale`` and served as float32. By default the data set shipped with the
-    agent (scikit-learn's 1797 handwritten 8x8 digits, pixels 0..16) is used.
+    Samples are served RAW (as float32): the model's input contract turns them into model input
+    (:meth:`TFLiteModel.predict`), never the data source. By default the data set shipped with the agent
+    (scikit-learn's 1797 handwritten 8x8 digits, pixels 0..16) is used.
     """
 
-    def __init__(
-        self, path: str | os.PathLike[str] | None = None, *, input_scale: float = DEFAULT_INPUT_SCALE
-    ):
+    def __init__(self, path: str | os.PathLike[str] | None = None):
         if path is None:
             package, name = DEFAULT_DATA_RESOURCE
             ref = importlib.resources.files(package) / name
@@ -395,8 +518,7 @@ class DataSource:
         else:
             self.path = os.fspath(path)
             x, y = self._read(Path(path))
-        self.input_scale = float(input_scale)
-        self._x: FloatArray = (x.astype(np.float32) * np.float32(input_scale)).astype(np.float32)
+        self._x: FloatArray = x.astype(np.float32)
         self._x.setflags(write=False)
         self._y = y
         if y is not None:
@@ -429,7 +551,7 @@ class DataSource:
 
     @property
     def x(self) -> FloatArray:
-        """All samples, scaled, float32 (read-only)."""
+        """All samples, raw, float32 (read-only)."""
         return self._x
 
     @property

@@ -20,7 +20,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from agent._manifest import Golden, ModelManifest, ModelSource, SignedManifest, file_sha256
+from agent._manifest import Golden, InputContract, ModelManifest, ModelSource, SignedManifest, file_sha256
 from federated.build import _convert
 from firmware_profiles import ModelVariant, RuntimeName, variant_unsupported
 
@@ -253,9 +253,9 @@ def golden_tolerance(
 
 
 def _golden(
-    variant: ModelVariant, model: TFLiteModel, x: npt.NDArray[np.float32], indices: npt.NDArray[np.int64]
+    variant: ModelVariant, model: TFLiteModel, x: npt.NDArray[Any], indices: npt.NDArray[np.int64]
 ) -> Golden:
-    inputs = np.ascontiguousarray(x[indices])
+    inputs = np.ascontiguousarray(x[indices]).astype(np.float32)  # raw samples: the model applies its contract
     batch = model.predict(inputs)
     singles = np.concatenate([model.predict(inputs[i : i + 1]) for i in range(len(inputs))])
     observed = float(np.abs(batch - singles).max())
@@ -280,14 +280,19 @@ def _evaluate(
     variant: ModelVariant,
     path: Path,
     sha256: str,
-    x: npt.NDArray[np.float32],
+    x: npt.NDArray[Any],
     y: npt.NDArray[np.int64],
     golden_idx: npt.NDArray[np.int64],
+    contract: InputContract,
 ) -> _Evaluation:
-    """Held-out accuracy and loss through the TFLite runtime, and the golden test, replayed on a fresh load."""
+    """Held-out accuracy and loss through the TFLite runtime, and the golden test, replayed on a fresh load.
+
+    ``x`` is RAW held-out samples: the model is loaded with the input contract its manifest will carry and
+    predicts as a device does (raw -> contract -> model), so the gate measures the path the devices run.
+    """
     from agent._runtime import TFLiteModel
 
-    model = TFLiteModel.load(path, runtime=EVALUATION_RUNTIME, sha256=sha256)
+    model = TFLiteModel.load(path, runtime=EVALUATION_RUNTIME, sha256=sha256, preprocessing=contract)
     try:
         scores = model.predict(x)
         batch_resizable = True
@@ -297,12 +302,12 @@ def _evaluate(
         # sample on a fresh interpreter (the failed resize left this one unusable), with a one-sample golden
         # test, since a device predicts the golden input as one batch.
         batch_resizable = False
-        model = TFLiteModel.load(path, runtime=EVALUATION_RUNTIME, sha256=sha256)
+        model = TFLiteModel.load(path, runtime=EVALUATION_RUNTIME, sha256=sha256, preprocessing=contract)
         scores = np.concatenate([model.predict(x[i : i + 1]) for i in range(len(x))])
         golden_idx = golden_idx[:1]
     golden = _golden(variant, model, x, golden_idx)
     # As a device does on load: a fresh interpreter must reproduce the golden output within tolerance.
-    replay = TFLiteModel.load(path, runtime=EVALUATION_RUNTIME, sha256=sha256)
+    replay = TFLiteModel.load(path, runtime=EVALUATION_RUNTIME, sha256=sha256, preprocessing=contract)
     got = replay.predict(np.asarray(golden.input, dtype=np.float32))
     worst = float(np.abs(got - np.asarray(golden.output, dtype=np.float32)).max())
     if not worst <= golden.tolerance:
@@ -369,9 +374,12 @@ def build_variants(
       ``<model_version>-<variant>.manifest.json`` (:class:`agent._manifest.SignedManifest`) in ``out_dir``; the
       artifact is in place before its manifest. Rejected variants leave no file behind.
 
-    The golden self-test of a manifest: ``golden.input`` is ``golden_count`` held-out samples as model input
-    (raw * ``input_scale``), ``golden.output`` the runtime's float output (dequantised for full-int8) when they
-    are predicted as one batch; a device's ``TFLiteModel.predict(golden.input)`` must match every value within
+    The input contract: the task's (:func:`federated.tasks.input_contract_of`: ``x * scale + offset`` per
+    feature) is signed into every manifest as ``preprocessing``; evaluation, the gate and the golden test all
+    run raw held-out samples through it, as a device does. The golden self-test of a manifest: ``golden.input``
+    is ``golden_count`` RAW held-out samples, ``golden.output`` the runtime's float output (dequantised for
+    full-int8) when they are predicted as one batch through the contract; a device's
+    ``TFLiteModel.predict(golden.input)`` (loaded with the contract) must match every value within
     ``golden.tolerance`` (see :func:`golden_tolerance`). litert-torch bakes batch 1 into the RESHAPE ops of some
     models (e.g. convolutions on a flat input): those cannot be resized, are evaluated sample by sample, and get
     a one-sample golden test (``VariantArtifact.batch_resizable`` is False).
@@ -400,8 +408,14 @@ def build_variants(
 
     t = time.perf_counter()
     model = _load_weights(task, state_dict)
+    from federated.tasks import input_contract_of
+
+    try:
+        contract = input_contract_of(task)
+    except (TypeError, ValueError) as exc:
+        raise BuildError(f"task {task.name}'s input contract: {exc}") from exc
     heldout = task.heldout()
-    x = heldout.model_input(task.input_scale)
+    x = heldout.x  # raw: evaluated through the contract, as on a device
     y = heldout.y
     golden_idx = _golden_indices(y, golden_count)
     timings["load"] = time.perf_counter() - t
@@ -457,7 +471,7 @@ def build_variants(
 
             t = time.perf_counter()
             try:
-                evaluation = _evaluate(variant, staged, sha256, x, y, golden_idx)
+                evaluation = _evaluate(variant, staged, sha256, x, y, golden_idx, contract)
             except Exception as exc:
                 if variant is ModelVariant.FP32:
                     raise BuildError(f"the fp32 model does not run in {EVALUATION_RUNTIME}: {exc}") from exc
@@ -522,7 +536,8 @@ def build_variants(
                 runtimes=runtimes,
                 source=source,
                 metrics={"accuracy": round(evaluation.accuracy, 6), "loss": round(evaluation.loss, 6)},
-                input_scale=float(task.input_scale),
+                input_scale=float(getattr(task, "input_scale", 1.0)),
+                preprocessing=contract,
                 golden=evaluation.golden,
                 created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             )

@@ -64,8 +64,13 @@ or in the environment (``EDGEFLEET_TASKS=vibration=mypkg.vibration:VibrationTask
 ``get_task("vibration")`` (``"task": "vibration"`` in the API). Names are at most 64 characters of letters,
 digits, ``_``, ``.`` and ``-``. Rules that keep the rest of the pipeline working:
 
-* the model's input is ``raw * input_scale`` as float32, one tensor of shape ``(N, *input_shape)``, and its
-  output is one ``(N, num_classes)`` logits tensor (the TFLite artifact has the same single input and output);
+* the model's input is the raw sample through the task's input contract
+  (:meth:`ArrayClassificationTask.input_contract`): ``raw * input_scale`` by default; set ``standardize = True``
+  for per-feature ``(raw - mean) / std`` over the training pool (tabular data), or override ``input_contract()``
+  to declare any per-feature ``raw * scale + offset``. The contract is signed into every built model's manifest
+  and the devices apply exactly it to their raw samples (live and in the golden self-test); the model takes one
+  float32 tensor of shape ``(N, *input_shape)`` and its output is one ``(N, num_classes)`` logits tensor (the
+  TFLite artifact has the same single input and output);
 * the model must convert with litert-torch at batch 1 (no data-dependent control flow);
 * partitions are ``.npz`` files with ``x`` (raw, as a device stores it) and ``y`` (int labels).
 """
@@ -88,6 +93,7 @@ from federated.tasks._base import (
     Task,
     dirichlet_partition,
     evaluate_classifier,
+    input_contract_of,
     train_classifier,
 )
 
@@ -105,6 +111,7 @@ __all__ = [
     "dirichlet_partition",
     "evaluate_classifier",
     "get_task",
+    "input_contract_of",
     "parse_allow_list",
     "train_classifier",
 ]

@@ -1,8 +1,10 @@
 """The task contract: what a federated round, the build step and the demo need to know about a learning problem.
 
 A *task* bundles a data set (raw samples as the devices hold them, a held-out test set kept by the control
-plane), the preprocessing from raw samples to model input (one multiplier, :attr:`Task.input_scale`), a fresh
-PyTorch model, and the training / evaluation loops. :class:`ArrayClassificationTask` implements everything but
+plane), the preprocessing from raw samples to model input (the task's input contract,
+:meth:`ArrayClassificationTask.input_contract`: ``x * scale + offset`` per feature, e.g. a multiplier or a
+standardisation; it is signed into every built model's manifest and applied by the devices to raw samples), a
+fresh PyTorch model, and the training / evaluation loops. :class:`ArrayClassificationTask` implements everything but
 the data and the model for classifiers over in-memory numpy arrays; :class:`federated.tasks.digits.DigitsTask`
 is the built-in one.
 
@@ -24,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from agent._manifest import InputContract
+
 if TYPE_CHECKING:
     import torch
 
@@ -34,6 +38,7 @@ __all__ = [
     "Task",
     "dirichlet_partition",
     "evaluate_classifier",
+    "input_contract_of",
     "train_classifier",
 ]
 
@@ -62,23 +67,32 @@ class Dataset:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def model_input(self, scale: float) -> FloatArray:
-        """``x * scale`` as float32: what the model (and the TFLite artifact) takes."""
-        return (self.x.astype(np.float32) * np.float32(scale)).astype(np.float32)
+    def model_input(self, preprocessing: float | InputContract) -> FloatArray:
+        """What the model (and the TFLite artifact) takes: ``x`` through the input contract (or ``x * scale``).
+
+        Computed by the same function as on a device (:class:`agent._runtime.Preprocessor`), so training,
+        evaluation, calibration and the devices see bit-identical model input.
+        """
+        from agent._runtime import Preprocessor
+
+        contract = preprocessing if isinstance(preprocessing, InputContract) else InputContract(
+            scale=[float(preprocessing)])
+        return Preprocessor(contract, tuple(self.x.shape[1:]))(self.x)
 
 
 @runtime_checkable
 class Task(Protocol):
     """A supervised classification problem that the fleet learns federatedly.
 
-    The model maps a float32 batch ``(N, *input_shape)`` (raw samples times :attr:`input_scale`) to logits
-    ``(N, num_classes)``. ``isinstance(obj, Task)`` checks that the members exist, not their signatures.
+    The model maps a float32 batch ``(N, *input_shape)`` (raw samples through the task's input contract,
+    :func:`input_contract_of`) to logits ``(N, num_classes)``. ``isinstance(obj, Task)`` checks that the members
+    exist, not their signatures.
     """
 
     name: str
     num_classes: int
     input_shape: tuple[int, ...]  # per sample, without the batch dimension
-    input_scale: float  # raw sample -> model input multiplier
+    input_scale: float  # raw sample -> model input multiplier, when the task declares no input_contract()
 
     def model(self) -> torch.nn.Module:
         """A fresh model with seeded (reproducible) initial weights."""
@@ -125,6 +139,19 @@ class Task(Protocol):
     def partition(self, n_clients: int, alpha: float, seed: int) -> list[Dataset]:
         """Non-IID (Dirichlet over labels) disjoint partitions of the non-held-out data, one per client."""
         ...
+
+
+def input_contract_of(task: Task) -> InputContract:
+    """The task's input contract: its ``input_contract()`` if it has one, else ``x * input_scale``."""
+    declared = getattr(task, "input_contract", None)
+    if callable(declared):
+        contract = declared()
+        if not isinstance(contract, InputContract):
+            raise TypeError(f"task {task.name}: input_contract() returned {type(contract).__name__}, "
+                            f"not an InputContract")
+        return contract
+    return InputContract(scale=[float(task.input_scale)], shape=list(task.input_shape),
+                         source="declared: x * input_scale")
 
 
 # ------------------------------------------------------------------------------------------------ partitions
@@ -200,10 +227,10 @@ def _write_npz_atomically(path: Path, x: npt.NDArray[Any], y: npt.NDArray[Any]) 
 # ------------------------------------------------------------------------------------------ train / evaluate
 
 
-def _tensor_dataset(data: Dataset, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _tensor_dataset(data: Dataset, preprocessing: float | InputContract) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
-    return torch.from_numpy(data.model_input(scale)), torch.from_numpy(data.y.astype(np.int64))
+    return torch.from_numpy(data.model_input(preprocessing)), torch.from_numpy(data.y.astype(np.int64))
 
 
 def _global_tensors(
@@ -253,7 +280,7 @@ def train_classifier(
     model: torch.nn.Module,
     data: Dataset,
     *,
-    input_scale: float,
+    input_scale: float | InputContract,
     epochs: int,
     lr: float,
     batch_size: int,
@@ -262,6 +289,8 @@ def train_classifier(
     seed: int = 0,
 ) -> dict[str, float]:
     """Adam on cross-entropy, shuffled mini-batches (seeded), ``model`` trained in place and left in eval mode.
+
+    ``input_scale`` is the preprocessing of ``data``'s raw samples: the task's input contract, or a multiplier.
 
     With ``proximal_mu > 0`` the FedProx term ``mu / 2 * ||w - w_global||^2`` is added to every batch's loss
     (``w_global``: see :func:`_global_tensors`). Returns ``{"loss": mean cross-entropy over the last epoch
@@ -302,7 +331,9 @@ def train_classifier(
     return {"loss": epoch_loss, "num_examples": float(len(data))}
 
 
-def evaluate_classifier(model: torch.nn.Module, data: Dataset, *, input_scale: float) -> dict[str, float]:
+def evaluate_classifier(
+    model: torch.nn.Module, data: Dataset, *, input_scale: float | InputContract
+) -> dict[str, float]:
     """``{"loss": mean cross-entropy, "accuracy", "num_examples"}``; the model is put in eval mode."""
     import torch
     from torch import nn
@@ -324,16 +355,41 @@ def evaluate_classifier(model: torch.nn.Module, data: Dataset, *, input_scale: f
 class ArrayClassificationTask(abc.ABC):
     """A :class:`Task` over in-memory arrays: subclasses provide the data and the model, this does the rest.
 
-    Subclasses set ``name``, ``num_classes``, ``input_shape`` and ``input_scale`` and implement
-    :meth:`train_pool` (the samples that get partitioned among devices), :meth:`heldout` and :meth:`model`.
+    Subclasses set ``name``, ``num_classes`` and ``input_shape`` and implement :meth:`train_pool` (the samples
+    that get partitioned among devices), :meth:`heldout` and :meth:`model`. The preprocessing from a raw sample
+    to model input is :meth:`input_contract`: ``x * input_scale`` by default, per-feature standardisation
+    ``(x - mean) / std`` over the training pool with ``standardize = True``, or override it to declare any
+    per-feature ``x * scale + offset``. It is signed into every built model's manifest and the devices apply it.
     """
 
     name: str
     num_classes: int
     input_shape: tuple[int, ...]
-    input_scale: float
+    input_scale: float = 1.0
+    standardize: bool = False  # input contract: (x - mean) / std per feature, statistics of train_pool()
     min_partition_samples: int = DEFAULT_MIN_PARTITION_SAMPLES
     calibration_seed: int = 0
+    _input_contract: InputContract | None = None
+
+    def input_contract(self) -> InputContract:
+        """The preprocessing from a raw sample to model input, as the devices will apply it (computed once).
+
+        ``standardize``: per feature, ``scale = 1 / std`` and ``offset = -mean / std`` of the training pool's raw
+        samples (a constant feature gets std 1); else ``x * input_scale``.
+        """
+        if self._input_contract is None:
+            shape = [int(d) for d in self.input_shape]
+            if self.standardize:
+                raw = np.asarray(self.train_pool().x, dtype=np.float64).reshape(-1, math.prod(shape))
+                mean, std = raw.mean(axis=0), raw.std(axis=0)
+                std = np.where(std > 1e-12, std, 1.0)
+                self._input_contract = InputContract(
+                    scale=(1.0 / std).tolist(), offset=(-mean / std).tolist(), shape=shape,
+                    source=f"standardised on the training pool ({raw.shape[0]} samples)")
+            else:
+                self._input_contract = InputContract(scale=[float(self.input_scale)], shape=shape,
+                                                     source="declared: x * input_scale")
+        return self._input_contract
 
     @abc.abstractmethod
     def train_pool(self) -> Dataset:
@@ -378,7 +434,7 @@ class ArrayClassificationTask(abc.ABC):
     # ------------------------------------------------------------------------------------------- conversion
 
     def sample_input(self) -> FloatArray:
-        return self.train_pool().model_input(self.input_scale)[:1].copy()
+        return self.train_pool().model_input(self.input_contract())[:1].copy()
 
     def calibration_data(self, n: int) -> FloatArray:
         """``n`` samples of the training pool (a fixed random subset; all of it if ``n`` is larger)."""
@@ -387,7 +443,7 @@ class ArrayClassificationTask(abc.ABC):
         pool = self.train_pool()
         rng = np.random.default_rng(self.calibration_seed)
         chosen = np.sort(rng.permutation(len(pool))[: min(n, len(pool))])
-        return np.ascontiguousarray(pool.model_input(self.input_scale)[chosen])
+        return np.ascontiguousarray(pool.model_input(self.input_contract())[chosen])
 
     # ----------------------------------------------------------------------------------- train / evaluate
 
@@ -407,7 +463,7 @@ class ArrayClassificationTask(abc.ABC):
         return train_classifier(
             model,
             data,
-            input_scale=self.input_scale,
+            input_scale=self.input_contract(),
             epochs=epochs,
             lr=lr,
             batch_size=batch_size,
@@ -418,4 +474,4 @@ class ArrayClassificationTask(abc.ABC):
 
     def evaluate(self, model: torch.nn.Module, data: Dataset) -> dict[str, float]:
         """See :func:`evaluate_classifier`."""
-        return evaluate_classifier(model, data, input_scale=self.input_scale)
+        return evaluate_classifier(model, data, input_scale=self.input_contract())

@@ -18,6 +18,7 @@ import pytest
 
 from agent import protocol
 from agent._errors import AgentError
+from agent._manifest import InputContract
 from agent._runtime import (
     RUNTIMES,
     AgentRuntimeError,
@@ -26,8 +27,10 @@ from agent._runtime import (
     InferenceLoop,
     InferenceStats,
     ModelLoadError,
+    Preprocessor,
     RuntimeUnavailable,
     TFLiteModel,
+    declared_contract,
     load_interpreter_class,
     model_version_of,
     read_model_metadata,
@@ -43,12 +46,15 @@ DEFAULT_IN_USE = next(name for name in RUNTIMES if name in INSTALLED)
 
 @pytest.fixture(name="model")
 def fx_model() -> TFLiteModel:
-    return TFLiteModel.load(starter_model_path("fp32"))
+    """The fp32 starter with its declared input contract: it predicts on raw samples, as on a device."""
+    path = starter_model_path("fp32")
+    return TFLiteModel.load(path, preprocessing=declared_contract(path))
 
 
 @pytest.fixture(name="int8_model")
 def fx_int8_model() -> TFLiteModel:
-    return TFLiteModel.load(starter_model_path("int8"))
+    path = starter_model_path("int8")
+    return TFLiteModel.load(path, preprocessing=declared_contract(path))
 
 
 @pytest.fixture(name="data")
@@ -272,14 +278,17 @@ def test_int8_model_agrees_with_fp32(model: TFLiteModel, int8_model: TFLiteModel
 
 
 def test_int8_model_quantizes_float_input_like_the_tensor_params(
-    int8_model: TFLiteModel, data: DataSource
+    data: DataSource,
 ) -> None:
-    # Prepare: quantize by hand with the input tensor's (scale, zero_point)
+    # Prepare: without an input contract the model takes model input (raw / 16); quantize it by hand with the
+    # input tensor's (scale, zero_point)
+    int8_model = TFLiteModel.load(starter_model_path("int8"))
+    model_input = data.x[:100] / 16
     scale, zero_point = int8_model.input_quantization
-    quantized = np.clip(np.round(data.x[:100] / scale) + zero_point, -128, 127).astype(np.int8)
+    quantized = np.clip(np.round(model_input / scale) + zero_point, -128, 127).astype(np.int8)
 
     # Execute
-    from_float = int8_model.predict(data.x[:100])
+    from_float = int8_model.predict(model_input)
     from_int8 = int8_model.predict(quantized)
 
     # Assert
@@ -355,16 +364,111 @@ def test_missing_file_raises_model_load_error(tmp_path: Path) -> None:
     assert caught.value.path == str(missing)
 
 
+# ------------------------------------------------------------------------------------------ input contract
+
+
+def test_preprocessor_standardises_each_feature_in_float32() -> None:
+    # Prepare: features on wildly different scales, as tabular data has them
+    rng = np.random.default_rng(0)
+    raw = rng.normal([5.0, 3000.0, 0.01], [1.0, 500.0, 0.002], size=(40, 3))
+    mean, std = raw.mean(axis=0), raw.std(axis=0)
+    contract = InputContract(scale=(1 / std).tolist(), offset=(-mean / std).tolist(), shape=[3])
+
+    # Execute
+    out = Preprocessor(contract, (3,))(raw)
+
+    # Assert
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, (raw - mean) / std, atol=1e-4)
+    np.testing.assert_allclose(out.mean(axis=0), 0.0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("contract", "message"), [
+    (InputContract(scale=[1.0], shape=[63]), r"contract is for samples of shape \[63\], the model takes \[64\]"),
+    (InputContract(scale=[1.0] * 3, shape=[64]), r"scale has 3 values; needs 1 or one per feature \(64\)"),
+    (InputContract(scale=[1.0], offset=[float("nan")]), "offset holds a non-finite value"),
+    (InputContract(scale=[1.0], dtype="int8"), "must be a float type"),
+    (InputContract(scale=[1.0], dtype="nonsense"), "unknown input dtype"),
+])
+def test_a_contract_that_does_not_fit_the_model_refuses_to_load(contract: InputContract, message: str) -> None:
+    # Execute / Assert
+    with pytest.raises(ModelLoadError, match=message):
+        TFLiteModel.load(starter_model_path("fp32"), preprocessing=contract)
+
+
+def test_declared_contract_of_the_starter_installed_and_undeclared_models(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: an installed model beside the signed release it came with, and a bare model file
+    import msgspec
+
+    from agent._manifest import Golden, ModelManifest, ModelSource, Release, SignedRelease
+
+    installed = tmp_path / "v2-fp32"
+    installed.mkdir()
+    (installed / "model.tflite").write_bytes(starter_model_path("fp32").read_bytes())
+    declared = InputContract(scale=[0.5] * 64, offset=[-1.0] * 64, shape=[64])
+    artifact = ModelManifest(model_version="v2", task="digits", variant="fp32", file_name="model.tflite",
+                             sha256="0" * 64, size_bytes=1, runtimes={}, source=ModelSource("round", "1"),
+                             preprocessing=declared, golden=Golden([[0.0] * 64], [[0.0] * 10], 1.0))
+    release = Release(release=1, model_version="v2", variant="fp32", task="digits", device_classes=[],
+                      deployment_id=1, issued_at=0, expires_at=1, artifact=artifact)
+    (installed / "manifest.json").write_bytes(msgspec.json.encode(SignedRelease(release, "sig", "key")))
+    bare = tmp_path / "mine.tflite"
+    bare.write_bytes(starter_model_path("fp32").read_bytes())
+
+    # Execute
+    starter = declared_contract(starter_model_path("fp32"))
+    from_release = declared_contract(installed / "model.tflite")
+    with caplog.at_level(logging.WARNING, logger="agent._runtime"):
+        legacy = declared_contract(bare)
+
+    # Assert
+    assert (starter.scale, starter.offset, starter.shape, starter.dtype) == ([1 / 16], [0.0], [64], "float32")
+    assert from_release == declared
+    assert legacy.scale == [1 / 16] and legacy.source.startswith("legacy")
+    assert "declares no input contract" in caplog.text
+
+
+def test_the_inference_loop_feeds_raw_samples_through_the_models_own_contract(
+    data: DataSource, loops: list[InferenceLoop]
+) -> None:
+    # Prepare: the same model file under its declared contract and under a wrong one (inverted pixels; a ReLU
+    # MLP without biases in the way barely notices a plain rescaling such as raw pixels unscaled)
+    path = starter_model_path("fp32")
+    right = TFLiteModel.load(path, preprocessing=declared_contract(path))
+    wrong = TFLiteModel.load(path, preprocessing=InputContract(scale=[-1 / 16], offset=[1.0]))
+    loop = InferenceLoop(right, data, model_version="right", rate_hz=1000.0)
+    loops.append(loop)
+
+    # Execute: the loop swaps models, and with them their preprocessing
+    loop.start()
+    wait = time.monotonic() + 10
+    while loop.stats.count < 300 and time.monotonic() < wait:
+        time.sleep(0.05)
+    with_right = loop.snapshot()
+    loop.swap_model(wrong, "wrong")
+    loop.snapshot()  # drop what ran across the swap
+    wait = time.monotonic() + 10
+    while loop.stats.count < 300 and time.monotonic() < wait:
+        time.sleep(0.05)
+    with_wrong = loop.snapshot()
+
+    # Assert
+    assert with_right.labelled >= 300 and with_right.correct / with_right.labelled >= 0.95
+    assert with_wrong.labelled >= 300 and with_wrong.correct / with_wrong.labelled < 0.8
+
+
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def test_shipped_data_is_scaled_float(data: DataSource) -> None:
-    # Assert
+def test_shipped_data_is_raw_float(data: DataSource) -> None:
+    # Assert: raw pixels 0..16; the model's input contract scales them, never the data source
     assert len(data) == 1797
     assert data.x.shape == (1797, 64)
     assert data.x.dtype == np.float32
     assert float(data.x.min()) == 0.0
-    assert float(data.x.max()) == 1.0
+    assert float(data.x.max()) == 16.0
     assert data.y is not None
     assert sorted(set(data.y.tolist())) == list(range(10))
 
@@ -392,7 +496,7 @@ def test_data_source_from_file_without_labels(tmp_path: Path) -> None:
     # Assert
     assert source.y is None
     assert len(source) == 3
-    np.testing.assert_array_equal(source.next_batch(2), np.full((2, 64), 0.5, dtype=np.float32))
+    np.testing.assert_array_equal(source.next_batch(2), np.full((2, 64), 8.0, dtype=np.float32))
 
 
 def test_bad_data_file_raises_data_source_error(tmp_path: Path) -> None:

@@ -18,11 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 
 from agent._manifest import (
+    Golden,
+    InputContract,
     ManifestError,
+    ModelManifest,
     ModelSource,
     SignedManifest,
     decode_signed,
@@ -115,13 +119,14 @@ def test_all_four_variants_are_published(built: Built) -> None:
 def test_each_variant_runs_in_litert_within_the_gate(built: Built) -> None:
     # Prepare
     heldout = built.task.heldout()
-    x = heldout.model_input(built.task.input_scale)
+    x = heldout.x  # raw: the model applies its manifest's input contract, as on a device
 
     for artifact in built.result.published:
         assert artifact.path is not None
+        contract = _load_signed(artifact.manifest_path).manifest.input_contract()
 
         # Execute
-        model = TFLiteModel.load(artifact.path, runtime="ai-edge-litert")
+        model = TFLiteModel.load(artifact.path, runtime="ai-edge-litert", preprocessing=contract)
         accuracy = float(np.mean(model.predict(x).argmax(axis=1) == heldout.y))
 
         # Assert
@@ -163,6 +168,9 @@ def test_manifests_verify_and_describe_their_artifacts(built: Built) -> None:
         assert manifest.size_bytes == artifact.size_bytes
         assert manifest.source == SOURCE
         assert manifest.input_scale == 1 / 16
+        assert manifest.schema_version == 2
+        assert manifest.preprocessing == InputContract(scale=[1 / 16], offset=[0.0], shape=[64], dtype="float32",
+                                                       source="declared: x * input_scale")
         assert set(manifest.metrics) == {"accuracy", "loss"}
         assert manifest.metrics["accuracy"] == pytest.approx(artifact.accuracy, abs=1e-6)
         assert datetime.datetime.fromisoformat(manifest.created_at).tzinfo is not None
@@ -189,8 +197,8 @@ def test_golden_self_test_passes_through_predict(built: Built) -> None:
         # Prepare
         manifest = _load_signed(artifact.manifest_path).manifest
         assert artifact.path is not None
-        model = TFLiteModel.load(artifact.path, sha256=manifest.sha256)
-        inputs = np.asarray(manifest.golden.input, dtype=np.float32)
+        model = TFLiteModel.load(artifact.path, sha256=manifest.sha256, preprocessing=manifest.input_contract())
+        inputs = np.asarray(manifest.raw_golden().input, dtype=np.float32)
         expected = np.asarray(manifest.golden.output, dtype=np.float32)
 
         # Execute: as one batch, and one sample at a time
@@ -202,9 +210,8 @@ def test_golden_self_test_passes_through_predict(built: Built) -> None:
         assert inputs.shape[1:] == (64,) and expected.shape == (len(inputs), 10)
         assert np.abs(batch - expected).max() <= manifest.golden.tolerance
         assert np.abs(single - expected).max() <= manifest.golden.tolerance
-        # The golden inputs are held-out samples (raw * input_scale), not made-up values.
-        raw = inputs / manifest.input_scale
-        assert np.array_equal(raw, np.round(raw)) and raw.max() <= 16
+        # The golden inputs are RAW held-out samples (pixels 0..16), not made-up or preprocessed values.
+        assert np.array_equal(inputs, np.round(inputs)) and inputs.max() <= 16 and inputs.max() > 1
         tolerance[artifact.variant] = manifest.golden.tolerance
     assert tolerance[ModelVariant.FP32] <= 1e-3
     assert all(
@@ -218,13 +225,59 @@ def test_golden_catches_a_model_that_gives_other_answers(built: Built) -> None:
     fp32 = _load_signed(built.result.artifact("fp32").manifest_path).manifest
     other_path = built.result.artifact("full-int8").path
     assert other_path is not None
-    other = TFLiteModel.load(other_path)
+    other = TFLiteModel.load(other_path, preprocessing=fp32.input_contract())
 
     # Execute
     got = other.predict(np.asarray(fp32.golden.input, dtype=np.float32))
 
     # Assert
     assert np.abs(got - np.asarray(fp32.golden.output, dtype=np.float32)).max() > fp32.golden.tolerance
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["fp32", "full-int8"])
+def test_self_test_runs_the_raw_golden_through_the_contract_and_fails_on_a_wrong_one(
+    built: Built, variant: str
+) -> None:
+    # Prepare: the agent's self-test, on the model under its manifest's contract and under others
+    from agent._ota import DeployError, self_test
+
+    manifest = _load_signed(built.result.artifact(variant).manifest_path).manifest
+    path = built.result.artifact(variant).path
+    assert path is not None
+    wrong = [
+        InputContract(scale=[1.0]),  # what a device fed before: raw pixels, unscaled
+        InputContract(scale=[1 / 16], offset=[-0.5]),  # centred: a plausible, wrong standardisation
+    ]
+
+    # Execute / Assert
+    assert self_test(TFLiteModel.load(path, preprocessing=manifest.input_contract()), manifest.raw_golden())
+    for contract in wrong:
+        with pytest.raises(DeployError, match="self-test failed"):
+            self_test(TFLiteModel.load(path, preprocessing=contract), manifest.raw_golden())
+
+
+@pytest.mark.slow
+def test_a_schema_1_manifest_keeps_its_declared_input_scale(built: Built) -> None:
+    # Prepare: the manifest as builds wrote it before the contract: no preprocessing, golden as model input
+    from agent._ota import self_test
+
+    manifest = _load_signed(built.result.artifact("fp32").manifest_path).manifest
+    golden = manifest.golden
+    old = msgspec.structs.replace(manifest, schema_version=1, preprocessing=None, golden=Golden(
+        input=(np.asarray(golden.input) / 16).tolist(), output=golden.output, tolerance=golden.tolerance))
+    old = msgspec.json.decode(msgspec.json.encode(old), type=ModelManifest)  # decodes: defaults
+    path = built.result.artifact("fp32").path
+    assert path is not None
+
+    # Execute
+    contract = old.input_contract()
+    figures = self_test(TFLiteModel.load(path, preprocessing=contract), old.raw_golden())
+
+    # Assert
+    assert contract.scale == [1 / 16] and contract.offset == [0.0]
+    assert np.array_equal(np.asarray(old.raw_golden().input), np.asarray(golden.input))
+    assert figures["max_abs_diff"] <= golden.tolerance
 
 
 @pytest.mark.slow
@@ -277,7 +330,8 @@ def test_golden_self_tests_on_tflite_runtime(built: Built) -> None:
         out = {}
         for name in sys.argv[1:]:
             manifest = decode_signed(Path(name).read_bytes()).manifest
-            model = TFLiteModel.load(Path(name).parent / manifest.file_name, runtime="tflite-runtime")
+            model = TFLiteModel.load(Path(name).parent / manifest.file_name, runtime="tflite-runtime",
+                                     preprocessing=manifest.input_contract())
             got = model.predict(np.asarray(manifest.golden.input, dtype=np.float32))
             worst = float(np.abs(got - np.asarray(manifest.golden.output, dtype=np.float32)).max())
             out[manifest.variant] = [model.runtime_name, model.runtime_version, worst, manifest.golden.tolerance]
@@ -355,7 +409,7 @@ def test_model_fixed_at_batch_1_is_evaluated_per_sample(tmp_path: Path) -> None:
         assert artifact.batch_resizable is False
         manifest = _load_signed(artifact.manifest_path).manifest
         assert artifact.path is not None
-        loaded = TFLiteModel.load(artifact.path)
+        loaded = TFLiteModel.load(artifact.path, preprocessing=manifest.input_contract())
         assert len(manifest.golden.input) == 1  # a device predicts the golden input as one batch
         got = loaded.predict(np.asarray(manifest.golden.input, dtype=np.float32))
         assert (

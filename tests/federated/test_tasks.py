@@ -23,6 +23,7 @@ from federated.tasks import (
     TaskRegistry,
     dirichlet_partition,
     get_task,
+    input_contract_of,
 )
 from federated.tasks.digits import DigitsTask
 
@@ -271,6 +272,72 @@ class TinyTask(DigitsTask):
 class BrokenTask(DigitsTask):
     def __init__(self) -> None:
         raise FileNotFoundError("no /srv/data.npz")
+
+
+# ------------------------------------------------------------------------------------------ input contract
+
+
+class _WineTask(DigitsTask):
+    """Tabular: scikit-learn's bundled wine data (13 features on scales from 0.1 to 1680), standardised."""
+
+    name = "wine"
+    num_classes = 3
+    input_shape = (13,)
+    standardize = True
+
+    def train_pool(self) -> Dataset:
+        from sklearn.datasets import load_wine
+
+        bunch = load_wine()
+        return Dataset(np.asarray(bunch.data)[::2], np.asarray(bunch.target, dtype=np.int64)[::2])
+
+    def heldout(self) -> Dataset:
+        from sklearn.datasets import load_wine
+
+        bunch = load_wine()
+        return Dataset(np.asarray(bunch.data)[1::2], np.asarray(bunch.target, dtype=np.int64)[1::2])
+
+
+@needs_training
+def test_standardize_declares_per_feature_mean_and_std_of_the_training_pool() -> None:
+    # Prepare
+    task = _WineTask()
+    pool = task.train_pool()
+
+    # Execute
+    contract = task.input_contract()
+    model_input = pool.model_input(contract)
+
+    # Assert: (x - mean) / std per feature, as the devices will compute it from their raw samples
+    assert contract.shape == [13] and len(contract.scale) == len(contract.offset) == 13
+    assert contract.source.startswith("standardised on the training pool")
+    np.testing.assert_allclose(model_input.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(model_input.std(axis=0), 1.0, atol=1e-4)
+    assert task.calibration_data(8).std() == pytest.approx(1.0, abs=0.5)  # calibrated on model input
+    assert task.input_contract() is contract  # computed once
+
+
+def test_digits_keeps_its_scale_through_the_contract(task: DigitsTask) -> None:
+    # Execute
+    contract = input_contract_of(task)
+
+    # Assert
+    assert (contract.scale, contract.offset, contract.shape, contract.dtype) == ([1 / 16], [0.0], [64], "float32")
+    raw = task.heldout().x
+    np.testing.assert_array_equal(task.heldout().model_input(contract),
+                                  (raw.astype(np.float32) * np.float32(1 / 16)).astype(np.float32))
+
+
+def test_a_protocol_only_task_without_input_contract_is_read_as_input_scale() -> None:
+    # Prepare: a Task that predates input_contract(): only the members of the old protocol
+    class Old:
+        name, num_classes, input_shape, input_scale = "old", 2, (3,), 0.5
+
+    # Execute
+    contract = input_contract_of(Old())  # type: ignore[arg-type]
+
+    # Assert
+    assert (contract.scale, contract.shape) == ([0.5], [3])
 
 
 # ---------------------------------------------------------------------------------------------------- digits
