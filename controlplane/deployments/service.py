@@ -38,6 +38,7 @@ from controlplane.db import (
     as_utc,
     utcnow,
 )
+from controlplane.deployments import _quality
 from controlplane.deployments.schemas import DeploymentCreate, DeploymentRead, TargetRead
 from controlplane.devices.publisher import CommandPublisher
 from firmware_profiles import ModelVariant, Profile, ProfileError, get_profile, variant_unsupported
@@ -234,7 +235,39 @@ class DeploymentService:
             running = list(session.exec(select(DeploymentRecord).where(DeploymentRecord.status == "running")))
             for record in running:
                 self._advance(session, record)
+            # Succeeded is not the end: the devices' predictions with the new model are watched for a while.
+            since = utcnow() - timedelta(seconds=_quality.WATCH_S)
+            for record in session.exec(select(DeploymentRecord).where(
+                    col(DeploymentRecord.status).in_(("succeeded", "suspect")))
+                    .order_by(col(DeploymentRecord.id).desc()).limit(20)):
+                if (as_utc(record.updated_at) or since) > since:
+                    self._watch(session, record)
             session.commit()
+
+    def _watch(self, session: Session, record: DeploymentRecord) -> None:
+        """Report updated devices whose predictions with the new model look wrong (see _quality) as suspect."""
+        gate = {a.variant: a.accuracy for a in session.exec(select(ModelArtifactRecord).where(
+            ModelArtifactRecord.model_version == record.model_version))}
+        targets = list(session.exec(select(DeploymentTargetRecord).where(
+            DeploymentTargetRecord.deployment_id == record.id, DeploymentTargetRecord.status == "succeeded")))
+        suspects = []
+        for target in targets:
+            reason = _quality.suspect_reason(session, target.device_id, record.model_version,
+                                             gate_accuracy=gate.get(target.variant or ""))
+            if reason is not None:
+                target.status, target.reason = "suspect", reason
+                session.add(target)
+                suspects.append(target)
+                log.warning("deployment.suspect_device", deployment_id=record.id, device_id=target.device_id,
+                            reason=reason)
+        if suspects:
+            every = list(session.exec(select(DeploymentTargetRecord).where(
+                DeploymentTargetRecord.deployment_id == record.id, DeploymentTargetRecord.status == "suspect")))
+            record.status = "suspect"
+            record.reason = (f"installed, but {len(every)} device(s) predict suspiciously with the new model: "
+                             + "; ".join(f"{t.device_id}: {t.reason}" for t in every[:5]))
+            record.updated_at = utcnow()
+            session.add(record)
 
     def _advance(self, session: Session, record: DeploymentRecord) -> None:
         assert record.id is not None
@@ -355,7 +388,7 @@ class DeploymentService:
             select(ModelVersionRecord.release, ModelVersionRecord.version)
             .join(DeploymentRecord, col(DeploymentRecord.model_version) == col(ModelVersionRecord.version))
             .join(DeploymentTargetRecord, col(DeploymentTargetRecord.deployment_id) == col(DeploymentRecord.id))
-            .where(col(DeploymentTargetRecord.status).in_(("sent", "succeeded")))
+            .where(col(DeploymentTargetRecord.status).in_(("sent", "succeeded", "suspect")))
             .order_by(col(ModelVersionRecord.release).desc()).limit(1)).first()
         return (row[0], row[1]) if row else None
 
