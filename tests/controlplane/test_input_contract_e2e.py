@@ -151,6 +151,8 @@ def test_standardised_custom_task_predicts_on_devices_as_the_gate_measured(
             assert variant is not None
             expected = gate[variant]
             assert expected is not None
+            print(f"{device_id} {variant}: on-device {seen['accuracy']:.4f} over {seen['labelled']} labelled, "
+                  f"gate {expected:.4f}, mean confidence {seen['mean_confidence']:.3f}")
             assert abs(seen["accuracy"] - expected) <= MAX_GAP, (device_id, variant, seen, expected)
             assert seen["classes"] == {"0", "1"}, seen
         # ... and the watch after the rollout, which has seen these inferences, keeps calling it a success.
