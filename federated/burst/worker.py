@@ -58,7 +58,7 @@ from torch.nn import functional as F
 
 from federated.burst._qat import QATModel, export_float_state_dict
 from federated.burst.spec import JobSpec, load_spec
-from federated.tasks import evaluate_classifier, get_task
+from federated.tasks import evaluate_classifier, get_task, input_contract_of
 
 if TYPE_CHECKING:
     from federated.tasks import Dataset, Task
@@ -215,7 +215,7 @@ class _Job:
         if pool_fn is None:
             raise TypeError(f"task {self.task.name!r} has no train_pool(): burst jobs train on the whole pool")
         pool: Dataset = pool_fn()
-        self.xs = torch.from_numpy(pool.model_input(self.task.input_scale)).to(self.device)
+        self.xs = torch.from_numpy(pool.model_input(input_contract_of(self.task))).to(self.device)
         self.ys = torch.from_numpy(pool.y.astype(np.int64)).to(self.device)
         self.steps_per_epoch = math.ceil(len(pool) / spec.batch_size)
 
@@ -409,7 +409,7 @@ class _Job:
         if self.teacher is not None:
             teacher = self.teacher.to("cpu")
             metrics["teacher_accuracy"] = evaluate_classifier(
-                teacher, heldout, input_scale=self.task.input_scale
+                teacher, heldout, input_scale=input_contract_of(self.task)
             )["accuracy"]
         if self.qat is not None:
             metrics["fake_quant_accuracy"] = self.task.evaluate(self.qat.to("cpu"), heldout)["accuracy"]

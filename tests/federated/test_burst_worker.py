@@ -348,6 +348,7 @@ def test_bad_base_weights_fail_with_error(tmp_path: Path) -> None:
     assert result["status"] == "failed" and "state_dict" in result["error"]
 
 
+@pytest.mark.slow
 def test_cli_runs_a_job_and_prints_progress_lines(tmp_path: Path) -> None:
     # Prepare
     spec_path = tmp_path / "spec.json"
@@ -444,3 +445,18 @@ def test_finetune_on_cuda_uses_bf16(task: DigitsTask, tmp_path: Path) -> None:
     assert result["metrics"]["accuracy"] >= 0.9
     model = _model_from(task, tmp_path / "weights.npz")  # fp32 master weights, loadable on CPU
     assert task.evaluate(model, task.heldout())["accuracy"] == pytest.approx(result["metrics"]["accuracy"])
+
+
+def test_finetune_trains_a_standardised_task_through_its_input_contract(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: tabular features spanning 0.001 .. 4254, standardised by the task's input contract
+    from federated.burst.worker import run_job
+    from tests.controlplane.test_input_contract_e2e import TASK_NAME
+
+    monkeypatch.setenv("EDGEFLEET_TASKS", f"{TASK_NAME}=tests.controlplane.test_input_contract_e2e:BreastCancerTask")
+    # Execute
+    result = run_job(JobSpec(job_id="bc-1", kind="finetune", task=TASK_NAME, epochs=30, device="cpu"), tmp_path)
+    # Assert: trained on what the model will see on a device (raw features leave it near the majority class)
+    assert result["status"] == "succeeded", result["error"]
+    assert result["metrics"]["accuracy"] >= 0.93
