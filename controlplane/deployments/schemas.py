@@ -44,7 +44,7 @@ class TargetRead(msgspec.Struct):
     device_id: str
     wave: int
     variant: str | None
-    status: str  # waiting | sent | succeeded | failed | skipped
+    status: str  # waiting | sent | succeeded | suspect (succeeded, then predicting garbage: see reason) | failed | skipped
     reason: str | None
     command_id: str | None
 
@@ -54,7 +54,7 @@ class DeploymentRead(msgspec.Struct):
     model_version: str
     release: int
     rollback: bool
-    status: str  # running | succeeded | halted | failed
+    status: str  # running | succeeded | suspect | halted | failed
     reason: str | None
     waves: list[float]
     current_wave: int
