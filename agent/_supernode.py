@@ -7,13 +7,20 @@ Command args::
      "timeout_s": 3600,              # optional: give up (stop the SuperNode) after this long
      "data_path": "/path/part.npz"}  # optional: default <data_dir>/data/partition.npz
 
+``{"round_id": "...", "leave": true}`` is the control plane saying that the round is over (its run failed, was
+stopped, or ended before this device heard so from the ServerApp): the agent stops that round's SuperNode at once
+and acks ``{"round_id", "left": bool}``; a later invitation to that round is refused. It rides on ``join_round``
+(not a kind of its own) so that the handler that owns the device's round answers it.
+
 The SuperNode (``flower-supernode``, a subprocess: ~260 MB, so only while a round is on) gets the device id,
 the data path, the round id and a status-file path in its node config. The ClientApp writes the status file
 (:mod:`agent._round_status`) after each message; when the ServerApp says the run is over, the agent stops
-the SuperNode and acks ``{"round_id", "participated": bool, "trained_rounds": [...], "run_status"}``. It also
-stops it when the SuperNode exits, when ``timeout_s`` passes or when the agent stops (then ok is false).
+the SuperNode and acks ``{"round_id", "joined": true, "participated": bool, "trained_rounds": [...],
+"run_status"}``. It also stops it when the control plane ends the round, when the SuperNode exits, when
+``timeout_s`` passes or when the agent stops (then ok is false).
 
-Refused (ok false) when the firmware profile may not train, when flwr is not installed (``pip install
+Refused (ok false, ``"joined": false``: the control plane records the reason as the device's skip reason) when
+the firmware profile may not train, when flwr is not installed (``pip install
 'edgefleet[train]'``), without data, or while another round is running. Importing this module imports neither
 flwr nor torch: the SuperNode is a subprocess.
 """
@@ -25,6 +32,8 @@ import math
 import shutil
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -43,7 +52,19 @@ MAX_TIMEOUT_S: Final = 7 * 24 * 3600.0
 _POLL_S: Final = 0.5
 _REPLY_GRACE_S: Final = 3.0
 
-_active: dict[int, str] = {}  # id(agent) -> round id: one round at a time per agent
+_LEAVE_WAIT_S: Final = 20.0  # a leave waits this long for the SuperNode to stop (it is SIGKILLed after 10 s)
+_ENDED_KEPT: Final = 32
+
+
+@dataclass
+class _Participation:
+    round_id: str
+    leave: threading.Event = field(default_factory=threading.Event)  # the control plane ended the round
+    done: threading.Event = field(default_factory=threading.Event)  # the SuperNode is stopped
+
+
+_active: dict[int, _Participation] = {}  # id(agent) -> its round: one round at a time per agent
+_ended: dict[int, deque[str]] = {}  # id(agent) -> rounds the control plane ended (a late invitation is refused)
 _active_lock = threading.Lock()
 
 
@@ -78,7 +99,9 @@ def _timeout_arg(value: object) -> float:
 
 def handle_join_round(agent: Agent, command: wire.Command) -> tuple[bool, str | None, dict[str, Any]]:
     args = command.args
-    result: dict[str, Any] = {"round_id": str(args.get("round_id", "")), "participated": False}
+    if args.get("leave") is True:
+        return _leave(agent, args.get("round_id"))
+    result: dict[str, Any] = {"round_id": str(args.get("round_id", "")), "joined": False, "participated": False}
     try:
         round_id = _text_arg(args.get("round_id"), "round_id")
         result["round_id"] = round_id
@@ -106,20 +129,53 @@ def handle_join_round(agent: Agent, command: wire.Command) -> tuple[bool, str | 
     if not data_path.is_file():
         return False, f"no training data at {data_path}", result
 
-    with _active_lock:
-        current = _active.get(id(agent))
-        if current is not None:
-            return False, f"already taking part in round {current}", result
-        _active[id(agent)] = round_id
+    deadline = time.monotonic() + _LEAVE_WAIT_S
+    while True:
+        with _active_lock:
+            if round_id in _ended.get(id(agent), ()):
+                return False, f"round {round_id} is already over (the control plane ended it)", result
+            current = _active.get(id(agent))
+            if current is None:
+                participation = _active[id(agent)] = _Participation(round_id)
+                break
+            if current.round_id == round_id:
+                return False, f"already taking part in round {round_id} (a repeated invitation)", result
+            if not current.leave.is_set():
+                return False, f"already taking part in round {current.round_id}", result
+        # The previous round is being left (its SuperNode stopping): this invitation waits for that.
+        if not current.done.wait(max(0.0, deadline - time.monotonic())):
+            return False, f"still leaving round {current.round_id} after {_LEAVE_WAIT_S:g}s", result
     try:
-        return _take_part(agent, superlink, round_id, timeout_s, data_path, result)
+        result["joined"] = True
+        return _take_part(agent, superlink, round_id, timeout_s, data_path, result, participation.leave)
     finally:
         with _active_lock:
             _active.pop(id(agent), None)
+        participation.done.set()
+
+
+def _leave(agent: Agent, raw_round_id: object) -> tuple[bool, str | None, dict[str, Any]]:
+    """The control plane ended the round: stop its SuperNode now (and wait, up to a bound, until it is)."""
+    try:
+        round_id = _text_arg(raw_round_id, "round_id")
+    except ValueError as exc:
+        return False, f"bad join_round args: {exc}", {"round_id": str(raw_round_id or ""), "left": False}
+    with _active_lock:
+        _ended.setdefault(id(agent), deque(maxlen=_ENDED_KEPT)).append(round_id)
+        current = _active.get(id(agent))
+        if current is None or current.round_id != round_id:
+            return True, None, {"round_id": round_id, "left": False}  # not (or no longer) in it: nothing to do
+        current.leave.set()
+    log.info("round.leaving", device_id=agent.device_id, round_id=round_id)
+    if not current.done.wait(_LEAVE_WAIT_S):
+        return False, f"the SuperNode of round {round_id} did not stop within {_LEAVE_WAIT_S:g}s", \
+            {"round_id": round_id, "left": False}
+    return True, None, {"round_id": round_id, "left": True}
 
 
 def _take_part(
-    agent: Agent, superlink: str, round_id: str, timeout_s: float, data_path: Path, result: dict[str, Any]
+    agent: Agent, superlink: str, round_id: str, timeout_s: float, data_path: Path, result: dict[str, Any],
+    leave: threading.Event,
 ) -> tuple[bool, str | None, dict[str, Any]]:
     from agent._flower import SuperNodeProcess
     from agent._round_status import read_status
@@ -155,6 +211,9 @@ def _take_part(
                 # it (a reply cut off half-way makes the ServerApp wait for it).
                 node.wait(_REPLY_GRACE_S)
                 break
+            if leave.is_set():
+                outcome = "ended"
+                break
             if not node.alive:
                 outcome = "exited"
                 break
@@ -182,4 +241,6 @@ def _take_part(
         return False, f"the SuperNode exited with code {code} (see {agent.settings.data_dir / 'supernode.log'})", result
     if outcome == "stopped":
         return False, "the agent is stopping", result
+    if outcome == "ended":
+        return False, f"the control plane ended round {round_id} before its run told this device", result
     return False, f"the round did not finish within {timeout_s:g}s", result

@@ -367,9 +367,11 @@ def jobs_cancel(job_id: int, url: UrlOpt = "http://127.0.0.1:8080", token: Token
 # -- rounds and schedules ------------------------------------------------------------------------------------
 def _round_body(task: str, strategy: StrategyOption, rounds: int, min_clients: int, max_clients: int | None,
                 local_epochs: int, eligibility: str | None, burst: JobKindOption | None, build: bool,
-                deploy: bool) -> dict[str, Any]:
+                deploy: bool, initial_model: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"task": task, "strategy": strategy.value, "rounds": rounds, "min_clients": min_clients,
                             "max_clients": max_clients, "local_epochs": local_epochs, "build": build, "deploy": deploy}
+    if initial_model is not None:
+        body["initial_model"] = initial_model
     if eligibility is not None:
         try:
             body["eligibility"] = json.loads(eligibility)
@@ -394,6 +396,9 @@ StrategyOpt = Annotated[StrategyOption, typer.Option(help="Flower strategy.")]
 EligibilityOpt = Annotated[str | None, typer.Option(
     help='Eligibility rule as JSON, e.g. \'{"min_battery_percent": 30, "allow_metered": false}\'.')]
 BurstOpt = Annotated[JobKindOption | None, typer.Option(help="A burst job on the round's result before the build.")]
+InitialModelOpt = Annotated[str | None, typer.Option(
+    help="Start from this model version's weights (warm start). A schedule's default: the task's latest released "
+         "model.")]
 
 
 @rounds_app.command("start")
@@ -404,6 +409,7 @@ def rounds_start(
     local_epochs: Annotated[int, typer.Option()] = 2, eligibility: EligibilityOpt = None, burst: BurstOpt = None,
     build: Annotated[bool, typer.Option(help="Build, gate and sign the result.")] = True,
     deploy: Annotated[bool, typer.Option(help="Roll the result out.")] = False,
+    initial_model: InitialModelOpt = None,
     wait: Annotated[bool, typer.Option(help="Follow the round until it ends.")] = False,
     url: UrlOpt = "http://127.0.0.1:8080", token: TokenOpt = "",
 ) -> None:
@@ -412,7 +418,8 @@ def rounds_start(
 
     api = _api(url, token)
     r = _call(api.post("/api/v1/rounds", json=_round_body(task, strategy, rounds, min_clients, max_clients,
-                                                           local_epochs, eligibility, burst, build, deploy)))
+                                                           local_epochs, eligibility, burst, build, deploy,
+                                                           initial_model)))
     typer.echo(f"round #{r['id']}: invited {', '.join(r['invited']) or 'nobody'}")
     for device_id, why in sorted(r["skipped"].items()):
         typer.echo(f"  not invited {device_id}: {why}")
@@ -449,12 +456,13 @@ def schedules_create(
     local_epochs: Annotated[int, typer.Option()] = 2, eligibility: EligibilityOpt = None, burst: BurstOpt = None,
     build: Annotated[bool, typer.Option(help="Build, gate and sign each result.")] = True,
     deploy: Annotated[bool, typer.Option(help="Roll each result out.")] = False,
+    initial_model: InitialModelOpt = None,
     url: UrlOpt = "http://127.0.0.1:8080", token: TokenOpt = "",
 ) -> None:
     """A recurring round (exactly one of --cron or --interval); survives control-plane restarts."""
     body = {"id": schedule_id, "cron": cron, "interval_s": interval, "max_runs": max_runs,
             "round": _round_body(task, strategy, rounds, min_clients, max_clients, local_epochs, eligibility, burst,
-                                 build, deploy)}
+                                 build, deploy, initial_model)}
     s = _call(_api(url, token).post("/api/v1/schedules", json=body))
     typer.echo(f"schedule {s['id']}: next run {s['next_run_time']}")
 

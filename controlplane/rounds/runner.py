@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from controlplane._errors import ControlPlaneError
 from controlplane.devices.schemas import CommandCreate
 from controlplane.devices.service import DeviceService
 from controlplane.rounds.schemas import RoundCreate
@@ -20,6 +21,8 @@ __all__ = ["FlowerRoundRunner"]
 log = structlog.get_logger("edgefleet.rounds")
 
 DISCOVERY_TIMEOUT_S = 90.0  # SuperNodes start on invitation; the first ClientApp start is slow on small devices
+POLL_S = 1.0  # how often a running round looks at the run's status and the devices' answers
+FINISH_GRACE_S = 15.0  # after a completed run: how long the devices get to leave on the ServerApp's notice
 
 
 class FlowerRoundRunner:
@@ -45,21 +48,41 @@ class FlowerRoundRunner:
                 log.info("superlink.started", address=self._superlink.address)
             return self._superlink
 
+    @property
+    def superlink(self) -> Any:
+        """The running SuperLink (None before the first round)."""
+        return self._superlink
+
     def stop(self) -> None:
         with self._lock:
             if self._superlink is not None:
                 self._superlink.stop()
                 self._superlink = None
 
-    def run(self, round_id: int, data: RoundCreate, invited: list[str]) -> RoundOutcome:
+    def run(self, round_id: int, data: RoundCreate, invited: list[str],
+            initial_weights: Path | None = None) -> RoundOutcome:
+        """Invite, run, and whatever the outcome release the devices: every invited device that has not left the
+        round by itself is told that it is over (so that the next round can invite it)."""
         superlink = self._ensure_superlink()
         budget = DISCOVERY_TIMEOUT_S + data.rounds * (data.round_timeout_s + 30.0)
         address = self.device_superlink_address or superlink.address
-        for device_id in invited:
-            # The agent starts a SuperNode for this round only and stops it when the run ends (or the budget).
-            self.devices.send_command(device_id, CommandCreate(
-                kind="join_round", args={"superlink": address, "round_id": str(round_id), "timeout_s": budget},
-                wait_s=0))
+        joins: dict[str, str] = {}  # device -> its join_round command
+        completed = False
+        try:
+            for device_id in invited:
+                # The agent starts a SuperNode for this round only and stops it when the run ends (the ServerApp's
+                # notice, or our leave below), or at the latest after the budget.
+                joins[device_id] = self.devices.send_command(device_id, CommandCreate(
+                    kind="join_round", args={"superlink": address, "round_id": str(round_id), "timeout_s": budget},
+                    wait_s=0)).command_id
+            outcome = self._run(superlink, round_id, data, invited, joins, budget, initial_weights)
+            completed = outcome.ok
+        finally:
+            self._release(round_id, joins, grace_s=FINISH_GRACE_S if completed else 0.0)
+        return outcome
+
+    def _run(self, superlink: Any, round_id: int, data: RoundCreate, invited: list[str], joins: dict[str, str],
+             budget: float, initial_weights: Path | None) -> RoundOutcome:
         run_config: dict[str, str | int | float | bool] = {
             "round-id": str(round_id), "task": data.task, "strategy": str(data.strategy),
             "num-rounds": data.rounds, "min-clients": data.min_clients, "devices": ",".join(invited),
@@ -68,22 +91,78 @@ class FlowerRoundRunner:
             "proximal-mu": data.proximal_mu if str(data.strategy) == "fedprox" else 0.0,
             "results-dir": str(self.results_dir),
         }
+        if initial_weights is not None:
+            run_config["initial-weights"] = str(initial_weights)
         started = time.monotonic()
         run_id = superlink.submit_run(run_config=run_config)
         log.info("round.submitted", round_id=round_id, flower_run_id=run_id, invited=invited)
-        try:
-            superlink.wait_run(run_id, timeout=budget)
-        except TimeoutError:
-            superlink.stop_run(run_id)
-            return RoundOutcome(ok=False, reason=f"the Flower run did not finish within {budget:.0f} s")
-        return self._outcome(run_id, time.monotonic() - started)
+        deadline = started + budget
+        while True:
+            status = superlink.run_status(run_id)
+            refused = self._refusals(joins)
+            if status.finished:
+                break
+            if len(invited) - len(refused) < data.min_clients:
+                # Waiting for the discovery timeout would only end in "0 devices available": stop now, say why.
+                superlink.stop_run(run_id)
+                return RoundOutcome(ok=False, refused=refused, reason=(
+                    f"only {len(invited) - len(refused)} of {len(invited)} invited device(s) accepted the "
+                    f"invitation, min_clients is {data.min_clients}"))
+            if time.monotonic() >= deadline:
+                superlink.stop_run(run_id)
+                return RoundOutcome(ok=False, refused=refused,
+                                    reason=f"the Flower run did not finish within {budget:.0f} s")
+            time.sleep(POLL_S)
+        outcome = self._outcome(run_id, time.monotonic() - started, status)
+        outcome.refused = refused
+        return outcome
 
-    def _outcome(self, run_id: int, duration_s: float) -> RoundOutcome:
+    def _refusals(self, joins: dict[str, str]) -> dict[str, str]:
+        """Devices that declined their invitation, with the reason their agent gave."""
+        refused: dict[str, str] = {}
+        for device_id, command_id in joins.items():
+            try:
+                command = self.devices.get_command(device_id, command_id)
+            except ControlPlaneError:  # the device was deleted meanwhile
+                continue
+            if command.status == "error" and not (command.result or {}).get("joined", False):
+                refused[device_id] = command.reason or "declined (no reason given)"
+        return refused
+
+    def _release(self, round_id: int, joins: dict[str, str], grace_s: float) -> None:
+        """Tell every device still in the round that it is over. After a completed run the ServerApp has told them
+        already: give them ``grace_s`` to leave by themselves first."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            pending = [d for d, c in joins.items() if self._pending(d, c)]
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_S)
+        for device_id in pending:
+            try:
+                self.devices.send_command(device_id, CommandCreate(
+                    kind="join_round", args={"round_id": str(round_id), "leave": True}, wait_s=0))
+            except ControlPlaneError as exc:
+                log.warning("round.release_failed", round_id=round_id, device_id=device_id, error=str(exc))
+        if pending:
+            log.info("round.released", round_id=round_id, devices=pending)
+
+    def _pending(self, device_id: str, command_id: str) -> bool:
+        try:
+            return self.devices.get_command(device_id, command_id).status == "pending"
+        except ControlPlaneError:
+            return False
+
+    def _outcome(self, run_id: int, duration_s: float, status: Any) -> RoundOutcome:
         path = self.results_dir / f"{run_id}.json"
+        flower = f"Flower run {status.sub_status or status.status}" + (f": {status.details}" if status.details else "")
         try:
             report: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            return RoundOutcome(ok=False, reason=f"the ServerApp left no readable results ({path}: {exc})")
+            return RoundOutcome(ok=False, reason=f"the ServerApp left no readable results ({flower}; {path}: {exc})")
+        if report.get("status") not in ("completed", "failed"):
+            # It wrote progress, then died (killed, out of memory) before it could write the end.
+            return RoundOutcome(ok=False, reason=f"the ServerApp ended before the run did ({flower})")
         metrics = [{"round": r["round"], "accuracy": r.get("accuracy"), "loss": r.get("loss"),
                     "participants": r.get("participants", []), "dropped": r.get("dropped", []),
                     "duration_s": r.get("duration_s")} for r in report.get("rounds", [])]

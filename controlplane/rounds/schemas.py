@@ -44,6 +44,10 @@ class RoundCreate(msgspec.Struct, forbid_unknown_fields=True):
     burst: BurstStep | None = None
     build: bool = True  # build, gate and sign TFLite variants of the result
     deploy: bool = False  # then roll the new model out to every device that can run it
+    # Warm start: the registered model version (of this task) whose weights the run starts from. None: a fresh
+    # model for a round started now; for a schedule's round, the task's latest released model at each firing
+    # (the newest version with a published variant), else a fresh model.
+    initial_model: Name | None = None
 
 
 class RoundRead(msgspec.Struct):
@@ -59,6 +63,7 @@ class RoundRead(msgspec.Struct):
     skipped: dict[str, str]  # device id -> why it was not invited (or dropped out)
     metrics: list[dict[str, Any]]  # per Flower round: round, accuracy, loss, participants
     model_version: str | None
+    initial_model: str | None  # the model version it started from (None: a fresh model)
     job_id: int | None  # the burst step's job, when the round has one
     created_at: datetime
     finished_at: datetime | None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 from collections.abc import Callable
@@ -33,13 +34,15 @@ class RoundOutcome(msgspec.Struct):
     metrics: list[dict[str, Any]] = msgspec.field(default_factory=list)
     participants: list[str] = msgspec.field(default_factory=list)
     dropped: dict[str, str] = msgspec.field(default_factory=dict)
+    refused: dict[str, str] = msgspec.field(default_factory=dict)  # device -> the reason its agent declined
     weights_path: str | None = None  # .npz of the global model's state_dict
 
 
 class RoundRunner(Protocol):
     """Runs the Flower side of a round among the invited devices (blocking)."""
 
-    def run(self, round_id: int, data: RoundCreate, invited: list[str]) -> RoundOutcome: ...
+    def run(self, round_id: int, data: RoundCreate, invited: list[str],
+            initial_weights: Path | None = None) -> RoundOutcome: ...
 
 
 # After a successful run: build, gate, sign and register the model; returns the model version (or raises).
@@ -71,6 +74,8 @@ class RoundService:
             raise InvalidInput(str(exc)) from None
         if data.max_clients is not None and data.max_clients < data.min_clients:
             raise InvalidInput(f"max_clients {data.max_clients} < min_clients {data.min_clients}")
+        if data.initial_model is not None:
+            self.initial_weights(data.task, data.initial_model)
         if data.burst is not None:
             if self.jobs is None:
                 raise InvalidInput("burst: this control plane runs no burst jobs")
@@ -78,6 +83,31 @@ class RoundService:
                 self.jobs.check(data.burst.job(data.task, build=data.build, deploy=data.deploy))
             except InvalidInput as exc:
                 raise InvalidInput(f"burst: {exc}") from None
+
+    def initial_weights(self, task: str, version: str) -> Path:
+        """The weights a round of `task` starts from when it starts from model `version` (InvalidInput if it
+        cannot: unknown, of another task, or without stored weights). Where burst jobs find their base model."""
+        if self.jobs is None:
+            raise InvalidInput("initial_model: this control plane keeps no model registry")
+        try:
+            model = self.jobs.models.get(version)
+        except NotFound:
+            raise InvalidInput(f"initial_model: no model version {version!r}") from None
+        if model.task != task:
+            raise InvalidInput(f"initial_model: {version!r} is a model of task {model.task!r}, not {task!r}")
+        path = self.jobs.builder.build_dir / model.version / "weights.npz"
+        if not path.is_file():
+            raise InvalidInput(f"initial_model: {version!r} has no stored weights to start from")
+        return path
+
+    def latest_released(self, task: str) -> str | None:
+        """The task's newest model version with a published variant (what a schedule starts from)."""
+        if self.jobs is None:
+            return None
+        released = [m for m in self.jobs.models.list_all()
+                    if m.task == task and any(v.published for v in m.variants)
+                    and (self.jobs.builder.build_dir / m.version / "weights.npz").is_file()]
+        return max(released, key=lambda m: m.release).version if released else None
 
     def recover(self) -> None:
         """After a restart: a round waiting on its burst job waits again (the job was re-attached); a round whose
@@ -98,7 +128,13 @@ class RoundService:
         """Decide who is invited now (and why the others are not), record it, then run in the background.
 
         A request that does not validate raises InvalidInput; a schedule's firing that does not (its stored task
-        is no longer registered, say) is recorded as a failed round with the reason instead."""
+        is no longer registered, say) is recorded as a failed round with the reason instead. A schedule's round
+        without `initial_model` starts from the task's latest released model, if there is one."""
+        if schedule_id is not None and data.initial_model is None:
+            with contextlib.suppress(InvalidInput, LookupError):
+                latest = self.latest_released(data.task)
+                if latest is not None:
+                    data = msgspec.structs.replace(data, initial_model=latest)
         try:
             self.validate(data)
         except InvalidInput as exc:
@@ -196,7 +232,8 @@ class RoundService:
         try:
             if self.runner is None:
                 raise RuntimeError("no federated runtime (install edgefleet[train])")
-            outcome = self.runner.run(round_id, data, invited)
+            weights = None if data.initial_model is None else self.initial_weights(data.task, data.initial_model)
+            outcome = self.runner.run(round_id, data, invited, weights)
         except Exception as exc:
             if self._stopping.is_set():
                 # The SuperLink went down with the control plane: recover() marks the round on the next start.
@@ -206,9 +243,14 @@ class RoundService:
             self._update(round_id, status="failed", reason=f"{type(exc).__name__}: {exc}", finished=True)
             return
         skipped_extra = {d: f"dropped out: {why}" for d, why in outcome.dropped.items()}
+        skipped_extra.update({d: f"declined the invitation: {why}" for d, why in outcome.refused.items()})
         self._update(round_id, metrics=outcome.metrics, participants=outcome.participants, skipped_extra=skipped_extra)
         if not outcome.ok:
-            self._update(round_id, status="failed", reason=outcome.reason, finished=True)
+            reason = outcome.reason or "the Flower run failed"
+            if outcome.refused and "declined" not in reason:
+                reason += f" ({len(outcome.refused)} invited device(s) declined: " + "; ".join(
+                    f"{d}: {why}" for d, why in sorted(outcome.refused.items())) + ")"
+            self._update(round_id, status="failed", reason=reason, finished=True)
             return
         version = None
         try:
@@ -292,7 +334,8 @@ class RoundService:
         return RoundRead(id=record.id, schedule_id=record.schedule_id, task=record.task, strategy=record.strategy,
                          status=record.status, reason=record.reason, config=record.config, invited=record.invited,
                          participants=record.participants, skipped=record.skipped, metrics=record.metrics,
-                         model_version=record.model_version, job_id=record.job_id,
+                         model_version=record.model_version, initial_model=record.config.get("initial_model"),
+                         job_id=record.job_id,
                          created_at=as_utc(record.created_at) or utcnow(),
                          finished_at=as_utc(record.finished_at))
 

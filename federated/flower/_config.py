@@ -33,6 +33,10 @@ Run-config keys (defaults in ``federated/flower/app/pyproject.toml``, the single
     FedAdam's server learning rate (``eta``).
 ``seed``
     Seeds device sampling and the initial global model.
+``initial-weights``
+    A state-dict ``.npz`` on the SuperLink's machine (a registered model version's weights) the run starts
+    from instead of a freshly initialised model (empty: fresh). The control plane sets it from the round's
+    ``initial_model``; the ServerApp refuses weights that do not fit the task's model.
 ``poll-interval-s``
     How often the ServerApp polls the SuperLink for replies (Flower's own ``send_and_receive`` sleeps 3 s).
 ``finish-wait-s``
@@ -121,6 +125,7 @@ class RunSettings:
     results_dir: str
     callback_url: str
     callback_token: str
+    initial_weights: str = ""
 
     def sample_sizes(self, available: int) -> tuple[int, int]:
         """``(target, sampled)`` for a round with ``available`` invited devices connected (see module doc)."""
@@ -195,4 +200,5 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunSettings:
         results_dir=text("results-dir"),
         callback_url=text("callback-url"),
         callback_token=str(merged["callback-token"]),
+        initial_weights=text("initial-weights"),
     )

@@ -521,7 +521,7 @@ class _Run:
 
             task = get_task(settings.task)
             self._refresh()  # identify queries out first: the nodes answer while torch loads here
-            arrays = ArrayRecord(task.model().state_dict())
+            arrays = ArrayRecord(_initial_model(task, settings.initial_weights).state_dict())
             self.report["initial"] = self._central_evaluation(task, arrays)
             self._discover()
             strategy = make_strategy(settings)
@@ -541,6 +541,23 @@ class _Run:
         except Exception as exc:  # noqa: BLE001 - the results are in; telling the nodes is a courtesy
             log(WARNING, "finish: could not tell the nodes: %r", exc)
         return self.report
+
+
+def _initial_model(task: Any, weights_path: str) -> Any:
+    """The task's model, fresh or (warm start) with the weights of a registered model version."""
+    model = task.model()
+    if not weights_path:
+        return model
+    import torch
+
+    try:
+        with np.load(weights_path, allow_pickle=False) as npz:
+            state = {k: torch.from_numpy(npz[k]) for k in npz.files}
+        model.load_state_dict(state)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise RoundFailed(f"cannot start from the weights at {weights_path}: {exc}") from exc
+    log(INFO, "starting from the weights at %s", weights_path)
+    return model
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

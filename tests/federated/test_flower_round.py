@@ -167,12 +167,31 @@ def test_join_round_refusals(tmp_path: Path) -> None:
                            args={"superlink": "127.0.0.1:9092", "round_id": "r1"})
     ok, reason, result = handle_join_round(_fake_agent(tmp_path, "coral", "coral-dev-board"), command)
     assert not ok and reason is not None and "may not train" in reason
-    assert result == {"round_id": "r1", "participated": False}
+    assert result == {"round_id": "r1", "joined": False, "participated": False}
     ok, reason, _ = handle_join_round(_fake_agent(tmp_path, "pi"), command)  # no partition file
     assert not ok and reason is not None and "no training data" in reason
     bad = wire.Command(command_id="c2", kind="join_round", args={"superlink": "nope", "round_id": "r1"})
     ok, reason, _ = handle_join_round(_fake_agent(tmp_path, "pi"), bad)
     assert not ok and reason is not None and "superlink" in reason
+
+
+def test_a_round_the_control_plane_ended_is_left_and_not_joined_again(tmp_path: Path) -> None:
+    """The leave itself, while in the round, is tested with real agents in tests/controlplane/test_round_release."""
+    agent = _fake_agent(tmp_path, "pi")
+    partition = agent.settings.data_dir / "data" / "partition.npz"
+    partition.parent.mkdir(parents=True)
+    partition.write_bytes(b"present")
+    leave = wire.Command(command_id="l1", kind="join_round", args={"round_id": "r7", "leave": True})
+    join = wire.Command(command_id="j1", kind="join_round", args={"superlink": "127.0.0.1:9092", "round_id": "r7"})
+    # Execute: the end of round r7 reaches the device before (or instead of) its invitation
+    left = handle_join_round(agent, leave)
+    ok, reason, result = handle_join_round(agent, join)
+    # Assert
+    assert left == (True, None, {"round_id": "r7", "left": False})  # it was not in it: nothing to stop
+    assert not ok and reason == "round r7 is already over (the control plane ended it)"
+    assert result["joined"] is False
+    bad = wire.Command(command_id="l2", kind="join_round", args={"round_id": "", "leave": True})
+    assert handle_join_round(agent, bad)[0] is False
 
 
 # ----------------------------------------------------------------------------------- real Flower deployment
