@@ -10,10 +10,11 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -25,6 +26,7 @@ __all__ = [
     "PG_HOST",
     "PG_PORT",
     "PrivateMosquitto",
+    "clear_retained",
     "fleet_settings",
     "free_port",
     "fx_database_url",
@@ -78,7 +80,30 @@ def fx_fleet(mosquitto_url: str, database_url: str, tmp_path: Path) -> Iterator[
 
     fleet = Fleet(fleet_settings(mosquitto_url, tmp_path / "cp", database_url)).start()
     yield fleet
+    device_ids = [d.device_id for d in fleet.devices.find(limit=100_000)]
     fleet.stop()
+    clear_retained(mosquitto_url, device_ids)
+
+
+def clear_retained(broker_url: str, device_ids: Iterable[str]) -> None:
+    """Remove what these devices left retained on a shared broker (their agents' state and last will): a later
+    test's ingest subscribes to every device's topics and would otherwise receive it as foreign traffic."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from agent import protocol as wire
+
+    url = urlsplit(broker_url)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-cleanup-{uuid.uuid4().hex[:8]}")
+    client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+    client.loop_start()
+    try:
+        for device_id in device_ids:
+            for channel in wire.Channel:
+                client.publish(wire.topic(device_id, channel), b"", qos=1, retain=True).wait_for_publish(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:

@@ -930,6 +930,7 @@ for i in range(10**9):
 """
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_always_leaves_a_verified_model(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     # Prepare: four versions installed round and round by a subprocess that is killed at random moments
     specs, expected = [], {}

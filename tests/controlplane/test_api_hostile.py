@@ -316,6 +316,7 @@ def test_no_dependency_shadows_a_request_field(client: TestClient[Litestar]) -> 
 # --------------------------------------------------------------------------------------------- finding 7: logs
 
 
+@pytest.mark.slow
 def test_client_errors_are_one_log_line_without_a_traceback(tmp_path: Path) -> None:
     # Prepare: `edgefleet controlplane serve` (embedded broker, SQLite) as deployed, its log on stderr
     data_dir, port, broker_port = tmp_path / "cp", free_port(), free_port()

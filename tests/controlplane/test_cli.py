@@ -142,6 +142,7 @@ def test_jobs_commands_against_a_running_control_plane(mosquitto_url: str, tmp_p
 
 @pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.slow
 def test_serve_never_leaves_its_embedded_broker_behind(tmp_path: Path, sig: signal.Signals) -> None:
     # Prepare: `edgefleet controlplane serve` with its embedded broker
     port, broker_port = free_port(), free_port()
@@ -163,6 +164,7 @@ def test_serve_never_leaves_its_embedded_broker_behind(tmp_path: Path, sig: sign
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_rounds_and_schedules_commands(mosquitto_url: str, tmp_path: Path) -> None:
     with served(mosquitto_url, tmp_path) as (fleet, common):
         # Execute

@@ -102,6 +102,7 @@ def test_hostile_record_does_not_stop_honest_device(fleet: Fleet, publisher: mqt
     assert all(w.alive for w in fleet.workers)
 
 
+@pytest.mark.slow
 def test_worker_failure_is_restarted_and_visible(fleet: Fleet, publisher: mqtt.Client) -> None:
     """A real fault under the worker (its counters table vanishes, as after a broken manual migration): PostgreSQL
     refuses the statement (an error that is not the database being away: the loop restarts), SQLite reports it as

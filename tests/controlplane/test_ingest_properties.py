@@ -213,6 +213,7 @@ def fx_engine(database_url: str) -> Iterator[Engine]:
                                                                  HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(hostile=st.lists(hostile_message(), min_size=1, max_size=12), order=st.lists(st.booleans(), max_size=30),
        batch_size=st.integers(1, 40))
+@pytest.mark.slow
 def test_process_batch_contains_hostile_records(engine: Engine, hostile: list[dict[str, Any]], order: list[bool],
                                                 batch_size: int) -> None:
     # Prepare
@@ -293,6 +294,7 @@ def fx_broker_fleet(request: pytest.FixtureRequest, database_url: str, tmp_path:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(hostile=st.lists(hostile_message(), min_size=5, max_size=25), order=st.lists(st.booleans(), max_size=40))
+@pytest.mark.slow
 def test_broker_ingest_contains_hostile_records(broker_fleet: BrokerFleet, hostile: list[dict[str, Any]],
                                                 order: list[bool]) -> None:
     # Prepare: the next 5 seqs of the honest device, a command pending for each device

@@ -157,6 +157,7 @@ def test_downloads_need_a_token_and_support_range(fleet: Fleet) -> None:
     assert missing.status_code == 404
 
 
+@pytest.mark.slow
 def test_rollout_goes_wave_by_wave_and_halts_on_failures(fleet: Fleet, mosquitto_url: str) -> None:
     # Prepare: 4 good devices and 1 that fails its self-test; a Coral (full-int8 only)
     register_starter(fleet, "m2", {"fp32": 0.975, "full-int8": 0.975})

@@ -94,6 +94,7 @@ def test_schedules_survive_a_restart(mosquitto_url: str, database_url: str, tmp_
         second.stop()
 
 
+@pytest.mark.slow
 def test_interval_schedule_fires_and_records_why_devices_were_skipped(fleet: Fleet) -> None:
     from controlplane.rounds.schemas import RoundCreate, ScheduleCreate
 
