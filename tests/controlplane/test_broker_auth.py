@@ -340,6 +340,7 @@ class TestDeviceAcl:
             (topic("dev-a", Channel.TELEMETRY), b"as-device")
         ]
 
+    @pytest.mark.slow
     def test_last_will_only_on_own_topics(self, backend: Backend) -> None:
         backend.auth.ensure_device("dev-a", "pw-a")
         backend.auth.ensure_device("dev-b", "pw-b")
@@ -372,6 +373,7 @@ class TestAuthentication:
         assert _refused(backend.probe("dev-a", "pw-1").connect())
         assert not _refused(backend.probe("dev-a", "pw-2").connect())
 
+    @pytest.mark.slow
     def test_removed_device_can_no_longer_connect_nor_publish(self, backend: Backend) -> None:
         backend.auth.ensure_device("dev-a", "pw-a")
         backend.auth.ensure_device("dev-b", "pw-b")
@@ -452,6 +454,7 @@ class TestIdentity:
         assert victim.expect(topic("dev-a", Channel.CMD), b"still-there") == []
         assert victim.connected and victim.disconnects == []
 
+    @pytest.mark.slow
     def test_rotation_ends_the_old_sessions(self, backend: Backend) -> None:
         # Prepare: a queued command for the old credential, and a live connection of it
         backend.auth.ensure_device("dev-a", "pw-old")
@@ -474,6 +477,7 @@ class TestIdentity:
         assert fresh.expect(topic("dev-a", Channel.CMD), b"for-new") == []
         assert fresh.drain() == []
 
+    @pytest.mark.slow
     def test_delete_and_reenrol_gives_nothing_to_the_stale_session(self, backend: Backend) -> None:
         # Prepare: the old device is connected (persistent, subscribed); a command is queued for it offline
         backend.auth.ensure_device("dev-a", "pw-old")

@@ -119,6 +119,7 @@ def test_download_tokens_are_hashed_scoped_hidden_and_expire(fleet: Fleet, mosqu
         jet.close()
 
 
+@pytest.mark.slow
 def test_a_lower_release_needs_an_explicit_rollback(fleet: Fleet, mosquitto_url: str) -> None:
     # Prepare: m-old (release n), m-new (n+1), m-bad (n+2); m-new is deployed, m-bad reached no device
     register_starter(fleet, "m-old", {"fp32": 0.975, "full-int8": 0.975})

@@ -19,6 +19,7 @@ from tests.controlplane.test_build_registry import fx_weights  # noqa: F401 - th
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow
 def test_a_round_s_initial_model_is_validated(fleet: Fleet, weights: Path) -> None:
     # Prepare: a model version of another task, with weights
     fleet.models.start_version("other-1", "not-digits", "round", "1")

@@ -489,6 +489,7 @@ def test_negative_gate_rejects_quantised_variants_with_a_reason(
         (None, {"runtime_minimums": {"tflite-micro-x": "1"}}, "unknown runtime"),
     ],
 )
+@pytest.mark.slow
 def test_bad_inputs_raise_build_error_before_converting(
     task: DigitsTask,
     trained: dict[str, Any],

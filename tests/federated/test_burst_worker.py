@@ -199,6 +199,7 @@ def test_cancel_then_resume_continues_where_it_stopped(tmp_path: Path) -> None:
         np.testing.assert_allclose(resumed[name], value, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_second_worker_on_the_same_job_waits_then_resumes(tmp_path: Path) -> None:
     # Prepare: another worker (here: this test) holds the job directory, as an orphan of a lost Ray head would
     import fcntl
@@ -369,6 +370,7 @@ def test_cli_runs_a_job_and_prints_progress_lines(tmp_path: Path) -> None:
     assert (tmp_path / "o" / "weights.npz").exists()
 
 
+@pytest.mark.slow
 def test_cli_rejects_a_bad_spec(tmp_path: Path) -> None:
     # Prepare
     spec_path = tmp_path / "spec.json"

@@ -245,6 +245,7 @@ def test_the_clientapp_resolves_the_run_configs_task_through_the_registry(canary
 
 
 @needs_training
+@pytest.mark.slow
 def test_the_burst_worker_resolves_the_specs_task_through_the_registry(canary: Path, tmp_path: Path) -> None:
     # Prepare: a job spec as a Ray/local backend hands it to the worker process
     spec = tmp_path / "spec.json"
