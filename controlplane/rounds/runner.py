@@ -78,7 +78,11 @@ class FlowerRoundRunner:
             outcome = self._run(superlink, round_id, data, invited, joins, budget, initial_weights)
             completed = outcome.ok
         finally:
-            self._release(round_id, joins, grace_s=FINISH_GRACE_S if completed else 0.0)
+            if completed:  # the devices are leaving on the ServerApp's notice: the build need not wait for them
+                threading.Thread(target=self._release, args=(round_id, joins, FINISH_GRACE_S),
+                                 name=f"round-{round_id}-release", daemon=True).start()
+            else:
+                self._release(round_id, joins, grace_s=0.0)
         return outcome
 
     def _run(self, superlink: Any, round_id: int, data: RoundCreate, invited: list[str], joins: dict[str, str],
