@@ -496,10 +496,11 @@ class _Run:
         """Tell every connected SuperNode that the run is over (agents stop their SuperNode then).
 
         Also the ones that connected too late to be identified: a SuperNode started for another round ignores
-        it (its ``round-id`` differs). Devices left out after a missed round are not waited for: most likely gone.
+        it (its ``round-id`` differs). Devices left out after a round they sent no answer to are not waited for:
+        most likely gone. Those that answered with an error (their ClientApp raised) are alive and told too.
         """
         live = set(self.grid.get_node_ids())
-        gone = {self.node_of[d] for d in self.out if d in self.node_of}
+        gone = {self.node_of[d] for d, why in self.out.items() if d in self.node_of and not why.startswith("error:")}
         nodes = sorted(live - gone)
         if not nodes or self.settings.finish_wait_s <= 0:
             return

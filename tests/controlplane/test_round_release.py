@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlmodel import Session, select
 
@@ -54,14 +55,20 @@ def _start_agent(creds: DeviceEnrolled, data_dir: Path) -> subprocess.Popen[byte
             env=dict(os.environ, EDGEFLEET_MQTT_PASSWORD=creds.mqtt_password), stdout=log, stderr=subprocess.STDOUT)
 
 
-def _agents(fleet: Fleet, tmp_path: Path, with_data: list[str], without_data: list[str]) -> dict[str, subprocess.Popen[bytes]]:
+def _agents(fleet: Fleet, tmp_path: Path, with_data: list[str], without_data: list[str],
+            unusable_data: bool = False) -> dict[str, subprocess.Popen[bytes]]:
     task = get_task("digits")
     parts = task.partition(len(with_data), alpha=1.0, seed=0)
     procs = {}
     for i, device_id in enumerate(with_data + without_data):
         data_dir = tmp_path / "agents" / device_id
         if device_id in with_data:
-            task.write_partition(parts[i], data_dir / "data" / "partition.npz")  # where join_round looks
+            path = data_dir / "data" / "partition.npz"  # where join_round looks
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if unusable_data:  # labels to count, but samples of the wrong shape: training raises
+                np.savez(path, x=np.zeros((len(parts[i].y), 3), dtype=np.float32), y=parts[i].y)
+            else:
+                task.write_partition(parts[i], path)
         creds = fleet.devices.enroll(DeviceCreate(device_id=device_id, profile="raspberry-pi-5"))
         procs[device_id] = _start_agent(creds, data_dir)
 
@@ -158,6 +165,25 @@ def test_a_round_that_too_many_devices_decline_fails_at_once_with_their_reasons(
         assert record.skipped["dec-c"].startswith("declined the invitation: no training data at")
         wait_for(lambda: _joins(fleet, started.id)["dec-a"].status != "pending", timeout=30,
                  what="dec-a to leave the round")
+    finally:
+        for proc in procs.values():
+            stop(proc)
+
+
+def test_a_round_in_which_every_client_raised_releases_its_devices(fleet: Fleet, tmp_path: Path) -> None:
+    # Prepare: two agents whose local data cannot be trained on
+    procs = _agents(fleet, tmp_path, with_data=["raise-a", "raise-b"], without_data=[], unusable_data=True)
+    try:
+        # Execute
+        started = fleet.rounds.start(_round())
+        wait_for(lambda: fleet.rounds.get(started.id).status == "failed", timeout=240, what="the round to fail")
+        # Assert: it says why, and both devices left the round at once (its time budget is 150 s)
+        record = fleet.rounds.get(started.id)
+        assert record.reason is not None and "round 1" in record.reason, record.reason
+        wait_for(lambda: all(c.status != "pending" for c in _joins(fleet, started.id).values()), timeout=30,
+                 what="the agents to leave the failed round")
+        # ... on the ServerApp's own end-of-run notice (a device whose ClientApp raised is alive: it is told too)
+        assert all(c.status == "ok" for c in _joins(fleet, started.id).values()), _joins(fleet, started.id)
     finally:
         for proc in procs.values():
             stop(proc)
