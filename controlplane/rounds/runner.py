@@ -37,6 +37,8 @@ class FlowerRoundRunner:
         self.results_dir = data_dir / "results"
         self._superlink: Any = None
         self._lock = threading.Lock()
+        self._stopping = threading.Event()  # release threads stop waiting for the devices and release them now
+        self._releases: set[threading.Thread] = set()
 
     def _ensure_superlink(self) -> Any:
         with self._lock:
@@ -54,6 +56,10 @@ class FlowerRoundRunner:
         return self._superlink
 
     def stop(self) -> None:
+        """Release the devices of completed rounds now (while the broker and database are still up), then stop."""
+        self._stopping.set()
+        for thread in list(self._releases):
+            thread.join(timeout=10)
         with self._lock:
             if self._superlink is not None:
                 self._superlink.stop()
@@ -79,8 +85,10 @@ class FlowerRoundRunner:
             completed = outcome.ok
         finally:
             if completed:  # the devices are leaving on the ServerApp's notice: the build need not wait for them
-                threading.Thread(target=self._release, args=(round_id, joins, FINISH_GRACE_S),
-                                 name=f"round-{round_id}-release", daemon=True).start()
+                thread = threading.Thread(target=self._release_in_background, args=(round_id, joins),
+                                          name=f"round-{round_id}-release", daemon=True)
+                self._releases.add(thread)
+                thread.start()
             else:
                 self._release(round_id, joins, grace_s=0.0)
         return outcome
@@ -133,15 +141,22 @@ class FlowerRoundRunner:
                 refused[device_id] = command.reason or "declined (no reason given)"
         return refused
 
+    def _release_in_background(self, round_id: int, joins: dict[str, str]) -> None:
+        try:
+            self._release(round_id, joins, FINISH_GRACE_S)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database went away: the agents' own budget still ends it
+            log.warning("round.release_failed", round_id=round_id, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._releases.discard(threading.current_thread())
+
     def _release(self, round_id: int, joins: dict[str, str], grace_s: float) -> None:
         """Tell every device still in the round that it is over. After a completed run the ServerApp has told them
         already: give them ``grace_s`` to leave by themselves first."""
         deadline = time.monotonic() + grace_s
         while True:
             pending = [d for d, c in joins.items() if self._pending(d, c)]
-            if not pending or time.monotonic() >= deadline:
+            if not pending or time.monotonic() >= deadline or self._stopping.wait(POLL_S):
                 break
-            time.sleep(POLL_S)
         for device_id in pending:
             try:
                 self.devices.send_command(device_id, CommandCreate(

@@ -10,6 +10,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ import psutil
 from agent._round_status import read_status
 from controlplane._fleet import Fleet
 from controlplane.db import CommandRecord
-from controlplane.devices.schemas import DeviceCreate, DeviceEnrolled
+from controlplane.devices.schemas import CommandCreate, DeviceCreate, DeviceEnrolled
 from controlplane.rounds.eligibility import EligibilityRule
 from controlplane.rounds.schemas import RoundCreate
 from federated.flower.runtime import SuperLinkProcess
@@ -187,3 +189,24 @@ def test_a_round_in_which_every_client_raised_releases_its_devices(fleet: Fleet,
     finally:
         for proc in procs.values():
             stop(proc)
+
+
+def test_stopping_the_control_plane_releases_devices_of_a_completed_round_at_once(fleet: Fleet, tmp_path: Path) -> None:
+    # Prepare: a completed round whose device has not left on the ServerApp's notice yet: the background release
+    # would give it FINISH_GRACE_S first
+    from controlplane.rounds.runner import FINISH_GRACE_S, FlowerRoundRunner
+
+    fleet.devices.enroll(DeviceCreate(device_id="rel-late", profile="raspberry-pi-5"))
+    runner = FlowerRoundRunner(tmp_path / "flower", fleet.devices)
+    join = fleet.devices.send_command("rel-late", CommandCreate(kind="join_round", args={"round_id": "7"}, wait_s=0))
+    release = threading.Thread(target=runner._release_in_background, args=(7, {"rel-late": join.command_id}))
+    runner._releases.add(release)
+    release.start()
+    # Execute: the control plane stops meanwhile (before its database and broker go)
+    started = time.monotonic()
+    runner.stop()
+    # Assert: the device was told to leave now, and no release thread outlives the stop
+    assert time.monotonic() - started < FINISH_GRACE_S / 2 and not release.is_alive()
+    with Session(fleet.engine) as session:
+        sent = [c.args for c in session.exec(select(CommandRecord).where(CommandRecord.device_id == "rel-late"))]
+    assert {"round_id": "7", "leave": True} in sent
