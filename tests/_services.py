@@ -72,6 +72,17 @@ def fleet_settings(broker_url: str, data_dir: Path, database_url: str | None = N
                     instance_name=uuid.uuid4().hex[:8], ingest_session_expiry_s=30, **overrides)
 
 
+@pytest.fixture(name="engine")
+def fx_engine(database_url: str) -> Iterator[Any]:
+    """A migrated engine on each of the two databases (import it where a test module wants this one)."""
+    from controlplane.db import create_db_engine, migrate
+
+    engine = create_db_engine(database_url)
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture(name="fleet")
 def fx_fleet(mosquitto_url: str, database_url: str, tmp_path: Path) -> Iterator[Any]:
     """A started control plane on the machine's mosquitto and each of the two databases (import it where a test

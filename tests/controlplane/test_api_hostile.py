@@ -26,12 +26,11 @@ from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.db import RoundRecord
 from tests._services import fleet_settings, free_port, fx_fleet, port_open, wait_for  # noqa: F401 - fx_fleet
+from tests.federated.test_tasks import CANARY, CANARY_ENV, fx_canary  # noqa: F401 - fx_canary
 
 pytestmark = pytest.mark.integration
 
 ROW_ID_MAX = 2**31 - 1  # rounds, jobs and deployments have PostgreSQL integer ids
-# tests/federated/_canary.py: importing it or calling touch() writes to $EDGEFLEET_TEST_CANARY (a harmless os:abort)
-CANARY, CANARY_ENV = "tests.federated._canary:touch", "EDGEFLEET_TEST_CANARY"
 
 
 @pytest.fixture(name="client")
@@ -44,14 +43,6 @@ def fx_client(fleet: Fleet) -> Iterator[TestClient[Litestar]]:
 def fx_admin(fleet: Fleet) -> dict[str, str]:
     _, secret = create_token(fleet.engine, Role.ADMIN, "hostile-admin")
     return {"Authorization": f"Bearer {secret}"}
-
-
-@pytest.fixture(name="canary")
-def fx_canary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "canary"
-    monkeypatch.setenv(CANARY_ENV, str(path))
-    monkeypatch.delitem(sys.modules, "tests.federated._canary", raising=False)
-    return path
 
 
 # ------------------------------------------------------------------------------------------ finding 4: tasks

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from controlplane.db import TelemetryRecord, create_db_engine, migrate, utcnow
+from controlplane.db import TelemetryRecord, utcnow
 from controlplane.deployments._quality import MIN_INFERENCES, judge, suspect_reason
+from tests._services import fx_engine  # noqa: F401 - the engine fixture
 
 
 def inference(model: str = "v2", *, count: int = 20, histogram: dict[str, int] | None = None,
@@ -49,12 +49,6 @@ def test_no_verdict_without_evidence(case: list[dict[str, Any]]) -> None:
     assert judge(case, gate_accuracy=0.96) is None
 
 
-@pytest.fixture(name="engine")
-def fx_engine(database_url: str) -> Iterator[Engine]:
-    engine = create_db_engine(database_url)
-    migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def test_suspect_reason_reads_only_the_new_models_telemetry(engine: Engine) -> None:

@@ -29,11 +29,11 @@ from sqlmodel import Session
 from agent import protocol as wire
 from agent._mqtt import BrokerAddress, make_client, parse_broker_url
 from controlplane._fleet import Fleet
-from controlplane.db import CommandRecord, Device, TelemetryRecord, create_db_engine, migrate, utcnow
+from controlplane.db import CommandRecord, Device, TelemetryRecord, utcnow
 from controlplane.devices.schemas import CommandCreate, DeviceCreate
 from controlplane.ingest import Message, process_batch, read_stats
 from controlplane.ingest._worker import _KnownDevices
-from tests._services import fleet_settings, free_port, wait_for
+from tests._services import fleet_settings, free_port, fx_engine, wait_for  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.integration
 
@@ -201,12 +201,6 @@ def assert_honest_stored(engine: Engine, device_id: str, command_id: str, seqs: 
 
 
 # -- straight into process_batch -------------------------------------------------------------------------------
-@pytest.fixture(name="engine")
-def fx_engine(database_url: str) -> Iterator[Engine]:
-    engine = create_db_engine(database_url)
-    migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
