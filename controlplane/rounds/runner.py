@@ -56,7 +56,8 @@ class FlowerRoundRunner:
         return self._superlink
 
     def stop(self) -> None:
-        """Release the devices of completed rounds now (while the broker and database are still up), then stop."""
+        """Stop waiting to release the devices of completed rounds (they leave on the ServerApp's notice, or at the
+        latest when their round's time budget ends), then stop the SuperLink."""
         self._stopping.set()
         for thread in list(self._releases):
             thread.join(timeout=10)
@@ -155,8 +156,12 @@ class FlowerRoundRunner:
         deadline = time.monotonic() + grace_s
         while True:
             pending = [d for d, c in joins.items() if self._pending(d, c)]
-            if not pending or time.monotonic() >= deadline or self._stopping.wait(POLL_S):
+            if not pending or time.monotonic() >= deadline:
                 break
+            if self._stopping.wait(POLL_S):
+                # Shutting down: a leave now would wait in an offline device's broker session and could end a
+                # later round that reuses this id (a new database); the device's own budget ends this one.
+                return
         for device_id in pending:
             try:
                 self.devices.send_command(device_id, CommandCreate(
