@@ -4,6 +4,7 @@ interpreter, driven through a real (never connected) Agent."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
@@ -152,19 +153,27 @@ class RangeHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.fixture(name="server")
-def fx_server(tmp_path: Path) -> Iterator[FileServer]:
-    root = tmp_path / "www"
+@contextlib.contextmanager
+def _file_server(root: Path) -> Iterator[FileServer]:
+    """A FileServer over `root` (with manifests/ and artifacts/) on its own thread, for the test's duration."""
     (root / "manifests").mkdir(parents=True)
     (root / "artifacts").mkdir()
     server = FileServer(root)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="test-http", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name=f"test-http-{root.name}", daemon=True)
     thread.start()
-    yield server
-    server.release.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    try:
+        yield server
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture(name="server")
+def fx_server(tmp_path: Path) -> Iterator[FileServer]:
+    with _file_server(tmp_path / "www") as server:
+        yield server
 
 
 # -------------------------------------------------------------------------------------- keys and manifests
@@ -626,16 +635,8 @@ def test_malformed_commands_are_refused(make_agent: AgentFactory) -> None:
 @pytest.fixture(name="other_server")
 def fx_other_server(tmp_path: Path) -> Iterator[FileServer]:
     """Any other HTTP server (an attacker's, or a stale mirror): same files, another origin."""
-    root = tmp_path / "elsewhere"
-    (root / "manifests").mkdir(parents=True)
-    (root / "artifacts").mkdir()
-    server = FileServer(root)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="test-http-2", daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with _file_server(tmp_path / "elsewhere") as server:
+        yield server
 
 
 def assert_still_on(agent: Agent, version: str, variant: str) -> None:
