@@ -29,9 +29,9 @@ from paho.mqtt.properties import Properties
 from agent import __version__
 from agent import protocol as wire
 from agent._errors import ConfigError
-from agent._mqtt import BrokerAddress, MqttProtocol, make_client
 from agent._outbox import Outbox
 from agent._telemetry import PowerMode, PowerSensor, SystemSensor
+from agent.mqtt import BrokerAddress, MqttProtocol, make_client
 from firmware_profiles import Profile
 
 __all__ = ["Agent", "AgentSettings", "LifecycleState", "write_atomic"]
@@ -51,7 +51,7 @@ CommandHandler = Callable[["Agent", wire.Command], tuple[bool, str | None, dict[
 # kind -> "module:function", imported on first use so an agent that never deploys never imports the OTA code.
 _LONG_RUNNING: dict[str, str] = {
     wire.CommandKind.DEPLOY_MODEL: "agent._ota:handle_deploy_model",
-    wire.CommandKind.JOIN_ROUND: "agent._supernode:handle_join_round",
+    wire.CommandKind.JOIN_ROUND: "agent.join_round:handle_join_round",
 }
 
 
@@ -148,7 +148,7 @@ class Agent:
         self.runtime_version: str | None = None
         self.model_version: str | None = None
         self.active_variant: str | None = None
-        self._inference: Any = None  # agent._runtime.InferenceLoop, started in run()
+        self._inference: Any = None  # agent.runtime.InferenceLoop, started in run()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def set_state(self, state: LifecycleState) -> None:
@@ -454,7 +454,9 @@ class Agent:
     def _start_inference(self) -> None:
         from agent import (  # deferred: keeps `import agent` cheap for tools that only need the protocol
             _ota,
-            _runtime,
+        )
+        from agent import (
+            runtime as _runtime,
         )
 
         rate = float(self.config.get("inference_rate_hz", self.settings.inference_rate_hz))

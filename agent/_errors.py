@@ -2,7 +2,7 @@
 
 AgentError
 ├── ConfigError          bad settings or a set_config command with invalid values
-└── AgentRuntimeError    (agent._runtime) inference runtime problems
+└── AgentRuntimeError    (agent.runtime) inference runtime problems
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ verified files; :func:`resolve_startup_model` re-verifies them anyway and falls 
 then to the shipped starter.
 
 Only the standard library (urllib), numpy, msgspec and the TFLite runtime are used; ``cryptography`` is
-imported by :func:`agent._manifest.verify_signature` when a signature is checked, ``urllib.request`` when
+imported by :func:`agent.manifest.verify_signature` when a signature is checked, ``urllib.request`` when
 downloading.
 """
 
@@ -65,8 +65,7 @@ import structlog
 
 from agent import protocol as wire
 from agent._daemon import Agent, write_atomic
-from agent._manifest import (
-    Golden,
+from agent.manifest import (
     ManifestError,
     ModelManifest,
     Release,
@@ -78,7 +77,7 @@ from agent._manifest import (
 from firmware_profiles import ModelVariant, RuntimeName, variant_unsupported
 
 if TYPE_CHECKING:
-    from agent._runtime import TFLiteModel
+    from agent.runtime import TFLiteModel
 
 __all__ = [
     "CLOCK_SKEW_S",
@@ -97,7 +96,6 @@ __all__ = [
     "handle_deploy_model",
     "resolve_startup_model",
     "rollback",
-    "self_test",
     "version_at_least",
 ]
 
@@ -324,7 +322,7 @@ def resolve_startup_model(data_dir: Path, runtime: str) -> tuple[Path, str, str]
     The pointer's current model if its file still has the recorded sha256 and loads on ``runtime``, else the
     previous model under the same checks, else None.
     """
-    from agent._runtime import ModelLoadError, TFLiteModel, declared_contract
+    from agent.runtime import ModelLoadError, TFLiteModel, declared_contract
 
     models = Path(data_dir) / MODELS_DIR
     pointer = _read_pointer(models)
@@ -636,37 +634,6 @@ def _check_manifest(agent: Agent, manifest: ModelManifest, model_version: str, v
         raise DeployError("manifest", f"artifact size {manifest.size_bytes} in the manifest")
 
 
-def self_test(model: TFLiteModel, golden: Golden) -> dict[str, Any]:
-    """Run the raw golden input through ``model`` (its input contract, then the model); returns the figures,
-    raises DeployError("self-test") if off."""
-    expected = np.asarray(golden.output, dtype=np.float32)
-    try:
-        actual = model.predict(np.asarray(golden.input, dtype=np.float32))
-    except Exception as exc:  # any failure of the candidate model is a failed self-test
-        raise DeployError("self-test", f"self-test failed: predict raised {type(exc).__name__}: {exc}") \
-            from exc
-    if actual.shape != expected.shape:
-        raise DeployError("self-test", f"self-test failed: output shape {list(actual.shape)}, golden output "
-                                       f"{list(expected.shape)}")
-    if not np.all(np.isfinite(actual)):
-        raise DeployError("self-test", "self-test failed: the model returns non-finite values on the golden "
-                                       "input")
-    diff: npt.NDArray[np.float32] = np.abs(actual - expected)
-    worst = float(diff.max()) if diff.size else 0.0
-    agree = int((actual.argmax(axis=1) == expected.argmax(axis=1)).sum()) if diff.size else 0
-    samples = int(expected.shape[0])
-    figures = {"max_abs_diff": round(worst, 6), "tolerance": golden.tolerance, "samples": samples,
-               "top1_agreement": f"{agree}/{samples}"}
-    if not worst <= golden.tolerance:
-        row, col = (int(i) for i in np.unravel_index(int(diff.argmax()), diff.shape))
-        raise DeployError("self-test", (
-            f"self-test failed: max |output - golden| = {worst:.4g} > tolerance {golden.tolerance:g} "
-            f"(sample {row}, class {col}: {float(actual[row, col]):.4g} vs golden "
-            f"{float(expected[row, col]):.4g}); "
-            f"top-1 agrees on {agree}/{samples} golden samples"))
-    return figures
-
-
 # -------------------------------------------------------------------------------------------- agent state
 
 
@@ -767,7 +734,7 @@ def rollback(agent: Agent, reason: str = "requested") -> bool:
 
 
 def _rollback_locked(agent: Agent, state: _OtaState, reason: str) -> bool:
-    from agent._runtime import ModelLoadError, TFLiteModel, declared_contract, starter_model_path
+    from agent.runtime import ModelLoadError, TFLiteModel, declared_contract, starter_model_path
 
     models = agent.settings.data_dir / MODELS_DIR
     pointer = _read_pointer(models)
@@ -882,7 +849,7 @@ def handle_deploy_model(agent: Agent, command: wire.Command) -> tuple[bool, str 
 
 def _deploy(agent: Agent, model_version: str, variant: ModelVariant, args: dict[str, Any],
             bound: Any) -> dict[str, Any]:
-    from agent._runtime import ModelLoadError, RuntimeUnavailable, TFLiteModel
+    from agent.runtime import ModelLoadError, RuntimeUnavailable, SelfTestFailed, TFLiteModel, self_test
 
     settings = agent.settings
     policy = DOWNLOAD
@@ -940,7 +907,10 @@ def _deploy(agent: Agent, model_version: str, variant: ModelVariant, args: dict[
                                      sha256=manifest.sha256, preprocessing=manifest.input_contract())
         except (ModelLoadError, RuntimeUnavailable) as exc:
             raise DeployError("load", str(exc)) from exc
-        figures = self_test(model, manifest.raw_golden())
+        try:
+            figures = self_test(model, manifest.raw_golden())
+        except SelfTestFailed as exc:
+            raise DeployError("self-test", str(exc)) from exc
         # 6. Commit on disk (the release first: a crash after it leaves the old model, which the same release
         # can still replace), then swap in memory.
         previous = _active_entry(agent, models)

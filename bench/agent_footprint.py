@@ -83,11 +83,11 @@ for stmt in json.loads(sys.argv[2]):
 print(json.dumps(out))
 """
 
-# In the order `edgefleet agent run` pulls them in (controlplane/_entry.py -> agent/_cli.py, then agent/_daemon.py
+# In the order `edgefleet agent run` pulls them in (controlplane/_entry.py -> agent/cli.py, then agent/_daemon.py
 # and what it imports); "alone" measures each in a fresh floor process, "in agent order" what it adds after the
 # ones above it (shared dependencies are counted once, where they first come in).
 IMPORTS = [
-    ("controlplane._entry + agent._cli (argparse)", "import controlplane._entry, agent._cli"),
+    ("controlplane._entry + agent.cli (argparse)", "import controlplane._entry, agent.cli"),
     ("ssl (libssl/libcrypto; paho imports it)", "import ssl"),
     ("urllib.request (+ http, email; paho imports it)", "import urllib.request"),
     ("paho.mqtt.client (the rest of it)", "import paho.mqtt.client"),
@@ -99,8 +99,8 @@ IMPORTS = [
     ("psutil", "import psutil"),
     ("firmware_profiles (+ tomllib), one profile loaded",
      "import firmware_profiles; firmware_profiles.get_profile('raspberry-pi-5')"),
-    ("agent._daemon, _outbox, _telemetry, _runtime, _logging",
-     "import agent._daemon, agent._outbox, agent._telemetry, agent._runtime, agent._logging"),
+    ("agent._daemon, _outbox, _telemetry, runtime, logsetup",
+     "import agent._daemon, agent._outbox, agent._telemetry, agent.runtime, agent.logsetup"),
 ]
 # What an agent needs at the least with today's libraries (paho with ssl + urllib, msgspec, sqlite3, psutil,
 # profiles, stdlib logging): no typer/click/rich, no structlog/asyncio. The agent's own modules and its running
@@ -184,7 +184,7 @@ def telemetry_counter(port: int) -> tuple[Any, dict[str, Any]]:
 
 
 def run_processes(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from agent._runtime import DEFAULT_DATA_RESOURCE, starter_model_path
+    from agent.runtime import DEFAULT_DATA_RESOURCE, starter_model_path
 
     model = starter_model_path()
     data = ROOT / DEFAULT_DATA_RESOURCE[0].replace(".", "/") / DEFAULT_DATA_RESOURCE[1]
@@ -292,7 +292,7 @@ def main() -> int:
                         help="measure only floor and agent (no diagnostic agent variants)")
     args = parser.parse_args()
 
-    from agent._runtime import starter_model_path
+    from agent.runtime import starter_model_path
 
     print(f"agent footprint: {args.warmup:.0f} s warm-up, {args.seconds:.0f} s window, both processes at once; "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}", flush=True)

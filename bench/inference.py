@@ -11,7 +11,7 @@ For each model (trained first, centrally, on the digits task's training pool; ev
 * latency: one sample (batch 1), one thread everywhere, median over ``--runs`` timed calls, taken in blocks of
   200 alternating between engines (the machine is shared: drift hits every engine alike). Timed: set input,
   run, read output; inputs are prepared beforehand (already int8 for full-int8). ``predict`` is the same through
-  ``agent._runtime.TFLiteModel.predict``, quantisation by the host included (what the agent pays);
+  ``agent.runtime.TFLiteModel.predict``, quantisation by the host included (what the agent pays);
 * throughput: batch ``--batch`` (``resize_tensor_input`` for TFLite), samples/s from the median batch time;
 * size: the artifact (TFLite flatbuffer, ONNX file, ``torch.save`` of the state dict);
 * accuracy: held-out, through each engine.
@@ -201,7 +201,7 @@ def _tflite_engine(
     """``batch_path``: the same variant converted at the batch size, for models that cannot be resized."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from agent._runtime import TFLiteModel
+    from agent.runtime import TFLiteModel
 
     def interpreter(model_path: Path, batch: np.ndarray) -> tuple[Any, Any, int, np.ndarray]:
         it = Interpreter(model_path=str(model_path), num_threads=1)
@@ -450,7 +450,7 @@ def main() -> int:
 
     import torch
 
-    from agent._runtime import load_interpreter_class
+    from agent.runtime import load_interpreter_class
 
     results = [bench_model(m, args) for m in models]
     for result in results:

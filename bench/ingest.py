@@ -358,10 +358,10 @@ def run_ours(args: argparse.Namespace, publisher: Publisher, workdir: Path, repe
     stops when the workers have acked N messages)."""
     from sqlalchemy import text
 
-    from controlplane._fleet import Fleet
     from controlplane.devices.schemas import DeviceCreate
     from controlplane.ingest import read_stats
     from controlplane.settings import BrokerAuthMode, Settings
+    from controlplane.wiring import Fleet
 
     run = Run(f"ours-{workers}" + ("-nodb" if no_db else ""), repeat, args.messages)
     run_id = uuid.uuid4().hex[:8]
@@ -435,7 +435,7 @@ def stub_process_batch(active: bool) -> Iterator[None]:
         return
     from collections import Counter
 
-    from controlplane.ingest import _worker
+    from controlplane.ingest import worker as _worker
 
     original = _worker.process_batch
     _worker.process_batch = lambda engine, known, batch: Counter(received=len(batch))  # type: ignore[assignment]
@@ -454,11 +454,11 @@ def breakdown(args: argparse.Namespace, workdir: Path, batch_size: int) -> dict[
     from sqlalchemy.dialects import postgresql, sqlite
 
     from agent import protocol as wire
-    from controlplane._fleet import Fleet
     from controlplane.devices.schemas import DeviceCreate
-    from controlplane.ingest import _worker
-    from controlplane.ingest._stats import add_counts
+    from controlplane.ingest import worker as _worker
+    from controlplane.ingest.stats import add_counts
     from controlplane.settings import BrokerAuthMode, Settings
+    from controlplane.wiring import Fleet
 
     run_id = uuid.uuid4().hex[:8]
     ids = device_ids(run_id)
@@ -665,7 +665,7 @@ def main() -> int:
     args = parser.parse_args()
 
     publisher = Publisher()  # before any thread exists in this process
-    from agent._logging import configure_logging
+    from agent.logsetup import configure_logging
 
     configure_logging("warning")
     modes = args.modes.split(",")
@@ -731,7 +731,7 @@ def profile_ours(args: argparse.Namespace, publisher: Publisher, workdir: Path) 
 
     import paho.mqtt.client as mqtt
 
-    from controlplane.ingest import _worker
+    from controlplane.ingest import worker as _worker
 
     profiles: list[tuple[str, cProfile.Profile]] = []
     original_write_loop = _worker.IngestWorker._write_loop

@@ -39,7 +39,7 @@ from typing import Any
 
 from _common import ROOT, free_port
 
-from federated.flower._config import APP_DIR
+from federated.flower.config import APP_DIR
 from federated.flower.runtime import (
     SuperLinkProcess,
     SuperNodeProcess,

@@ -10,7 +10,7 @@ __all__ = ["main"]
 
 def main() -> None:
     if sys.argv[1:2] == ["agent"]:
-        from agent._cli import main as agent_main
+        from agent.cli import main as agent_main
 
         sys.exit(agent_main(sys.argv[2:]))
     try:

@@ -17,7 +17,6 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from agent import __version__
 from controlplane._bounds import MAX_BODY_BYTES
-from controlplane._fleet import Fleet
 from controlplane._http import exception_handlers, limit_json_nesting
 from controlplane.auth import Role
 from controlplane.auth._guards import BearerTokenMiddleware, requires
@@ -31,6 +30,7 @@ from controlplane.rounds.controller import RoundController, ScheduleController
 from controlplane.rounds.scheduler import RoundScheduler
 from controlplane.rounds.service import RoundService
 from controlplane.settings import Settings
+from controlplane.wiring import Fleet
 
 __all__ = ["create_app"]
 

@@ -93,9 +93,9 @@ def profiles_show(name: str) -> None:
     help="The device agent: `edgefleet agent run --help`.",
 )
 def agent_cmd(ctx: typer.Context) -> None:
-    """The console script hands `edgefleet agent ...` straight to agent._cli (no typer in the device process);
+    """The console script hands `edgefleet agent ...` straight to agent.cli (no typer in the device process);
     this entry serves the same parser when the typer app is driven directly (tests, `python -m controlplane.cli`)."""
-    from agent._cli import main as agent_main
+    from agent.cli import main as agent_main
 
     raise typer.Exit(agent_main(list(ctx.args)))
 
@@ -139,7 +139,7 @@ def controlplane_serve(
         from controlplane.settings import BrokerAuthMode
     except ImportError as exc:
         _fail(f"the control plane needs `pip install edgefleet[controlplane]` ({exc})")
-    from agent._logging import configure_logging
+    from agent.logsetup import configure_logging
 
     configure_logging(log_level)
     tasks = _register_tasks(task or [])
@@ -153,7 +153,7 @@ def controlplane_serve(
         embedded_broker_port=embedded_broker_port, ingest_workers=ingest_workers,
     )
     from controlplane._errors import ControlPlaneError
-    from controlplane._fleet import Fleet
+    from controlplane.wiring import Fleet
 
     # Start the fleet (database, broker, ingest) before serving, so a bad setting is one clear line, not a trace.
     try:
@@ -197,7 +197,7 @@ def _url_has_password(url: str) -> bool:
 
 # -- tokens --------------------------------------------------------------------------------------------------
 def _engine(database_url: str | None, data_dir: Path | None) -> Any:
-    from agent._logging import configure_logging
+    from agent.logsetup import configure_logging
     from controlplane._private import private_dir
     from controlplane.db import create_db_engine, migrate
 
@@ -501,7 +501,7 @@ def demo(
 ) -> None:
     """The whole loop on this machine: control plane, broker, N agents, scheduled federated rounds, build, signed
     rollout, on-device inference; prints the summary."""
-    from agent._logging import configure_logging
+    from agent.logsetup import configure_logging
     from controlplane.demo import run_demo
 
     configure_logging("warning")

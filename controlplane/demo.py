@@ -15,11 +15,11 @@ from typing import Any, Self
 import httpx
 import uvicorn
 
-from controlplane._fleet import Fleet
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.broker import free_port
 from controlplane.settings import Settings
+from controlplane.wiring import Fleet
 
 __all__ = ["DEMO_PROFILES", "run_demo"]
 

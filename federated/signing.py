@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from agent._manifest import (
+from agent.manifest import (
     ModelManifest,
     Release,
     SignedManifest,
@@ -153,7 +153,7 @@ class Signer:
 
     @property
     def public_key_raw(self) -> bytes:
-        """The 32-byte ed25519 public key (what ``agent._manifest.verify_signature`` takes)."""
+        """The 32-byte ed25519 public key (what ``agent.manifest.verify_signature`` takes)."""
         return self._raw_public(self._private_key())
 
     @property

@@ -185,7 +185,7 @@ def _write_metadata(path: Path, *, variant: str, accuracy: float, extra: dict[st
         "model_version": MODEL_VERSION,
         "variant": variant,
         "input_scale": INPUT_SCALE,
-        # The model's input contract (agent._manifest.InputContract): the agent applies it to raw samples.
+        # The model's input contract (agent.manifest.InputContract): the agent applies it to raw samples.
         "preprocessing": {"scale": [INPUT_SCALE], "offset": [0.0], "shape": [NUM_FEATURES], "dtype": "float32",
                           "source": "declared"},
         "num_classes": NUM_CLASSES,

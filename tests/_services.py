@@ -87,7 +87,7 @@ def fx_engine(database_url: str) -> Iterator[Any]:
 def fx_fleet(mosquitto_url: str, database_url: str, tmp_path: Path) -> Iterator[Any]:
     """A started control plane on the machine's mosquitto and each of the two databases (import it where a test
     module wants this one)."""
-    from controlplane._fleet import Fleet
+    from controlplane.wiring import Fleet
 
     fleet = Fleet(fleet_settings(mosquitto_url, tmp_path / "cp", database_url)).start()
     yield fleet

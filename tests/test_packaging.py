@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
 import sys
 import tomllib
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,120 @@ def test_packages_import_only_downwards(package: str, forbidden: set[str]) -> No
     offending = {path: sorted(names & forbidden) for path, names in _imports(package).items() if names & forbidden}
     # Assert
     assert offending == {}
+
+
+PACKAGES = ("agent", "controlplane", "federated", "firmware_profiles")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    base = base if is_package else base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join([*base, node.module] if node.module else base)
+
+
+def _imported_modules(path: Path, known: Collection[str] = ()) -> set[str]:
+    """Every module `path` imports (function-level imports too; not those under `if TYPE_CHECKING:`).
+
+    `from pkg import name` counts as `pkg.name` where that is one of the `known` modules, else as `pkg`.
+    """
+    module = _module_name(path)
+    tree = ast.parse(path.read_text())
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped |= {id(child) for stmt in node.body for child in ast.walk(stmt)}
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(node, module, path.name == "__init__.py")
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                names.add(sub if sub in known else target)
+                names.add(sub)
+    return names
+
+
+def _private_part(module: str) -> str | None:
+    """The package a private module belongs to (`agent._ota` -> `agent`), or None for a public module."""
+    parts = module.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and not part.startswith("__"):
+            return ".".join(parts[:1]) if i > 0 else None
+    return None
+
+
+def test_private_modules_are_imported_only_inside_their_package() -> None:
+    # A module named `_x` is its package's own business: another top-level package, the benchmarks and the tests of
+    # another package import public modules only (tests/<package>/ may test <package>'s private modules directly).
+    # Arrange
+    sources = [p for d in (*PACKAGES, "bench", "tests") for p in (ROOT / d).rglob("*.py")]
+    # Execute
+    offending: dict[str, list[str]] = {}
+    for path in sources:
+        rel = path.relative_to(ROOT).parts
+        home = rel[1] if rel[0] == "tests" and len(rel) > 2 else rel[0]
+        bad = sorted(
+            name for name in _imported_modules(path)
+            if (owner := _private_part(name)) is not None and owner in PACKAGES and owner != home
+        )
+        if bad:
+            offending[str(path.relative_to(ROOT))] = bad
+    # Assert
+    assert offending == {}
+
+
+@pytest.mark.parametrize("package", [
+    pytest.param("agent", marks=pytest.mark.xfail(strict=True, reason="issue 9 §1: agent._daemon <-> agent._ota")),
+    *PACKAGES[1:],
+])
+def test_no_import_cycle_inside_a_package(package: str) -> None:
+    # Arrange: the graph of module -> modules of the same package it imports (a name imported from a package counts
+    # as that package's __init__, unless the name is a submodule)
+    paths = {_module_name(p): p for p in (ROOT / package).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        graph[module] = {name for name in _imported_modules(path, paths) if name in paths and name != module}
+    # Execute: Tarjan's strongly connected components; a component of more than one module is a cycle
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    # Assert
+    assert cycles == []

@@ -1,6 +1,6 @@
 """Rollouts: desired model per device, `deploy_model` commands wave by wave, progress from the devices' acks.
 
-A deployment issues one signed :class:`~agent._manifest.Release` per variant it sends (release number, task,
+A deployment issues one signed :class:`~agent.manifest.Release` per variant it sends (release number, task,
 device classes, deployment id, expiry, rollback flag) and one download token per device, sent only in that
 device's command: the database keeps its SHA-256, the command table keeps the command without it. A token
 opens the release and artifact of its own deployment and variant only, and only while the deployment runs and
@@ -24,7 +24,7 @@ from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
 from agent import protocol as wire
-from agent._manifest import Release, decode_signed
+from agent.manifest import Release, decode_signed
 from controlplane._errors import InvalidInput, NotFound
 from controlplane.db import (
     CommandRecord,

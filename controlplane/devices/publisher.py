@@ -9,7 +9,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import structlog
 
-from agent._mqtt import BrokerAddress, MqttProtocol, make_client
+from agent.mqtt import BrokerAddress, MqttProtocol, make_client
 from controlplane._errors import BrokerUnavailable
 
 __all__ = ["CommandPublisher"]

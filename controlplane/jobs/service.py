@@ -13,7 +13,7 @@ import structlog
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from agent._manifest import ModelSource
+from agent.manifest import ModelSource
 from controlplane._errors import Conflict, InvalidInput, NotFound
 from controlplane.db import Device, JobRecord, as_utc, utcnow
 from controlplane.jobs.backends import LOG_WINDOW, Backend

@@ -10,7 +10,7 @@ import structlog
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from agent._manifest import ModelSource
+from agent.manifest import ModelSource
 from controlplane.db import Device
 from controlplane.deployments.schemas import DeploymentCreate, Targets
 from controlplane.deployments.service import DeploymentService

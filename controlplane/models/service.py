@@ -11,7 +11,7 @@ from sqlalchemy import Engine, func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from agent._manifest import SignedManifest, decode_signed
+from agent.manifest import SignedManifest, decode_signed
 from controlplane._errors import Conflict, NotFound
 from controlplane.db import ModelArtifactRecord, ModelVersionRecord, as_utc, utcnow
 from controlplane.models.schemas import ArtifactRead, ModelRead

@@ -2,7 +2,7 @@
 
 ``build_variants(task, state_dict, variants=..., out_dir=..., model_version=..., source=..., signer=...)``
 converts with litert-torch and ai-edge-quantizer (fp32, fp16, dynamic-int8, full-int8), evaluates each variant on
-the task's held-out set through ``agent._runtime.TFLiteModel``, rejects variants more than one accuracy point
+the task's held-out set through ``agent.runtime.TFLiteModel``, rejects variants more than one accuracy point
 below fp32, and writes ``<model_version>-<variant>.tflite`` with a signed ``.manifest.json`` for each published
 one. Needs the ``build`` extra (torch, litert-torch); importing this package does not import them.
 """

@@ -20,14 +20,14 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from agent._manifest import Golden, InputContract, ModelManifest, ModelSource, SignedManifest, file_sha256
+from agent.manifest import Golden, InputContract, ModelManifest, ModelSource, SignedManifest, file_sha256
 from federated.build import _convert
 from firmware_profiles import ModelVariant, RuntimeName, variant_unsupported
 
 if TYPE_CHECKING:
     import torch
 
-    from agent._runtime import TFLiteModel
+    from agent.runtime import TFLiteModel
     from federated.tasks import Task
 
 __all__ = [
@@ -290,7 +290,7 @@ def _evaluate(
     ``x`` is RAW held-out samples: the model is loaded with the input contract its manifest will carry and
     predicts as a device does (raw -> contract -> model), so the gate measures the path the devices run.
     """
-    from agent._runtime import TFLiteModel
+    from agent.runtime import TFLiteModel
 
     model = TFLiteModel.load(path, runtime=EVALUATION_RUNTIME, sha256=sha256, preprocessing=contract)
     try:
@@ -366,12 +366,12 @@ def build_variants(
       calibrated on ``calibration_samples`` of ``task.calibration_data`` in batches of 64): see
       :mod:`federated.build._convert`.
     * Every variant is evaluated on ``task.heldout()`` through the TFLite runtime the devices use
-      (``agent._runtime.TFLiteModel``, ai-edge-litert), never through torch. fp32 is the reference (always
+      (``agent.runtime.TFLiteModel``, ai-edge-litert), never through torch. fp32 is the reference (always
       built); a variant whose accuracy is more than ``max_accuracy_drop`` below it is rejected.
     * A variant is also rejected when no runtime in ``runtime_minimums`` may run it
       (:func:`firmware_profiles.variant_unsupported`), or when it cannot be produced or loaded.
     * Each published variant is written as ``<model_version>-<variant>.tflite`` plus a signed manifest
-      ``<model_version>-<variant>.manifest.json`` (:class:`agent._manifest.SignedManifest`) in ``out_dir``; the
+      ``<model_version>-<variant>.manifest.json`` (:class:`agent.manifest.SignedManifest`) in ``out_dir``; the
       artifact is in place before its manifest. Rejected variants leave no file behind.
 
     The input contract: the task's (:func:`federated.tasks.input_contract_of`: ``x * scale + offset`` per

@@ -4,6 +4,6 @@
   (``flwr`` and ``torch`` are imported there, never here);
 * :mod:`federated.flower.runtime`: the SuperLink and SuperNode processes and the Control API client (run
   submission and status), importable without flwr;
-* :mod:`federated.flower._config`: the run configuration both sides agree on;
+* :mod:`federated.flower.config`: the run configuration both sides agree on;
 * ``federated/flower/app/``: the Flower App project that becomes the FAB of every run.
 """

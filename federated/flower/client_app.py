@@ -11,7 +11,7 @@ Node config (``flower-supernode --node-config``, set by :class:`federated.flower
     (the ServerApp of another run sees the mismatch in the ``identify`` answer and leaves the node alone).
 ``status-path`` (optional)
     A JSON file the ClientApp keeps up to date for the agent: the run, the rounds this device trained and
-    whether the ServerApp has said the run is over (see :mod:`agent._round_status`).
+    whether the ServerApp has said the run is over (see :mod:`agent.round_status`).
 
 Messages:
 
@@ -33,8 +33,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from agent._round_status import update_status
-from federated.flower._config import QUERY_ACTION_KEY, QUERY_FINISH, QUERY_IDENTIFY
+from agent.round_status import update_status
+from federated.flower.config import QUERY_ACTION_KEY, QUERY_FINISH, QUERY_IDENTIFY
 
 __all__ = ["app"]
 

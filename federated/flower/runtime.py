@@ -32,18 +32,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Self
 
-from agent._flower import (
+from agent.supernode import (
     FlowerNotInstalled,
     SuperNodeProcess,
-    _open_log,
-    _terminate_group,
-    _wait_healthy,
     flower_env,
     flower_executable,
     free_port,
     node_config_arg,
+    open_log,
+    terminate_group,
+    wait_healthy,
 )
-from federated.flower._config import APP_DIR, DEFAULT_RUN_CONFIG
+from federated.flower.config import APP_DIR, DEFAULT_RUN_CONFIG
 
 __all__ = [
     "FlowerControlError",
@@ -317,15 +317,15 @@ class SuperLinkProcess:
         flwr_home = self.data_dir / "flwr-home"
         flwr_home.mkdir(parents=True, exist_ok=True)
         if self._log_file is None:
-            self._log_file = _open_log(self.log_path)
+            self._log_file = open_log(self.log_path)
         env = flower_env(flwr_home, self.extra_env, task_poll_interval_s=self.task_poll_interval_s)
         process = subprocess.Popen(
             self.command(), env=env, cwd=self.data_dir, stdin=subprocess.DEVNULL,
             stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        if not _wait_healthy(self.health_url, process, self.startup_timeout_s):
+        if not wait_healthy(self.health_url, process, self.startup_timeout_s):
             code = process.poll()
-            _terminate_group(process, 5.0)
+            terminate_group(process, 5.0)
             raise RuntimeError(
                 f"flower-superlink on {self.address} did not become healthy within {self.startup_timeout_s:g}s"
                 f" (exit code {code}); see {self.log_path}"
@@ -356,7 +356,7 @@ class SuperLinkProcess:
             if self._stopping.is_set():
                 return
             log.warning("superlink.died address=%s code=%s; restarting in %.0fs", self.address, code, backoff)
-            _terminate_group(process, 1.0)  # its group; detached children watch its pid and exit themselves
+            terminate_group(process, 1.0)  # its group; detached children watch its pid and exit themselves
             if self._stopping.wait(backoff):
                 return
             with self._lock:
@@ -379,7 +379,7 @@ class SuperLinkProcess:
         with self._lock:
             process = self._process
             if process is not None:
-                _terminate_group(process, timeout)
+                terminate_group(process, timeout)
             if isinstance(self._log_file, int) or self._log_file is None:
                 pass
             else:

@@ -1,6 +1,6 @@
 """The EdgeFleet ServerApp: one federated run among the invited devices, results handed back to the control plane.
 
-What a run does (run config: :mod:`federated.flower._config`):
+What a run does (run config: :mod:`federated.flower.config`):
 
 1. **Discovery.** Flower's node ids are random and a node's ``node_config`` is visible to its ClientApp only,
    so the ServerApp sends an ``identify`` query to every connected SuperNode and learns node id -> device id
@@ -58,7 +58,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
-from federated.flower._config import (
+from federated.flower.config import (
     CALLBACK_TOKEN_ENV,
     QUERY_ACTION_KEY,
     QUERY_FINISH,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from agent._manifest import InputContract
+from agent.manifest import InputContract
 
 if TYPE_CHECKING:
     import torch
@@ -70,10 +70,10 @@ class Dataset:
     def model_input(self, preprocessing: float | InputContract) -> FloatArray:
         """What the model (and the TFLite artifact) takes: ``x`` through the input contract (or ``x * scale``).
 
-        Computed by the same function as on a device (:class:`agent._runtime.Preprocessor`), so training,
+        Computed by the same function as on a device (:class:`agent.runtime.Preprocessor`), so training,
         evaluation, calibration and the devices see bit-identical model input.
         """
-        from agent._runtime import Preprocessor
+        from agent.runtime import Preprocessor
 
         contract = preprocessing if isinstance(preprocessing, InputContract) else InputContract(
             scale=[float(preprocessing)])

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane._fleet import Fleet
 from controlplane.devices.schemas import CommandCreate, DeviceCreate
 from controlplane.settings import BrokerAuthMode, Settings
+from controlplane.wiring import Fleet
 from tests._services import PrivateMosquitto, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from agent import _ota
 from agent import protocol as wire
 from agent._daemon import Agent, AgentSettings
-from agent._manifest import (
+from agent.manifest import (
     Golden,
     ModelManifest,
     ModelSource,
@@ -46,8 +46,8 @@ from agent._manifest import (
     key_id,
     release_bytes,
 )
-from agent._mqtt import BrokerAddress
-from agent._runtime import DataSource, TFLiteModel, starter_model_path
+from agent.mqtt import BrokerAddress
+from agent.runtime import DataSource, TFLiteModel, starter_model_path
 from firmware_profiles import Profile, get_profile
 from tests._services import wait_for
 
@@ -916,7 +916,7 @@ _COMMIT_LOOP = """
 import json, shutil, sys
 from pathlib import Path
 from agent import _ota
-from agent._manifest import decode_signed
+from agent.manifest import decode_signed
 
 models, specs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
 (models / ".partial").mkdir(parents=True, exist_ok=True)

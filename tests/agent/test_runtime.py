@@ -1,4 +1,4 @@
-"""agent._runtime against the real LiteRT interpreter and the shipped starter models and data."""
+"""agent.runtime against the real LiteRT interpreter and the shipped starter models and data."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 
 from agent import protocol
 from agent._errors import AgentError
-from agent._manifest import InputContract
-from agent._runtime import (
+from agent.manifest import InputContract
+from agent.runtime import (
     RUNTIMES,
     AgentRuntimeError,
     DataSource,
@@ -90,7 +90,7 @@ def test_import_pulls_neither_torch_nor_a_runtime() -> None:
     result = _run_python(
         """
         import sys
-        import agent._runtime
+        import agent.runtime
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "ai_edge_litert", "tflite_runtime"})
         print(heavy)
         """
@@ -117,7 +117,7 @@ def test_installed_runtime_is_used(runtime: str, caplog: pytest.LogCaptureFixtur
     # Prepare
     if runtime not in INSTALLED:
         pytest.skip(f"{runtime} is not installed")
-    caplog.set_level(logging.WARNING, logger="agent._runtime")
+    caplog.set_level(logging.WARNING, logger="agent.runtime")
 
     # Execute
     loaded = load_interpreter_class(runtime)
@@ -135,7 +135,7 @@ def test_missing_runtime_falls_back_with_warning(runtime: str, caplog: pytest.Lo
     # Prepare
     if runtime in INSTALLED:
         pytest.skip(f"{runtime} is installed: nothing to fall back from")
-    caplog.set_level(logging.WARNING, logger="agent._runtime")
+    caplog.set_level(logging.WARNING, logger="agent.runtime")
 
     # Execute
     loaded = load_interpreter_class(runtime)
@@ -148,7 +148,7 @@ def test_missing_runtime_falls_back_with_warning(runtime: str, caplog: pytest.Lo
 
 def test_unknown_runtime_falls_back_with_warning(caplog: pytest.LogCaptureFixture) -> None:
     # Prepare
-    caplog.set_level(logging.WARNING, logger="agent._runtime")
+    caplog.set_level(logging.WARNING, logger="agent.runtime")
 
     # Execute
     loaded = load_interpreter_class("tflite-micro")
@@ -165,7 +165,7 @@ def test_no_runtime_installed_raises_runtime_unavailable() -> None:
         import sys
         for name in ("ai_edge_litert", "ai_edge_litert.interpreter", "tflite_runtime", "tflite_runtime.interpreter"):
             sys.modules[name] = None
-        from agent._runtime import RuntimeUnavailable, load_interpreter_class
+        from agent.runtime import RuntimeUnavailable, load_interpreter_class
         try:
             load_interpreter_class("ai-edge-litert")
         except RuntimeUnavailable as exc:
@@ -402,7 +402,7 @@ def test_declared_contract_of_the_starter_installed_and_undeclared_models(
     # Prepare: an installed model beside the signed release it came with, and a bare model file
     import msgspec
 
-    from agent._manifest import Golden, ModelManifest, ModelSource, Release, SignedRelease
+    from agent.manifest import Golden, ModelManifest, ModelSource, Release, SignedRelease
 
     installed = tmp_path / "v2-fp32"
     installed.mkdir()
@@ -420,7 +420,7 @@ def test_declared_contract_of_the_starter_installed_and_undeclared_models(
     # Execute
     starter = declared_contract(starter_model_path("fp32"))
     from_release = declared_contract(installed / "model.tflite")
-    with caplog.at_level(logging.WARNING, logger="agent._runtime"):
+    with caplog.at_level(logging.WARNING, logger="agent.runtime"):
         legacy = declared_contract(bare)
 
     # Assert

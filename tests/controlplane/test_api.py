@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pytest
 from litestar.testing import TestClient
 
-from controlplane._fleet import Fleet
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
+from controlplane.wiring import Fleet
 from tests._services import fleet_settings, fx_fleet  # noqa: F401 - fx_fleet
 
 pytestmark = pytest.mark.integration

@@ -21,10 +21,10 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from sqlmodel import Session, select
 
-from controlplane._fleet import Fleet
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.db import RoundRecord
+from controlplane.wiring import Fleet
 from tests._services import fleet_settings, free_port, fx_fleet, port_open, wait_for  # noqa: F401 - fx_fleet
 from tests.federated.test_tasks import CANARY, CANARY_ENV, fx_canary  # noqa: F401 - fx_canary
 

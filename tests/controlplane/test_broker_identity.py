@@ -15,14 +15,14 @@ import pytest
 from litestar.testing import TestClient
 
 from agent import protocol as wire
-from agent._mqtt import MqttProtocol, make_client, parse_broker_url
+from agent.mqtt import MqttProtocol, make_client, parse_broker_url
 from controlplane._errors import InvalidInput
-from controlplane._fleet import Fleet
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.broker import client_id_secret
 from controlplane.devices.schemas import CommandCreate, DeviceCreate, DeviceEnrolled
 from controlplane.settings import BrokerAuthMode, Settings
+from controlplane.wiring import Fleet
 from tests._services import wait_for
 from tests.controlplane.test_fleet_e2e import fx_fleet  # noqa: F401 - on both brokers
 from tests.controlplane.test_ingest import telemetry

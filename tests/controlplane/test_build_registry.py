@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from litestar.testing import TestClient
 
-from agent._manifest import ModelSource, decode_signed, file_sha256, verify_signature
-from controlplane._fleet import Fleet
+from agent.manifest import ModelSource, decode_signed, file_sha256, verify_signature
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.devices.schemas import DeviceCreate
+from controlplane.wiring import Fleet
 from tests._services import fleet_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

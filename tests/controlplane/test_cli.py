@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from controlplane._fleet import Fleet
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token, verify_token
 from controlplane.cli import app
 from controlplane.db import create_db_engine
 from controlplane.demo import _Server
+from controlplane.wiring import Fleet
 from tests._services import fleet_settings, free_port, port_open, wait_for
 
 runner = CliRunner()

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from agent import protocol as wire
-from agent._mqtt import MqttProtocol, make_client, parse_broker_url
-from controlplane._fleet import Fleet
+from agent.mqtt import MqttProtocol, make_client, parse_broker_url
 from controlplane.devices.schemas import CommandCreate, DeviceCreate, DeviceEnrolled
 from controlplane.ingest import read_stats
 from controlplane.settings import BrokerAuthMode, Settings
+from controlplane.wiring import Fleet
 from tests._services import free_port, wait_for
 from tests.controlplane.test_ingest import telemetry
 

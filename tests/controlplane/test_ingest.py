@@ -10,10 +10,10 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent import protocol as wire
-from agent._mqtt import MqttProtocol, make_client, parse_broker_url
-from controlplane._fleet import Fleet
+from agent.mqtt import MqttProtocol, make_client, parse_broker_url
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.ingest import read_stats
+from controlplane.wiring import Fleet
 from tests._services import fleet_settings, fx_fleet, wait_for  # noqa: F401 - fx_fleet
 
 pytestmark = pytest.mark.integration

@@ -16,10 +16,10 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent import protocol as wire
-from agent._mqtt import MqttProtocol, make_client, parse_broker_url
-from controlplane._fleet import Fleet
+from agent.mqtt import MqttProtocol, make_client, parse_broker_url
 from controlplane.devices.schemas import CommandCreate, DeviceCreate
 from controlplane.ingest import read_stats
+from controlplane.wiring import Fleet
 from tests._services import fleet_settings, fx_fleet, wait_for  # noqa: F401 - fx_fleet
 from tests.controlplane.test_ingest import telemetry
 
@@ -173,7 +173,7 @@ def test_records_the_database_refuses_are_isolated(database_url: str) -> None:
 
     from controlplane.db import CommandRecord, Device, create_db_engine, migrate, utcnow
     from controlplane.ingest import Message, process_batch
-    from controlplane.ingest._worker import _KnownDevices
+    from controlplane.ingest.worker import _KnownDevices
 
     # Prepare: two devices with a pending command each; the database refuses some values
     engine = create_db_engine(database_url)

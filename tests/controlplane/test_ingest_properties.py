@@ -27,12 +27,12 @@ from sqlalchemy import Engine, select
 from sqlmodel import Session
 
 from agent import protocol as wire
-from agent._mqtt import BrokerAddress, make_client, parse_broker_url
-from controlplane._fleet import Fleet
+from agent.mqtt import BrokerAddress, make_client, parse_broker_url
 from controlplane.db import CommandRecord, Device, TelemetryRecord, utcnow
 from controlplane.devices.schemas import CommandCreate, DeviceCreate
 from controlplane.ingest import Message, process_batch, read_stats
-from controlplane.ingest._worker import _KnownDevices
+from controlplane.ingest.worker import _KnownDevices
+from controlplane.wiring import Fleet
 from tests._services import fleet_settings, free_port, fx_engine, wait_for  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.integration

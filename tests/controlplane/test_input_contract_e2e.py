@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
-from agent._manifest import ModelSource
-from controlplane._fleet import Fleet
+from agent.manifest import ModelSource
 from controlplane.app import create_app
 from controlplane.demo import _Server
 from controlplane.deployments.schemas import DeploymentCreate, Targets
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.settings import Settings
+from controlplane.wiring import Fleet
 from federated.tasks import TASKS_ENV, ArrayClassificationTask, Dataset
 from tests._services import free_port, wait_for
 from tests.controlplane.test_rollout_e2e import start_agent, stop

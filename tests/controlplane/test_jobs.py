@@ -19,7 +19,6 @@ import pytest
 from litestar.testing import TestClient
 
 from controlplane._errors import InvalidInput
-from controlplane._fleet import Fleet
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.devices.schemas import DeviceCreate
@@ -27,6 +26,7 @@ from controlplane.jobs.backends import _is_worker
 from controlplane.jobs.schemas import JobCreate, JobKind, Placement, Resources
 from controlplane.jobs.service import decide_placement
 from controlplane.settings import Settings
+from controlplane.wiring import Fleet
 from tests._services import fleet_settings, free_port, wait_for
 
 BUDGETS = {"ram_budget_mb": 2048, "max_samples": 20000}

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from litestar.testing import TestClient
 
 from agent import protocol as wire
-from agent._manifest import (
+from agent.manifest import (
     Golden,
     ModelManifest,
     ModelSource,
@@ -24,9 +24,8 @@ from agent._manifest import (
     file_sha256,
     key_id,
 )
-from agent._mqtt import MqttProtocol, make_client, parse_broker_url
-from agent._runtime import starter_model_path
-from controlplane._fleet import Fleet
+from agent.mqtt import MqttProtocol, make_client, parse_broker_url
+from agent.runtime import starter_model_path
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.db import ModelArtifactRecord
@@ -34,6 +33,7 @@ from controlplane.deployments import choose_variant
 from controlplane.deployments.schemas import DeploymentCreate, Targets
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.models.controller import parse_range
+from controlplane.wiring import Fleet
 from firmware_profiles import get_profile
 from tests._services import fleet_settings, wait_for
 

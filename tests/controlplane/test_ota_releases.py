@@ -16,15 +16,15 @@ from sqlalchemy import text
 from sqlmodel import Session, select
 
 from agent import protocol as wire
-from agent._manifest import decode_signed_release, verify_release
-from agent._runtime import starter_model_path
-from controlplane._fleet import Fleet
+from agent.manifest import decode_signed_release, verify_release
+from agent.runtime import starter_model_path
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.db import CommandRecord, DeploymentTargetRecord, create_db_engine, migrate
 from controlplane.deployments.schemas import DeploymentCreate, Targets
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.models.service import ModelService
+from controlplane.wiring import Fleet
 from tests._services import fx_fleet, wait_for  # noqa: F401 - fx_fleet
 from tests.controlplane.test_models_deployments import FakeDevice, register_starter
 

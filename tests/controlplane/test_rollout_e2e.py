@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from agent._manifest import ModelSource
-from controlplane._fleet import Fleet
+from agent.manifest import ModelSource
 from controlplane.app import create_app
 from controlplane.demo import _Server
 from controlplane.deployments.schemas import DeploymentCreate, Targets
 from controlplane.devices.schemas import CommandCreate, DeviceCreate, DeviceEnrolled
 from controlplane.settings import Settings
+from controlplane.wiring import Fleet
 from tests._services import free_port, wait_for
 from tests.controlplane.test_build_registry import fx_weights  # noqa: F401 - the trained weights fixture
 

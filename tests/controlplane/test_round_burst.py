@@ -9,12 +9,12 @@ import pytest
 from litestar.testing import TestClient
 from sqlmodel import Session
 
-from controlplane._fleet import Fleet
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.db import RoundRecord, utcnow
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.jobs.schemas import JobCreate, JobKind, Placement
+from controlplane.wiring import Fleet
 from tests._services import fleet_settings, fx_fleet, wait_for  # noqa: F401 - fx_fleet
 from tests.controlplane.test_build_registry import fx_weights  # noqa: F401 - the trained weights fixture
 

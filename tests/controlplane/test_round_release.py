@@ -23,12 +23,12 @@ pytest.importorskip("torch")
 
 import psutil
 
-from agent._round_status import read_status
-from controlplane._fleet import Fleet
+from agent.round_status import read_status
 from controlplane.db import CommandRecord
 from controlplane.devices.schemas import CommandCreate, DeviceCreate, DeviceEnrolled
 from controlplane.rounds.eligibility import EligibilityRule
 from controlplane.rounds.schemas import RoundCreate
+from controlplane.wiring import Fleet
 from federated.flower.runtime import SuperLinkProcess
 from federated.tasks import get_task
 from tests._services import fx_fleet, wait_for  # noqa: F401 - fx_fleet

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from litestar.testing import TestClient
 
-from agent._manifest import ModelSource
-from controlplane._fleet import Fleet
+from agent.manifest import ModelSource
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.rounds.schemas import ScheduleCreate
+from controlplane.wiring import Fleet
 from tests._services import fx_fleet, wait_for  # noqa: F401 - fx_fleet
 from tests.controlplane.test_build_registry import fx_weights  # noqa: F401 - the trained weights fixture
 

@@ -10,12 +10,12 @@ import pytest
 from litestar.testing import TestClient
 from sqlmodel import Session
 
-from controlplane._fleet import Fleet
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.db import Device
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.settings import Settings
+from controlplane.wiring import Fleet
 from tests._services import fleet_settings
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane._fleet import Fleet
 from controlplane.settings import Settings
+from controlplane.wiring import Fleet
 from tests._services import fleet_settings, free_port, port_open, wait_for
 from tests.conftest import MosquittoInstance
 
@@ -77,7 +77,7 @@ def test_the_broker_password_comes_from_the_environment_or_a_file(tmp_path: Path
     from_file = Settings(broker_url="mqtt://admin@broker:1883", broker_password_file=secret_file).resolved()
     in_url = Settings(broker_url="mqtt://admin:url-pw@broker:1883", broker_password="other").resolved()
     # Assert
-    from agent._mqtt import parse_broker_url
+    from agent.mqtt import parse_broker_url
 
     assert parse_broker_url(from_env.broker_url or "").password == "pw"
     assert parse_broker_url(from_file.broker_url or "").password == "s3cret/with:odd@chars"

@@ -22,7 +22,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from agent._manifest import (
+from agent.manifest import (
     Golden,
     InputContract,
     ManifestError,
@@ -33,7 +33,7 @@ from agent._manifest import (
     verify_artifact,
     verify_signature,
 )
-from agent._runtime import TFLiteModel
+from agent.runtime import TFLiteModel
 from federated.build import ALL_VARIANTS, BuildError, BuildResult, build_variants
 from federated.signing import Signer
 from federated.tasks.digits import DigitsTask
@@ -240,7 +240,7 @@ def test_self_test_runs_the_raw_golden_through_the_contract_and_fails_on_a_wrong
     built: Built, variant: str
 ) -> None:
     # Prepare: the agent's self-test, on the model under its manifest's contract and under others
-    from agent._ota import DeployError, self_test
+    from agent.runtime import SelfTestFailed, self_test
 
     manifest = _load_signed(built.result.artifact(variant).manifest_path).manifest
     path = built.result.artifact(variant).path
@@ -253,14 +253,14 @@ def test_self_test_runs_the_raw_golden_through_the_contract_and_fails_on_a_wrong
     # Execute / Assert
     assert self_test(TFLiteModel.load(path, preprocessing=manifest.input_contract()), manifest.raw_golden())
     for contract in wrong:
-        with pytest.raises(DeployError, match="self-test failed"):
+        with pytest.raises(SelfTestFailed, match="self-test failed"):
             self_test(TFLiteModel.load(path, preprocessing=contract), manifest.raw_golden())
 
 
 @pytest.mark.slow
 def test_a_schema_1_manifest_keeps_its_declared_input_scale(built: Built) -> None:
     # Prepare: the manifest as builds wrote it before the contract: no preprocessing, golden as model input
-    from agent._ota import self_test
+    from agent.runtime import self_test
 
     manifest = _load_signed(built.result.artifact("fp32").manifest_path).manifest
     golden = manifest.golden
@@ -325,8 +325,8 @@ def test_golden_self_tests_on_tflite_runtime(built: Built) -> None:
         import json, sys
         from pathlib import Path
         import numpy as np
-        from agent._manifest import decode_signed
-        from agent._runtime import TFLiteModel
+        from agent.manifest import decode_signed
+        from agent.runtime import TFLiteModel
         out = {}
         for name in sys.argv[1:]:
             manifest = decode_signed(Path(name).read_bytes()).manifest

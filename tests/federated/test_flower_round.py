@@ -24,9 +24,9 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 from agent import protocol as wire
-from agent._round_status import read_status
-from agent._supernode import handle_join_round
-from federated.flower._config import parse_run_config
+from agent.join_round import handle_join_round
+from agent.round_status import read_status
+from federated.flower.config import parse_run_config
 from federated.flower.runtime import SuperLinkProcess, SuperNodeProcess, node_config_arg
 from federated.tasks import get_task
 from firmware_profiles import get_profile

@@ -1,4 +1,4 @@
-"""federated.signing.Signer: the key on disk and signatures that agent._manifest verifies."""
+"""federated.signing.Signer: the key on disk and signatures that agent.manifest verifies."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from agent._manifest import (
+from agent.manifest import (
     Golden,
     ManifestError,
     ModelManifest,

@@ -81,7 +81,7 @@ class InputContract(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
     one sample's shape without the batch dimension (None: whatever the model takes, only for models that
     predate the contract); ``dtype`` the float type the preprocessing is computed in and the model is fed with
     (before a full-int8 model's own input quantisation). The agent applies exactly this to every raw sample,
-    live and in the golden self-test (:class:`agent._runtime.Preprocessor`).
+    live and in the golden self-test (:class:`agent.runtime.Preprocessor`).
     """
 
     scale: list[float]

@@ -14,7 +14,7 @@ and acks ``{"round_id", "left": bool}``; a later invitation to that round is ref
 
 The SuperNode (``flower-supernode``, a subprocess: ~260 MB, so only while a round is on) gets the device id,
 the data path, the round id and a status-file path in its node config. The ClientApp writes the status file
-(:mod:`agent._round_status`) after each message; when the ServerApp says the run is over, the agent stops
+(:mod:`agent.round_status`) after each message; when the ServerApp says the run is over, the agent stops
 the SuperNode and acks ``{"round_id", "joined": true, "participated": bool, "trained_rounds": [...],
 "run_status"}``. It also stops it when the control plane ends the round, when the SuperNode exits, when
 ``timeout_s`` passes or when the agent stops (then ok is false).
@@ -120,7 +120,7 @@ def handle_join_round(agent: Agent, command: wire.Command) -> tuple[bool, str | 
         return False, f"firmware profile {profile.name!r} may not train", result
     if importlib.util.find_spec("flwr") is None:
         return False, "flwr is not installed on this device (install edgefleet[train])", result
-    from agent._flower import FlowerNotInstalled, flower_executable
+    from agent.supernode import FlowerNotInstalled, flower_executable
 
     try:
         flower_executable("flower-supernode")
@@ -177,8 +177,8 @@ def _take_part(
     agent: Agent, superlink: str, round_id: str, timeout_s: float, data_path: Path, result: dict[str, Any],
     leave: threading.Event,
 ) -> tuple[bool, str | None, dict[str, Any]]:
-    from agent._flower import SuperNodeProcess
-    from agent._round_status import read_status
+    from agent.round_status import read_status
+    from agent.supernode import SuperNodeProcess
 
     work = agent.settings.data_dir / "round"
     shutil.rmtree(work, ignore_errors=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import structlog
 from sqlalchemy import Engine
 
-from agent._manifest import ModelSource
-from agent._mqtt import BrokerAddress, MqttProtocol, parse_broker_url
+from agent.manifest import ModelSource
+from agent.mqtt import BrokerAddress, MqttProtocol, parse_broker_url
 from controlplane._errors import BrokerUnavailable
 from controlplane._private import private_dir
 from controlplane.broker import (

@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} is required (or EDGEFLEET_{name.upper()})")
     try:
         from agent._daemon import Agent, AgentSettings
-        from agent._logging import configure_logging
-        from agent._mqtt import parse_broker_url
         from agent._telemetry import PowerMode
+        from agent.logsetup import configure_logging
+        from agent.mqtt import parse_broker_url
     except ImportError as exc:
         parser.exit(2, f"error: the agent needs `pip install edgefleet[agent]` ({exc})\n")
     from firmware_profiles import ProfileError, get_profile

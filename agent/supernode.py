@@ -31,6 +31,9 @@ __all__ = [
     "flower_executable",
     "free_port",
     "node_config_arg",
+    "open_log",
+    "terminate_group",
+    "wait_healthy",
 ]
 
 log = logging.getLogger("edgefleet.agent.flower")
@@ -102,7 +105,7 @@ def node_config_arg(values: Mapping[str, str | int | float | bool]) -> str:
     return " ".join(parts)
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) -> bool:
+def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -151,7 +154,7 @@ def _signal_same(processes: list[tuple[int, str]], sig: int) -> None:
                 os.kill(pid, sig)
 
 
-def _terminate_group(process: subprocess.Popen[bytes], timeout: float) -> None:
+def terminate_group(process: subprocess.Popen[bytes], timeout: float) -> None:
     """SIGTERM the process and its descendants, SIGKILL what is left after ``timeout``.
 
     Flower detaches some of its children (the SuperLink starts ``flower-superexec`` in a session of its own,
@@ -173,7 +176,7 @@ def _terminate_group(process: subprocess.Popen[bytes], timeout: float) -> None:
         process.wait(timeout=5.0)
 
 
-def _open_log(path: Path | None) -> IO[bytes] | int:
+def open_log(path: Path | None) -> IO[bytes] | int:
     if path is None:
         return subprocess.DEVNULL
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +273,7 @@ class SuperNodeProcess:
         executable = flower_executable("flower-supernode")  # FlowerNotInstalled before anything else
         del executable
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        self._log_file = _open_log(self.log_path)
+        self._log_file = open_log(self.log_path)
         env = flower_env(self.flwr_home, self.extra_env, task_poll_interval_s=self.task_poll_interval_s)
         self._process = subprocess.Popen(
             self.command(), env=env, cwd=self.flwr_home, stdin=subprocess.DEVNULL,
@@ -301,9 +304,9 @@ class SuperNodeProcess:
         """SIGTERM (the SuperNode says goodbye to the SuperLink), then SIGKILL whatever is left."""
         atexit.unregister(self.stop)
         if self._process is not None:
-            _terminate_group(self._process, timeout)
+            terminate_group(self._process, timeout)
         if self._executor is not None:
-            _terminate_group(self._executor, 5.0)
+            terminate_group(self._executor, 5.0)
         self._close_log()
 
     def kill(self) -> None:

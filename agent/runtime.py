@@ -1,7 +1,7 @@
 """On-device inference: the TFLite interpreter, the model's input contract, the data source, the inference loop.
 
 The data source serves RAW samples, as the device stores them. What a model needs from a raw sample is the
-model's own input contract (:class:`agent._manifest.InputContract`, signed in its manifest): a
+model's own input contract (:class:`agent.manifest.InputContract`, signed in its manifest): a
 :class:`TFLiteModel` loaded with it applies it in :meth:`TFLiteModel.predict`, so live inference and the golden
 self-test take one path (raw -> contract -> quantisation -> model) and a model swap swaps its preprocessing too.
 :func:`declared_contract` finds a model file's contract; a model that declares none gets the digits' ``x / 16``
@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from agent import protocol
 from agent._errors import AgentError
-from agent._manifest import InputContract
+from agent.manifest import Golden, InputContract
 
 __all__ = [
     "DEFAULT_DATA_RESOURCE",
@@ -57,11 +57,13 @@ __all__ = [
     "ModelLoadError",
     "Preprocessor",
     "RuntimeUnavailable",
+    "SelfTestFailed",
     "TFLiteModel",
     "declared_contract",
     "load_interpreter_class",
     "model_version_of",
     "read_model_metadata",
+    "self_test",
     "starter_model_path",
 ]
 
@@ -288,7 +290,7 @@ def declared_contract(path: str | os.PathLike[str]) -> InputContract:
     models), and else — a model that declares nothing, e.g. an operator's ``--model`` file — the digits' legacy
     ``x / 16``, logged as such.
     """
-    from agent import _manifest
+    from agent import manifest as _manifest
 
     model_path = Path(path)
     installed = model_path.parent / _MANIFEST_FILE
@@ -785,3 +787,38 @@ class InferenceLoop(threading.Thread):
             self._wait(deadline - now)
             if self._rate_hz != rate:
                 deadline = time.monotonic()
+
+
+class SelfTestFailed(AgentError):
+    """The model does not reproduce its signed golden output through its input contract (the message says how far off)."""
+
+
+def self_test(model: TFLiteModel, golden: Golden) -> dict[str, Any]:
+    """Run the raw golden input through ``model`` (its input contract, then the model); returns the figures,
+    raises SelfTestFailed (with the figures that show why) if off."""
+    expected = np.asarray(golden.output, dtype=np.float32)
+    try:
+        actual = model.predict(np.asarray(golden.input, dtype=np.float32))
+    except Exception as exc:  # any failure of the candidate model is a failed self-test
+        raise SelfTestFailed(f"self-test failed: predict raised {type(exc).__name__}: {exc}") \
+            from exc
+    if actual.shape != expected.shape:
+        raise SelfTestFailed(f"self-test failed: output shape {list(actual.shape)}, golden output "
+                                       f"{list(expected.shape)}")
+    if not np.all(np.isfinite(actual)):
+        raise SelfTestFailed("self-test failed: the model returns non-finite values on the golden "
+                                       "input")
+    diff: npt.NDArray[np.float32] = np.abs(actual - expected)
+    worst = float(diff.max()) if diff.size else 0.0
+    agree = int((actual.argmax(axis=1) == expected.argmax(axis=1)).sum()) if diff.size else 0
+    samples = int(expected.shape[0])
+    figures = {"max_abs_diff": round(worst, 6), "tolerance": golden.tolerance, "samples": samples,
+               "top1_agreement": f"{agree}/{samples}"}
+    if not worst <= golden.tolerance:
+        row, col = (int(i) for i in np.unravel_index(int(diff.argmax()), diff.shape))
+        raise SelfTestFailed(
+            f"self-test failed: max |output - golden| = {worst:.4g} > tolerance {golden.tolerance:g} "
+            f"(sample {row}, class {col}: {float(actual[row, col]):.4g} vs golden "
+            f"{float(expected[row, col]):.4g}); "
+            f"top-1 agrees on {agree}/{samples} golden samples")
+    return figures

@@ -26,9 +26,9 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from agent import protocol as wire
-from agent._mqtt import BrokerAddress, MqttProtocol, make_client
+from agent.mqtt import BrokerAddress, MqttProtocol, make_client
 from controlplane.db import CommandRecord, Device, TelemetryRecord, utcnow
-from controlplane.ingest._stats import DEAD_LETTER_PREFIX, add_counts
+from controlplane.ingest.stats import DEAD_LETTER_PREFIX, add_counts
 
 __all__ = ["IngestWorker", "Message", "process_batch", "transient"]
 
