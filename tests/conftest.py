@@ -183,3 +183,21 @@ def embedded_broker(tmp_path: Path) -> Iterator[EmbeddedBrokerInstance]:
     auth.ensure_service("edgefleet-cp", service_password)
     with EmbeddedBroker(credentials, log_level="INFO") as broker:
         yield EmbeddedBrokerInstance(broker, auth, "edgefleet-cp", service_password)
+
+
+# The device-like environment `make test` builds (edgefleet[agent-tflite]: tflite-runtime 2.14, numpy<2, no LiteRT).
+TFLITE_VENV_PYTHON = Path(__file__).resolve().parents[1] / ".venv-tflite" / "bin" / "python"
+
+
+@pytest.fixture(name="tflite_python", scope="session")
+def fx_tflite_python() -> str:
+    """The Python of the device-like tflite-runtime environment: ``EDGEFLEET_TFLITE_PYTHON`` (the Makefile exports
+    it), else ``.venv-tflite`` when it was built. Skipped when there is none, except under ``CI=true`` where that
+    is a failure (``make test`` builds it)."""
+    python = os.environ.get("EDGEFLEET_TFLITE_PYTHON") or (str(TFLITE_VENV_PYTHON) if TFLITE_VENV_PYTHON.exists()
+                                                          else "")
+    if not python:
+        service_missing("the tflite-runtime environment (EDGEFLEET_TFLITE_PYTHON; `make venv-tflite` builds one)")
+    elif not os.access(python, os.X_OK):
+        service_missing(f"the tflite-runtime environment (EDGEFLEET_TFLITE_PYTHON={python}: no such executable)")
+    return python

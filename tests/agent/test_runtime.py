@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -112,38 +114,82 @@ def test_errors_are_agent_errors() -> None:
 # ------------------------------------------------------------------------------------------------- runtime
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
-def test_installed_runtime_is_used(runtime: str, caplog: pytest.LogCaptureFixture) -> None:
-    # Prepare
-    if runtime not in INSTALLED:
-        pytest.skip(f"{runtime} is not installed")
-    caplog.set_level(logging.WARNING, logger="agent.runtime")
+# What load_interpreter_class(argv[1]) resolves to in the Python that runs this, with the warnings it logs and
+# which runtimes that environment has: the runtime tests run it here (LiteRT) and in the device-like environment
+# (tflite-runtime 2.14, no LiteRT), so each runtime is both used where it is installed and fallen back from where
+# it is not.
+_LOAD_PROBE = """
+import importlib, importlib.metadata, importlib.util, json, logging, sys
+warnings = []
+class Capture(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+logger = logging.getLogger("agent.runtime")
+logger.addHandler(Capture(logging.WARNING))
+logger.propagate = False
+from agent.runtime import load_interpreter_class
+modules = {"ai-edge-litert": "ai_edge_litert", "tflite-runtime": "tflite_runtime"}
+installed = sorted(name for name, module in modules.items() if importlib.util.find_spec(module) is not None)
+loaded = load_interpreter_class(sys.argv[1])
+module = importlib.import_module(modules[loaded.name] + ".interpreter")
+print(json.dumps({"installed": installed, "name": loaded.name, "version": loaded.version,
+                  "distribution_version": importlib.metadata.version(loaded.name),
+                  "is_the_module_class": loaded.interpreter_class is module.Interpreter,
+                  "numpy": importlib.metadata.version("numpy"), "warnings": warnings}))
+"""
 
+
+def _probe_load(python: str, runtime: str) -> dict[str, Any]:
+    result = subprocess.run([python, "-c", _LOAD_PROBE, runtime], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    probe: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return probe
+
+
+@pytest.fixture(name="environments")
+def fx_environments(tflite_python: str) -> dict[str, str]:
+    """The Python to run each runtime's case in: where it is installed ("with") and where it is not ("without")."""
+    return {"with ai-edge-litert": sys.executable, "without ai-edge-litert": tflite_python,
+            "with tflite-runtime": tflite_python, "without tflite-runtime": sys.executable}
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_installed_runtime_is_used(runtime: str, environments: dict[str, str]) -> None:
     # Execute
-    loaded = load_interpreter_class(runtime)
+    probe = _probe_load(environments[f"with {runtime}"], runtime)
 
     # Assert
-    module = importlib.import_module(f"{_MODULES[runtime]}.interpreter")
-    assert loaded.interpreter_class is module.Interpreter
-    assert loaded.name == runtime
-    assert loaded.version == importlib.metadata.version(runtime)
-    assert caplog.text == ""
+    assert runtime in probe["installed"]
+    assert probe["name"] == runtime
+    assert probe["is_the_module_class"]
+    assert probe["version"] == probe["distribution_version"]
+    assert probe["warnings"] == []
+
+
+def test_the_device_like_environment_is_a_raspberry_pi_4s(tflite_python: str) -> None:
+    # Execute
+    probe = _probe_load(tflite_python, "tflite-runtime")
+
+    # Assert: the runtime and numpy of the raspberry-pi-4 profile's image, and no LiteRT to hide behind
+    assert probe["installed"] == ["tflite-runtime"]
+    assert probe["version"] == "2.14.0"
+    assert int(probe["numpy"].split(".")[0]) < 2
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_missing_runtime_falls_back_with_warning(runtime: str, caplog: pytest.LogCaptureFixture) -> None:
-    # Prepare
-    if runtime in INSTALLED:
-        pytest.skip(f"{runtime} is installed: nothing to fall back from")
-    caplog.set_level(logging.WARNING, logger="agent.runtime")
-
+def test_missing_runtime_falls_back_with_warning(runtime: str, environments: dict[str, str]) -> None:
     # Execute
-    loaded = load_interpreter_class(runtime)
+    probe = _probe_load(environments[f"without {runtime}"], runtime)
 
     # Assert
-    assert loaded.name != runtime
-    assert f"{runtime!r} is not installed" in caplog.text
-    assert f"falling back to {loaded.name}" in caplog.text
+    assert runtime not in probe["installed"]
+    assert probe["name"] != runtime
+    assert probe["name"] in probe["installed"]
+    assert probe["is_the_module_class"]
+    warnings = "\n".join(probe["warnings"])
+    assert f"{runtime!r} is not installed" in warnings
+    assert f"falling back to {probe['name']}" in warnings
 
 
 def test_unknown_runtime_falls_back_with_warning(caplog: pytest.LogCaptureFixture) -> None:
@@ -275,6 +321,39 @@ def test_int8_model_agrees_with_fp32(model: TFLiteModel, int8_model: TFLiteModel
     assert float(np.mean(int8_scores.argmax(axis=1) == fp32_scores.argmax(axis=1))) >= 0.95
     output_scale, _ = int8_model.output_quantization
     assert float(np.median(np.abs(int8_scores - fp32_scores))) < 4 * output_scale
+
+
+def test_shipped_models_on_tflite_runtime(tflite_python: str) -> None:
+    # Prepare: the starter models and data in the device-like environment, as a Raspberry Pi 4 runs them
+    code = """
+        import json
+        import numpy as np
+        from agent.runtime import DataSource, TFLiteModel, declared_contract, starter_model_path
+        data, out = DataSource(), {}
+        for variant in ("fp32", "int8"):
+            path = starter_model_path(variant)
+            model = TFLiteModel.load(path, runtime="tflite-runtime", preprocessing=declared_contract(path))
+            scores = model.predict(data.x)
+            out[variant] = {"runtime": [model.runtime_name, model.runtime_version], "dtype": model.input_dtype.name,
+                            "classes": scores.argmax(axis=1).tolist()}
+        out["labels"] = data.y.tolist()
+        print(json.dumps(out))
+        """
+
+    # Execute
+    result = subprocess.run([tflite_python, "-c", textwrap.dedent(code)], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=60, check=False)
+
+    # Assert: the same accuracy as on LiteRT (test_shipped_model_accuracy), and int8 agreeing with fp32
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    labels = np.asarray(out["labels"])
+    fp32, int8 = np.asarray(out["fp32"]["classes"]), np.asarray(out["int8"]["classes"])
+    assert out["fp32"]["runtime"] == out["int8"]["runtime"] == ["tflite-runtime", "2.14.0"]
+    assert (out["fp32"]["dtype"], out["int8"]["dtype"]) == ("float32", "int8")
+    assert float(np.mean(fp32 == labels)) >= 0.9
+    assert float(np.mean(int8 == labels)) >= 0.9
+    assert float(np.mean(int8 == fp32)) >= 0.95
 
 
 def test_int8_model_quantizes_float_input_like_the_tensor_params(

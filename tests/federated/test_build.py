@@ -1,8 +1,8 @@
 """federated.build.build_variants: real conversion (litert-torch, ai-edge-quantizer), real LiteRT evaluation.
 
 One session-scoped build of a trained digits model serves most tests; the gate tests build their own.
-Set ``EDGEFLEET_TFLITE_PYTHON`` to a Python with tflite-runtime 2.14 (numpy<2, msgspec) to also replay the
-golden self-tests on that runtime.
+The golden self-tests are also replayed on tflite-runtime 2.14, in the device-like environment ``make test`` builds
+(the ``tflite_python`` fixture).
 """
 
 from __future__ import annotations
@@ -317,8 +317,7 @@ def test_manifest_signed_by_another_key_fails(built: Built, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("EDGEFLEET_TFLITE_PYTHON"), reason="EDGEFLEET_TFLITE_PYTHON not set")
-def test_golden_self_tests_on_tflite_runtime(built: Built) -> None:
+def test_golden_self_tests_on_tflite_runtime(built: Built, tflite_python: str) -> None:
     # Prepare: every artifact (also those tflite-runtime is not allowed to run) replayed in that interpreter
     script = textwrap.dedent(
         """
@@ -342,7 +341,7 @@ def test_golden_self_tests_on_tflite_runtime(built: Built) -> None:
 
     # Execute
     run = subprocess.run(
-        [os.environ["EDGEFLEET_TFLITE_PYTHON"], "-c", script, *manifests],
+        [tflite_python, "-c", script, *manifests],
         cwd=REPO_ROOT,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True,
