@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from typing import Annotated, Any
 
 import typer
@@ -73,3 +74,18 @@ def call(response: Any) -> Any:
             detail = response.text
         fail(f"{response.status_code}: {detail}", 1)
     return response.json()
+
+
+def register_tasks(extra: list[str]) -> list[str]:
+    """Add the --task entries to EDGEFLEET_TASKS, which this process and its children (the Flower ServerApp, burst
+    workers) resolve task names with, and load the whole registry now: a bad entry is one clear line at start."""
+    from federated.tasks import TASKS_ENV, TaskRegistry
+
+    if extra:
+        os.environ[TASKS_ENV] = ",".join(v for v in (os.environ.get(TASKS_ENV, ""), *extra) if v.strip())
+    names: list[str] = []
+    try:
+        names = TaskRegistry.from_env().names()
+    except ValueError as exc:
+        fail(str(exc))
+    return names

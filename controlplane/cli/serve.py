@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from controlplane.cli._common import BrokerAuthOption, fail, load_settings
+from controlplane.cli._common import BrokerAuthOption, fail, load_settings, register_tasks
 
 app = typer.Typer(no_args_is_help=True, help="The control plane.")
 
@@ -44,7 +43,7 @@ def controlplane_serve(
     from agent.logsetup import configure_logging
 
     configure_logging(log_level)
-    tasks = _register_tasks(task or [])
+    tasks = register_tasks(task or [])
     if broker is not None and _url_has_password(broker):
         typer.secho("warning: --broker carries a password, which other users see in the process list; use "
                     "--broker-password-file or EDGEFLEET_BROKER_PASSWORD instead", err=True, fg=typer.colors.YELLOW)
@@ -71,21 +70,6 @@ def controlplane_serve(
                     log_level="warning")
     finally:
         fleet.stop()
-
-
-def _register_tasks(extra: list[str]) -> list[str]:
-    """Add the --task entries to EDGEFLEET_TASKS, which this process and its children (the Flower ServerApp, burst
-    workers) resolve task names with, and load the whole registry now: a bad entry is one clear line at start."""
-    from federated.tasks import TASKS_ENV, TaskRegistry
-
-    if extra:
-        os.environ[TASKS_ENV] = ",".join(v for v in (os.environ.get(TASKS_ENV, ""), *extra) if v.strip())
-    names: list[str] = []
-    try:
-        names = TaskRegistry.from_env().names()
-    except ValueError as exc:
-        fail(str(exc))
-    return names
 
 
 def _url_has_password(url: str) -> bool:
