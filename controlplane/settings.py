@@ -5,10 +5,13 @@ from __future__ import annotations
 import enum
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote, urlsplit, urlunsplit
+
+import msgspec
 
 __all__ = ["BrokerAuthMode", "Settings", "default_data_dir", "normalize_database_url"]
 
@@ -63,41 +66,34 @@ class Settings:
     run_scheduler: bool = True  # exactly one control-plane process per database runs the schedules
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
-        """Settings from `EDGEFLEET_*` variables; non-None keyword overrides (the CLI flags) win."""
-        env = dict(os.environ if env is None else env)
-        values: dict[str, Any] = {}
-        conversions: dict[str, Any] = {
-            "data_dir": Path,
-            "database_url": str,
-            "broker_url": str,
-            "broker_password": str,
-            "broker_password_file": Path,
-            "broker_auth": BrokerAuthMode,
-            "device_broker_url": str,
-            "host": str,
-            "port": int,
-            "embedded_broker_port": int,
-            "ingest_workers": int,
-            "ingest_shared": lambda v: v.lower() in ("1", "true", "yes", "on"),
-            "ingest_group": str,
-            "ingest_session_expiry_s": int,
-            "instance_name": str,
-            "ingest_batch_max": int,
-            "ingest_batch_wait_s": float,
-            "log_level": str,
-            "superlink_host": str,
-            "run_scheduler": lambda v: v.lower() in ("1", "true", "yes", "on"),
-        }
-        for name, convert in conversions.items():
-            raw = env.get(f"EDGEFLEET_{name.upper()}")
-            if raw:
-                try:
-                    values[name] = convert(raw)
-                except ValueError as exc:
-                    raise ValueError(f"EDGEFLEET_{name.upper()}={raw!r}: {exc}") from None
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from `EDGEFLEET_*` variables (and `RAY_ADDRESS`); non-None keyword overrides (the CLI flags)
+        win. msgspec converts and checks the strings against the field types and `_BOUNDS` (lax mode: "8080" is an
+        int, "yes"/"1"/"true" a bool).
+
+        Raises
+        ------
+        ValueError
+            A variable that does not convert or is out of bounds, named with its value and the reason.
+        """
+        env = os.environ if env is None else env
+        raw: dict[str, str] = {}
+        for name in _ENV_FIELDS:
+            value = env.get(f"EDGEFLEET_{name.upper()}")
+            if value:
+                raw[name] = value
         if env.get("RAY_ADDRESS"):
-            values["ray_address"] = env["RAY_ADDRESS"]
+            raw["ray_address"] = env["RAY_ADDRESS"]
+        values: dict[str, Any] = {}
+        for name, value in raw.items():
+            kind = _ENV_FIELDS.get(name, str)
+            if kind is bool:  # msgspec's lax bools are true/false/1/0; "yes"/"on"/"no"/"off" were accepted too
+                value = _BOOL_WORDS.get(value.strip().lower(), value)
+            try:
+                values[name] = msgspec.convert(value, kind, strict=False, dec_hook=_decode)
+            except msgspec.ValidationError as exc:
+                variable = "RAY_ADDRESS" if name == "ray_address" else f"EDGEFLEET_{name.upper()}"
+                raise ValueError(f"{variable}={value!r}: {str(exc).split(' - at ', 1)[0]}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -139,3 +135,39 @@ class Settings:
     @property
     def db_url(self) -> str:
         return normalize_database_url(self.database_url or f"sqlite:///{self.data_dir / 'edgefleet.db'}")
+
+
+# Hand-kept on purpose: which settings the environment may set (not every field: `ray_address` comes from the
+# standard `RAY_ADDRESS`), with the type and bounds msgspec checks the variable's string against.
+_Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+_ENV_FIELDS: dict[str, Any] = {
+    "data_dir": Path,
+    "database_url": str,
+    "broker_url": str,
+    "broker_password": str,
+    "broker_password_file": Path,
+    "broker_auth": BrokerAuthMode,
+    "device_broker_url": str,
+    "host": str,
+    "port": _Port,
+    "embedded_broker_port": _Port,
+    "ingest_workers": Annotated[int, msgspec.Meta(ge=1, le=64)],
+    "ingest_shared": bool,
+    "ingest_group": str,
+    "ingest_session_expiry_s": Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)],
+    "instance_name": str,
+    "ingest_batch_max": Annotated[int, msgspec.Meta(ge=1, le=100_000)],
+    "ingest_batch_wait_s": Annotated[float, msgspec.Meta(ge=0, le=60)],
+    "log_level": str,
+    "superlink_host": str,
+    "run_scheduler": bool,
+}
+
+
+_BOOL_WORDS = {"yes": "true", "on": "true", "no": "false", "off": "false"}
+
+
+def _decode(kind: type, value: object) -> object:
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    raise NotImplementedError
