@@ -156,6 +156,8 @@ class CredentialsFile:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        # A thread lock for this process, then flock for other processes (a second control plane, `edgefleet
+        # tokens`): six lines of fcntl instead of a filelock dependency in the control plane for one blocking lock.
         with self._lock:
             if fcntl is None:  # pragma: no cover
                 yield

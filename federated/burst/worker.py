@@ -57,7 +57,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from federated.burst._qat import QATModel, export_float_state_dict
-from federated.burst.spec import JobSpec, load_spec
+from federated.burst.spec import JobKind, JobSpec, load_spec
 from federated.tasks import evaluate_classifier, get_task, input_contract_of
 
 if TYPE_CHECKING:
@@ -225,11 +225,11 @@ class _Job:
         self.student = student.to(self.device)
         self.qat: QATModel | None = None
         self.teacher: nn.Module | None = None
-        if spec.kind == "distill":
+        if spec.kind == JobKind.DISTILL:
             self.teacher = _teacher(self.task, spec.teacher_hidden, spec.seed).to(self.device)
             self.phases.append(self._phase("teacher", self.teacher, self._hard_loss))
             self.phases.append(self._phase("student", self.student, self._distill_loss))
-        elif spec.kind == "qat":
+        elif spec.kind == JobKind.QAT:
             self.qat = QATModel(self.student).to(self.device)
             self.phases.append(self._phase("qat", self.qat, self._hard_loss))
         else:
@@ -434,6 +434,8 @@ def _sole_worker(out: Path, spec: JobSpec, progress: ProgressFn | None,
     """One worker at a time per job directory. A worker whose Ray head was lost (a control plane killed with its
     local head still up) may still be running when the job is re-submitted: wait for it to end, then resume from
     its last checkpoint instead of both writing the same files. Yields False when stopped while waiting."""
+    # fcntl by hand, not the filelock library: filelock opens the lock file with O_TRUNC on every try, which would
+    # erase the holder's pid@host that a waiting worker reports; flock's lock also ends with the process (kill -9).
     fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         waiting = False
@@ -493,7 +495,7 @@ def _run_job(spec: JobSpec, out: Path, progress: ProgressFn | None, should_stop:
         "metrics": {},
         "steps": 0,
         "epochs_done": 0,
-        "epochs_planned": spec.epochs * (2 if spec.kind == "distill" else 1),
+        "epochs_planned": spec.epochs * (2 if spec.kind == JobKind.DISTILL else 1),
         "device": None,
         "dtype": None,
         "samples_per_s": 0.0,
