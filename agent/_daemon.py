@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import importlib
 import json
-import os
 import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -26,15 +21,19 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import __version__
+from agent import __version__, _deploy
 from agent import protocol as wire
+from agent._active_model import ActiveModel
 from agent._errors import ConfigError
 from agent._outbox import Outbox
-from agent._telemetry import PowerMode, PowerSensor, SystemSensor
-from agent.mqtt import BrokerAddress, MqttProtocol, make_client
-from firmware_profiles import Profile
+from agent._settings import AgentSettings
+from agent._telemetry import PowerSensor, SystemSensor
+from agent.commands import CommandContext, CommandHandler
+from agent.fsutil import write_atomic
+from agent.join_round import Rounds
+from agent.mqtt import MqttProtocol, make_client
 
-__all__ = ["Agent", "AgentSettings", "LifecycleState", "write_atomic"]
+__all__ = ["Agent", "AgentSettings", "LifecycleState"]
 
 log = structlog.get_logger("edgefleet.agent")
 
@@ -43,29 +42,6 @@ _TUNABLE: dict[str, tuple[float, float]] = {
     "telemetry_interval_s": (0.1, 86_400.0),
     "inference_rate_hz": (0.0, 1000.0),
 }
-
-
-# A long-running command: returns (ok, reason, result); runs on its own thread, acked when it returns.
-CommandHandler = Callable[["Agent", wire.Command], tuple[bool, str | None, dict[str, Any]]]
-
-# kind -> "module:function", imported on first use so an agent that never deploys never imports the OTA code.
-_LONG_RUNNING: dict[str, str] = {
-    wire.CommandKind.DEPLOY_MODEL: "agent._ota:handle_deploy_model",
-    wire.CommandKind.JOIN_ROUND: "agent.join_round:handle_join_round",
-}
-
-
-def _long_running_handler(kind: str) -> CommandHandler | None:
-    target = _LONG_RUNNING.get(kind)
-    if target is None:
-        return None
-    module_name, _, function = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return None  # not in this build: acked as an unknown command kind
-    handler: CommandHandler = getattr(module, function)
-    return handler
 
 
 class LifecycleState(enum.StrEnum):
@@ -77,48 +53,13 @@ class LifecycleState(enum.StrEnum):
     STOPPED = "stopped"
 
 
-@dataclass
-class AgentSettings:
-    device_id: str
-    profile: Profile
-    broker: BrokerAddress
-    data_dir: Path
-    # The control plane this device was enrolled with: model downloads come only from this origin.
-    controlplane_url: str | None = None
-    task: str = "digits"  # the task this device runs (the shipped starter model's): releases for others are refused
-    telemetry_interval_s: float | None = None  # default: the profile's
-    inference_rate_hz: float = 5.0
-    power_mode: PowerMode = PowerMode.AUTO
-    outbox_max_bytes: int = 16 * 1024 * 1024
-    model_path: Path | None = None  # default: the shipped starter model
-    data_path: Path | None = None  # default: the shipped digits sample
-    inflight_window: int = 100
-    # The control plane's ed25519 public key (raw 32 bytes): only models signed with it are accepted.
-    signing_key: bytes | None = None
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 30.0
-    keepalive_s: int = 30
-    session_expiry_s: int = 7 * 24 * 3600  # how long the broker keeps commands for an offline device
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that a crash at any point leaves either the old or the new content."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class Agent:
-    """A device agent. `run()` blocks until `stop()` is called (e.g. from a SIGTERM handler)."""
+    """A device agent. `run()` blocks until `stop()` is called (e.g. from a SIGTERM handler).
+
+    It owns the MQTT connection, the outbox, telemetry, configuration and command dispatch; the model it runs is
+    :attr:`models`' (an :class:`agent._active_model.ActiveModel`), its part in federated rounds :attr:`rounds`'.
+    Long-running command handlers see it as a :class:`agent.commands.CommandContext`.
+    """
 
     def __init__(self, settings: AgentSettings) -> None:
         wire.validate_device_id(settings.device_id)
@@ -144,11 +85,34 @@ class Agent:
         self._seen_commands: OrderedDict[str, wire.Ack] = OrderedDict()
         self._running_commands: set[str] = set()
         self.connects = 0
-        self.runtime_name: str | None = None
-        self.runtime_version: str | None = None
-        self.model_version: str | None = None
-        self.active_variant: str | None = None
-        self._inference: Any = None  # agent.runtime.InferenceLoop, started in run()
+        self.models = ActiveModel(settings, on_change=self.publish_state)  # the model runs from run()
+        self.rounds = Rounds()
+        # Long-running commands (downloads and rounds take minutes): each runs on its own thread, acked when it
+        # returns. Anything else is answered inside the loop by handle_command.
+        self._long_running: dict[str, CommandHandler] = {
+            wire.CommandKind.DEPLOY_MODEL: _deploy.handle,
+            wire.CommandKind.JOIN_ROUND: self.rounds.handle,
+        }
+
+    # -- what command handlers see (agent.commands.CommandContext) ------------------------------------------
+    def wait_for_stop(self, timeout: float) -> bool:
+        return self._stop.wait(timeout)
+
+    @property
+    def model_version(self) -> str | None:
+        return self.models.version
+
+    @property
+    def active_variant(self) -> str | None:
+        return self.models.variant
+
+    @property
+    def runtime_name(self) -> str | None:
+        return self.models.runtime_name
+
+    @property
+    def runtime_version(self) -> str | None:
+        return self.models.runtime_version
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def set_state(self, state: LifecycleState) -> None:
@@ -200,8 +164,7 @@ class Agent:
 
     def _shutdown(self) -> None:
         self.set_state(LifecycleState.STOPPING)
-        if self._inference is not None:
-            self._inference.stop()
+        self.models.stop()
         client = self._client
         if client is not None and self._connected:
             # A clean disconnect suppresses the Last Will, so say "offline" ourselves; give queued
@@ -318,7 +281,7 @@ class Agent:
 
     def _enqueue_telemetry(self) -> None:
         power, network = self._power.read()
-        inference = self._inference.stats.snapshot_and_reset(self.model_version) if self._inference else None
+        inference = self.models.telemetry()
         message = wire.Telemetry(
             device_id=self.device_id,
             seq=self.outbox.next_seq(),
@@ -371,7 +334,7 @@ class Agent:
             return
         if command.command_id in self._running_commands:
             return  # still working on it; its ack comes when it is done
-        handler = _long_running_handler(command.kind)
+        handler = self._long_running.get(command.kind)
         if handler is None:
             self._remember(self.handle_command(command))
             return
@@ -382,8 +345,9 @@ class Agent:
         ).start()
 
     def _run_long_command(self, handler: CommandHandler, command: wire.Command) -> None:
+        context: CommandContext = self
         try:
-            ok, reason, result = handler(self, command)
+            ok, reason, result = handler(context, command)
         except Exception as exc:  # noqa: BLE001 - a failed command is acked as an error, the agent lives on
             self._log.exception("command.failed", command_id=command.command_id, kind=command.kind)
             ok, reason, result = False, f"{type(exc).__name__}: {exc}", {}
@@ -445,42 +409,11 @@ class Agent:
                 raise ConfigError(f"setting {key!r} must be a number in [{low}, {high}], got {value!r}")
         self.config.update({k: float(v) for k, v in values.items()})
         write_atomic(self._config_path, json.dumps(self.config).encode())
-        if "inference_rate_hz" in values and self._inference is not None:
-            self._inference.set_rate(float(values["inference_rate_hz"]))
+        if "inference_rate_hz" in values:
+            self.models.set_rate(float(values["inference_rate_hz"]))
         self.publish_state()
         return dict(self.config)
 
     # -- inference -------------------------------------------------------------------------------------------
     def _start_inference(self) -> None:
-        from agent import (  # deferred: keeps `import agent` cheap for tools that only need the protocol
-            _ota,
-        )
-        from agent import (
-            runtime as _runtime,
-        )
-
-        rate = float(self.config.get("inference_rate_hz", self.settings.inference_rate_hz))
-        runtime = str(self.settings.profile.runtime.name)
-        model_path = self.settings.model_path
-        version: str | None = None
-        variant: str | None = None
-        if model_path is None:  # the model the last deployment activated (re-verified), else the starter
-            resolved = _ota.resolve_startup_model(self.settings.data_dir, runtime)
-            if resolved is not None:
-                model_path, version, variant = resolved
-        if model_path is None:  # the shipped starter, in a variant this device class may run
-            starter = "fp32" if self.settings.profile.allows("fp32") else "int8"
-            model_path = _runtime.starter_model_path(starter)
-        # The model's own input contract (its signed manifest, else its metadata, else the explicit legacy x/16):
-        # the data source serves raw samples.
-        model = _runtime.TFLiteModel.load(model_path, runtime=runtime,
-                                          preprocessing=_runtime.declared_contract(model_path))
-        self.runtime_name, self.runtime_version = model.runtime_name, model.runtime_version
-        self.model_version = version or _runtime.model_version_of(model_path)
-        if variant is None:
-            declared = _runtime.read_model_metadata(model_path).get("variant")
-            variant = declared if isinstance(declared, str) else None
-        self.active_variant = variant
-        source = _runtime.DataSource(self.settings.data_path)
-        self._inference = _runtime.InferenceLoop(model, source, rate_hz=rate, model_version=self.model_version)
-        self._inference.start()
+        self.models.start(rate_hz=float(self.config.get("inference_rate_hz", self.settings.inference_rate_hz)))

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, name):
             parser.error(f"--{name.replace('_', '-')} is required (or EDGEFLEET_{name.upper()})")
     try:
-        from agent._daemon import Agent, AgentSettings
+        from agent._daemon import Agent
+        from agent._settings import AgentSettings
         from agent._telemetry import PowerMode
         from agent.logsetup import configure_logging
         from agent.mqtt import parse_broker_url

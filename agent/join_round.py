@@ -23,6 +23,9 @@ Refused (ok false, ``"joined": false``: the control plane records the reason as 
 the firmware profile may not train, when flwr is not installed (``pip install
 'edgefleet[train]'``), without data, or while another round is running. Importing this module imports neither
 flwr nor torch: the SuperNode is a subprocess.
+
+Each agent keeps its round state in its own :class:`Rounds` (nothing per agent at module level); the agent's
+command registry maps ``join_round`` to that object's :meth:`Rounds.handle`.
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ import structlog
 
 if TYPE_CHECKING:
     from agent import protocol as wire
-    from agent._daemon import Agent
+    from agent.commands import CommandContext, CommandResult
 
-__all__ = ["DEFAULT_TIMEOUT_S", "MAX_TIMEOUT_S", "handle_join_round", "parse_superlink"]
+__all__ = ["DEFAULT_TIMEOUT_S", "MAX_TIMEOUT_S", "Rounds", "parse_superlink"]
 
 log = structlog.get_logger("edgefleet.agent.supernode")
 
@@ -61,11 +64,6 @@ class _Participation:
     round_id: str
     leave: threading.Event = field(default_factory=threading.Event)  # the control plane ended the round
     done: threading.Event = field(default_factory=threading.Event)  # the SuperNode is stopped
-
-
-_active: dict[int, _Participation] = {}  # id(agent) -> its round: one round at a time per agent
-_ended: dict[int, deque[str]] = {}  # id(agent) -> rounds the control plane ended (a late invitation is refused)
-_active_lock = threading.Lock()
 
 
 def parse_superlink(value: object) -> str:
@@ -97,104 +95,125 @@ def _timeout_arg(value: object) -> float:
     return min(float(value), MAX_TIMEOUT_S)
 
 
-def handle_join_round(agent: Agent, command: wire.Command) -> tuple[bool, str | None, dict[str, Any]]:
-    args = command.args
-    if args.get("leave") is True:
-        return _leave(agent, args.get("round_id"))
-    result: dict[str, Any] = {"round_id": str(args.get("round_id", "")), "joined": False, "participated": False}
-    try:
-        round_id = _text_arg(args.get("round_id"), "round_id")
-        result["round_id"] = round_id
-        superlink = parse_superlink(args.get("superlink"))
-        timeout_s = _timeout_arg(args.get("timeout_s"))
-        raw_path = args.get("data_path")
-        if raw_path is None:
-            data_path = agent.settings.data_dir / "data" / "partition.npz"
-        else:
-            data_path = Path(_text_arg(raw_path, "data_path")).expanduser()
-    except ValueError as exc:
-        return False, f"bad join_round args: {exc}", result
+class Rounds:
+    """One agent's part in federated rounds: the round it takes part in (one at a time) and the rounds the
+    control plane ended (a late invitation to one of them is refused). :meth:`handle` is the ``join_round``
+    handler; each agent has its own ``Rounds``."""
 
-    profile = agent.settings.profile
-    if not profile.training.allowed:
-        return False, f"firmware profile {profile.name!r} may not train", result
-    if importlib.util.find_spec("flwr") is None:
-        return False, "flwr is not installed on this device (install edgefleet[train])", result
-    from agent.supernode import FlowerNotInstalled, flower_executable
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: _Participation | None = None
+        self._ended: deque[str] = deque(maxlen=_ENDED_KEPT)
 
-    try:
-        flower_executable("flower-supernode")
-    except FlowerNotInstalled as exc:
-        return False, str(exc), result
-    if not data_path.is_file():
-        return False, f"no training data at {data_path}", result
+    @property
+    def current_round(self) -> str | None:
+        """The round this agent takes part in now, if any."""
+        with self._lock:
+            return self._active.round_id if self._active is not None else None
 
-    deadline = time.monotonic() + _LEAVE_WAIT_S
-    while True:
-        with _active_lock:
-            if round_id in _ended.get(id(agent), ()):
-                return False, f"round {round_id} is already over (the control plane ended it)", result
-            current = _active.get(id(agent))
-            if current is None:
-                participation = _active[id(agent)] = _Participation(round_id)
-                break
-            if current.round_id == round_id:
-                return False, f"already taking part in round {round_id} (a repeated invitation)", result
-            if not current.leave.is_set():
-                return False, f"already taking part in round {current.round_id}", result
-        # The previous round is being left (its SuperNode stopping): this invitation waits for that.
-        if not current.done.wait(max(0.0, deadline - time.monotonic())):
-            return False, f"still leaving round {current.round_id} after {_LEAVE_WAIT_S:g}s", result
-    try:
-        result["joined"] = True
-        return _take_part(agent, superlink, round_id, timeout_s, data_path, result, participation.leave)
-    finally:
-        with _active_lock:
-            _active.pop(id(agent), None)
-        participation.done.set()
+    def was_ended(self, round_id: str) -> bool:
+        """Whether the control plane told this agent that ``round_id`` is over."""
+        with self._lock:
+            return round_id in self._ended
 
+    def handle(self, ctx: CommandContext, command: wire.Command) -> CommandResult:
+        args = command.args
+        if args.get("leave") is True:
+            return self._leave(ctx, args.get("round_id"))
+        result: dict[str, Any] = {"round_id": str(args.get("round_id", "")), "joined": False,
+                                  "participated": False}
+        try:
+            round_id = _text_arg(args.get("round_id"), "round_id")
+            result["round_id"] = round_id
+            superlink = parse_superlink(args.get("superlink"))
+            timeout_s = _timeout_arg(args.get("timeout_s"))
+            raw_path = args.get("data_path")
+            if raw_path is None:
+                data_path = ctx.settings.data_dir / "data" / "partition.npz"
+            else:
+                data_path = Path(_text_arg(raw_path, "data_path")).expanduser()
+        except ValueError as exc:
+            return False, f"bad join_round args: {exc}", result
 
-def _leave(agent: Agent, raw_round_id: object) -> tuple[bool, str | None, dict[str, Any]]:
-    """The control plane ended the round: stop its SuperNode now (and wait, up to a bound, until it is)."""
-    try:
-        round_id = _text_arg(raw_round_id, "round_id")
-    except ValueError as exc:
-        return False, f"bad join_round args: {exc}", {"round_id": str(raw_round_id or ""), "left": False}
-    with _active_lock:
-        _ended.setdefault(id(agent), deque(maxlen=_ENDED_KEPT)).append(round_id)
-        current = _active.get(id(agent))
-        if current is None or current.round_id != round_id:
-            return True, None, {"round_id": round_id, "left": False}  # not (or no longer) in it: nothing to do
-        current.leave.set()
-    log.info("round.leaving", device_id=agent.device_id, round_id=round_id)
-    if not current.done.wait(_LEAVE_WAIT_S):
-        return False, f"the SuperNode of round {round_id} did not stop within {_LEAVE_WAIT_S:g}s", \
-            {"round_id": round_id, "left": False}
-    return True, None, {"round_id": round_id, "left": True}
+        profile = ctx.settings.profile
+        if not profile.training.allowed:
+            return False, f"firmware profile {profile.name!r} may not train", result
+        if importlib.util.find_spec("flwr") is None:
+            return False, "flwr is not installed on this device (install edgefleet[train])", result
+        from agent.supernode import FlowerNotInstalled, flower_executable
+
+        try:
+            flower_executable("flower-supernode")
+        except FlowerNotInstalled as exc:
+            return False, str(exc), result
+        if not data_path.is_file():
+            return False, f"no training data at {data_path}", result
+
+        deadline = time.monotonic() + _LEAVE_WAIT_S
+        while True:
+            with self._lock:
+                if round_id in self._ended:
+                    return False, f"round {round_id} is already over (the control plane ended it)", result
+                current = self._active
+                if current is None:
+                    participation = self._active = _Participation(round_id)
+                    break
+                if current.round_id == round_id:
+                    return False, f"already taking part in round {round_id} (a repeated invitation)", result
+                if not current.leave.is_set():
+                    return False, f"already taking part in round {current.round_id}", result
+            # The previous round is being left (its SuperNode stopping): this invitation waits for that.
+            if not current.done.wait(max(0.0, deadline - time.monotonic())):
+                return False, f"still leaving round {current.round_id} after {_LEAVE_WAIT_S:g}s", result
+        try:
+            result["joined"] = True
+            return _take_part(ctx, superlink, round_id, timeout_s, data_path, result, participation.leave)
+        finally:
+            with self._lock:
+                self._active = None
+            participation.done.set()
+
+    def _leave(self, ctx: CommandContext, raw_round_id: object) -> CommandResult:
+        """The control plane ended the round: stop its SuperNode now (and wait, up to a bound, until it is)."""
+        try:
+            round_id = _text_arg(raw_round_id, "round_id")
+        except ValueError as exc:
+            return False, f"bad join_round args: {exc}", {"round_id": str(raw_round_id or ""), "left": False}
+        with self._lock:
+            self._ended.append(round_id)
+            current = self._active
+            if current is None or current.round_id != round_id:
+                return True, None, {"round_id": round_id, "left": False}  # not (or no longer) in it: nothing to do
+            current.leave.set()
+        log.info("round.leaving", device_id=ctx.device_id, round_id=round_id)
+        if not current.done.wait(_LEAVE_WAIT_S):
+            return False, f"the SuperNode of round {round_id} did not stop within {_LEAVE_WAIT_S:g}s", \
+                {"round_id": round_id, "left": False}
+        return True, None, {"round_id": round_id, "left": True}
 
 
 def _take_part(
-    agent: Agent, superlink: str, round_id: str, timeout_s: float, data_path: Path, result: dict[str, Any],
+    ctx: CommandContext, superlink: str, round_id: str, timeout_s: float, data_path: Path, result: dict[str, Any],
     leave: threading.Event,
-) -> tuple[bool, str | None, dict[str, Any]]:
+) -> CommandResult:
     from agent.round_status import read_status
     from agent.supernode import SuperNodeProcess
 
-    work = agent.settings.data_dir / "round"
+    work = ctx.settings.data_dir / "round"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     status_path = work / "status.json"
     node = SuperNodeProcess(
         superlink,
-        device_id=agent.device_id,
+        device_id=ctx.device_id,
         data_path=data_path,
         flwr_home=work / "flwr-home",
         round_id=round_id,
         status_path=status_path,
-        log_path=agent.settings.data_dir / "supernode.log",
+        log_path=ctx.settings.data_dir / "supernode.log",
         max_wait_time_s=timeout_s,
     )
-    bound = log.bind(device_id=agent.device_id, round_id=round_id, superlink=superlink)
+    bound = log.bind(device_id=ctx.device_id, round_id=round_id, superlink=superlink)
     started = time.monotonic()
     status: dict[str, Any] = {}
     outcome = "timeout"
@@ -220,7 +239,7 @@ def _take_part(
             if time.monotonic() - started >= timeout_s:
                 outcome = "timeout"
                 break
-            if agent._stop.wait(_POLL_S):
+            if ctx.wait_for_stop(_POLL_S):
                 outcome = "stopped"
                 break
     finally:
@@ -238,7 +257,7 @@ def _take_part(
     if outcome == "finished":
         return True, None, result
     if outcome == "exited":
-        return False, f"the SuperNode exited with code {code} (see {agent.settings.data_dir / 'supernode.log'})", result
+        return False, f"the SuperNode exited with code {code} (see {ctx.settings.data_dir / 'supernode.log'})", result
     if outcome == "stopped":
         return False, "the agent is stopping", result
     if outcome == "ended":

@@ -11,11 +11,11 @@ One JSON object, rewritten atomically after every message of a run::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from agent.fsutil import write_atomic
 
 __all__ = ["read_status", "update_status"]
 
@@ -53,12 +53,5 @@ def update_status(path: Path, *, run_id: int, round_id: str, device_id: str, **c
             status[key] = value
     status["updated"] = time.time()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(status, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(status).encode())
     return status

@@ -33,20 +33,40 @@ def test_agent_extras_declare_no_heavy_dependency() -> None:
     assert not declared & HEAVY
 
 
+def test_the_tflite_extra_is_a_raspberry_pi_4s_runtime_without_litert() -> None:
+    # Prepare
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["agent-tflite"]
+    # Execute
+    declared = {_name(r): r.replace(" ", "") for r in extra}
+    # Assert: tflite-runtime 2.14 (the raspberry-pi-4 profile's runtime) needs numpy<2; LiteRT would take its place
+    assert declared["tflite-runtime"] == "tflite-runtime==2.14.0"
+    assert "<2" in declared["numpy"]
+    assert "ai-edge-litert" not in declared
+
+
 @pytest.mark.slow
-def test_agent_install_resolves_without_heavy_packages(tmp_path: Path) -> None:
-    # Execute: what pip would install for `edgefleet[agent]` into an empty environment
+@pytest.mark.parametrize(("extra", "runtime", "absent"), [
+    ("agent", "ai-edge-litert", "tflite-runtime"),
+    ("agent-tflite", "tflite-runtime", "ai-edge-litert"),
+])
+def test_agent_install_resolves_without_heavy_packages(extra: str, runtime: str, absent: str, tmp_path: Path) -> None:
+    # Execute: what pip would install for `edgefleet[EXTRA]` into an empty environment
     report = tmp_path / "report.json"
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-         "--disable-pip-version-check", "--report", str(report), f"{ROOT}[agent]"],
+         "--disable-pip-version-check", "--report", str(report), f"{ROOT}[{extra}]"],
         check=False, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    # Assert
-    names = {item["metadata"]["name"].lower().replace("_", "-") for item in json.loads(report.read_text())["install"]}
-    assert {"paho-mqtt", "ai-edge-litert", "msgspec"} <= names
-    assert not names & HEAVY, names & HEAVY
+    # Assert: one TFLite runtime, the extra's, and nothing heavy
+    versions = {item["metadata"]["name"].lower().replace("_", "-"): item["metadata"]["version"]
+                for item in json.loads(report.read_text())["install"]}
+    assert {"paho-mqtt", runtime, "msgspec", "numpy"} <= versions.keys()
+    assert absent not in versions
+    assert not versions.keys() & HEAVY, versions.keys() & HEAVY
+    if extra == "agent-tflite":
+        assert versions["tflite-runtime"] == "2.14.0"
+        assert int(versions["numpy"].split(".")[0]) < 2
 
 
 def test_importing_the_wire_contract_pulls_nothing_heavy() -> None:
@@ -164,10 +184,7 @@ def test_private_modules_are_imported_only_inside_their_package() -> None:
     assert offending == {}
 
 
-@pytest.mark.parametrize("package", [
-    pytest.param("agent", marks=pytest.mark.xfail(strict=True, reason="issue 9 §1: agent._daemon <-> agent._ota")),
-    *PACKAGES[1:],
-])
+@pytest.mark.parametrize("package", PACKAGES)
 def test_no_import_cycle_inside_a_package(package: str) -> None:
     # Arrange: the graph of module -> modules of the same package it imports (a name imported from a package counts
     # as that package's __init__, unless the name is a submodule)

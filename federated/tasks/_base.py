@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import abc
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from agent.fsutil import atomic_writer
 from agent.manifest import InputContract
 
 if TYPE_CHECKING:
@@ -212,16 +211,8 @@ def dirichlet_partition(
 
 def _write_npz_atomically(path: Path, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, x=x, y=y)  # a file object: savez adds no ".npz" suffix
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as fh:
+        np.savez_compressed(fh, x=x, y=y)  # a file object: savez adds no ".npz" suffix
 
 
 # ------------------------------------------------------------------------------------------ train / evaluate

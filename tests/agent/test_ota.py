@@ -1,4 +1,4 @@
-"""agent._ota: model deployments over a real HTTP server, with real ed25519 signatures and the real LiteRT
+"""agent._deploy and agent._active_model: model deployments over a real HTTP server, with real ed25519 signatures and the real LiteRT
 interpreter, driven through a real (never connected) Agent."""
 
 from __future__ import annotations
@@ -27,13 +27,17 @@ from urllib.parse import urlsplit
 import msgspec
 import numpy as np
 import numpy.typing as npt
+import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent import _ota
+from agent import _deploy
 from agent import protocol as wire
-from agent._daemon import Agent, AgentSettings
+from agent._active_model import resolve_startup_model
+from agent._daemon import Agent
+from agent._model_store import ModelStore
+from agent._settings import AgentSettings, DownloadPolicy, WatchdogPolicy
 from agent.manifest import (
     Golden,
     ModelManifest,
@@ -252,11 +256,9 @@ def publish(
 # ------------------------------------------------------------------------------------------------- agents
 
 
-@pytest.fixture(autouse=True)
-def fx_fast_policies(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_ota, "DOWNLOAD", _ota.DownloadPolicy(stall_timeout_s=5.0, backoff_s=0.05))
-    monkeypatch.setattr(_ota, "WATCHDOG", _ota.WatchdogPolicy(window_s=1.0, poll_s=0.05))
-
+# Faster than the defaults, so that retries and watchdog windows fit a test.
+FAST_DOWNLOAD = DownloadPolicy(stall_timeout_s=5.0, backoff_s=0.05)
+FAST_WATCHDOG = WatchdogPolicy(window_s=1.0, poll_s=0.05)
 
 AgentFactory = Callable[..., Agent]
 
@@ -267,12 +269,14 @@ def fx_make_agent(tmp_path: Path, server: FileServer, key: Ed25519PrivateKey) ->
     agents: list[Agent] = []
 
     def make(profile: str | Profile = "raspberry-pi-5", *, signing_key: bytes | None = b"default",
-             data_dir: Path | None = None) -> Agent:
+             data_dir: Path | None = None, download: DownloadPolicy = FAST_DOWNLOAD,
+             watchdog: WatchdogPolicy = FAST_WATCHDOG, device_id: str = "pi-ota") -> Agent:
         settings = AgentSettings(
-            device_id="pi-ota", profile=get_profile(profile) if isinstance(profile, str) else profile,
+            device_id=device_id, profile=get_profile(profile) if isinstance(profile, str) else profile,
             broker=BrokerAddress("127.0.0.1", 1), data_dir=data_dir or tmp_path / "agent",
             controlplane_url=server.url, inference_rate_hz=50.0,
             signing_key=public_raw(key) if signing_key == b"default" else signing_key,
+            download=download, watchdog=watchdog,
         )
         agent = Agent(settings)
         agents.append(agent)
@@ -281,13 +285,13 @@ def fx_make_agent(tmp_path: Path, server: FileServer, key: Ed25519PrivateKey) ->
 
     yield make
     for agent in agents:
-        agent._inference.stop(timeout=5.0)
+        agent.models.stop(timeout=5.0)
         agent.outbox.close()
 
 
 def deploy(agent: Agent, args: dict[str, Any]) -> tuple[bool, str | None, dict[str, Any]]:
     command = wire.Command(command_id=uuid.uuid4().hex, kind=wire.CommandKind.DEPLOY_MODEL, args=args)
-    return _ota.handle_deploy_model(agent, command)
+    return _deploy.handle(agent, command)
 
 
 def reported(agent: Agent) -> wire.State:
@@ -313,7 +317,7 @@ def assert_unchanged(agent: Agent) -> None:
     """Still on the starter model: nothing installed, nothing left behind."""
     assert agent.model_version == STARTER_VERSION and agent.active_variant == "fp32"
     assert reported(agent).active_model == STARTER_VERSION
-    assert agent._inference.model.path == str(ARTIFACTS["fp32"])
+    assert agent.models.loop.model.path == str(ARTIFACTS["fp32"])
     assert pointer(agent) is None
     assert model_dirs(agent) == [".partial"]
     assert partials(agent) == []
@@ -324,8 +328,8 @@ def assert_unchanged(agent: Agent) -> None:
 
 def test_startup_path_imports_neither_cryptography_nor_torch(tmp_path: Path) -> None:
     # Execute: what an agent start does (the pointer lookup), in a fresh interpreter
-    code = ("import sys, pathlib; from agent import _ota; "
-            f"print(_ota.resolve_startup_model(pathlib.Path({str(tmp_path)!r}), 'ai-edge-litert')); "
+    code = ("import sys, pathlib; from agent._active_model import resolve_startup_model; "
+            f"print(resolve_startup_model(pathlib.Path({str(tmp_path)!r}), 'ai-edge-litert')); "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'cryptography', 'torch', 'httpx', 'requests'}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=60, check=False)
@@ -374,7 +378,7 @@ def test_deploy_swaps_fp32_for_int8(make_agent: AgentFactory, server: FileServer
     assert (agent.model_version, agent.active_variant) == ("digits-2", "full-int8")
     state = reported(agent)
     assert (state.active_model, state.active_variant) == ("digits-2", "full-int8")
-    loop = agent._inference
+    loop = agent.models.loop
     assert loop.model_version == "digits-2"
     assert loop.model.input_dtype == np.int8
     before = loop.stats.count
@@ -411,14 +415,14 @@ def test_keeps_one_previous_model_and_restarts_on_the_current_one(
     for version, variant in (("digits-2", "full-int8"), ("digits-3", "fp32"), ("digits-4", "full-int8")):
         ok, reason, _ = deploy(agent, publish(server, key, version, variant))
         assert ok, reason
-    agent._inference.stop(timeout=5.0)
+    agent.models.stop(timeout=5.0)
     restarted = make_agent(data_dir=agent.settings.data_dir)
 
     # Assert
     assert model_dirs(agent) == [".partial", "digits-3-fp32", "digits-4-full-int8"]
     assert pointer(agent)["previous"]["model_version"] == "digits-3"  # type: ignore[index]
     assert (restarted.model_version, restarted.active_variant) == ("digits-4", "full-int8")
-    assert restarted._inference.model.path == str(
+    assert restarted.models.loop.model.path == str(
         agent.settings.data_dir / "models" / "digits-4-full-int8" / "model.tflite")
     assert (reported(restarted).active_model, reported(restarted).active_variant) == ("digits-4", "full-int8")
 
@@ -450,11 +454,10 @@ def test_interrupted_download_resumes_with_range(make_agent: AgentFactory, serve
 
 
 def test_failed_download_is_resumed_by_the_next_deployment(
-    make_agent: AgentFactory, server: FileServer, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+    make_agent: AgentFactory, server: FileServer, key: Ed25519PrivateKey
 ) -> None:
     # Prepare: the connection drops halfway, then the server answers 503 until it is repaired
-    monkeypatch.setattr(_ota, "DOWNLOAD", _ota.DownloadPolicy(attempts=2, backoff_s=0.01))
-    agent = make_agent()
+    agent = make_agent(download=DownloadPolicy(attempts=2, backoff_s=0.01))
     args = publish(server, key, "digits-2", "full-int8")
     name = "artifacts/digits-2-full-int8.tflite"
     server.faults[name] = "drop-then-503"
@@ -478,11 +481,10 @@ def test_failed_download_is_resumed_by_the_next_deployment(
 
 
 def test_stalled_download_fails_with_a_reason(
-    make_agent: AgentFactory, server: FileServer, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+    make_agent: AgentFactory, server: FileServer, key: Ed25519PrivateKey
 ) -> None:
     # Prepare: the server sends headers and then nothing
-    monkeypatch.setattr(_ota, "DOWNLOAD", _ota.DownloadPolicy(stall_timeout_s=0.3, attempts=2, backoff_s=0.01))
-    agent = make_agent()
+    agent = make_agent(download=DownloadPolicy(stall_timeout_s=0.3, attempts=2, backoff_s=0.01))
     args = publish(server, key, "digits-2", "full-int8")
     server.faults["artifacts/digits-2-full-int8.tflite"] = "stall"
 
@@ -584,7 +586,7 @@ def test_incompatible_deployments_are_refused_early(
         agent = make_agent(signing_key=None)
     elif case == "runtime cannot run variant":  # e.g. a device image that fell back to tflite-runtime 2.14
         agent, variant = make_agent(), "dynamic-int8"
-        agent.runtime_name, agent.runtime_version = "tflite-runtime", "2.14.0"
+        agent.models.runtime_name, agent.models.runtime_version = "tflite-runtime", "2.14.0"
     elif case == "artifact too large":
         agent = make_agent(msgspec.structs.replace(get_profile("raspberry-pi-5"), max_model_bytes=1000))
     else:
@@ -678,7 +680,7 @@ def test_the_release_survives_a_restart(make_agent: AgentFactory, server: FileSe
     agent = make_agent()
     assert deploy(agent, publish(server, key, "digits-3", "full-int8", release=3))[0]
     older = publish(server, key, "digits-2", "fp32", release=2)
-    agent._inference.stop(timeout=5.0)
+    agent.models.stop(timeout=5.0)
     restarted = make_agent(data_dir=agent.settings.data_dir)
 
     # Execute
@@ -790,9 +792,8 @@ def test_model_failing_at_runtime_is_rolled_back(
     make_agent: AgentFactory, server: FileServer, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: the new model passes its self-test, then every inference on it fails
-    monkeypatch.setattr(_ota, "WATCHDOG", _ota.WatchdogPolicy(window_s=10.0, min_inferences=5, poll_s=0.05))
-    agent = make_agent()
-    starter = agent._inference.model
+    agent = make_agent(watchdog=WatchdogPolicy(window_s=10.0, min_inferences=5, poll_s=0.05))
+    starter = agent.models.loop.model
     broken = threading.Event()
     predict = TFLiteModel.predict
 
@@ -810,7 +811,7 @@ def test_model_failing_at_runtime_is_rolled_back(
     wait_for(lambda: agent.model_version == STARTER_VERSION, timeout=15, what="rollback to the starter")
 
     # Assert
-    loop = agent._inference
+    loop = agent.models.loop
     assert loop.model is starter and loop.model_version == STARTER_VERSION
     assert (reported(agent).active_model, reported(agent).active_variant) == (STARTER_VERSION, "fp32")
     assert pointer(agent) is None  # the starter needs no pointer
@@ -830,20 +831,71 @@ def test_rollback_restores_the_previous_installed_model(
     for version, variant in (("digits-2", "full-int8"), ("digits-3", "fp32")):
         ok, reason, _ = deploy(agent, publish(server, key, version, variant))
         assert ok, reason
-    wait_for(lambda: type(agent._inference.model) is TFLiteModel, timeout=10, what="watchdog done")
+    wait_for(lambda: type(agent.models.loop.model) is TFLiteModel, timeout=10, what="watchdog done")
 
     # Execute
-    first = _ota.rollback(agent)
-    second = _ota.rollback(agent)
+    first = agent.models.rollback()
+    second = agent.models.rollback()
 
     # Assert
     assert (first, second) == (True, False)
     assert (agent.model_version, agent.active_variant) == ("digits-2", "full-int8")
-    assert agent._inference.model_version == "digits-2" and agent._inference.model.input_dtype == np.int8
+    assert agent.models.loop.model_version == "digits-2" and agent.models.loop.model.input_dtype == np.int8
     assert reported(agent).active_model == "digits-2"
     current = pointer(agent)
     assert current is not None and current["model_version"] == "digits-2" and current["previous"] is None
     assert model_dirs(agent) == [".partial", "digits-2-full-int8"]
+
+
+# ---------------------------------------------------------------------------------------- one agent per agent
+
+
+def acks(agent: Agent) -> dict[str, wire.Ack]:
+    """The acks an agent has queued for the control plane, by command id."""
+    topic = wire.topic(agent.device_id, wire.Channel.ACK)
+    found = (wire.decode(entry.payload, wire.Ack) for entry in agent.outbox.peek(1000) if entry.topic == topic)
+    return {ack.command_id: ack for ack in found}
+
+
+def test_two_agents_in_one_process_share_no_model_or_round_state(
+    make_agent: AgentFactory, server: FileServer, key: Ed25519PrivateKey, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: two agents side by side, each with its own data directory
+    monkeypatch.setattr(_deploy, "_LOCK_WAIT_S", 0.5)  # how long a deployment waits for one in progress
+    first = make_agent(device_id="pi-one", data_dir=tmp_path / "one")
+    second = make_agent(device_id="pi-two", data_dir=tmp_path / "two")
+    args = publish(server, key, "digits-2", "full-int8")
+    leave = wire.Command(command_id="leave-r7", kind=wire.CommandKind.JOIN_ROUND,
+                         args={"round_id": "r7", "leave": True})
+    message = mqtt.MQTTMessage(topic=wire.topic(first.device_id, wire.Channel.CMD).encode())
+    message.payload = wire.encode(leave)
+
+    # Execute: the first agent is busy with a deployment (its lock held) while the second deploys; the end of a
+    # round reaches the first agent through its command registry
+    with first.models.lock:
+        deployed = deploy(second, args)
+        busy = deploy(first, args)
+    first._on_message(None, None, message)  # type: ignore[arg-type]
+    wait_for(lambda: "leave-r7" in acks(first), timeout=10, what="the leave's ack")
+    rolled_back = (first.models.rollback(), second.models.rollback())
+
+    # Assert: the second agent deployed and rolled back on its own; the first was refused only by its own lock
+    assert deployed[:2] == (True, None), deployed
+    assert busy[:2] == (False, "another model deployment is in progress")
+    assert rolled_back == (False, True)
+    assert (first.model_version, first.active_variant) == (STARTER_VERSION, "fp32")
+    assert first.models.loop is not None and first.models.loop.model.path == str(ARTIFACTS["fp32"])
+    assert pointer(first) is None and model_dirs(first) == []
+    assert (second.model_version, second.active_variant) == (STARTER_VERSION, "fp32")
+    assert json.loads((tmp_path / "two" / "models" / "release.json").read_bytes())["model_version"] == "digits-2"
+    assert not (tmp_path / "one" / "models" / "release.json").exists()
+    # rounds: the first agent recorded the ended round, the second knows nothing of it
+    ack = acks(first)["leave-r7"]
+    assert (ack.ok, ack.result) == (True, {"round_id": "r7", "left": False})
+    assert first.rounds.was_ended("r7") and not second.rounds.was_ended("r7")
+    assert first.rounds is not second.rounds and first.models is not second.models
+    assert acks(second) == {}
 
 
 # ---------------------------------------------------------------------------------------------- crash safety
@@ -857,26 +909,26 @@ def test_startup_falls_back_when_the_current_model_is_damaged(
     for version, variant in (("digits-2", "full-int8"), ("digits-3", "fp32")):
         ok, reason, _ = deploy(agent, publish(server, key, version, variant))
         assert ok, reason
-    agent._inference.stop(timeout=5.0)
+    agent.models.stop(timeout=5.0)
     data_dir, models = agent.settings.data_dir, agent.settings.data_dir / "models"
     current_file = models / "digits-3-fp32" / "model.tflite"
 
     # Execute / Assert: intact
-    assert _ota.resolve_startup_model(data_dir, "ai-edge-litert") == (current_file, "digits-3", "fp32")
+    assert resolve_startup_model(data_dir, "ai-edge-litert") == (current_file, "digits-3", "fp32")
     # the current model corrupted (one byte): the previous one
     damaged = bytearray(current_file.read_bytes())
     damaged[100] ^= 0xFF
     current_file.write_bytes(bytes(damaged))
-    assert _ota.resolve_startup_model(data_dir, "ai-edge-litert") == (
+    assert resolve_startup_model(data_dir, "ai-edge-litert") == (
         models / "digits-2-full-int8" / "model.tflite", "digits-2", "full-int8")
     restarted = make_agent(data_dir=data_dir)
     assert (restarted.model_version, restarted.active_variant) == ("digits-2", "full-int8")
     # the previous one missing too: the starter
     shutil.rmtree(models / "digits-2-full-int8")
-    assert _ota.resolve_startup_model(data_dir, "ai-edge-litert") is None
+    assert resolve_startup_model(data_dir, "ai-edge-litert") is None
     # a garbled pointer: the starter
     (models / "current.json").write_text("{not json")
-    assert _ota.resolve_startup_model(data_dir, "ai-edge-litert") is None
+    assert resolve_startup_model(data_dir, "ai-edge-litert") is None
 
 
 class _Killed(BaseException):
@@ -897,25 +949,25 @@ def test_crash_between_model_dir_and_pointer_keeps_the_old_model(
 
     # Execute: the process "dies" once the new model directory is in place, before the pointer is replaced
     with monkeypatch.context() as patch:
-        patch.setattr(_ota, "_write_pointer", killed)
+        patch.setattr(ModelStore, "write_pointer", killed)
         with pytest.raises(_Killed):
             deploy(agent, args)
     on_disk = model_dirs(agent)
-    resolved = _ota.resolve_startup_model(agent.settings.data_dir, "ai-edge-litert")
+    resolved = resolve_startup_model(agent.settings.data_dir, "ai-edge-litert")
     retried = deploy(agent, args)
 
     # Assert
     assert "digits-3-fp32" in on_disk
     assert resolved is not None and resolved[1:] == ("digits-2", "full-int8")
     assert retried[:2] == (True, None)
-    assert _ota.resolve_startup_model(agent.settings.data_dir, "ai-edge-litert")[1:] == (  # type: ignore[index]
+    assert resolve_startup_model(agent.settings.data_dir, "ai-edge-litert")[1:] == (  # type: ignore[index]
         "digits-3", "fp32")
 
 
 _COMMIT_LOOP = """
 import json, shutil, sys
 from pathlib import Path
-from agent import _ota
+from agent._model_store import ModelStore
 from agent.manifest import decode_signed
 
 models, specs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
@@ -927,7 +979,7 @@ for i in range(10**9):
     raw = Path(spec["manifest"]).read_bytes()
     partial = models / ".partial" / "artifact.tflite"
     shutil.copyfile(spec["artifact"], partial)
-    previous = _ota._commit(models, partial, raw, decode_signed(raw).manifest, previous)
+    previous = ModelStore(models).commit(partial, raw, decode_signed(raw).manifest, previous)
 """
 
 
@@ -960,7 +1012,7 @@ def test_kill_9_at_random_points_always_leaves_a_verified_model(tmp_path: Path, 
         finally:
             process.kill()
             process.wait(10)
-        resolved = _ota.resolve_startup_model(data_dir, "ai-edge-litert")
+        resolved = resolve_startup_model(data_dir, "ai-edge-litert")
 
         # Assert: the pointer names complete, verified files, current and previous
         pointer_file = data_dir / "models" / "current.json"

@@ -24,7 +24,7 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 from agent import protocol as wire
-from agent.join_round import handle_join_round
+from agent.join_round import Rounds
 from agent.round_status import read_status
 from federated.flower.config import parse_run_config
 from federated.flower.runtime import SuperLinkProcess, SuperNodeProcess, node_config_arg
@@ -157,9 +157,15 @@ def test_node_config_quoting() -> None:
 
 
 def _fake_agent(tmp_path: Path, device_id: str, profile: str = "raspberry-pi-5") -> Any:
+    """The parts of an agent's agent.commands.CommandContext that the join_round handler uses."""
     settings = SimpleNamespace(data_dir=tmp_path / device_id, profile=get_profile(profile))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return SimpleNamespace(settings=settings, device_id=device_id, _stop=threading.Event())
+    return SimpleNamespace(settings=settings, device_id=device_id, wait_for_stop=threading.Event().wait)
+
+
+def handle_join_round(agent: Any, command: wire.Command, rounds: Rounds | None = None) -> Any:
+    """The join_round handler of an agent with round state ``rounds`` (a fresh agent's by default)."""
+    return (rounds or Rounds()).handle(agent, command)
 
 
 def test_join_round_refusals(tmp_path: Path) -> None:
@@ -184,14 +190,15 @@ def test_a_round_the_control_plane_ended_is_left_and_not_joined_again(tmp_path: 
     leave = wire.Command(command_id="l1", kind="join_round", args={"round_id": "r7", "leave": True})
     join = wire.Command(command_id="j1", kind="join_round", args={"superlink": "127.0.0.1:9092", "round_id": "r7"})
     # Execute: the end of round r7 reaches the device before (or instead of) its invitation
-    left = handle_join_round(agent, leave)
-    ok, reason, result = handle_join_round(agent, join)
+    rounds = Rounds()
+    left = handle_join_round(agent, leave, rounds)
+    ok, reason, result = handle_join_round(agent, join, rounds)
     # Assert
     assert left == (True, None, {"round_id": "r7", "left": False})  # it was not in it: nothing to stop
     assert not ok and reason == "round r7 is already over (the control plane ended it)"
     assert result["joined"] is False
     bad = wire.Command(command_id="l2", kind="join_round", args={"round_id": "", "leave": True})
-    assert handle_join_round(agent, bad)[0] is False
+    assert handle_join_round(agent, bad, rounds)[0] is False
 
 
 # ----------------------------------------------------------------------------------- real Flower deployment

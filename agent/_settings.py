@@ -1,0 +1,63 @@
+"""What one agent is configured with: its identity, broker, control plane, files and tuning (plain data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent._telemetry import PowerMode
+from agent.mqtt import BrokerAddress
+from firmware_profiles import Profile
+
+__all__ = ["AgentSettings", "DownloadPolicy", "WatchdogPolicy"]
+
+
+@dataclass(frozen=True)
+class DownloadPolicy:
+    """How a model download retries and gives up."""
+
+    stall_timeout_s: float = 30.0  # no byte received for this long: the attempt fails
+    total_timeout_s: float = 3600.0  # the whole artifact download, retries included
+    attempts: int = 5  # consecutive failed attempts that made no progress before giving up
+    backoff_s: float = 0.5  # first retry delay, doubled per failure
+    backoff_max_s: float = 8.0
+    manifest_max_bytes: int = 1 << 20
+    chunk_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True)
+class WatchdogPolicy:
+    """How long and how strictly a freshly activated model is watched before it is trusted."""
+
+    window_s: float = 30.0  # how long a freshly activated model is watched
+    error_ratio: float = 0.5  # roll back when more than this share of its inferences fail
+    min_inferences: int = 5  # before the window ends, decide only on at least this many inferences
+    poll_s: float = 0.2
+
+
+@dataclass
+class AgentSettings:
+    device_id: str
+    profile: Profile
+    broker: BrokerAddress
+    data_dir: Path
+    # The control plane this device was enrolled with: model downloads come only from this origin.
+    controlplane_url: str | None = None
+    task: str = "digits"  # the task this device runs (the shipped starter model's): releases for others are refused
+    telemetry_interval_s: float | None = None  # default: the profile's
+    inference_rate_hz: float = 5.0
+    power_mode: PowerMode = PowerMode.AUTO
+    outbox_max_bytes: int = 16 * 1024 * 1024
+    model_path: Path | None = None  # default: the shipped starter model
+    data_path: Path | None = None  # default: the shipped digits sample
+    inflight_window: int = 100
+    # The control plane's ed25519 public key (raw 32 bytes): only models signed with it are accepted.
+    signing_key: bytes | None = None
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    keepalive_s: int = 30
+    session_expiry_s: int = 7 * 24 * 3600  # how long the broker keeps commands for an offline device
+    download: DownloadPolicy = field(default_factory=DownloadPolicy)  # model downloads (deploy_model)
+    watchdog: WatchdogPolicy = field(default_factory=WatchdogPolicy)  # a freshly activated model
+    extra: dict[str, Any] = field(default_factory=dict)
