@@ -74,19 +74,42 @@ class ModelSource(enum.StrEnum):
 
 
 class DeploymentStatus(enum.StrEnum):
-    """A rollout (``deployment.status``)."""
+    """A rollout (``deployment.status``); see docs/architecture.md "Rollouts" for the transitions."""
 
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    HALTED = "halted"
-    FAILED = "failed"
+    RUNNING = "running"  # sending wave by wave to devices as they are reachable
+    PAUSED = "paused"  # sends nothing new; devices already sent to may finish (their download tokens still open)
+    SUCCEEDED = "succeeded"  # every target that can run the model reported it installed
+    SUSPECT = "suspect"  # succeeded, then devices predict garbage with the new model (see deployments._quality)
+    HALTED = "halted"  # more devices failed than the failure threshold allows, among the devices that answered
+    FAILED = "failed"  # not set any more; older rows may carry it
+    TIMED_OUT = "timed_out"  # the deadline passed with targets still offline or unanswered (not failures)
+    CANCELLED = "cancelled"  # by an operator: unfinished targets cancelled, download tokens closed
+    SUPERSEDED = "superseded"  # newer deployments took over every target that had not finished
+
+    @property
+    def active(self) -> bool:
+        """Commands may still be sent (running) or finish (paused); download tokens open."""
+        return self in (DeploymentStatus.RUNNING, DeploymentStatus.PAUSED)
 
 
 class TargetStatus(enum.StrEnum):
     """One device of a rollout (``deployment_target.status``)."""
 
-    WAITING = "waiting"
-    SENT = "sent"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    SKIPPED = "skipped"
+    PENDING = "pending"  # not sent yet: waiting for its wave, or for the device to come online
+    SENT = "sent"  # deploy_model sent; waiting for the device's ack or its reported state
+    SUCCEEDED = "succeeded"  # the device acked, or reports the model active
+    SUSPECT = "suspect"  # succeeded, then predicted garbage with the new model
+    FAILED = "failed"  # the device reported a failure (or answered nothing within the wave timeout while online)
+    TIMED_OUT = "timed_out"  # the deadline passed while pending or sent (offline): not a failure of the model
+    CANCELLED = "cancelled"  # its deployment was cancelled before the device finished
+    SUPERSEDED = "superseded"  # a newer deployment to this device took over
+    SKIPPED = "skipped"  # no published variant this device can run
+
+    @property
+    def unfinished(self) -> bool:
+        return self in (TargetStatus.PENDING, TargetStatus.SENT)
+
+    @property
+    def answered(self) -> bool:
+        """The device told us how it went (counted for the failure threshold)."""
+        return self in (TargetStatus.SUCCEEDED, TargetStatus.SUSPECT, TargetStatus.FAILED)

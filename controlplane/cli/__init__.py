@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from controlplane.cli import demo, jobs, profiles, rounds, serve, tasks, tokens
+from controlplane.cli import demo, deployments, jobs, profiles, rounds, serve, tasks, tokens
 
 __all__ = ["app", "main"]
 
@@ -19,6 +19,7 @@ app.add_typer(tokens.app, name="tokens")
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(rounds.app, name="rounds")
 app.add_typer(rounds.schedules_app, name="schedules")
+app.add_typer(deployments.app, name="deployments")
 app.add_typer(tasks.app, name="tasks")
 app.command("agent", context_settings=serve.AGENT_CONTEXT, help="The device agent: `edgefleet agent run --help`.")(
     serve.agent_cmd)

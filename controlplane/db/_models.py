@@ -8,6 +8,8 @@ from typing import Any, overload
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from controlplane.statuses import DeploymentStatus, TargetStatus
+
 __all__ = [
     "ApiToken",
     "CommandRecord",
@@ -153,9 +155,12 @@ class DeploymentRecord(SQLModel, table=True):
     failure_threshold: float = 0.0
     wave_timeout_s: float = 600.0
     current_wave: int = 0
-    status: str = Field(default="running", max_length=16)  # running | succeeded | halted | failed
+    status: str = Field(default=DeploymentStatus.RUNNING, max_length=16)  # a DeploymentStatus
     reason: str | None = None
     rollback: bool = False  # an operator's explicit rollback to a lower release
+    rollback_of: int | None = None  # the deployment this one rolls back
+    # Past it, targets still pending or sent become timed_out and the deployment ends (None: no deadline).
+    deadline_at: datetime | None = _ts(nullable=True)
     created_at: datetime = _ts(nullable=False)
     updated_at: datetime = _ts(nullable=False)
 
@@ -179,8 +184,10 @@ class DeploymentTargetRecord(SQLModel, table=True):
     command_id: str | None = Field(default=None, max_length=64)
     # SHA-256 (hex) of the download token sent to this device with its command; the token itself is not kept.
     token_hash: str | None = Field(default=None, max_length=64, index=True)
-    status: str = Field(default="waiting", max_length=16)  # waiting | sent | succeeded | failed | skipped
+    status: str = Field(default=TargetStatus.PENDING, max_length=16)  # a TargetStatus
     reason: str | None = None
+    # The model the device reported active when the deployment was created: what a rollback re-deploys.
+    previous_model: str | None = Field(default=None, max_length=64)
     sent_at: datetime | None = _ts(nullable=True)
     finished_at: datetime | None = _ts(nullable=True)
 

@@ -32,3 +32,25 @@ class DeploymentController(Controller):
     def get_deployment(self, deployment_id: RowId, deployment_service: DeploymentService) -> DeploymentRead:
         """Per-device progress."""
         return deployment_service.get(deployment_id)
+
+    @post("/{deployment_id:int}/pause", guards=[requires(Role.OPERATOR)], sync_to_thread=True, status_code=200)
+    def pause(self, deployment_id: RowId, deployment_service: DeploymentService) -> DeploymentRead:
+        """Send nothing new; devices already sent to may finish. 409 unless running."""
+        return deployment_service.pause(deployment_id)
+
+    @post("/{deployment_id:int}/resume", guards=[requires(Role.OPERATOR)], sync_to_thread=True, status_code=200)
+    def resume(self, deployment_id: RowId, deployment_service: DeploymentService) -> DeploymentRead:
+        """Go on where a pause stopped. 409 unless paused."""
+        return deployment_service.resume(deployment_id)
+
+    @post("/{deployment_id:int}/cancel", guards=[requires(Role.OPERATOR)], sync_to_thread=True, status_code=200)
+    def cancel(self, deployment_id: RowId, deployment_service: DeploymentService) -> DeploymentRead:
+        """Cancel unfinished targets and close every download token. 409 unless running or paused."""
+        return deployment_service.cancel(deployment_id)
+
+    @post("/{deployment_id:int}/rollback", guards=[requires(Role.OPERATOR)], sync_to_thread=True, status_code=201)
+    def rollback(self, deployment_id: RowId, deployment_service: DeploymentService) -> list[DeploymentRead]:
+        """Re-deploy to the devices that installed this deployment's model the model each ran before, signed as a
+        rollback: the new deployments (one per previous model). Cancels this one first if it still runs. 409 when
+        no device can be rolled back (the reason names each)."""
+        return deployment_service.rollback(deployment_id)

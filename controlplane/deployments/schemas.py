@@ -9,6 +9,7 @@ import msgspec
 
 from controlplane._bounds import NAME_PATTERN, Name
 from controlplane.devices.schemas import TAG_PATTERN
+from controlplane.statuses import DeploymentStatus, TargetStatus
 
 __all__ = ["DeploymentCreate", "DeploymentRead", "TargetRead", "Targets"]
 
@@ -34,7 +35,14 @@ class DeploymentCreate(msgspec.Struct, forbid_unknown_fields=True):
         default_factory=lambda: [100.0])
     # Fraction of a wave's devices that may fail before the rollout halts (0: any failure halts it).
     failure_threshold: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    # How long an online device may take to answer its command before it counts as failed. (An offline device
+    # is not failed: its target stays pending, or sent, until it comes back or the deadline passes.)
     wave_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 600.0
+    # Give up on devices that have not answered by then (seconds from now, or a time; not both): their targets
+    # become timed_out, which is not counted as a failure. Without one the deployment waits for them until it
+    # is cancelled or a newer deployment supersedes it.
+    deadline_s: Annotated[float, msgspec.Meta(gt=0, le=90 * 86_400)] | None = None
+    deadline: datetime | None = None
     # Needed to deploy a version whose release is lower than one already deployed; devices accept such a
     # release only when it is signed as a rollback.
     rollback: bool = False
@@ -44,9 +52,10 @@ class TargetRead(msgspec.Struct):
     device_id: str
     wave: int
     variant: str | None
-    status: str  # waiting | sent | succeeded | suspect (succeeded, then predicting garbage: see reason) | failed | skipped
+    status: TargetStatus
     reason: str | None
     command_id: str | None
+    previous_model: str | None  # what the device ran before: what a rollback re-deploys
 
 
 class DeploymentRead(msgspec.Struct):
@@ -54,8 +63,10 @@ class DeploymentRead(msgspec.Struct):
     model_version: str
     release: int
     rollback: bool
-    status: str  # running | succeeded | suspect | halted | failed
+    status: DeploymentStatus
     reason: str | None
+    rollback_of: int | None
+    deadline: datetime | None
     waves: list[float]
     current_wave: int
     failure_threshold: float

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -25,7 +27,7 @@ from agent.manifest import (
     key_id,
 )
 from agent.mqtt import MqttProtocol, make_client, parse_broker_url
-from agent.runtime import starter_model_path
+from agent.runtime import TFLiteModel, starter_model_path
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.db import ModelArtifactRecord
@@ -35,7 +37,7 @@ from controlplane.devices.schemas import DeviceCreate
 from controlplane.models.controller import parse_range
 from controlplane.wiring import Fleet
 from firmware_profiles import get_profile
-from tests._services import fleet_settings, wait_for
+from tests._services import clear_retained, fleet_settings, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -46,18 +48,22 @@ def sign(key: Ed25519PrivateKey, manifest: ModelManifest) -> SignedManifest:
                           key_id=key_id(raw))
 
 
-def register_starter(fleet: Fleet, version: str, accuracy: dict[str, float]) -> None:
-    """A model version whose variants are the shipped starter models, signed with a throwaway key."""
+def register_starter(fleet: Fleet, version: str, accuracy: dict[str, float], *, real_golden: bool = False) -> None:
+    """A model version whose variants are the shipped starter models, signed with a throwaway key. With
+    ``real_golden`` its golden output is what the model computes (a real agent's self-test passes)."""
     key = Ed25519PrivateKey.generate()
     published = []
     for variant, file_variant in (("fp32", "fp32"), ("full-int8", "int8")):
         path = starter_model_path(file_variant)
+        output = [[0.0] * 10]
+        if real_golden:
+            output = TFLiteModel.load(path).predict(np.zeros((1, 64), dtype=np.float32)).tolist()
         manifest = ModelManifest(
             model_version=version, task="digits", variant=variant, file_name=f"{version}-{variant}.tflite",
             sha256=file_sha256(path), size_bytes=path.stat().st_size,
             runtimes={"ai-edge-litert": "2.3.0", "tflite-runtime": "2.14.0"}, source=ModelSource(kind="test", id="1"),
             metrics={"accuracy": accuracy[variant]}, input_scale=1 / 16,
-            golden=Golden(input=[[0.0] * 64], output=[[0.0] * 10], tolerance=1.0),
+            golden=Golden(input=[[0.0] * 64], output=output, tolerance=1.0),
         )
         published.append((sign(key, manifest), path))
     fleet.models.start_version(version, "digits", "test", "1")
@@ -70,23 +76,49 @@ def fx_fleet(mosquitto_url: str, tmp_path: Path) -> Iterator[Fleet]:
     settings = fleet_settings(mosquitto_url, tmp_path / "cp")
     fleet = Fleet(settings).start()
     yield fleet
+    device_ids = [d.device_id for d in fleet.devices.find(limit=100_000)]
     fleet.stop()
+    clear_retained(mosquitto_url, device_ids)
 
 
 class FakeDevice:
-    """A device on the real broker that answers deploy_model commands with a chosen result (no agent)."""
+    """A device on the real broker that speaks the agent's protocol without an agent: it announces itself with its
+    retained state (online, its active model) and a last will saying offline, and answers deploy_model commands
+    with a chosen result; on success it reports the new model active in its state, as the agent does."""
 
-    def __init__(self, broker_url: str, device_id: str, ok: bool) -> None:
-        address = parse_broker_url(broker_url)
+    def __init__(self, broker_url: str, device_id: str, ok: bool, *, active_model: str | None = None,
+                 connect: bool = True) -> None:
+        self.address = parse_broker_url(broker_url)
         self.device_id, self.ok, self.seen = device_id, ok, 0
-        self.client = make_client(address, f"fake-{device_id}-{uuid.uuid4().hex[:4]}", protocol=MqttProtocol.V5)
+        self.active_model: str | None = active_model
+        self.active_variant: str | None = None
+        self.client = make_client(self.address, f"fake-{device_id}-{uuid.uuid4().hex[:4]}",
+                                  protocol=MqttProtocol.V5)
         self.client.on_message = self._on_message
+        self.client.will_set(wire.topic(device_id, wire.Channel.STATE), self._state(online=False), qos=1,
+                             retain=True)
+        self.connected = False
+        if connect:
+            self.connect()
+
+    def _state(self, online: bool) -> bytes:
+        return wire.encode(wire.State(device_id=self.device_id, online=online, ts=time.time(),
+                                      active_model=self.active_model, active_variant=self.active_variant))
+
+    def publish_state(self, online: bool = True) -> None:
+        self.client.publish(wire.topic(self.device_id, wire.Channel.STATE), self._state(online), qos=1,
+                            retain=True).wait_for_publish(5)
+
+    def connect(self) -> None:
+        """Come online: subscribe to its commands, then announce itself (retained), as the agent does."""
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.connect(address.host, address.port)
-        self.client.subscribe(wire.topic(device_id, wire.Channel.CMD), qos=1)
+        self.client.connect(self.address.host, self.address.port)
+        self.client.subscribe(wire.topic(self.device_id, wire.Channel.CMD), qos=1)
         self.client.loop_start()
         assert subscribed.wait(5)
+        self.connected = True
+        self.publish_state(online=True)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         command = wire.decode(msg.payload, wire.Command)
@@ -94,10 +126,18 @@ class FakeDevice:
         ack = wire.Ack(device_id=self.device_id, command_id=command.command_id, ok=self.ok,
                        reason=None if self.ok else "self-test failed: output differs by 0.4 (tolerance 0.001)")
         client.publish(wire.topic(self.device_id, wire.Channel.ACK), wire.encode(ack), qos=1)
+        if self.ok:
+            self.active_model, self.active_variant = command.args["model_version"], command.args["variant"]
+            client.publish(wire.topic(self.device_id, wire.Channel.STATE), self._state(True), qos=1, retain=True)
 
     def close(self) -> None:
+        """Go offline the way an agent that stops does: its state says offline (retained), then disconnect."""
+        if not self.connected:
+            return
+        self.publish_state(online=False)
         self.client.disconnect()
         self.client.loop_stop()
+        self.connected = False
 
 
 def test_parse_range() -> None:
@@ -202,7 +242,8 @@ def test_first_wave_failure_stops_the_rollout(fleet: Fleet, mosquitto_url: str) 
         result = fleet.deployments.get(created.id)
         assert result.status == "halted"
         assert fakes[1].seen == 0
-        assert {t.device_id: t.status for t in result.targets} == {"a-bad": "failed", "b-good": "waiting"}
+        assert {t.device_id: t.status for t in result.targets} == {"a-bad": "failed", "b-good": "cancelled"}
+        assert result.targets[1].reason == f"deployment {created.id} halted before it was sent"
     finally:
         for fake in fakes:
             fake.close()
