@@ -136,7 +136,7 @@ def _backend_job_s(backend: Any, spec: JobSpec, job_id: int, poll_s: float = 0.0
 def _job_overhead(args: argparse.Namespace) -> dict[str, Any]:
     """The same digits finetune in-process, as a local worker process, and as a Ray job (Jobs API), for a short
     job (``--epochs``: the fixed cost dominates) and a longer one (``--long-epochs``: what a real job pays)."""
-    from controlplane.jobs.backends import LocalBackend, RayBackend
+    from controlplane.burst.backends import LocalBackend, RayBackend
 
     def spec_for(epochs: int) -> JobSpec:
         return JobSpec(job_id=f"bench-overhead-{epochs}", kind="finetune", epochs=epochs, batch_size=args.batch_size,

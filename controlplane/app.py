@@ -20,15 +20,15 @@ from controlplane._bounds import MAX_BODY_BYTES
 from controlplane._http import exception_handlers, limit_json_nesting
 from controlplane.auth import Role
 from controlplane.auth._guards import BearerTokenMiddleware, requires
+from controlplane.burst.controller import JobController
+from controlplane.burst.service import JobService
 from controlplane.deployments import DeploymentController, DeploymentService
 from controlplane.devices import DeviceController, DeviceService
 from controlplane.ingest import read_stats
-from controlplane.jobs.controller import JobController
-from controlplane.jobs.service import JobService
 from controlplane.models import DownloadController, ModelController, ModelService
-from controlplane.rounds.controller import RoundController, ScheduleController
-from controlplane.rounds.scheduler import RoundScheduler
+from controlplane.rounds.controller import RoundController
 from controlplane.rounds.service import RoundService
+from controlplane.schedules import ScheduleController, ScheduleService
 from controlplane.settings import Settings
 from controlplane.wiring import Fleet
 
@@ -102,7 +102,7 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
     def provide_rounds(request: Request[Any, Any, Any]) -> RoundService:
         return request.app.state.fleet.rounds  # type: ignore[no-any-return]
 
-    def provide_schedules(request: Request[Any, Any, Any]) -> RoundScheduler:
+    def provide_schedules(request: Request[Any, Any, Any]) -> ScheduleService:
         return request.app.state.fleet.schedules  # type: ignore[no-any-return]
 
     openapi = OpenAPIConfig(
@@ -119,7 +119,7 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
     return Litestar(
         route_handlers=[healthz, ingest_stats, signing_key, DeviceController, ModelController, DownloadController,
                         DeploymentController, RoundController, ScheduleController, JobController],
-        # Named *_service / *_scheduler so that no dependency shadows a body, query or path field (a request
+        # Named *_service so that no dependency shadows a body, query or path field (a request
         # field named like a dependency turns its validation errors into 500s).
         dependencies={
             "device_service": Provide(provide_devices, sync_to_thread=False),
@@ -127,7 +127,7 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
             "deployment_service": Provide(provide_deployments, sync_to_thread=False),
             "round_service": Provide(provide_rounds, sync_to_thread=False),
             "job_service": Provide(provide_jobs, sync_to_thread=False),
-            "round_scheduler": Provide(provide_schedules, sync_to_thread=False),
+            "schedule_service": Provide(provide_schedules, sync_to_thread=False),
         },
         middleware=[auth],
         lifespan=[lifespan],

@@ -19,6 +19,7 @@ from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.broker import free_port
 from controlplane.settings import Settings
+from controlplane.statuses import DeploymentStatus, RoundStatus
 from controlplane.wiring import Fleet
 
 __all__ = ["DEMO_PROFILES", "run_demo"]
@@ -203,7 +204,7 @@ def _learn(api: httpx.Client, fleet: Fleet, *, rounds: int, strategy: str,
         listed = api.get("/api/v1/rounds").json()
         if listed:
             record = listed[0]
-            if record["status"] in ("succeeded", "failed"):
+            if RoundStatus(record["status"]).finished:
                 break
             _say(f"[demo] round {record['id']}: {record['status']}, invited {record['invited']} "
                  f"(t={time.monotonic() - t0:.0f}s)")
@@ -228,7 +229,7 @@ def _learn(api: httpx.Client, fleet: Fleet, *, rounds: int, strategy: str,
                                                 "metrics", "model_version")}
         _say(f"[demo] burst step: job {job['id']} {job['kind']} {job['status']} on {job['placement']} "
              f"({job['placement_reason']}); accuracy {job['metrics'].get('accuracy')}")
-    if record.get("status") != "succeeded":
+    if record.get("status") != RoundStatus.SUCCEEDED:
         _say(f"[demo] round failed: {record.get('reason')}")
         return out
     version = record["model_version"]
@@ -243,7 +244,7 @@ def _learn(api: httpx.Client, fleet: Fleet, *, rounds: int, strategy: str,
         deployments = api.get("/api/v1/deployments").json()
         if deployments:
             deployment = deployments[0]
-            if deployment["status"] != "running":
+            if deployment["status"] != DeploymentStatus.RUNNING:
                 break
         time.sleep(2)
     out["deployment"] = deployment

@@ -1,4 +1,5 @@
-"""The long-lived parts of a running control plane: database, broker link, ingest workers.
+"""Wiring only: builds the long-lived parts of a running control plane (database, broker link, ingest workers,
+services) and connects them; what each part does lives in its own package.
 
 `create_app()` starts and stops a `Fleet` in the app's lifespan; the demo and tests use it directly too.
 """
@@ -8,12 +9,10 @@ from __future__ import annotations
 import secrets
 import socket
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import structlog
 from sqlalchemy import Engine
 
-from agent.manifest import ModelSource
 from agent.mqtt import BrokerAddress, MqttProtocol, parse_broker_url
 from controlplane._errors import BrokerUnavailable
 from controlplane._private import private_dir
@@ -25,18 +24,18 @@ from controlplane.broker import (
     NoBrokerAuth,
     client_id_secret,
 )
+from controlplane.burst.backends import Backend, LocalBackend, RayBackend
+from controlplane.burst.service import JobService
 from controlplane.db import create_db_engine, migrate
 from controlplane.deployments import DeploymentService
 from controlplane.devices import CommandPublisher, DeviceService
 from controlplane.ingest import IngestWorker
-from controlplane.jobs.backends import Backend, LocalBackend, RayBackend
-from controlplane.jobs.service import JobService
 from controlplane.models import ModelService
-from controlplane.models.build import ModelBuilder
+from controlplane.pipeline import ModelPipeline
 from controlplane.rounds.runner import FlowerRoundRunner
-from controlplane.rounds.scheduler import RoundScheduler
 from controlplane.rounds.schemas import RoundCreate
-from controlplane.rounds.service import RoundOutcome, RoundService
+from controlplane.rounds.service import RoundService
+from controlplane.schedules import ScheduleService
 from controlplane.settings import BrokerAuthMode, Settings
 from federated.signing import Signer
 
@@ -61,8 +60,8 @@ class Fleet:
     models: ModelService = field(init=False)
     signer: Signer = field(init=False)
     rounds: RoundService = field(init=False)
-    schedules: RoundScheduler = field(init=False)
-    builder: ModelBuilder = field(init=False)
+    schedules: ScheduleService = field(init=False)
+    pipeline: ModelPipeline = field(init=False)
     runner: FlowerRoundRunner | None = field(init=False, default=None)
     jobs: JobService = field(init=False)
     deployments: DeploymentService = field(init=False)
@@ -108,18 +107,18 @@ class Fleet:
         self.models = ModelService(self.engine, self.settings.data_dir / "models")
         self.deployments = DeploymentService(self.engine, self.models, self.publisher, self.signer)
         self.deployments.start()
-        self.builder = ModelBuilder(self.engine, self.models, self.deployments, self.signer,
-                                    self.settings.data_dir / "builds")
+        self.pipeline = ModelPipeline(self.engine, self.models, self.deployments, self.signer,
+                                      self.settings.data_dir / "builds")
         self.runner = FlowerRoundRunner(self.settings.data_dir / "flower", self.devices,
                                         superlink_host=self.settings.superlink_host) if _installed("flwr") else None
         backends: dict[str, Backend] = {"local": LocalBackend()}
         if _installed("ray"):
             backends["burst"] = RayBackend(self.settings.data_dir / "ray", address=self.settings.ray_address)
-        self.jobs = JobService(self.engine, self.settings.data_dir / "jobs", backends, self.models, self.builder)
+        self.jobs = JobService(self.engine, self.settings.data_dir / "jobs", backends, self.models, self.pipeline)
         self.jobs.start()
-        self.rounds = RoundService(self.engine, runner=self.runner, post_round=self._post_round, jobs=self.jobs)
+        self.rounds = RoundService(self.engine, runner=self.runner, pipeline=self.pipeline, jobs=self.jobs)
         self.rounds.recover()
-        self.schedules = RoundScheduler(self.engine, on_fire=self._on_schedule, validate=self.rounds.validate)
+        self.schedules = ScheduleService(self.engine, on_fire=self._on_schedule, validate=self.rounds.validate)
         if self.settings.run_scheduler:
             self.schedules.start()
         log.info("controlplane.started", broker=self.broker.url, database=_safe_db_url(self.settings.database_url),
@@ -165,13 +164,6 @@ class Fleet:
             dynsec.prepare()
             self.broker_auth = dynsec
         self.device_broker_url = settings.device_broker_url or self.broker.with_credentials(None, None).url
-
-    def _post_round(self, round_id: int, data: RoundCreate, outcome: RoundOutcome) -> str | None:
-        if outcome.weights_path is None:
-            raise RuntimeError("the round returned no weights")
-        return self.builder.build(task_name=data.task, weights_path=Path(outcome.weights_path),
-                                  model_version=f"round-{round_id}", source=ModelSource(kind="round", id=str(round_id)),
-                                  deploy=data.deploy)
 
     def _on_schedule(self, schedule_id: str, data: RoundCreate) -> None:
         log.info("schedule.fired", schedule_id=schedule_id)

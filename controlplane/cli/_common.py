@@ -9,34 +9,20 @@ from typing import Annotated, Any
 import typer
 
 
+# The strategy, job kind and placement options are the domain enums themselves (federated.flower.config.Strategy,
+# federated.burst.spec.JobKind, controlplane.burst.placement.Placement: leaf modules). These two stay copies: the
+# domain's Role and BrokerAuthMode live beside the database and settings, which the CLI imports only when a command
+# needs them (so that a device install's `edgefleet` can say which extra is missing).
 class RoleOption(enum.StrEnum):  # typer 0.15 rejects Literal options: use enums
     admin = "admin"
     operator = "operator"
     viewer = "viewer"
 
 
-class StrategyOption(enum.StrEnum):
-    fedavg = "fedavg"
-    fedprox = "fedprox"
-    fedadam = "fedadam"
-
-
 class BrokerAuthOption(enum.StrEnum):
     embedded = "embedded"
     dynsec = "dynsec"
     none = "none"
-
-
-class JobKindOption(enum.StrEnum):
-    finetune = "finetune"
-    distill = "distill"
-    qat = "qat"
-
-
-class PlacementOption(enum.StrEnum):
-    auto = "auto"
-    burst = "burst"
-    local = "local"
 
 
 def fail(message: str, code: int = 2) -> None:

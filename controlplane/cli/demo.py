@@ -8,17 +8,18 @@ from typing import Annotated
 
 import typer
 
-from controlplane.cli._common import JobKindOption, StrategyOption
+from federated.burst.spec import JobKind
+from federated.flower.config import Strategy
 
 
 def demo(
     agents: Annotated[int, typer.Option(help="Number of simulated devices.")] = 4,
     duration: Annotated[float, typer.Option(help="Seconds of on-device inference at the end.")] = 20.0,
     rounds: Annotated[int, typer.Option(help="Federated rounds the schedule runs.")] = 3,
-    strategy: Annotated[StrategyOption, typer.Option(help="Flower strategy.")] = StrategyOption.fedavg,
+    strategy: Annotated[Strategy, typer.Option(help="Flower strategy.")] = Strategy.FEDAVG,
     alpha: Annotated[float, typer.Option(help="Dirichlet alpha of the devices' non-IID data.")] = 0.5,
     learn: Annotated[bool, typer.Option(help="Run the learning loop (needs edgefleet[train,build]).")] = True,
-    burst: Annotated[JobKindOption | None, typer.Option(
+    burst: Annotated[JobKind | None, typer.Option(
         help="Attach this burst job to the round: it runs on the federated result before the build.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary as JSON.")] = None,
     broker: Annotated[str | None, typer.Option(help="Use this broker instead of the embedded one.")] = None,

@@ -7,7 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
-from controlplane.cli._common import JobKindOption, PlacementOption, TokenOpt, UrlOpt, api, call
+from controlplane.burst.placement import Placement
+from controlplane.cli._common import TokenOpt, UrlOpt, api, call
+from controlplane.statuses import JobStatus
+from federated.burst.spec import JobKind
 
 app = typer.Typer(no_args_is_help=True, help="Burst training jobs (finetune / distill / qat) via the API.")
 
@@ -24,7 +27,7 @@ def _job_line(job: dict[str, Any]) -> str:
 
 @app.command("submit")
 def jobs_submit(
-    kind: Annotated[JobKindOption, typer.Argument(help="finetune | distill | qat")],
+    kind: Annotated[JobKind, typer.Argument(help="finetune | distill | qat")],
     task: Annotated[str, typer.Option(help="A task the control plane registers by name.")] = "digits",
     base_model: Annotated[str | None, typer.Option(help="Start from this model version.")] = None,
     gpus: Annotated[float, typer.Option(help="GPUs to ask for.")] = 0.0,
@@ -33,7 +36,7 @@ def jobs_submit(
     memory_gb: Annotated[float, typer.Option(help="Memory to ask for.")] = 1.0,
     epochs: Annotated[int, typer.Option()] = 20,
     time_budget: Annotated[float, typer.Option(help="Seconds.")] = 600.0,
-    placement: Annotated[PlacementOption, typer.Option()] = PlacementOption.auto,
+    placement: Annotated[Placement, typer.Option()] = Placement.AUTO,
     deploy: Annotated[bool, typer.Option(help="Roll the resulting model out.")] = False,
     wait: Annotated[bool, typer.Option(help="Follow the job with a progress bar until it ends.")] = True,
     url: UrlOpt = "http://127.0.0.1:8080",
@@ -63,13 +66,13 @@ def _follow(client: Any, job_id: int, epochs: int) -> None:
             progress = job.get("progress") or {}
             bar.update(handle, completed=int(progress.get("epoch", 0)),
                        description=f"job #{job_id} {job['status']} loss {progress.get('loss', '-')}")
-            if job["status"] not in ("queued", "running"):
+            if JobStatus(job["status"]).finished:
                 break
             time.sleep(1)
     typer.echo(_job_line(job))
     if job.get("reason"):
         typer.echo(f"reason: {job['reason']}")
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         raise typer.Exit(1)
 
 

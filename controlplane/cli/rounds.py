@@ -7,13 +7,16 @@ from typing import Annotated, Any
 
 import typer
 
-from controlplane.cli._common import JobKindOption, StrategyOption, TokenOpt, UrlOpt, api, call, fail
+from controlplane.cli._common import TokenOpt, UrlOpt, api, call, fail
+from controlplane.statuses import RoundStatus
+from federated.burst.spec import JobKind
+from federated.flower.config import Strategy
 
 app = typer.Typer(no_args_is_help=True, help="Federated rounds via the API.")
 schedules_app = typer.Typer(no_args_is_help=True, help="Recurring federated rounds via the API.")
 
-def _round_body(task: str, strategy: StrategyOption, rounds: int, min_clients: int, max_clients: int | None,
-                local_epochs: int, eligibility: str | None, burst: JobKindOption | None, build: bool,
+def _round_body(task: str, strategy: Strategy, rounds: int, min_clients: int, max_clients: int | None,
+                local_epochs: int, eligibility: str | None, burst: JobKind | None, build: bool,
                 deploy: bool, initial_model: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"task": task, "strategy": strategy.value, "rounds": rounds, "min_clients": min_clients,
                             "max_clients": max_clients, "local_epochs": local_epochs, "build": build, "deploy": deploy}
@@ -39,10 +42,10 @@ def _round_line(r: dict[str, Any]) -> str:
 
 
 TaskOpt = Annotated[str, typer.Option(help="A task the control plane registers by name.")]
-StrategyOpt = Annotated[StrategyOption, typer.Option(help="Flower strategy.")]
+StrategyOpt = Annotated[Strategy, typer.Option(help="Flower strategy.")]
 EligibilityOpt = Annotated[str | None, typer.Option(
     help='Eligibility rule as JSON, e.g. \'{"min_battery_percent": 30, "allow_metered": false}\'.')]
-BurstOpt = Annotated[JobKindOption | None, typer.Option(help="A burst job on the round's result before the build.")]
+BurstOpt = Annotated[JobKind | None, typer.Option(help="A burst job on the round's result before the build.")]
 InitialModelOpt = Annotated[str | None, typer.Option(
     help="Start from this model version's weights (warm start). A schedule's default: the task's latest released "
          "model.")]
@@ -50,7 +53,7 @@ InitialModelOpt = Annotated[str | None, typer.Option(
 
 @app.command("start")
 def rounds_start(
-    task: TaskOpt = "digits", strategy: StrategyOpt = StrategyOption.fedavg,
+    task: TaskOpt = "digits", strategy: StrategyOpt = Strategy.FEDAVG,
     rounds: Annotated[int, typer.Option(help="Flower rounds in this run.")] = 3,
     min_clients: Annotated[int, typer.Option()] = 2, max_clients: Annotated[int | None, typer.Option()] = None,
     local_epochs: Annotated[int, typer.Option()] = 2, eligibility: EligibilityOpt = None, burst: BurstOpt = None,
@@ -70,11 +73,11 @@ def rounds_start(
     typer.echo(f"round #{r['id']}: invited {', '.join(r['invited']) or 'nobody'}")
     for device_id, why in sorted(r["skipped"].items()):
         typer.echo(f"  not invited {device_id}: {why}")
-    while wait and r["status"] in ("pending", "running"):
+    while wait and not RoundStatus(r["status"]).finished:
         time.sleep(2)
         r = call(client.get(f"/api/v1/rounds/{r['id']}"))
     typer.echo(_round_line(r))
-    if r["status"] == "failed":
+    if r["status"] == RoundStatus.FAILED:
         raise typer.Exit(1)
 
 
@@ -97,7 +100,7 @@ def schedules_create(
     cron: Annotated[str | None, typer.Option(help='Crontab in UTC, e.g. "0 2 * * *".')] = None,
     interval: Annotated[float | None, typer.Option(help="Or every this many seconds.")] = None,
     max_runs: Annotated[int | None, typer.Option(help="Stop after this many firings.")] = None,
-    task: TaskOpt = "digits", strategy: StrategyOpt = StrategyOption.fedavg,
+    task: TaskOpt = "digits", strategy: StrategyOpt = Strategy.FEDAVG,
     rounds: Annotated[int, typer.Option(help="Flower rounds per firing.")] = 3,
     min_clients: Annotated[int, typer.Option()] = 2, max_clients: Annotated[int | None, typer.Option()] = None,
     local_epochs: Annotated[int, typer.Option()] = 2, eligibility: EligibilityOpt = None, burst: BurstOpt = None,

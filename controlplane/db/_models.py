@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import enum
 from datetime import UTC, datetime
 from typing import Any, overload
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Integer, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Integer,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlmodel import Field, SQLModel
+from sqlmodel.sql.sqltypes import AutoString
 
-from controlplane.statuses import DeploymentStatus, TargetStatus
+from controlplane.statuses import (
+    CommandStatus,
+    DeploymentStatus,
+    JobStatus,
+    ModelVersionStatus,
+    RoundStatus,
+    TargetStatus,
+)
+from federated.burst.spec import JobKind
+from federated.flower.config import Strategy
 
 __all__ = [
     "ApiToken",
@@ -47,10 +68,31 @@ def _ts(**kw: Any) -> Any:
     return Field(sa_column=Column(DateTime(timezone=True), **kw))
 
 
+class StrEnumColumn(TypeDecorator[enum.StrEnum]):
+    """A StrEnum stored as its value in a plain ``VARCHAR(length)`` (no database enum type, so a new member needs
+    no migration); a value outside the enum is refused on write and on read."""
+
+    impl = AutoString
+    cache_ok = True
+
+    def __init__(self, enum_type: type[enum.StrEnum], length: int = 16) -> None:
+        super().__init__(length=length)
+        self.enum_type = enum_type
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum_type(value).value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> enum.StrEnum | None:
+        return None if value is None else self.enum_type(value)
+
+
+def _status(enum_type: type[enum.StrEnum], default: enum.StrEnum) -> Any:
+    return Field(default=default, sa_type=StrEnumColumn(enum_type), nullable=False)
+
+
 class Device(SQLModel, table=True):
     device_id: str = Field(primary_key=True, max_length=64)
     profile: str = Field(index=True, max_length=64)
-    mqtt_password_hash: str
     created_at: datetime = _ts(nullable=False)
     online: bool = Field(default=False, index=True)
     last_seen: datetime | None = _ts(nullable=True)
@@ -107,7 +149,7 @@ class CommandRecord(SQLModel, table=True):
     device_id: str = Field(index=True, max_length=64)
     kind: str = Field(max_length=64)
     args: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    status: str = Field(default="pending", max_length=16)  # pending | ok | error
+    status: CommandStatus = _status(CommandStatus, CommandStatus.PENDING)
     reason: str | None = None
     result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     created_at: datetime = _ts(nullable=False)
@@ -123,10 +165,10 @@ class ModelVersionRecord(SQLModel, table=True):
     # (NULL-able in SQL only: migration 0005 could not add NOT NULL on SQLite without rebuilding the table.)
     release: int = Field(sa_column=Column(Integer, nullable=True, unique=True, index=True))
     task: str = Field(max_length=64)
-    source_kind: str = Field(max_length=16)  # round | burst | starter
+    source_kind: str = Field(max_length=16)  # a ModelSource (tests register versions of their own kinds)
     source_id: str = Field(max_length=64)
     created_at: datetime = _ts(nullable=False)
-    status: str = Field(default="building", max_length=16)  # building | ready | failed
+    status: ModelVersionStatus = _status(ModelVersionStatus, ModelVersionStatus.BUILDING)
     reason: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
@@ -199,18 +241,16 @@ class RoundRecord(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     schedule_id: str | None = Field(default=None, max_length=64)
     task: str = Field(max_length=64)
-    strategy: str = Field(max_length=16)
+    strategy: Strategy = Field(sa_type=StrEnumColumn(Strategy), nullable=False)
     config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    status: str = Field(default="pending", max_length=16)  # pending | running | succeeded | failed
+    status: RoundStatus = _status(RoundStatus, RoundStatus.PENDING)
     reason: str | None = None
     invited: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     skipped: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     participants: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     metrics: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    flower_run_id: str | None = Field(default=None, max_length=32)
     model_version: str | None = Field(default=None, max_length=64)
     job_id: int | None = None  # the burst step's job
-    result_token: str = Field(max_length=64)
     created_at: datetime = _ts(nullable=False)
     finished_at: datetime | None = _ts(nullable=True)
 
@@ -229,11 +269,11 @@ class JobRecord(SQLModel, table=True):
 
     __tablename__ = "burst_job"
     id: int | None = Field(default=None, primary_key=True)
-    kind: str = Field(max_length=16)
+    kind: JobKind = Field(sa_type=StrEnumColumn(JobKind), nullable=False)
     task: str = Field(max_length=64)
     spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     resources: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    status: str = Field(default="queued", max_length=16)  # queued|running|succeeded|failed|cancelled|timed_out
+    status: JobStatus = _status(JobStatus, JobStatus.QUEUED)
     reason: str | None = None
     placement: str = Field(max_length=16)  # burst | local
     placement_reason: str

@@ -25,6 +25,7 @@ from controlplane.devices.schemas import (
     TelemetryRead,
 )
 from controlplane.devices.service import DeviceService
+from controlplane.statuses import CommandStatus
 
 __all__ = ["DeviceController"]
 
@@ -109,7 +110,8 @@ class DeviceController(Controller):
                      device_service: DeviceService) -> Response[CommandRead]:
         """Sends a command and waits up to `wait_s` for the ack: 200 when acked, 202 while still pending."""
         command = device_service.send_command(device_id, data)
-        return Response(command, status_code=HTTP_202_ACCEPTED if command.status == "pending" else HTTP_200_OK)
+        pending = command.status is CommandStatus.PENDING
+        return Response(command, status_code=HTTP_202_ACCEPTED if pending else HTTP_200_OK)
 
     @get("/{device_id:str}/commands/{command_id:str}", guards=[requires(Role.VIEWER)], sync_to_thread=True)
     def get_command(self, device_id: NameParam, command_id: CommandIdParam,

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import msgspec
 
 from controlplane._bounds import NAME_PATTERN
+from controlplane.statuses import CommandStatus
 
 __all__ = [
     "TAG_PATTERN",
@@ -85,7 +86,7 @@ class CommandRead(msgspec.Struct):
     device_id: str
     kind: str
     args: dict[str, Any]
-    status: str  # pending | ok | error
+    status: CommandStatus
     reason: str | None
     result: dict[str, Any] | None
     created_at: datetime

@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 
 from agent import protocol as wire
 from controlplane._errors import Conflict, InvalidInput, NotFound
-from controlplane.broker import BrokerAuth, hash_password
+from controlplane.broker import BrokerAuth
 from controlplane.db import CommandRecord, Device, DeviceTag, TelemetryRecord, as_utc, utcnow
 from controlplane.devices.publisher import CommandPublisher
 from controlplane.devices.schemas import (
@@ -26,6 +26,7 @@ from controlplane.devices.schemas import (
     DeviceUpdate,
     TelemetryRead,
 )
+from controlplane.statuses import CommandStatus
 from firmware_profiles import ProfileNotFound, get_profile
 
 __all__ = ["DeviceService"]
@@ -65,8 +66,7 @@ class DeviceService:
         with Session(self.engine) as session:
             if session.get(Device, data.device_id) is not None:
                 raise Conflict(f"device '{data.device_id}' is already enrolled")
-            session.add(Device(device_id=data.device_id, profile=data.profile,
-                               mqtt_password_hash=hash_password(password), created_at=utcnow()))
+            session.add(Device(device_id=data.device_id, profile=data.profile, created_at=utcnow()))
             session.flush()
             session.add_all(DeviceTag(device_id=data.device_id, tag=t) for t in tags)
             # Broker first, then commit: a device is never in the registry without broker credentials.
@@ -81,8 +81,6 @@ class DeviceService:
         password = secrets.token_urlsafe(24)
         with Session(self.engine) as session:
             device = self._device(session, device_id)
-            device.mqtt_password_hash = hash_password(password)
-            session.add(device)
             self.broker_auth.ensure_device(device_id, password)
             session.commit()
             tags = self._tags(session, [device_id])[device_id]
@@ -174,7 +172,7 @@ class DeviceService:
         deadline = time.monotonic() + data.wait_s
         while True:
             command = self.get_command(device_id, command_id)
-            if command.status != "pending" or time.monotonic() >= deadline:
+            if command.status is not CommandStatus.PENDING or time.monotonic() >= deadline:
                 return command
             time.sleep(0.05)
 

@@ -29,6 +29,7 @@ from agent import protocol as wire
 from agent.mqtt import BrokerAddress, MqttProtocol, make_client
 from controlplane.db import CommandRecord, Device, TelemetryRecord, utcnow
 from controlplane.ingest.stats import DEAD_LETTER_PREFIX, add_counts
+from controlplane.statuses import CommandStatus
 
 __all__ = ["IngestWorker", "Message", "process_batch", "transient"]
 
@@ -296,7 +297,7 @@ def _store(engine: Engine, known: _KnownDevices, parsed: _Parsed, *, isolate: bo
             statement = (
                 update(_COMMAND)
                 .where(_COMMAND.c.command_id == ack.command_id, _COMMAND.c.device_id == ack.device_id)
-                .values(status="ok" if ack.ok else "error", reason=ack.reason, result=ack.result, acked_at=now)
+                .values(status=CommandStatus.OK if ack.ok else CommandStatus.ERROR, reason=ack.reason, result=ack.result, acked_at=now)
             )
             result: Any
             if guard is None:

@@ -7,6 +7,8 @@ from typing import Any
 
 import msgspec
 
+from controlplane.statuses import ModelVersionStatus
+
 __all__ = ["ArtifactRead", "ModelRead"]
 
 
@@ -25,9 +27,9 @@ class ModelRead(msgspec.Struct):
     version: str
     release: int  # assigned at registration, strictly increasing across versions; signed into its releases
     task: str
-    source_kind: str
+    source_kind: str  # round | burst | starter (a ModelSource)
     source_id: str
-    status: str
+    status: ModelVersionStatus
     reason: str | None
     created_at: datetime
     metrics: dict[str, Any]

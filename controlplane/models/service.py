@@ -15,6 +15,7 @@ from agent.manifest import SignedManifest, decode_signed
 from controlplane._errors import Conflict, NotFound
 from controlplane.db import ModelArtifactRecord, ModelVersionRecord, as_utc, utcnow
 from controlplane.models.schemas import ArtifactRead, ModelRead
+from controlplane.statuses import ModelVersionStatus
 
 __all__ = ["ModelService", "artifact_url", "manifest_url"]
 
@@ -72,7 +73,7 @@ class ModelService:
             for variant, reason in rejected.items():
                 session.add(ModelArtifactRecord(model_version=version, variant=variant, published=False,
                                                 reason=reason))
-            record.status = "ready" if published else "failed"
+            record.status = ModelVersionStatus.READY if published else ModelVersionStatus.FAILED
             record.reason = None if published else "no variant passed the accuracy gate"
             record.metrics = metrics
             session.add(record)
@@ -83,7 +84,7 @@ class ModelService:
         with Session(self.engine) as session:
             record = session.get(ModelVersionRecord, version)
             if record is not None:
-                record.status, record.reason = "failed", reason
+                record.status, record.reason = ModelVersionStatus.FAILED, reason
                 session.add(record)
                 session.commit()
 

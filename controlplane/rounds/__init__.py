@@ -1,1 +1,1 @@
-"""Federated rounds: eligibility, invitations, Flower runs, schedules."""
+"""Federated rounds: eligibility, invitations, Flower runs, round records (schedules: controlplane.schedules)."""

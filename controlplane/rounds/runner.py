@@ -13,8 +13,10 @@ import structlog
 from controlplane._errors import ControlPlaneError
 from controlplane.devices.schemas import CommandCreate
 from controlplane.devices.service import DeviceService
-from controlplane.rounds.schemas import RoundCreate
+from controlplane.rounds.schemas import RoundCreate, Strategy
 from controlplane.rounds.service import RoundOutcome
+from controlplane.statuses import CommandStatus
+from federated.flower.config import RunReportStatus
 
 __all__ = ["FlowerRoundRunner"]
 
@@ -101,7 +103,7 @@ class FlowerRoundRunner:
             "num-rounds": data.rounds, "min-clients": data.min_clients, "devices": ",".join(invited),
             "discovery-timeout-s": DISCOVERY_TIMEOUT_S, "round-timeout-s": data.round_timeout_s,
             "local-epochs": data.local_epochs, "lr": data.learning_rate,
-            "proximal-mu": data.proximal_mu if str(data.strategy) == "fedprox" else 0.0,
+            "proximal-mu": data.proximal_mu if data.strategy is Strategy.FEDPROX else 0.0,
             "results-dir": str(self.results_dir),
         }
         if initial_weights is not None:
@@ -138,7 +140,7 @@ class FlowerRoundRunner:
                 command = self.devices.get_command(device_id, command_id)
             except ControlPlaneError:  # the device was deleted meanwhile
                 continue
-            if command.status == "error" and not (command.result or {}).get("joined", False):
+            if command.status is CommandStatus.ERROR and not (command.result or {}).get("joined", False):
                 refused[device_id] = command.reason or "declined (no reason given)"
         return refused
 
@@ -173,7 +175,7 @@ class FlowerRoundRunner:
 
     def _pending(self, device_id: str, command_id: str) -> bool:
         try:
-            return self.devices.get_command(device_id, command_id).status == "pending"
+            return self.devices.get_command(device_id, command_id).status is CommandStatus.PENDING
         except ControlPlaneError:
             return False
 
@@ -184,7 +186,7 @@ class FlowerRoundRunner:
             report: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             return RoundOutcome(ok=False, reason=f"the ServerApp left no readable results ({flower}; {path}: {exc})")
-        if report.get("status") not in ("completed", "failed"):
+        if report.get("status") not in (RunReportStatus.COMPLETED, RunReportStatus.FAILED):
             # It wrote progress, then died (killed, out of memory) before it could write the end.
             return RoundOutcome(ok=False, reason=f"the ServerApp ended before the run did ({flower})")
         metrics = [{"round": r["round"], "accuracy": r.get("accuracy"), "loss": r.get("loss"),
@@ -194,7 +196,7 @@ class FlowerRoundRunner:
             metrics.insert(0, {"round": 0, **report["initial"], "participants": []})
         log.info("round.finished", flower_run_id=run_id, status=report.get("status"), duration_s=round(duration_s, 1))
         return RoundOutcome(
-            ok=report.get("status") == "completed", reason=report.get("reason"), metrics=metrics,
+            ok=report.get("status") == RunReportStatus.COMPLETED, reason=report.get("reason"), metrics=metrics,
             participants=list(report.get("participants", [])), dropped=dict(report.get("skipped", {})),
             weights_path=report.get("weights_path"),
         )

@@ -1,27 +1,21 @@
-"""API shapes of federated rounds and their schedules."""
+"""API shapes of federated rounds."""
 
 from __future__ import annotations
 
-import enum
 from datetime import datetime
 from typing import Annotated, Any, Final
 
 import msgspec
 
 from controlplane._bounds import Name, TaskName
-from controlplane.jobs.schemas import BurstStep
+from controlplane.burst.schemas import BurstStep
 from controlplane.rounds.eligibility import EligibilityRule
+from controlplane.statuses import RoundStatus
+from federated.flower.config import Strategy  # the strategy registry
 
-__all__ = ["MAX_CLIENTS", "MAX_INTERVAL_S", "RoundCreate", "RoundRead", "ScheduleCreate", "ScheduleRead", "Strategy"]
+__all__ = ["MAX_CLIENTS", "RoundCreate", "RoundRead", "Strategy"]
 
 MAX_CLIENTS: Final = 100_000
-MAX_INTERVAL_S: Final = 366 * 86_400  # a schedule fires at least once a year
-
-
-class Strategy(enum.StrEnum):
-    FEDAVG = "fedavg"
-    FEDPROX = "fedprox"
-    FEDADAM = "fedadam"
 
 
 class RoundCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -54,8 +48,8 @@ class RoundRead(msgspec.Struct):
     id: int
     schedule_id: str | None
     task: str
-    strategy: str
-    status: str  # pending | running | succeeded | failed
+    strategy: Strategy
+    status: RoundStatus
     reason: str | None
     config: dict[str, Any]
     invited: list[str]
@@ -67,24 +61,3 @@ class RoundRead(msgspec.Struct):
     job_id: int | None  # the burst step's job, when the round has one
     created_at: datetime
     finished_at: datetime | None
-
-
-class ScheduleCreate(msgspec.Struct, forbid_unknown_fields=True):
-    """A recurring round: exactly one of `cron` (crontab, 5 fields, UTC) or `interval_s`."""
-
-    round: RoundCreate = msgspec.field(default_factory=RoundCreate)
-    id: Name | None = None
-    cron: Annotated[str, msgspec.Meta(pattern=r"^[ -~]{1,128}$", max_length=128)] | None = None  # printable ASCII
-    interval_s: Annotated[float, msgspec.Meta(ge=1, le=MAX_INTERVAL_S)] | None = None
-    max_runs: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None  # stop after this many firings
-
-
-class ScheduleRead(msgspec.Struct):
-    id: str
-    cron: str | None
-    interval_s: float | None
-    max_runs: int | None
-    runs: int
-    next_run_time: datetime | None
-    round: dict[str, Any]
-    created_at: datetime

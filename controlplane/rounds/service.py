@@ -1,9 +1,9 @@
-"""Federated rounds: plan (eligibility, invitations), run (Flower), record, then build → sign → (deploy)."""
+"""Federated rounds: plan (eligibility, invitations), run (Flower), record, then publish the result through the
+model pipeline (build → gate → sign → register → (deploy)), directly or after a burst step."""
 
 from __future__ import annotations
 
 import contextlib
-import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -15,10 +15,12 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from controlplane._errors import InvalidInput, NotFound
+from controlplane.burst.service import JobService, JobServiceStopped
 from controlplane.db import Device, RoundRecord, as_utc, utcnow
-from controlplane.jobs.service import JobService, JobServiceStopped
+from controlplane.pipeline import ModelPipeline, round_version
 from controlplane.rounds.eligibility import decide, invite_count
 from controlplane.rounds.schemas import RoundCreate, RoundRead
+from controlplane.statuses import JobStatus, ModelSource, RoundStatus
 from firmware_profiles import ProfileError, get_profile
 
 __all__ = ["RoundOutcome", "RoundRunner", "RoundService"]
@@ -45,16 +47,12 @@ class RoundRunner(Protocol):
             initial_weights: Path | None = None) -> RoundOutcome: ...
 
 
-# After a successful run: build, gate, sign and register the model; returns the model version (or raises).
-PostRound = Callable[[int, RoundCreate, RoundOutcome], str | None]
-
-
 class RoundService:
-    def __init__(self, engine: Engine, runner: RoundRunner | None, post_round: PostRound | None = None,
+    def __init__(self, engine: Engine, runner: RoundRunner | None, pipeline: ModelPipeline | None = None,
                  jobs: JobService | None = None) -> None:
         self.engine = engine
         self.runner = runner
-        self.post_round = post_round
+        self.pipeline = pipeline  # publishes a round's result (none: rounds build nothing)
         self.jobs = jobs  # runs a round's burst step
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -87,41 +85,42 @@ class RoundService:
     def initial_weights(self, task: str, version: str) -> Path:
         """The weights a round of `task` starts from when it starts from model `version` (InvalidInput if it
         cannot: unknown, of another task, or without stored weights). Where burst jobs find their base model."""
-        if self.jobs is None:
+        if self.pipeline is None:
             raise InvalidInput("initial_model: this control plane keeps no model registry")
         try:
-            model = self.jobs.models.get(version)
+            model = self.pipeline.models.get(version)
         except NotFound:
             raise InvalidInput(f"initial_model: no model version {version!r}") from None
         if model.task != task:
             raise InvalidInput(f"initial_model: {version!r} is a model of task {model.task!r}, not {task!r}")
-        path = self.jobs.builder.build_dir / model.version / "weights.npz"
+        path = self.pipeline.weights_of(model.version)
         if not path.is_file():
             raise InvalidInput(f"initial_model: {version!r} has no stored weights to start from")
         return path
 
     def latest_released(self, task: str) -> str | None:
         """The task's newest model version with a published variant (what a schedule starts from)."""
-        if self.jobs is None:
+        if self.pipeline is None:
             return None
-        released = [m for m in self.jobs.models.list_all()
+        released = [m for m in self.pipeline.models.list_all()
                     if m.task == task and any(v.published for v in m.variants)
-                    and (self.jobs.builder.build_dir / m.version / "weights.npz").is_file()]
+                    and self.pipeline.weights_of(m.version).is_file()]
         return max(released, key=lambda m: m.release).version if released else None
 
     def recover(self) -> None:
         """After a restart: a round waiting on its burst job waits again (the job was re-attached); a round whose
         Flower run the restart cut off is failed with that reason, never left running."""
         with Session(self.engine) as session:
-            rows = list(session.exec(select(RoundRecord).where(col(RoundRecord.status).in_(("pending", "running")))))
+            unfinished = col(RoundRecord.status).in_((RoundStatus.PENDING, RoundStatus.RUNNING))
+            rows = list(session.exec(select(RoundRecord).where(unfinished)))
         for record in rows:
             assert record.id is not None
             if record.job_id is not None and self.jobs is not None:
                 log.info("round.reattached", round_id=record.id, job_id=record.job_id)
                 self._spawn(self._resume, record.id, record.job_id)
             else:
-                self._update(record.id, status="failed", reason="the control plane restarted during the Flower run",
-                             finished=True)
+                self._update(record.id, status=RoundStatus.FAILED,
+                             reason="the control plane restarted during the Flower run", finished=True)
 
     # -- API -------------------------------------------------------------------------------------------------
     def start(self, data: RoundCreate, schedule_id: str | None = None, *, wait: bool = False) -> RoundRead:
@@ -143,11 +142,11 @@ class RoundService:
             return self._refuse(data, schedule_id, str(exc))
         invited, skipped = self.plan(data)
         with Session(self.engine) as session:
-            record = RoundRecord(schedule_id=schedule_id, task=data.task, strategy=str(data.strategy),
+            record = RoundRecord(schedule_id=schedule_id, task=data.task, strategy=data.strategy,
                                  config=msgspec.to_builtins(data), invited=invited, skipped=skipped,
-                                 result_token=secrets.token_urlsafe(24), created_at=utcnow())
+                                 created_at=utcnow())
             if len(invited) < data.min_clients:
-                record.status = "failed"
+                record.status = RoundStatus.FAILED
                 record.reason = (f"{len(invited)} eligible device(s), min_clients is {data.min_clients}")
                 record.finished_at = utcnow()
             session.add(record)
@@ -163,9 +162,9 @@ class RoundService:
 
     def _refuse(self, data: RoundCreate, schedule_id: str, reason: str) -> RoundRead:
         with Session(self.engine) as session:
-            record = RoundRecord(schedule_id=schedule_id, task=data.task, strategy=str(data.strategy),
-                                 config=msgspec.to_builtins(data), status="failed", reason=reason,
-                                 result_token=secrets.token_urlsafe(24), created_at=utcnow(), finished_at=utcnow())
+            record = RoundRecord(schedule_id=schedule_id, task=data.task, strategy=data.strategy,
+                                 config=msgspec.to_builtins(data), status=RoundStatus.FAILED, reason=reason,
+                                 created_at=utcnow(), finished_at=utcnow())
             session.add(record)
             session.commit()
             assert record.id is not None
@@ -194,7 +193,7 @@ class RoundService:
     def dropout_rate(self, last: int = 20) -> float:
         """Observed share of invited devices that did not take part, over recent finished rounds."""
         with Session(self.engine) as session:
-            rows = session.exec(select(RoundRecord).where(RoundRecord.status == "succeeded")
+            rows = session.exec(select(RoundRecord).where(RoundRecord.status == RoundStatus.SUCCEEDED)
                                 .order_by(col(RoundRecord.id).desc()).limit(last))
             invited = participated = 0
             for r in rows:
@@ -228,7 +227,7 @@ class RoundService:
 
     # -- execution -------------------------------------------------------------------------------------------
     def _execute(self, round_id: int, data: RoundCreate, invited: list[str]) -> None:
-        self._update(round_id, status="running")
+        self._update(round_id, status=RoundStatus.RUNNING)
         try:
             if self.runner is None:
                 raise RuntimeError("no federated runtime (install edgefleet[train])")
@@ -240,7 +239,7 @@ class RoundService:
                 log.info("round.interrupted_by_shutdown", round_id=round_id)
                 return
             log.exception("round.failed", round_id=round_id)
-            self._update(round_id, status="failed", reason=f"{type(exc).__name__}: {exc}", finished=True)
+            self._update(round_id, status=RoundStatus.FAILED, reason=f"{type(exc).__name__}: {exc}", finished=True)
             return
         skipped_extra = {d: f"dropped out: {why}" for d, why in outcome.dropped.items()}
         skipped_extra.update({d: f"declined the invitation: {why}" for d, why in outcome.refused.items()})
@@ -250,25 +249,32 @@ class RoundService:
             if outcome.refused and "declined" not in reason:
                 reason += f" ({len(outcome.refused)} invited device(s) declined: " + "; ".join(
                     f"{d}: {why}" for d, why in sorted(outcome.refused.items())) + ")"
-            self._update(round_id, status="failed", reason=reason, finished=True)
+            self._update(round_id, status=RoundStatus.FAILED, reason=reason, finished=True)
             return
         version = None
         try:
             if data.burst is not None:
                 version = self._burst_step(round_id, data, outcome)
-            elif data.build and self.post_round is not None:
-                version = self.post_round(round_id, data, outcome)
+            elif data.build and self.pipeline is not None:
+                version = self._publish(round_id, data, outcome)
         except _BurstStepFailed as exc:
-            self._update(round_id, status="failed", reason=str(exc), finished=True)
+            self._update(round_id, status=RoundStatus.FAILED, reason=str(exc), finished=True)
             return
         except JobServiceStopped:
             return  # shutting down: the round stays running with its job, and recover() picks it up again
         except Exception as exc:
             log.exception("round.build_failed", round_id=round_id)
-            self._update(round_id, status="failed", reason=f"build failed: {exc}", finished=True)
+            self._update(round_id, status=RoundStatus.FAILED, reason=f"build failed: {exc}", finished=True)
             return
-        self._update(round_id, status="succeeded", model_version=version, finished=True)
+        self._update(round_id, status=RoundStatus.SUCCEEDED, model_version=version, finished=True)
         log.info("round.succeeded", round_id=round_id, model_version=version)
+
+    def _publish(self, round_id: int, data: RoundCreate, outcome: RoundOutcome) -> str:
+        assert self.pipeline is not None
+        if outcome.weights_path is None:
+            raise RuntimeError("the round returned no weights")
+        return self.pipeline.publish(weights=Path(outcome.weights_path), task=data.task, name=round_version(round_id),
+                                     source=ModelSource.ROUND, source_id=str(round_id), deploy=data.deploy)
 
     def _burst_step(self, round_id: int, data: RoundCreate, outcome: RoundOutcome) -> str | None:
         """The round's result goes through a burst job (e.g. QAT) whose output is what gets built and signed."""
@@ -287,7 +293,7 @@ class RoundService:
     def _await_job(self, job_id: int) -> str | None:
         assert self.jobs is not None
         job = self.jobs.wait(job_id)
-        if job.status != "succeeded":
+        if job.status is not JobStatus.SUCCEEDED:
             raise _BurstStepFailed(f"burst step (job {job_id}, {job.kind}) {job.status}: {job.reason}")
         return job.model_version
 
@@ -297,12 +303,12 @@ class RoundService:
         except JobServiceStopped:
             return
         except (_BurstStepFailed, NotFound) as exc:
-            self._update(round_id, status="failed", reason=str(exc), finished=True)
+            self._update(round_id, status=RoundStatus.FAILED, reason=str(exc), finished=True)
             return
-        self._update(round_id, status="succeeded", model_version=version, finished=True)
+        self._update(round_id, status=RoundStatus.SUCCEEDED, model_version=version, finished=True)
         log.info("round.succeeded", round_id=round_id, model_version=version)
 
-    def _update(self, round_id: int, *, status: str | None = None, reason: str | None = None,
+    def _update(self, round_id: int, *, status: RoundStatus | None = None, reason: str | None = None,
                 metrics: list[dict[str, Any]] | None = None, participants: list[str] | None = None,
                 skipped_extra: dict[str, str] | None = None, model_version: str | None = None,
                 job_id: int | None = None, finished: bool = False) -> None:

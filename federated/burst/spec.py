@@ -9,6 +9,7 @@ Importing this module is cheap (msgspec only); :func:`estimate_cost` imports tor
 
 from __future__ import annotations
 
+import enum
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
@@ -27,7 +28,15 @@ __all__ = [
     "teacher_parameters",
 ]
 
-JobKind = Literal["finetune", "distill", "qat"]
+
+class JobKind(enum.StrEnum):
+    """What a burst job does; declared here once (the control plane's API schema and CLI use this enum)."""
+
+    FINETUNE = "finetune"
+    DISTILL = "distill"
+    QAT = "qat"
+
+
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 # Resident memory of a Python process that has imported torch (CPU build) and scikit-learn and created an
@@ -125,7 +134,7 @@ def estimate_cost(task: Task | str, spec: JobSpec) -> dict[str, Any]:
     steps = steps_per_epoch * spec.epochs
     teacher = 0
     extra_bytes = 0
-    if spec.kind == "distill":
+    if spec.kind == JobKind.DISTILL:
         teacher = teacher_parameters(features, spec.teacher_hidden, resolved.num_classes)
         flops += 6 * teacher * samples * spec.epochs + 2 * teacher * samples
         steps *= 2  # the teacher's epochs, then the student's
@@ -133,7 +142,7 @@ def estimate_cost(task: Task | str, spec: JobSpec) -> dict[str, Any]:
         extra_bytes += teacher * _BYTES_PER_PARAM_TRAINING
         extra_bytes += spec.batch_size * teacher_activations * 4 * _ACTIVATION_COPIES
         extra_bytes += samples * resolved.num_classes * 4  # the teacher's logits over the pool
-    elif spec.kind == "qat":
+    elif spec.kind == JobKind.QAT:
         extra_bytes += params * 4  # the fake-quantised copy of every weight
     mib = 1024.0 * 1024.0
     breakdown = {
@@ -154,6 +163,6 @@ def estimate_cost(task: Task | str, spec: JobSpec) -> dict[str, Any]:
         "memory_mb": round(sum(breakdown.values()), 2),
         "memory_breakdown_mb": {k: round(v, 3) for k, v in breakdown.items()},
     }
-    if spec.kind == "distill":
+    if spec.kind == JobKind.DISTILL:
         result["teacher_parameters"] = teacher
     return result

@@ -44,14 +44,11 @@ Run-config keys (defaults in ``federated/flower/app/pyproject.toml``, the single
     SuperNode) and waits this long for them to confirm.
 ``results-dir``
     Where the ServerApp writes ``<run_id>.json`` and the final weights ``<run_id>.npz`` (empty: nowhere).
-``callback-url``, ``callback-token``
-    Where the ServerApp POSTs the results (JSON) and the bearer token it sends. Run config is visible to every
-    SuperNode of the run, so prefer putting the token in the SuperLink's environment
-    (``EDGEFLEET_CALLBACK_TOKEN``, which takes precedence), or make it a single-use, per-round token.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import tomllib
 from collections.abc import Mapping
@@ -61,20 +58,39 @@ from typing import Any, Final
 
 __all__ = [
     "APP_DIR",
-    "CALLBACK_TOKEN_ENV",
     "DEFAULT_RUN_CONFIG",
     "QUERY_ACTION_KEY",
     "QUERY_FINISH",
     "QUERY_IDENTIFY",
     "STRATEGIES",
+    "RunReportStatus",
     "RunSettings",
+    "Strategy",
     "parse_device_list",
     "parse_run_config",
 ]
 
 APP_DIR: Final = Path(__file__).resolve().parent / "app"
-CALLBACK_TOKEN_ENV: Final = "EDGEFLEET_CALLBACK_TOKEN"
-STRATEGIES: Final = ("fedavg", "fedprox", "fedadam")
+
+
+class Strategy(enum.StrEnum):
+    """The strategy registry: every aggregation strategy a round may ask for, declared here once (the control
+    plane's API schema and CLI derive their choices from it; the ServerApp maps each to Flower's built-in one)."""
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDADAM = "fedadam"
+
+
+STRATEGIES: Final = tuple(s.value for s in Strategy)
+
+
+class RunReportStatus(enum.StrEnum):
+    """The ``status`` of the ServerApp's result report (``<results-dir>/<run_id>.json``)."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
 
 # The query messages the ServerApp sends (config record "query", key "action").
 QUERY_ACTION_KEY: Final = "action"
@@ -105,7 +121,7 @@ def parse_device_list(value: str) -> tuple[str, ...]:
 class RunSettings:
     round_id: str
     task: str
-    strategy: str
+    strategy: Strategy
     num_rounds: int
     min_clients: int
     fraction: float
@@ -123,8 +139,6 @@ class RunSettings:
     poll_interval_s: float
     finish_wait_s: float
     results_dir: str
-    callback_url: str
-    callback_token: str
     initial_weights: str = ""
 
     def sample_sizes(self, available: int) -> tuple[int, int]:
@@ -167,9 +181,10 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunSettings:
             raise ValueError(f"run config {key!r} must be {bound} {minimum} and <= {maximum}, got {value!r}")
         return float(value)
 
-    strategy = text("strategy").lower()
-    if strategy not in STRATEGIES:
-        raise ValueError(f"run config 'strategy' must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    name = text("strategy").lower()
+    if name not in STRATEGIES:
+        raise ValueError(f"run config 'strategy' must be one of {', '.join(STRATEGIES)}, got {name!r}")
+    strategy = Strategy(name)
     task = text("task")
     if not task:
         raise ValueError("run config 'task' must not be empty")
@@ -198,7 +213,5 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunSettings:
         poll_interval_s=number("poll-interval-s", 0.01, 10.0),
         finish_wait_s=number("finish-wait-s", 0.0, 600.0),
         results_dir=text("results-dir"),
-        callback_url=text("callback-url"),
-        callback_token=str(merged["callback-token"]),
         initial_weights=text("initial-weights"),
     )

@@ -16,10 +16,9 @@ What a run does (run config: :mod:`federated.flower.config`):
    later rounds unless it answers an ``identify`` query again (a round short of ``min-clients`` available
    devices waits up to ``round-timeout-s`` for that before failing).
 3. **Results.** ``<results-dir>/<run_id>.json`` is rewritten as the run progresses (``current_round``) and at
-   the end, with the final weights in ``<results-dir>/<run_id>.npz`` (state dict, one array per key); the
-   same JSON is POSTed to ``callback-url`` with ``Authorization: Bearer <token>`` (weights as
-   ``weights_npz_b64`` when there is no results dir). Every identified SuperNode is then told that the run is
-   over (``finish`` query), so device agents can stop their SuperNode.
+   the end, with the final weights in ``<results-dir>/<run_id>.npz`` (state dict, one array per key): the control
+   plane reads both from there. Every identified SuperNode is then told that the run is over (``finish``
+   query), so device agents can stop their SuperNode.
 
 Result JSON::
 
@@ -27,16 +26,15 @@ Result JSON::
      "current_round", "initial": {"accuracy", "loss"},
      "rounds": [{"round", "accuracy", "loss", "train_loss", "participants", "dropped", "drop_reasons",
                  "sampled", "duration_s", "federated_evaluation"?}],
-     "participants": [...], "skipped": {device_id: reason}, "ignored": [...], "weights_path" | "weights_npz_b64",
+     "participants": [...], "skipped": {device_id: reason}, "ignored": [...], "weights_path",
      "started_at", "finished_at", "duration_s"}
 
 The ServerApp runs in a process of its own, started by the SuperLink; when the run fails it raises after
-handing the results back, so that Flower records the run as failed too.
+writing its results, so that Flower records the run as failed too.
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -44,8 +42,6 @@ import random
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
@@ -59,13 +55,14 @@ from flwr.serverapp.exception import AggregationError, InconsistentMessageReplie
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from federated.flower.config import (
-    CALLBACK_TOKEN_ENV,
     QUERY_ACTION_KEY,
     QUERY_FINISH,
     QUERY_IDENTIFY,
+    RunReportStatus,
     RunSettings,
     parse_run_config,
 )
+from federated.flower.config import Strategy as StrategyName
 
 __all__ = ["RoundFailed", "app", "make_strategy"]
 
@@ -92,12 +89,13 @@ def make_strategy(settings: RunSettings) -> Strategy:
         "min_evaluate_nodes": 1,
         "min_available_nodes": 1,
     }
-    if settings.strategy == "fedavg":
-        return FedAvg(**common)
-    if settings.strategy == "fedprox":
-        return FedProx(**common, proximal_mu=settings.proximal_mu)
-    if settings.strategy == "fedadam":
-        return FedAdam(**common, eta=settings.server_lr)
+    match settings.strategy:
+        case StrategyName.FEDAVG:
+            return FedAvg(**common)
+        case StrategyName.FEDPROX:
+            return FedProx(**common, proximal_mu=settings.proximal_mu)
+        case StrategyName.FEDADAM:
+            return FedAdam(**common, eta=settings.server_lr)
     raise ValueError(f"unknown strategy {settings.strategy!r}")
 
 
@@ -236,7 +234,7 @@ class _Run:
         self.report: dict[str, Any] = {
             "run_id": run_id,
             "round_id": settings.round_id,
-            "status": "running",
+            "status": RunReportStatus.RUNNING,
             "reason": None,
             "task": settings.task,
             "strategy": settings.strategy,
@@ -454,7 +452,7 @@ class _Run:
             return
         _write_atomic(directory / f"{self.run_id}.json", json.dumps(self.report, indent=1).encode())
 
-    def _finish(self, status: str, reason: str | None, arrays: ArrayRecord | None) -> None:
+    def _finish(self, status: RunReportStatus, reason: str | None, arrays: ArrayRecord | None) -> None:
         report = self.report
         try:
             self._collect_identify()  # late answers: who else connected
@@ -477,17 +475,14 @@ class _Run:
                 skipped[device_id] = "did not contribute"
         report["skipped"] = skipped
         report["ignored"] = sorted(self.ignored)
-        if arrays is not None and status == "completed":
+        directory = self._results_dir()
+        if arrays is not None and status is RunReportStatus.COMPLETED and directory is not None:
             state = {k: np.asarray(v) for k, v in arrays.to_torch_state_dict().items()}
             buffer = io.BytesIO()
             np.savez(buffer, **state)  # type: ignore[arg-type]
-            directory = self._results_dir()
-            if directory is not None:
-                path = directory / f"{self.run_id}.npz"
-                _write_atomic(path, buffer.getvalue())
-                report["weights_path"] = str(path)
-            else:
-                report["weights_npz_b64"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+            path = directory / f"{self.run_id}.npz"
+            _write_atomic(path, buffer.getvalue())
+            report["weights_path"] = str(path)
         report["finished_at"] = time.time()
         report["duration_s"] = round(report["finished_at"] - self.started, 3)
         self._save()
@@ -505,7 +500,7 @@ class _Run:
         if not nodes or self.settings.finish_wait_s <= 0:
             return
         messages = [
-            Message(_query(QUERY_FINISH, status=status), dst_node_id=n, message_type=MessageType.QUERY)
+            Message(_query(QUERY_FINISH, status=str(status)), dst_node_id=n, message_type=MessageType.QUERY)
             for n in nodes
         ]
         _, missing = exchange(self.grid, messages, self.settings.finish_wait_s, self.settings.poll_interval_s)
@@ -531,12 +526,12 @@ class _Run:
                 self._save()
         except RoundFailed as exc:
             log(WARNING, "run %s failed: %s", self.run_id, exc)
-            self._finish("failed", str(exc), None)
+            self._finish(RunReportStatus.FAILED, str(exc), None)
         except Exception as exc:  # noqa: BLE001 - whatever went wrong is reported back, then re-raised
             log(WARNING, "run %s crashed: %r", self.run_id, exc)
-            self._finish("failed", f"{type(exc).__name__}: {exc}", None)
+            self._finish(RunReportStatus.FAILED, f"{type(exc).__name__}: {exc}", None)
         else:
-            self._finish("completed", None, arrays)
+            self._finish(RunReportStatus.COMPLETED, None, arrays)
         try:
             self._tell_nodes(self.report["status"])
         except Exception as exc:  # noqa: BLE001 - the results are in; telling the nodes is a courtesy
@@ -573,32 +568,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def post_results(url: str, token: str, report: dict[str, Any], attempts: int = 3) -> bool:
-    """POST the report as JSON (bearer ``token`` if set); True when the receiver answered 2xx."""
-    if not url.startswith(("http://", "https://")):
-        log(WARNING, "callback: unsupported URL %r", url)
-        return False
-    body = json.dumps(report).encode()
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    for attempt in range(attempts):
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                if 200 <= response.status < 300:
-                    return True
-                log(WARNING, "callback: HTTP %s", response.status)
-        except urllib.error.HTTPError as exc:
-            log(WARNING, "callback: HTTP %s from %s", exc.code, url)
-            if 400 <= exc.code < 500 and exc.code not in (408, 429):
-                return False  # the receiver said no: retrying will not help
-        except (OSError, ValueError) as exc:
-            log(WARNING, "callback: %s: %s", url, exc)
-        time.sleep(1.0 + attempt)
-    return False
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_id = int(context.run_id)
@@ -609,9 +578,5 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "EdgeFleet run %s (round %s): %s, %d round(s), devices: %s", run_id, settings.round_id or "-",
         settings.strategy, settings.num_rounds, ", ".join(settings.devices) or "any")
     report = _Run(grid, settings, run_id).execute()
-    if settings.callback_url:
-        token = os.environ.get(CALLBACK_TOKEN_ENV) or settings.callback_token
-        if not post_results(settings.callback_url, token, report):
-            log(WARNING, "callback: results of run %s were not delivered to %s", run_id, settings.callback_url)
-    if report["status"] != "completed":
+    if report["status"] != RunReportStatus.COMPLETED:
         raise RoundFailed(str(report["reason"]))

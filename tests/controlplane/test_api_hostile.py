@@ -87,7 +87,7 @@ def test_an_allow_listed_task_is_selected_by_name(client: TestClient[Litestar], 
 def test_a_stored_schedule_with_an_unknown_task_fails_its_run_with_the_reason(fleet: Fleet, canary: Path) -> None:
     # Prepare: a schedule whose stored round names a task this control plane does not register (stored before
     # the registry, or the allow-list changed since): the job as the database holds it, due now
-    from controlplane.rounds.scheduler import fire
+    from controlplane.schedules.service import fire
 
     stored = json.dumps({"task": CANARY, "min_clients": 1})
     out_of_bounds = json.dumps({"rounds": 10**6})

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from litestar.testing import TestClient
 
-from agent.manifest import ModelSource, decode_signed, file_sha256, verify_signature
+from agent.manifest import decode_signed, file_sha256, verify_signature
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.devices.schemas import DeviceCreate
+from controlplane.statuses import ModelSource
 from controlplane.wiring import Fleet
 from tests._services import fleet_settings
 
@@ -46,8 +47,8 @@ def test_build_registers_only_what_the_fleet_can_run(fleet: Fleet, weights: Path
     fleet.devices.enroll(DeviceCreate(device_id="pi4", profile="raspberry-pi-4"))
     fleet.devices.enroll(DeviceCreate(device_id="coral", profile="coral-dev-board"))
     # Execute
-    version = fleet.builder.build(task_name="digits", weights_path=weights, model_version="v-test",
-                                  source=ModelSource(kind="round", id="7"))
+    version = fleet.pipeline.publish(weights=weights, task="digits", name="v-test",
+                                     source=ModelSource.ROUND, source_id="7")
     model = fleet.models.get(version)
     # Assert
     assert model.status == "ready"
@@ -62,8 +63,8 @@ def test_build_registers_only_what_the_fleet_can_run(fleet: Fleet, weights: Path
 def test_served_manifest_verifies_with_the_enrolment_key(fleet: Fleet, weights: Path) -> None:
     # Prepare
     creds = fleet.devices.enroll(DeviceCreate(device_id="pi5", profile="raspberry-pi-5"))
-    version = fleet.builder.build(task_name="digits", weights_path=weights, model_version="v-served",
-                                  source=ModelSource(kind="round", id="8"))
+    version = fleet.pipeline.publish(weights=weights, task="digits", name="v-served",
+                                     source=ModelSource.ROUND, source_id="8")
     _, token = create_token(fleet.engine, Role.VIEWER)
     auth = {"Authorization": f"Bearer {token}"}
     with TestClient(app=create_app(fleet=fleet)) as client:

@@ -180,7 +180,7 @@ def test_records_the_database_refuses_are_isolated(database_url: str) -> None:
     migrate(engine)
     with Session(engine) as session:
         for device_id in ("honest", "hostile"):
-            session.add(Device(device_id=device_id, profile="p", mqtt_password_hash="-", created_at=utcnow()))
+            session.add(Device(device_id=device_id, profile="p", created_at=utcnow()))
             session.add(CommandRecord(command_id=f"cmd-{device_id}", device_id=device_id, kind="ping", args={},
                                       created_at=utcnow()))
         session.commit()

@@ -174,7 +174,7 @@ def add_device(engine: Engine) -> tuple[str, str]:
     """An enrolled device and a command pending for it."""
     device_id, command_id = f"dev-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     with Session(engine) as session:
-        session.add(Device(device_id=device_id, profile="raspberry-pi-5", mqtt_password_hash="-", created_at=utcnow()))
+        session.add(Device(device_id=device_id, profile="raspberry-pi-5", created_at=utcnow()))
         session.add(CommandRecord(command_id=command_id, device_id=device_id, kind="ping", args={},
                                   created_at=utcnow()))
         session.commit()

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
-from agent.manifest import ModelSource
 from controlplane.app import create_app
 from controlplane.demo import _Server
 from controlplane.deployments.schemas import DeploymentCreate, Targets
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.settings import Settings
+from controlplane.statuses import ModelSource
 from controlplane.wiring import Fleet
 from federated.tasks import TASKS_ENV, ArrayClassificationTask, Dataset
 from tests._services import free_port, wait_for
@@ -106,8 +106,8 @@ def _build(fleet: Fleet, tmp_path: Path) -> tuple[str, dict[str, float | None], 
     task.train(model, task.train_pool(), epochs=40, lr=1e-2, batch_size=32)
     weights = tmp_path / "global.npz"
     np.savez(weights, **{k: v.detach().numpy() for k, v in model.state_dict().items()})
-    version = fleet.builder.build(task_name=TASK_NAME, weights_path=weights, model_version="bc-1",
-                                  source=ModelSource(kind="round", id="1"))
+    version = fleet.pipeline.publish(weights=weights, task=TASK_NAME, name="bc-1",
+                                     source=ModelSource.ROUND, source_id="1")
     gate = {v.variant: v.accuracy for v in fleet.models.get(version).variants if v.published}
     assert gate and all(a is not None and a > 0.9 for a in gate.values()), gate
     return version, gate, task.heldout()

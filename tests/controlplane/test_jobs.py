@@ -21,10 +21,10 @@ from litestar.testing import TestClient
 from controlplane._errors import InvalidInput
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
+from controlplane.burst.backends import _is_worker
+from controlplane.burst.schemas import JobCreate, JobKind, Placement, Resources
+from controlplane.burst.service import decide_placement
 from controlplane.devices.schemas import DeviceCreate
-from controlplane.jobs.backends import _is_worker
-from controlplane.jobs.schemas import JobCreate, JobKind, Placement, Resources
-from controlplane.jobs.service import decide_placement
 from controlplane.settings import Settings
 from controlplane.wiring import Fleet
 from tests._services import fleet_settings, free_port, wait_for
@@ -288,7 +288,7 @@ def _http_ok(url: str) -> bool:
 
 def test_ray_workers_get_the_task_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:
     # A remote Ray cluster does not inherit the control plane's environment: the job's runtime_env carries it.
-    from controlplane.jobs.backends import _worker_env
+    from controlplane.burst.backends import _worker_env
 
     monkeypatch.setenv("EDGEFLEET_TASKS", "vib=mypkg.vibration:VibrationTask")
     with_list = _worker_env()

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.manifest import ModelSource
 from controlplane.app import create_app
 from controlplane.demo import _Server
 from controlplane.deployments.schemas import DeploymentCreate, Targets
 from controlplane.devices.schemas import CommandCreate, DeviceCreate, DeviceEnrolled
 from controlplane.settings import Settings
+from controlplane.statuses import ModelSource
 from controlplane.wiring import Fleet
 from tests._services import free_port, wait_for
 from tests.controlplane.test_build_registry import fx_weights  # noqa: F401 - the trained weights fixture
@@ -58,8 +58,8 @@ def test_rollout_reaches_each_device_class_with_its_best_variant(served: tuple[F
     fleet, url = served
     pi5 = fleet.devices.enroll(DeviceCreate(device_id="pi5", profile="raspberry-pi-5"))
     coral = fleet.devices.enroll(DeviceCreate(device_id="coral", profile="coral-dev-board"))
-    version = fleet.builder.build(task_name="digits", weights_path=weights, model_version="r1",
-                                  source=ModelSource(kind="round", id="1"))
+    version = fleet.pipeline.publish(weights=weights, task="digits", name="r1",
+                                     source=ModelSource.ROUND, source_id="1")
     agents = [start_agent(pi5, url, tmp_path / "pi5"), start_agent(coral, url, tmp_path / "coral")]
     try:
         wait_for(lambda: all(d.online for d in fleet.devices.find()), what="agents online")
@@ -86,8 +86,8 @@ def test_tampered_artifact_is_refused_and_the_old_model_kept(served: tuple[Fleet
     # Prepare: flip a byte of the stored artifact after it was signed
     fleet, url = served
     creds = fleet.devices.enroll(DeviceCreate(device_id="pi5", profile="raspberry-pi-5"))
-    version = fleet.builder.build(task_name="digits", weights_path=weights, model_version="r-bad",
-                                  source=ModelSource(kind="round", id="2"))
+    version = fleet.pipeline.publish(weights=weights, task="digits", name="r-bad",
+                                     source=ModelSource.ROUND, source_id="2")
     for variant in fleet.models.published(version).values():
         assert variant.path is not None
         data = bytearray(Path(variant.path).read_bytes())
@@ -115,8 +115,8 @@ def test_devices_refuse_what_is_not_for_them_and_the_records_say_why(served: tup
     fleet, url = served
     pi5 = fleet.devices.enroll(DeviceCreate(device_id="pi5", profile="raspberry-pi-5"))
     other = fleet.devices.enroll(DeviceCreate(device_id="pi5-kws", profile="raspberry-pi-5"))
-    version = fleet.builder.build(task_name="digits", weights_path=weights, model_version="r3",
-                                  source=ModelSource(kind="round", id="3"))
+    version = fleet.pipeline.publish(weights=weights, task="digits", name="r3",
+                                     source=ModelSource.ROUND, source_id="3")
     agents = [start_agent(pi5, url, tmp_path / "pi5"), start_agent(other, url, tmp_path / "kws", "--task", "kws")]
     try:
         wait_for(lambda: all(d.online for d in fleet.devices.find()), what="agents online")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,11 @@ from sqlmodel import Session
 
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
+from controlplane.burst.schemas import JobCreate, JobKind, Placement
 from controlplane.db import RoundRecord, utcnow
 from controlplane.devices.schemas import DeviceCreate
-from controlplane.jobs.schemas import JobCreate, JobKind, Placement
+from controlplane.rounds.schemas import Strategy
+from controlplane.statuses import RoundStatus
 from controlplane.wiring import Fleet
 from tests._services import fleet_settings, fx_fleet, wait_for  # noqa: F401 - fx_fleet
 from tests.controlplane.test_build_registry import fx_weights  # noqa: F401 - the trained weights fixture
@@ -49,8 +50,8 @@ def test_a_burst_step_that_cannot_run_is_refused_with_the_reason(fleet: Fleet) -
 def running_round(fleet: Fleet, job_id: int | None = None) -> int:
     """A round record as the round thread leaves it while it runs (or waits on its burst job)."""
     with Session(fleet.engine) as session:
-        record = RoundRecord(task="digits", strategy="fedavg", config={}, status="running", job_id=job_id,
-                             result_token=secrets.token_urlsafe(8), created_at=utcnow())
+        record = RoundRecord(task="digits", strategy=Strategy.FEDAVG, config={}, status=RoundStatus.RUNNING,
+                             job_id=job_id, created_at=utcnow())
         session.add(record)
         session.commit()
         assert record.id is not None

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from litestar.testing import TestClient
 
-from agent.manifest import ModelSource
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
-from controlplane.rounds.schemas import ScheduleCreate
+from controlplane.schedules import ScheduleCreate
+from controlplane.statuses import ModelSource
 from controlplane.wiring import Fleet
 from tests._services import fx_fleet, wait_for  # noqa: F401 - fx_fleet
 from tests.controlplane.test_build_registry import fx_weights  # noqa: F401 - the trained weights fixture
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.integration
 def test_a_round_s_initial_model_is_validated(fleet: Fleet, weights: Path) -> None:
     # Prepare: a model version of another task, with weights
     fleet.models.start_version("other-1", "not-digits", "round", "1")
-    (fleet.builder.build_dir / "other-1").mkdir(parents=True)
-    (fleet.builder.build_dir / "other-1" / "weights.npz").write_bytes(weights.read_bytes())
+    fleet.pipeline.weights_of("other-1").parent.mkdir(parents=True)
+    fleet.pipeline.weights_of("other-1").write_bytes(weights.read_bytes())
     fleet.models.start_version("no-weights-1", "digits", "round", "2")
     _, token = create_token(fleet.engine, Role.OPERATOR)
     auth = {"Authorization": f"Bearer {token}"}
@@ -59,8 +59,8 @@ def test_a_schedule_starts_from_the_latest_released_model(fleet: Fleet, weights:
     # Prepare: two training devices, a released model built from centrally trained weights
     procs = _agents(fleet, tmp_path, with_data=["warm-a", "warm-b"], without_data=[])
     try:
-        version = fleet.builder.build(task_name="digits", weights_path=weights, model_version="trained-1",
-                                      source=ModelSource(kind="round", id="0"))
+        version = fleet.pipeline.publish(weights=weights, task="digits", name="trained-1",
+                                         source=ModelSource.ROUND, source_id="0")
         assert any(v.published for v in fleet.models.get(version).variants)
         task = get_task("digits")
         model = task.model()
@@ -93,8 +93,8 @@ def test_the_cli_starts_rounds_and_schedules_from_a_model(mosquitto_url: str, tm
     with served(mosquitto_url, tmp_path) as (fleet, common):
         # Prepare: a registered model version with its weights (as the build keeps them)
         fleet.models.start_version("trained-2", "digits", "round", "2")
-        (fleet.builder.build_dir / "trained-2").mkdir(parents=True)
-        (fleet.builder.build_dir / "trained-2" / "weights.npz").write_bytes(weights.read_bytes())
+        fleet.pipeline.weights_of("trained-2").parent.mkdir(parents=True)
+        fleet.pipeline.weights_of("trained-2").write_bytes(weights.read_bytes())
         # Execute
         unknown = runner.invoke(app, ["rounds", "start", "--initial-model", "round-404", *common])
         started = runner.invoke(app, ["rounds", "start", "--rounds", "1", "--initial-model", "trained-2", *common])

@@ -77,7 +77,7 @@ def test_schedules_survive_a_restart(mosquitto_url: str, database_url: str, tmp_
     # Prepare
     settings = settings_for(mosquitto_url, database_url, tmp_path)
     first = Fleet(settings).start()
-    from controlplane.rounds.schemas import ScheduleCreate
+    from controlplane.schedules import ScheduleCreate
 
     created = first.schedules.create(ScheduleCreate(id="every-hour", interval_s=3600))
     first.stop()
@@ -94,9 +94,45 @@ def test_schedules_survive_a_restart(mosquitto_url: str, database_url: str, tmp_
         second.stop()
 
 
+def test_a_schedule_whose_stored_job_cannot_be_read_back_gets_it_again(mosquitto_url: str, database_url: str,
+                                                                      tmp_path: Path) -> None:
+    """A job stored when its callable had another module path (before schedules got their own package) is dropped
+    by APScheduler when it cannot be read back; the schedule must not silently stop firing."""
+    import pickle
+
+    from sqlalchemy import text
+
+    from controlplane.db import create_db_engine
+    from controlplane.schedules import ScheduleCreate
+
+    # Prepare: a schedule whose stored job names the old path of its callable
+    settings = settings_for(mosquitto_url, database_url, tmp_path)
+    first = Fleet(settings).start()
+    created = first.schedules.create(ScheduleCreate(id="nightly", cron="0 2 * * *"))
+    first.stop()
+    engine = create_db_engine(database_url)
+    with engine.begin() as conn:
+        state = pickle.loads(conn.execute(text("SELECT job_state FROM apscheduler_jobs WHERE id = 'nightly'")).scalar())
+        assert state["func"] == "controlplane.schedules.service:fire"
+        state["func"] = "controlplane.rounds.scheduler:fire"
+        conn.execute(text("UPDATE apscheduler_jobs SET job_state = :s WHERE id = 'nightly'"),
+                     {"s": pickle.dumps(state)})
+    engine.dispose()
+    # Execute
+    second = Fleet(settings).start()
+    try:
+        # Assert: the job is back, naming the current path, on the same trigger
+        job = second.schedules._scheduler.get_job("nightly")
+        assert job is not None and job.func_ref == "controlplane.schedules.service:fire"
+        assert second.schedules.get("nightly").next_run_time == created.next_run_time
+    finally:
+        second.stop()
+
+
 @pytest.mark.slow
 def test_interval_schedule_fires_and_records_why_devices_were_skipped(fleet: Fleet) -> None:
-    from controlplane.rounds.schemas import RoundCreate, ScheduleCreate
+    from controlplane.rounds.schemas import RoundCreate
+    from controlplane.schedules import ScheduleCreate
 
     # Prepare: an eligible Pi 5, a Pi Zero off its charger, a Coral (may not train), an offline Pi 4
     for device_id, profile in [("pi5", "raspberry-pi-5"), ("zero", "raspberry-pi-zero-2w"),

@@ -11,10 +11,9 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +30,6 @@ from federated.flower.runtime import SuperLinkProcess, SuperNodeProcess, node_co
 from federated.tasks import get_task
 from firmware_profiles import get_profile
 
-TOKEN = "test-callback-token"
 RUN_TIMEOUT_S = 120.0
 
 
@@ -55,42 +53,12 @@ def partitions(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def superlink(tmp_path: Path) -> Iterator[SuperLinkProcess]:
     # The token travels in the SuperLink's environment (inherited by the ServerApp), not in the run config
     # that every SuperNode can read.
-    link = SuperLinkProcess(tmp_path / "superlink", env={"EDGEFLEET_CALLBACK_TOKEN": TOKEN})
+    link = SuperLinkProcess(tmp_path / "superlink")
     link.start()
     try:
         yield link
     finally:
         link.stop()
-
-
-class _Receiver:
-    """A tiny HTTP server that records the POSTed results."""
-
-    def __init__(self) -> None:
-        self.posts: list[tuple[dict[str, str], dict[str, Any]]] = []
-        received = self.posts
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                received.append((dict(self.headers.items()), json.loads(body)))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/results"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def _start_nodes(link: SuperLinkProcess, root: Path, names: list[str], partitions: list[Path]) -> list[SuperNodeProcess]:
@@ -211,19 +179,16 @@ def test_fedavg_two_rounds_three_nodes(superlink: SuperLinkProcess, partitions: 
     nodes = _start_nodes(superlink, tmp_path / "nodes", devices, partitions)
     results = tmp_path / "results"
     try:
-        with _Receiver() as receiver:
-            config = _run_config(results, devices, **{"callback-url": receiver.url, "round-id": "round-a"})
-            config["finish-wait-s"] = 0.0  # plain SuperNodes: nobody waits for the end-of-run notice
-            run_id = superlink.submit_run(None, config)
-            status = superlink.wait_run(run_id, RUN_TIMEOUT_S)
-            assert status.completed, status
-            _wait_for(lambda: receiver.posts, 10, "the results POST")
+        config = _run_config(results, devices, **{"round-id": "round-a"})
+        config["finish-wait-s"] = 0.0  # plain SuperNodes: nobody waits for the end-of-run notice
+        run_id = superlink.submit_run(None, config)
+        status = superlink.wait_run(run_id, RUN_TIMEOUT_S)
+        assert status.completed, status
     finally:
         for node in nodes:
             node.stop()
 
-    headers, report = receiver.posts[0]
-    assert headers.get("Authorization") == f"Bearer {TOKEN}"
+    report = json.loads((results / f"{run_id}.json").read_text())
     assert report["run_id"] == run_id and report["round_id"] == "round-a"
     assert report["status"] == "completed", report["reason"]
     assert [r["round"] for r in report["rounds"]] == [1, 2]
@@ -232,7 +197,7 @@ def test_fedavg_two_rounds_three_nodes(superlink: SuperLinkProcess, partitions: 
     assert report["participants"] == devices and report["skipped"] == {}
     assert report["rounds"][-1]["accuracy"] >= 0.8, report["rounds"]
     assert report["rounds"][-1]["accuracy"] > report["initial"]["accuracy"]
-    assert json.loads((results / f"{run_id}.json").read_text())["status"] == "completed"
+    assert Path(report["weights_path"]) == results / f"{run_id}.npz"
 
     # The final weights load into the task's model and reproduce the reported accuracy.
     import torch
@@ -332,16 +297,14 @@ def test_dropout_mid_round_completes(superlink: SuperLinkProcess, partitions: li
 @pytest.mark.slow
 def test_run_without_enough_devices_fails_clearly(superlink: SuperLinkProcess, tmp_path: Path) -> None:
     """No invited device connects: the run fails, says why, and still hands its results back."""
-    with _Receiver() as receiver:
-        config = _run_config(tmp_path / "results", ["ghost-1", "ghost-2"], **{"callback-url": receiver.url})
-        config.update({"discovery-timeout-s": 1.0, "round-timeout-s": 1.0})
-        run_id = superlink.submit_run(None, config)
-        status = superlink.wait_run(run_id, RUN_TIMEOUT_S)
-        _wait_for(lambda: receiver.posts, 10, "the results POST")
+    config = _run_config(tmp_path / "results", ["ghost-1", "ghost-2"])
+    config.update({"discovery-timeout-s": 1.0, "round-timeout-s": 1.0})
+    run_id = superlink.submit_run(None, config)
+    status = superlink.wait_run(run_id, RUN_TIMEOUT_S)
     assert status.finished and status.sub_status == "failed", status
-    _, report = receiver.posts[0]
+    report = json.loads((tmp_path / "results" / f"{run_id}.json").read_text())
     assert report["status"] == "failed"
     assert report["reason"].startswith("round 1: only 0 invited device(s) available, min_clients is 2")
     assert set(report["skipped"]) == {"ghost-1", "ghost-2"}
     assert "no SuperNode identified" in report["skipped"]["ghost-1"]
-    assert "weights_path" not in report and "weights_npz_b64" not in report
+    assert "weights_path" not in report and not (tmp_path / "results" / f"{run_id}.npz").exists()

@@ -13,13 +13,13 @@ import structlog
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from agent.manifest import ModelSource
 from controlplane._errors import Conflict, InvalidInput, NotFound
+from controlplane.burst.backends import LOG_WINDOW, Backend
+from controlplane.burst.schemas import JobCreate, JobRead, Placement
 from controlplane.db import Device, JobRecord, as_utc, utcnow
-from controlplane.jobs.backends import LOG_WINDOW, Backend
-from controlplane.jobs.schemas import JobCreate, JobRead, Placement
-from controlplane.models.build import ModelBuilder
 from controlplane.models.service import ModelService
+from controlplane.pipeline import ModelPipeline, burst_version
+from controlplane.statuses import JobStatus, ModelSource
 from firmware_profiles import ProfileError, get_profile
 
 __all__ = ["JobService", "JobServiceStopped", "decide_placement"]
@@ -27,7 +27,7 @@ __all__ = ["JobService", "JobServiceStopped", "decide_placement"]
 log = structlog.get_logger("edgefleet.jobs")
 
 PROGRESS_PREFIX = "EDGEFLEET_PROGRESS "
-_ACTIVE = ("queued", "running")
+_ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 _ENDED = ("SUCCEEDED", "FAILED", "STOPPED")  # backend states
 
 
@@ -35,36 +35,36 @@ class JobServiceStopped(RuntimeError):
     """The control plane is shutting down: whoever waits on a job stops waiting (the job itself goes on)."""
 
 
-def decide_placement(data: JobCreate, cost: dict[str, Any], budgets: dict[str, Any]) -> tuple[str, str]:
+def decide_placement(data: JobCreate, cost: dict[str, Any], budgets: dict[str, Any]) -> tuple[Placement, str]:
     """(burst | local, reason). Accelerators or a cost beyond every device class's training budget → burst."""
     if data.placement is Placement.BURST:
-        return "burst", "placement=burst requested"
+        return Placement.BURST, "placement=burst requested"
     if data.resources.gpus or data.resources.tpus:
         asked = ", ".join(f"{n:g} {k}" for k, n in (("GPU", data.resources.gpus), ("TPU", data.resources.tpus)) if n)
         if data.placement is Placement.LOCAL:
             raise InvalidInput(f"placement=local cannot provide {asked}")
-        return "burst", f"asks for accelerators ({asked})"
+        return Placement.BURST, f"asks for accelerators ({asked})"
     if data.placement is Placement.LOCAL:
-        return "local", "placement=local requested"
+        return Placement.LOCAL, "placement=local requested"
     memory, samples = float(cost.get("memory_mb", 0)), int(cost.get("samples", 0))
     ram, max_samples = budgets["ram_budget_mb"], budgets["max_samples"]
     if memory > ram:
-        return "burst", f"needs ~{memory:.0f} MB to train; the largest on-device budget is {ram} MB"
+        return Placement.BURST, f"needs ~{memory:.0f} MB to train; the largest on-device budget is {ram} MB"
     if samples * data.epochs > max_samples * 20:
-        return "burst", (f"{samples} samples x {data.epochs} epochs exceeds what devices train "
+        return Placement.BURST, (f"{samples} samples x {data.epochs} epochs exceeds what devices train "
                          f"(at most {max_samples} samples)")
-    return "local", (f"~{memory:.0f} MB and {samples} samples fit the fleet's on-device budgets "
+    return Placement.LOCAL, (f"~{memory:.0f} MB and {samples} samples fit the fleet's on-device budgets "
                      f"({ram} MB, {max_samples} samples): runs beside the control plane")
 
 
 class JobService:
     def __init__(self, engine: Engine, data_dir: Path, backends: dict[str, Backend], models: ModelService,
-                 builder: ModelBuilder) -> None:
+                 pipeline: ModelPipeline) -> None:
         self.engine = engine
         self.data_dir = data_dir
         self.backends = backends
         self.models = models
-        self.builder = builder
+        self.pipeline = pipeline
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._queued_since: dict[int, float] = {}
@@ -85,12 +85,12 @@ class JobService:
             raise InvalidInput(f"no weights to start from at {base_weights}")
         if data.base_model_version is not None:
             model = self.models.get(data.base_model_version)
-            base_weights = self.builder.build_dir / model.version / "weights.npz"
+            base_weights = self.pipeline.weights_of(model.version)
             if not base_weights.is_file():
                 raise InvalidInput(f"model {data.base_model_version} has no stored weights to start from")
         with Session(self.engine) as session:
-            record = JobRecord(kind=str(data.kind), task=data.task, spec={}, resources=msgspec.to_builtins(
-                data.resources), placement="local", placement_reason="", out_dir="", deploy=data.deploy,
+            record = JobRecord(kind=data.kind, task=data.task, spec={}, resources=msgspec.to_builtins(
+                data.resources), placement=Placement.LOCAL, placement_reason="", out_dir="", deploy=data.deploy,
                 round_id=round_id, created_at=utcnow())
             session.add(record)
             session.flush()
@@ -109,7 +109,7 @@ class JobService:
             session.add(record)
             session.commit()
         log.info("job.submitted", job_id=job_id, kind=str(data.kind), placement=placement, reason=reason)
-        if placement == "burst":
+        if placement is Placement.BURST:
             # Reaching the cluster can take seconds (the local head starts on the first burst job): answer now;
             # the job is queued, and a launch failure lands on it with the reason.
             threading.Thread(target=self._launch, args=(job_id,), name=f"job-{job_id}-launch", daemon=True).start()
@@ -161,7 +161,7 @@ class JobService:
             backend = self.backends.get(record.placement)
         if backend_id and backend is not None:
             backend.stop(backend_id)
-        self._finish(job_id, "cancelled", "cancelled by an operator")
+        self._finish(job_id, JobStatus.CANCELLED, "cancelled by an operator")
         return self.get(job_id)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -232,9 +232,9 @@ class JobService:
                 if backend is not None and backend_id is not None:
                     backend.stop(backend_id)
             elif failure is not None:
-                record.status, record.reason, record.finished_at = "failed", failure, utcnow()
+                record.status, record.reason, record.finished_at = JobStatus.FAILED, failure, utcnow()
             else:
-                record.status, record.reason = "queued", note
+                record.status, record.reason = JobStatus.QUEUED, note
                 self._queued_since[job_id] = time.monotonic()
             session.add(record)
             session.commit()
@@ -263,8 +263,8 @@ class JobService:
             row.logs_tail = logs[-4000:]
             if progress:
                 row.progress = progress
-            if state == "RUNNING" and row.status == "queued":
-                row.status, row.started_at = "running", utcnow()
+            if state == "RUNNING" and row.status is JobStatus.QUEUED:
+                row.status, row.started_at = JobStatus.RUNNING, utcnow()
             session.add(row)
             session.commit()
         if state == "PENDING":
@@ -273,14 +273,14 @@ class JobService:
             if waited > limit:
                 backend.stop(record.backend_job_id)
                 asked = ", ".join(f"{k}={v:g}" for k, v in record.resources.items())
-                self._finish(record.id, "timed_out", f"no node could take the job within {limit:.0f} s "
+                self._finish(record.id, JobStatus.TIMED_OUT, f"no node could take the job within {limit:.0f} s "
                                                      f"(asked {asked}): the cluster lacks these resources")
             return
         started = as_utc(record.started_at)
         budget = float(record.spec.get("time_budget_s", 600)) + 120.0
         if state == "RUNNING" and started is not None and (utcnow() - started).total_seconds() > budget:
             backend.stop(record.backend_job_id)
-            self._finish(record.id, "timed_out", f"still running {budget:.0f} s after it started")
+            self._finish(record.id, JobStatus.TIMED_OUT, f"still running {budget:.0f} s after it started")
             return
         if state in _ENDED:
             self._complete(record, state, logs)
@@ -292,9 +292,9 @@ class JobService:
             result: dict[str, Any] = json.loads((out_dir / "result.json").read_text())
         except (OSError, ValueError):
             tail = logs.strip().splitlines()[-1:] or ["no output"]
-            self._finish(record.id, "failed", f"the worker ended ({state}) without a result: {tail[0][:300]}")
+            self._finish(record.id, JobStatus.FAILED, f"the worker ended ({state}) without a result: {tail[0][:300]}")
             return
-        status = str(result.get("status", "failed"))
+        status = str(result.get("status", JobStatus.FAILED))
         with Session(self.engine) as session:
             row = session.get(JobRecord, record.id)
             assert row is not None
@@ -304,27 +304,25 @@ class JobService:
                            **(trained if isinstance(trained, dict) else {})}
             session.add(row)
             session.commit()
-        if status != "succeeded":
-            self._finish(record.id, status if status in ("timed_out", "cancelled") else "failed",
+        if status != JobStatus.SUCCEEDED:
+            ended = JobStatus(status) if status in (JobStatus.TIMED_OUT, JobStatus.CANCELLED) else JobStatus.FAILED
+            self._finish(record.id, ended,
                          str(result.get("reason") or f"worker status {status}"))
             return
         version = None
         if record.spec.get("build", True):
             try:
-                # A round's burst step names the model after the round it refines.
-                name = (f"round-{record.round_id}-{record.kind}" if record.round_id is not None
-                        else f"job-{record.id}-{record.kind}")
-                version = self.builder.build(task_name=record.task, weights_path=out_dir / "weights.npz",
-                                             model_version=name,
-                                             source=ModelSource(kind="burst", id=str(record.id)),
-                                             deploy=record.deploy)
+                version = self.pipeline.publish(
+                    weights=out_dir / "weights.npz", task=record.task,
+                    name=burst_version(record.id, record.kind, record.round_id),
+                    source=ModelSource.BURST, source_id=str(record.id), deploy=record.deploy)
             except Exception as exc:
                 log.exception("job.build_failed", job_id=record.id)
-                self._finish(record.id, "failed", f"build failed: {exc}")
+                self._finish(record.id, JobStatus.FAILED, f"build failed: {exc}")
                 return
-        self._finish(record.id, "succeeded", None, model_version=version)
+        self._finish(record.id, JobStatus.SUCCEEDED, None, model_version=version)
 
-    def _finish(self, job_id: int, status: str, reason: str | None, model_version: str | None = None) -> None:
+    def _finish(self, job_id: int, status: JobStatus, reason: str | None, model_version: str | None = None) -> None:
         with Session(self.engine) as session:
             row = session.get(JobRecord, job_id)
             assert row is not None
@@ -353,7 +351,7 @@ class JobService:
     def _read(record: JobRecord) -> JobRead:
         assert record.id is not None
         return JobRead(id=record.id, kind=record.kind, task=record.task, status=record.status, reason=record.reason,
-                       placement=record.placement, placement_reason=record.placement_reason,
+                       placement=Placement(record.placement), placement_reason=record.placement_reason,
                        resources=record.resources, progress=record.progress, metrics=record.metrics,
                        logs_tail=record.logs_tail, model_version=record.model_version, round_id=record.round_id,
                        backend_job_id=record.backend_job_id, created_at=as_utc(record.created_at) or utcnow(),

@@ -11,8 +11,8 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 from controlplane._bounds import RowId
 from controlplane.auth import Role
 from controlplane.auth._guards import requires
-from controlplane.jobs.schemas import JobCreate, JobRead
-from controlplane.jobs.service import JobService
+from controlplane.burst.schemas import JobCreate, JobRead
+from controlplane.burst.service import JobService
 
 __all__ = ["JobController"]
 

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import enum
 from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 
 from controlplane._bounds import Name, TaskName
+from controlplane.burst.placement import Placement
+from controlplane.statuses import JobStatus
+from federated.burst.spec import JobKind  # declared once, where the burst worker reads it too
 
 __all__ = ["BurstStep", "JobCreate", "JobKind", "JobRead", "Placement", "Resources"]
-
-
-class JobKind(enum.StrEnum):
-    FINETUNE = "finetune"
-    DISTILL = "distill"
-    QAT = "qat"
-
-
-class Placement(enum.StrEnum):
-    AUTO = "auto"  # burst when it asks for accelerators or exceeds what devices may train
-    BURST = "burst"
-    LOCAL = "local"
 
 
 class Resources(msgspec.Struct, forbid_unknown_fields=True):
@@ -66,11 +56,11 @@ class BurstStep(_Training, kw_only=True):
 
 class JobRead(msgspec.Struct):
     id: int
-    kind: str
+    kind: JobKind
     task: str
-    status: str  # queued | running | succeeded | failed | cancelled | timed_out
+    status: JobStatus
     reason: str | None
-    placement: str  # burst | local
+    placement: Placement  # burst | local, never auto
     placement_reason: str
     resources: dict[str, Any]
     progress: dict[str, Any]

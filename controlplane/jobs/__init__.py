@@ -1,1 +1,0 @@
-"""Burst training jobs: placement, Ray/local backends, monitoring, results into the model registry."""
