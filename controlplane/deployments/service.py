@@ -483,6 +483,10 @@ class DeploymentService:
                 if target.reason != reason:
                     target.reason = reason
                     session.add(target)
+        # A device that got its command while online may come back much later and fetch the release only then:
+        # keep the releases of a waiting deployment from lapsing (an expired release would fail the device).
+        for variant in sorted({t.variant for t in targets if t.variant and TargetStatus(t.status).unfinished}):
+            self._renew_release(session, record, variant, now)
         deadline = as_utc(record.deadline_at)
         if deadline is not None and now >= deadline:
             for target in targets:
