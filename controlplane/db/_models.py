@@ -197,7 +197,7 @@ class DeploymentRecord(SQLModel, table=True):
     failure_threshold: float = 0.0
     wave_timeout_s: float = 600.0
     current_wave: int = 0
-    status: str = Field(default=DeploymentStatus.RUNNING, max_length=16)  # a DeploymentStatus
+    status: DeploymentStatus = _status(DeploymentStatus, DeploymentStatus.RUNNING)
     reason: str | None = None
     rollback: bool = False  # an operator's explicit rollback to a lower release
     rollback_of: int | None = None  # the deployment this one rolls back
@@ -226,7 +226,7 @@ class DeploymentTargetRecord(SQLModel, table=True):
     command_id: str | None = Field(default=None, max_length=64)
     # SHA-256 (hex) of the download token sent to this device with its command; the token itself is not kept.
     token_hash: str | None = Field(default=None, max_length=64, index=True)
-    status: str = Field(default=TargetStatus.PENDING, max_length=16)  # a TargetStatus
+    status: TargetStatus = _status(TargetStatus, TargetStatus.PENDING)
     reason: str | None = None
     # The model the device reported active when the deployment was created: what a rollback re-deploys.
     previous_model: str | None = Field(default=None, max_length=64)

@@ -138,7 +138,7 @@ def download_authorized(engine: Engine, deployment_id: int, variant: str, token:
         target, deployment = row
         if (target.deployment_id, target.variant) != (deployment_id, variant):
             return "the token is for another deployment or variant"
-        if not DeploymentStatus(deployment.status).active:
+        if not deployment.status.active:
             return f"deployment {deployment.id} is {deployment.status}: its download tokens have expired"
         if target.status in (TargetStatus.CANCELLED, TargetStatus.SUPERSEDED):
             return (f"deployment {deployment.id}'s command to {target.device_id} was {target.status} "
@@ -305,7 +305,7 @@ class DeploymentService:
         that receives the command later (from its broker session) cannot install it."""
         with self._lock, Session(self.engine) as session:
             record = self._record(session, deployment_id)
-            if not DeploymentStatus(record.status).active:
+            if not record.status.active:
                 raise Conflict(f"deployment {deployment_id} is already {record.status}: only a running or paused "
                                f"deployment can be cancelled")
             self._cancel(session, record, utcnow())
@@ -318,7 +318,7 @@ class DeploymentService:
         with self._lock, Session(self.engine) as session:
             record = self._record(session, deployment_id)
             now = utcnow()
-            if DeploymentStatus(record.status).active:
+            if record.status.active:
                 self._cancel(session, record, now)
             targets = list(session.exec(select(DeploymentTargetRecord).where(
                 DeploymentTargetRecord.deployment_id == deployment_id,
@@ -463,7 +463,7 @@ class DeploymentService:
         assert record.id is not None
         targets = list(session.exec(select(DeploymentTargetRecord).where(
             DeploymentTargetRecord.deployment_id == record.id)))
-        devices = self._devices(session, [t.device_id for t in targets if TargetStatus(t.status).unfinished])
+        devices = self._devices(session, [t.device_id for t in targets if t.status.unfinished])
         sending = record.status == DeploymentStatus.RUNNING
         for target in targets:
             device = devices.get(target.device_id)
@@ -485,12 +485,12 @@ class DeploymentService:
                     session.add(target)
         # A device that got its command while online may come back much later and fetch the release only then:
         # keep the releases of a waiting deployment from lapsing (an expired release would fail the device).
-        for variant in sorted({t.variant for t in targets if t.variant and TargetStatus(t.status).unfinished}):
+        for variant in sorted({t.variant for t in targets if t.variant and t.status.unfinished}):
             self._renew_release(session, record, variant, now)
         deadline = as_utc(record.deadline_at)
         if deadline is not None and now >= deadline:
             for target in targets:
-                if TargetStatus(target.status).unfinished:
+                if target.status.unfinished:
                     device = devices.get(target.device_id)
                     target.reason = (f"{_absent(device)} (deadline passed)" if not _online(device) else
                                      "no answer by the deadline" if target.status == TargetStatus.SENT else
@@ -502,16 +502,16 @@ class DeploymentService:
         if not sending:
             return
         wave = [t for t in targets if t.wave == record.current_wave]
-        unfinished = [t for t in wave if TargetStatus(t.status).unfinished]
+        unfinished = [t for t in wave if t.status.unfinished]
         if any(_online(devices.get(t.device_id)) for t in unfinished):
             return  # a reachable device has yet to answer
-        if unfinished and not any(TargetStatus(t.status).answered for t in wave):
+        if unfinished and not any(t.status.answered for t in wave):
             reason = f"wave {record.current_wave + 1}: waiting for {len(unfinished)} offline device(s)"
             if record.reason != reason:
                 record.reason, record.updated_at = reason, now
                 session.add(record)
             return  # no reachable device in this wave yet: the next wave waits for evidence from this one
-        answered = [t for t in targets if t.wave <= record.current_wave and TargetStatus(t.status).answered]
+        answered = [t for t in targets if t.wave <= record.current_wave and t.status.answered]
         failed = [t for t in answered if t.status == TargetStatus.FAILED]
         if answered and len(failed) / len(answered) > record.failure_threshold:
             record.status = DeploymentStatus.HALTED
@@ -519,7 +519,7 @@ class DeploymentService:
                              f"(threshold {record.failure_threshold:.0%}): "
                              + "; ".join(f"{t.device_id}: {t.reason}" for t in failed[:5]))
             for target in targets:  # withdrawn: their tokens close with the halt
-                if TargetStatus(target.status).unfinished:
+                if target.status.unfinished:
                     target.reason = (f"deployment {record.id} halted "
                                      + ("before the device answered" if target.command_id else "before it was sent"))
                     target.status, target.finished_at = TargetStatus.CANCELLED, now
@@ -528,8 +528,8 @@ class DeploymentService:
         elif record.current_wave + 1 < len(record.waves):
             record.current_wave += 1
             record.reason = None
-        elif any(TargetStatus(t.status).unfinished for t in targets):
-            waiting = sum(TargetStatus(t.status).unfinished for t in targets)
+        elif any(t.status.unfinished for t in targets):
+            waiting = sum(t.status.unfinished for t in targets)
             reason = f"every wave sent; waiting for {waiting} offline device(s)"
             if record.reason == reason:
                 return
@@ -544,7 +544,7 @@ class DeploymentService:
                 now: datetime) -> None:
         """The end of the waiting (every target finished, or the deadline passed): succeeded, halted on failures
         among the devices that answered, or timed_out where devices never answered (not counted as failures)."""
-        answered = [t for t in targets if TargetStatus(t.status).answered]
+        answered = [t for t in targets if t.status.answered]
         failed = [t for t in answered if t.status == TargetStatus.FAILED]
         timed_out = [t for t in targets if t.status == TargetStatus.TIMED_OUT]
         summary = self._summary(session, record.id)
@@ -780,12 +780,12 @@ class DeploymentService:
         model = session.get(ModelVersionRecord, record.model_version)
         return DeploymentRead(
             id=record.id, model_version=record.model_version, release=model.release if model else 0,
-            rollback=record.rollback, status=DeploymentStatus(record.status), reason=record.reason,
+            rollback=record.rollback, status=record.status, reason=record.reason,
             rollback_of=record.rollback_of, deadline=as_utc(record.deadline_at),
             waves=record.waves, current_wave=record.current_wave, failure_threshold=record.failure_threshold,
             created_at=as_utc(record.created_at) or utcnow(), updated_at=as_utc(record.updated_at) or utcnow(),
             counts=counts,
-            targets=[TargetRead(device_id=t.device_id, wave=t.wave, variant=t.variant, status=TargetStatus(t.status),
+            targets=[TargetRead(device_id=t.device_id, wave=t.wave, variant=t.variant, status=t.status,
                                 reason=t.reason, command_id=t.command_id, previous_model=t.previous_model)
                      for t in targets],
         )
