@@ -123,11 +123,12 @@ class FakeDevice:
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         command = wire.decode(msg.payload, wire.Command)
         self.seen += 1
+        if self.ok:  # swapped before the ack, as the agent does
+            self.active_model, self.active_variant = command.args["model_version"], command.args["variant"]
         ack = wire.Ack(device_id=self.device_id, command_id=command.command_id, ok=self.ok,
                        reason=None if self.ok else "self-test failed: output differs by 0.4 (tolerance 0.001)")
         client.publish(wire.topic(self.device_id, wire.Channel.ACK), wire.encode(ack), qos=1)
         if self.ok:
-            self.active_model, self.active_variant = command.args["model_version"], command.args["variant"]
             client.publish(wire.topic(self.device_id, wire.Channel.STATE), self._state(True), qos=1, retain=True)
 
     def close(self) -> None:
