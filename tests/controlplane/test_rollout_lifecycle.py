@@ -393,3 +393,55 @@ def test_a_real_agent_offline_at_the_rollout_installs_the_model_when_it_starts(f
     result = fleet.deployments.get(created.id)
     assert result.status == DeploymentStatus.SUCCEEDED, result
     assert result.targets[0].status == TargetStatus.SUCCEEDED
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_real_agent_that_gets_a_cancelled_command_late_is_not_wedged(fleet: Fleet, tmp_path: Path) -> None:
+    # Prepare: a served control plane and a running agent, then frozen (SIGSTOP): still online as far as the
+    # broker knows, so its command is sent, but it reads it only after the deployment was cancelled
+    import os
+    import signal
+
+    from controlplane.demo import _Server
+    from tests._services import free_port
+    from tests.controlplane.test_rollout_e2e import start_agent, stop
+
+    register_starter(fleet, "m1", STARTER, real_golden=True)
+    register_starter(fleet, "m2", STARTER, real_golden=True)
+    creds = fleet.devices.enroll(DeviceCreate(device_id="pi5-frozen", profile="raspberry-pi-5"))
+    port = free_port()
+    with _Server(create_app(fleet=fleet), port):
+        agent = start_agent(creds, f"http://127.0.0.1:{port}", tmp_path / "pi5")
+        try:
+            online(fleet, "pi5-frozen")
+            before = (fleet.devices.get("pi5-frozen").reported_state or {}).get("active_model")
+            os.kill(agent.pid, signal.SIGSTOP)
+            try:
+                # Execute: a rollout, cancelled while the device holds its command unread
+                first = fleet.deployments.create(DeploymentCreate(model_version="m1", targets=Targets(all=True)))
+                wait_for(lambda: targets(fleet, first.id)["pi5-frozen"][0] == TargetStatus.SENT, what="sent")
+                fleet.deployments.cancel(first.id)
+            finally:
+                os.kill(agent.pid, signal.SIGCONT)
+            wait_for(lambda: "HTTP 401" in (targets(fleet, first.id)["pi5-frozen"][1] or ""), timeout=60,
+                     what="the agent's answer to the withdrawn command")
+            kept = (fleet.devices.get("pi5-frozen").reported_state or {}).get("active_model")
+            # the next rollout reaches the same device
+            second = fleet.deployments.create(DeploymentCreate(model_version="m2", targets=Targets(all=True)))
+            wait_for(lambda: status_of(fleet, second.id) != DeploymentStatus.RUNNING, timeout=90,
+                     what="the next rollout")
+            wait_for(lambda: (fleet.devices.get("pi5-frozen").reported_state or {}).get("active_model") == "m2",
+                     what="the agent reports m2")
+        finally:
+            stop(agent)
+    # Assert: the withdrawn command was refused (its download token closed), recorded as cancelled, not failed;
+    # the device kept its model and was free for the next rollout
+    status, reason = targets(fleet, first.id)["pi5-frozen"]
+    assert status == TargetStatus.CANCELLED, reason
+    assert reason is not None and reason.startswith(f"deployment {first.id} cancelled before the device answered; "
+                                                    "the device answered: "), reason
+    assert "HTTP 401" in reason
+    assert status_of(fleet, first.id) == DeploymentStatus.CANCELLED
+    assert kept == before != "m1"
+    assert status_of(fleet, second.id) == DeploymentStatus.SUCCEEDED
