@@ -6,7 +6,6 @@ and CLI), a newer deployment supersedes an older one per device, and a withdrawn
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,12 @@ def online(fleet: Fleet, *device_ids: str) -> None:
     wait_for(lambda: all(fleet.devices.get(d).online for d in device_ids), what=f"{device_ids} online")
 
 
+def steps(fleet: Fleet, n: int = 2) -> None:
+    """Let the rollout loop go round ``n`` times (the loop runs every second; these run now)."""
+    for _ in range(n):
+        fleet.deployments.step()
+
+
 def status_of(fleet: Fleet, deployment_id: int) -> str:
     return fleet.deployments.get(deployment_id).status
 
@@ -59,7 +64,7 @@ def test_an_offline_device_is_pending_and_gets_its_model_when_it_comes_back(flee
         # Execute: a rollout that halts on any failure
         created = fleet.deployments.create(DeploymentCreate(model_version="m1", targets=Targets(all=True)))
         wait_for(lambda: targets(fleet, created.id)["pi-on"][0] == TargetStatus.SUCCEEDED, what="pi-on updated")
-        time.sleep(2)  # two more steps: the offline device must stay pending, the deployment running
+        steps(fleet)  # the offline device must stay pending, the deployment running
         waiting = fleet.deployments.get(created.id)
         off.connect()
         wait_for(lambda: status_of(fleet, created.id) != DeploymentStatus.RUNNING, what="the rollout to end")
@@ -164,7 +169,7 @@ def test_pause_resume_and_cancel_over_the_api_and_a_cancelled_command_cannot_ins
             download_paused = client.get(command.args["artifact_url"], headers=bearer(command.args["bearer"]))
             late.connect()
             online(fleet, "pi-1")
-            time.sleep(2.5)  # steps go by: nothing is sent while paused
+            steps(fleet)  # nothing is sent while paused
             while_paused = (list(late.commands), targets(fleet, dep)["pi-1"])
             resumed = client.post(f"/api/v1/deployments/{dep}/resume", headers=ops)
             resume_running = client.post(f"/api/v1/deployments/{dep}/resume", headers=ops)
@@ -376,7 +381,7 @@ def test_a_real_agent_offline_at_the_rollout_installs_the_model_when_it_starts(f
     port = free_port()
     with _Server(create_app(fleet=fleet), port):
         created = fleet.deployments.create(DeploymentCreate(model_version="m1", targets=Targets(all=True)))
-        time.sleep(2)  # steps go by: the offline device stays pending, nothing halts
+        steps(fleet)  # the offline device stays pending, nothing halts
         waiting = fleet.deployments.get(created.id)
         # Execute: the device comes online
         agent = start_agent(creds, f"http://127.0.0.1:{port}", tmp_path / "pi5")
