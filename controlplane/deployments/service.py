@@ -153,7 +153,7 @@ def download_authorized(engine: Engine, deployment_id: int, variant: str, token:
 # this model, the command is sent again (after this pause).
 _BUSY_REASON = "another model deployment is in progress"
 _BUSY_RETRY_S = 5.0
-_RECONCILE_LIMIT = 50  # finished deployments whose late answers are still followed, per step (newest first)
+_RECONCILE_LIMIT = 50  # timed_out or halted deployments whose timed_out targets follow their devices (newest)
 
 
 def _online(device: Device | None) -> bool:
@@ -359,7 +359,7 @@ class DeploymentService:
         return created
 
     def _cancel(self, session: Session, record: DeploymentRecord, now: datetime) -> None:
-        unfinished = self._unfinished(session, record.id)
+        unfinished = [t for t in self._unfinished(session, record.id) if not self._settle(session, t, now)]
         for target in unfinished:
             target.status, target.finished_at = TargetStatus.CANCELLED, now
             target.reason = (f"deployment {record.id} cancelled"
@@ -369,6 +369,18 @@ class DeploymentService:
         record.reason = f"cancelled by an operator; {len(unfinished)} unfinished device(s) cancelled"
         session.add(record)
         log.info("deployment.cancelled", deployment_id=record.id, unfinished=len(unfinished))
+
+    @staticmethod
+    def _settle(session: Session, target: DeploymentTargetRecord, now: datetime) -> bool:
+        """Record an answer the device gave before the progress loop collected it; True if it finished the
+        target (a cancel or supersede must not overwrite what the device already did)."""
+        command = session.get(CommandRecord, target.command_id) if target.command_id else None
+        if command is None or command.status == CommandStatus.PENDING or _BUSY_REASON in (command.reason or ""):
+            return False
+        target.status = TargetStatus.SUCCEEDED if command.status == CommandStatus.OK else TargetStatus.FAILED
+        target.reason, target.finished_at = command.reason, now
+        session.add(target)
+        return True
 
     def _supersede(self, session: Session, deployment_id: int, device_ids: list[str], now: datetime) -> None:
         """The unfinished targets of older active deployments on these devices give way to the new one; an older
@@ -383,6 +395,8 @@ class DeploymentService:
                    col(DeploymentTargetRecord.status).in_((TargetStatus.PENDING, TargetStatus.SENT)),
                    col(DeploymentRecord.status).in_((DeploymentStatus.RUNNING, DeploymentStatus.PAUSED)))))
         for target in older:
+            if self._settle(session, target, now):
+                continue
             target.status, target.finished_at = TargetStatus.SUPERSEDED, now
             target.reason = f"superseded by deployment {deployment_id}"
             session.add(target)
@@ -575,44 +589,52 @@ class DeploymentService:
         """What devices report after their deployment stopped waiting for them: an ack, or the model active in
         their state. A timed_out, cancelled or superseded target whose device installed the model anyway turns
         succeeded (the record says what the device runs); a refusal of a withdrawn command keeps its status and
-        records the device's answer. A timed_out deployment with no timed_out target left is finished again."""
-        rows = session.exec(
-            select(DeploymentTargetRecord, DeploymentRecord)
+        records the device's answer. A timed_out deployment with no timed_out target left is finished again.
+
+        Bounded per step: acks newer than their target's last change (rare), and the timed_out targets of the
+        newest timed_out deployments."""
+        changed: dict[int, DeploymentRecord] = {}
+        acks = session.exec(
+            select(DeploymentTargetRecord, DeploymentRecord, CommandRecord)
             .join(DeploymentRecord, col(DeploymentRecord.id) == col(DeploymentTargetRecord.deployment_id))
+            .join(CommandRecord, col(CommandRecord.command_id) == col(DeploymentTargetRecord.command_id))
             .where(col(DeploymentRecord.status).not_in((DeploymentStatus.RUNNING, DeploymentStatus.PAUSED)),
                    col(DeploymentTargetRecord.status).in_((TargetStatus.SENT, TargetStatus.TIMED_OUT,
                                                            TargetStatus.CANCELLED, TargetStatus.SUPERSEDED)),
-                   or_(col(DeploymentTargetRecord.command_id).is_not(None),
-                       col(DeploymentTargetRecord.status) == TargetStatus.TIMED_OUT))
-            .order_by(col(DeploymentRecord.id).desc()).limit(_RECONCILE_LIMIT * 100))
-        changed: dict[int, DeploymentRecord] = {}
-        pairs = list(rows)
-        devices = self._devices(session, [t.device_id for t, _ in pairs if t.status == TargetStatus.TIMED_OUT])
-        for target, record in pairs:
-            command = session.get(CommandRecord, target.command_id) if target.command_id else None
-            acked = command is not None and command.status != CommandStatus.PENDING
-            acked_at = as_utc(command.acked_at) if acked and command is not None else None
-            fresh = acked and (target.finished_at is None or (acked_at or now) > as_utc(target.finished_at))
-            if target.status == TargetStatus.TIMED_OUT and _reports(devices.get(target.device_id),
-                                                                     record.model_version, target.variant):
-                target.status = TargetStatus.SUCCEEDED
-                target.reason = "the device reports the model active (after the deadline)"
-            elif fresh and command is not None and command.status == CommandStatus.OK:
+                   col(CommandRecord.status) != CommandStatus.PENDING,
+                   or_(col(DeploymentTargetRecord.finished_at).is_(None),
+                       col(CommandRecord.acked_at) > col(DeploymentTargetRecord.finished_at)))
+            .limit(1000))
+        for target, record, command in list(acks):
+            if command.status == CommandStatus.OK:
                 was = target.status
                 target.status = TargetStatus.SUCCEEDED
                 target.reason = f"installed although the target was {was} ({target.reason})"
-            elif fresh and command is not None:
-                target.reason = f"{target.reason}; the device answered: {command.reason}"
             else:
-                continue
-            target.finished_at = acked_at or now
+                target.reason = f"{target.reason}; the device answered: {command.reason}"
+            target.finished_at = as_utc(command.acked_at) or now
             session.add(target)
             changed[record.id or 0] = record
+        timed_out = list(session.exec(
+            select(DeploymentTargetRecord, DeploymentRecord)
+            .join(DeploymentRecord, col(DeploymentRecord.id) == col(DeploymentTargetRecord.deployment_id))
+            .where(col(DeploymentRecord.id).in_(
+                       select(DeploymentRecord.id).where(col(DeploymentRecord.status).in_(
+                           (DeploymentStatus.TIMED_OUT, DeploymentStatus.HALTED)))
+                       .order_by(col(DeploymentRecord.id).desc()).limit(_RECONCILE_LIMIT)),
+                   DeploymentTargetRecord.status == TargetStatus.TIMED_OUT)))
+        devices = self._devices(session, [t.device_id for t, _ in timed_out])
+        for target, record in timed_out:
+            if _reports(devices.get(target.device_id), record.model_version, target.variant):
+                target.status, target.finished_at = TargetStatus.SUCCEEDED, now
+                target.reason = "the device reports the model active (after the deadline)"
+                session.add(target)
+                changed[record.id or 0] = record
         for record in changed.values():
             if record.status == DeploymentStatus.TIMED_OUT:
+                session.flush()
                 targets = list(session.exec(select(DeploymentTargetRecord).where(
                     DeploymentTargetRecord.deployment_id == record.id)))
-                session.flush()
                 self._finish(session, record, targets, now)
 
     def _send(self, session: Session, record: DeploymentRecord, target: DeploymentTargetRecord,

@@ -450,3 +450,36 @@ def test_a_real_agent_that_gets_a_cancelled_command_late_is_not_wedged(fleet: Fl
     assert status_of(fleet, first.id) == DeploymentStatus.CANCELLED
     assert kept == before != "m1"
     assert status_of(fleet, second.id) == DeploymentStatus.SUCCEEDED
+
+
+def test_a_cancel_never_overwrites_what_a_device_did(fleet: Fleet, mosquitto_url: str) -> None:
+    # Prepare: the rollout loop stopped (steps run by hand), both devices hold their commands
+    register_starter(fleet, "m1", STARTER)
+    enroll(fleet, "pi-0", "pi-1")
+    pi0, pi1 = Device(mosquitto_url, "pi-0"), Device(mosquitto_url, "pi-1")
+    fleet.deployments.stop()
+    try:
+        online(fleet, "pi-0", "pi-1")
+        created = fleet.deployments.create(DeploymentCreate(model_version="m1", targets=Targets(all=True)))
+        wait_for(lambda: pi0.commands and pi1.commands, what="both commands")
+        # Execute: pi-0 installs and acks before the cancel, pi-1 after it
+        pi0.ack()
+        command = pi0.commands[0].command_id
+        wait_for(lambda: fleet.devices.get_command("pi-0", command).status == "ok", what="pi-0's ack stored")
+        fleet.deployments.cancel(created.id)
+        after_cancel = targets(fleet, created.id)
+        pi1.ack()
+        command = pi1.commands[0].command_id
+        wait_for(lambda: fleet.devices.get_command("pi-1", command).status == "ok", what="pi-1's ack stored")
+        steps(fleet, 1)
+        final = targets(fleet, created.id)
+    finally:
+        pi0.close()
+        pi1.close()
+    # Assert: the record says what each device runs
+    assert after_cancel == {"pi-0": ("succeeded", None),
+                            "pi-1": ("cancelled", f"deployment {created.id} cancelled before the device answered")}
+    installed = (f"installed although the target was cancelled (deployment {created.id} cancelled before the "
+                 "device answered)")
+    assert final["pi-1"] == ("succeeded", installed)
+    assert status_of(fleet, created.id) == DeploymentStatus.CANCELLED
