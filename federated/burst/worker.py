@@ -84,6 +84,13 @@ EXIT_TEMPFAIL: Final = 75
 # A checkpoint of the same job_id is only resumed when these spec fields are the same.
 _RESUME_KEYS: Final = ("kind", "task", "batch_size", "teacher_hidden", "seed")
 
+
+def _resume_spec(spec: JobSpec) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed, as plain values (``torch.load(weights_only=True)`` refuses
+    anything else, e.g. the JobKind enum)."""
+    resume: dict[str, Any] = msgspec.to_builtins({k: getattr(spec, k) for k in _RESUME_KEYS})
+    return resume
+
 ProgressFn = Callable[[dict[str, Any]], None]
 StopFn = Callable[[], bool]
 
@@ -272,7 +279,7 @@ class _Job:
         state = {
             "format": CHECKPOINT_FORMAT,
             "job_id": self.spec.job_id,
-            "spec": {k: getattr(self.spec, k) for k in _RESUME_KEYS},
+            "spec": _resume_spec(self.spec),
             "position": asdict(self.pos),
             "models": {p.name: p.module.state_dict() for p in self.phases},
             "optimizers": {p.name: p.optimizer.state_dict() for p in self.phases},
@@ -295,7 +302,7 @@ class _Job:
             return
         if state.get("format") != CHECKPOINT_FORMAT:
             raise RuntimeError(f"{self.checkpoint_path}: checkpoint format {state.get('format')!r} unsupported")
-        expected = {k: getattr(self.spec, k) for k in _RESUME_KEYS}
+        expected = _resume_spec(self.spec)
         if state["spec"] != expected:
             raise RuntimeError(
                 f"{self.checkpoint_path}: written for job {self.spec.job_id!r} with {state['spec']}, "

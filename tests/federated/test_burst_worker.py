@@ -14,7 +14,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from federated.burst.spec import JobSpec, estimate_cost
+from federated.burst.spec import JobKind, JobSpec, estimate_cost
 from federated.tasks.digits import DigitsTask
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -179,7 +179,9 @@ def test_cancel_then_resume_continues_where_it_stopped(tmp_path: Path) -> None:
     # Prepare
     from federated.burst.worker import run_job
 
-    spec = JobSpec(job_id="resume-1", kind="finetune", epochs=6, checkpoint_every_steps=10, device="cpu")
+    # decoded as the worker's entrypoint decodes it (kind: a JobKind), which the checkpoint must store as plain data
+    spec = JobSpec.from_json(
+        JobSpec(job_id="resume-1", kind=JobKind.FINETUNE, epochs=6, checkpoint_every_steps=10, device="cpu").to_json())
     reference = run_job(spec, tmp_path / "reference")
 
     # Execute: cancelled after 30 steps (mid-epoch 2), then run again
