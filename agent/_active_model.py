@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import structlog
-
 from agent import protocol as wire
 from agent._errors import DeployError
 from agent._model_store import MODELS_DIR, Entry, ModelStore
 from agent._settings import AgentSettings, WatchdogPolicy
+from agent.logsetup import get_logger
 from agent.manifest import Release
 
 if TYPE_CHECKING:
@@ -40,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ActiveModel", "Installed", "resolve_startup_model"]
 
-log = structlog.get_logger("edgefleet.agent.ota")
+log = get_logger("edgefleet.agent.ota")
 
 
 def resolve_startup_model(data_dir: Path, runtime: str) -> tuple[Path, str, str] | None:

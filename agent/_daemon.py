@@ -17,7 +17,6 @@ from collections import OrderedDict
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -31,11 +30,12 @@ from agent._telemetry import PowerSensor, SystemSensor
 from agent.commands import CommandContext, CommandHandler
 from agent.fsutil import write_atomic
 from agent.join_round import Rounds
+from agent.logsetup import get_logger
 from agent.mqtt import MqttProtocol, make_client
 
 __all__ = ["Agent", "AgentSettings", "LifecycleState"]
 
-log = structlog.get_logger("edgefleet.agent")
+log = get_logger("edgefleet.agent")
 
 # What `set_config` may change, with the accepted range.
 _TUNABLE: dict[str, tuple[float, float]] = {

@@ -29,16 +29,15 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-import structlog
-
 from agent import protocol as wire
 from agent._errors import DeployError
 from agent.commands import CommandContext, CommandResult
+from agent.logsetup import get_logger
 from firmware_profiles import ModelVariant
 
 __all__ = ["handle"]
 
-log = structlog.get_logger("edgefleet.agent.ota")
+log = get_logger("edgefleet.agent.ota")
 
 # Model versions become directory names: no separators, no "..", nothing exotic.
 _MODEL_VERSION_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")

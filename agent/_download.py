@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-import structlog
-
 from agent._errors import DeployError
 from agent._settings import DownloadPolicy
+from agent.logsetup import get_logger
 
 __all__ = ["download", "fetch_small", "resolve_url"]
 
-log = structlog.get_logger("edgefleet.agent.ota")
+log = get_logger("edgefleet.agent.ota")
 
 
 class _Transient(Exception):
@@ -96,7 +95,9 @@ def _classify(exc: BaseException, policy: DownloadPolicy) -> str:
     if isinstance(exc, urllib.error.HTTPError):
         if exc.code in (408, 425, 429) or exc.code >= 500:
             return f"HTTP {exc.code} {exc.reason}"
-        raise DeployError("download", f"HTTP {exc.code} {exc.reason} from {exc.url}") from exc
+        detail = _http_detail(exc)
+        raise DeployError("download", f"HTTP {exc.code} {exc.reason} from {exc.url}"
+                                      + (f": {detail}" if detail else "")) from exc
     if isinstance(exc, TimeoutError):
         return f"stalled: no data for {policy.stall_timeout_s:g} s"
     if isinstance(exc, urllib.error.URLError):
@@ -106,6 +107,22 @@ def _classify(exc: BaseException, policy: DownloadPolicy) -> str:
     if isinstance(exc, (OSError, http.client.HTTPException)):
         return f"{type(exc).__name__}: {exc}"
     raise exc
+
+
+def _http_detail(exc: Any) -> str:
+    """The control plane's reason in an error response (its JSON ``detail``, e.g. "deployment 4 is cancelled"),
+    read from at most 2 KiB of the body, printable characters only, at most 300 of them; "" if there is none."""
+    import json
+
+    try:
+        body = exc.read(2048)
+        detail = json.loads(body).get("detail") if body else None
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if not isinstance(detail, str):
+        return ""
+    text = "".join(ch for ch in detail if ch.isprintable())
+    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _backoff(policy: DownloadPolicy, failures: int) -> float:

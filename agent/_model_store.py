@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Final
 
 import msgspec
-import structlog
 
 from agent._errors import DeployError
 from agent.fsutil import fsync_path, write_atomic
+from agent.logsetup import get_logger
 from agent.manifest import ModelManifest, Release, file_sha256
 
 __all__ = [
@@ -49,7 +49,7 @@ __all__ = [
     "ReleaseState",
 ]
 
-log = structlog.get_logger("edgefleet.agent.ota")
+log = get_logger("edgefleet.agent.ota")
 
 MODELS_DIR: Final = "models"
 POINTER_FILE: Final = "current.json"

@@ -15,13 +15,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from agent import protocol as wire
+from agent.logsetup import get_logger
 
 __all__ = ["Outbox", "OutboxEntry"]
 
-log = structlog.get_logger("edgefleet.agent.outbox")
+log = get_logger("edgefleet.agent.outbox")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (

@@ -51,6 +51,9 @@ class AgentSettings:
     outbox_max_bytes: int = 16 * 1024 * 1024
     model_path: Path | None = None  # default: the shipped starter model
     data_path: Path | None = None  # default: the shipped digits sample
+    # This device's training data for federated rounds (.npz, x raw and y labels, as the task's load_partition
+    # reads it): one setting of the device, never chosen by a command. Default: <data_dir>/data/partition.npz.
+    train_data_path: Path | None = None
     inflight_window: int = 100
     # The control plane's ed25519 public key (raw 32 bytes): only models signed with it are accepted.
     signing_key: bytes | None = None

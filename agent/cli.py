@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                           "[EDGEFLEET_SIGNING_KEY]")
     run.add_argument("--model", type=Path, default=None, help="TFLite model (default: the shipped starter model)")
     run.add_argument("--data", type=Path, default=None, help="local data (.npz with x[, y]) to run inference over")
+    run.add_argument("--train-data", type=Path, default=env("EDGEFLEET_TRAIN_DATA"),
+                     help="this device's training data for federated rounds (.npz: x raw, y labels) "
+                          "[EDGEFLEET_TRAIN_DATA; default <data-dir>/data/partition.npz]")
     run.add_argument("--outbox-max-mb", type=float, default=16.0, help="outbox bound in MiB, oldest dropped first")
     run.add_argument("--log-level", default=env("EDGEFLEET_LOG_LEVEL", "info"), help="[EDGEFLEET_LOG_LEVEL]")
     return parser
@@ -88,14 +91,15 @@ def main(argv: list[str] | None = None) -> int:
             signing_key = b""
         if len(signing_key) != 32:
             parser.exit(2, "error: --signing-key must be a base64 ed25519 public key (32 bytes)\n")
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, structlog=False)  # the device process never imports structlog
     address = address.with_credentials(args.username or address.username or args.device_id,
                                        args.password or address.password)
     settings = AgentSettings(
         device_id=args.device_id, profile=profile, broker=address, data_dir=args.data_dir,
         controlplane_url=args.controlplane, task=args.task, telemetry_interval_s=args.telemetry_interval,
         inference_rate_hz=args.inference_rate, power_mode=PowerMode(args.power_source), model_path=args.model,
-        data_path=args.data, outbox_max_bytes=int(args.outbox_max_mb * 2**20), signing_key=signing_key,
+        data_path=args.data, train_data_path=Path(args.train_data) if args.train_data else None,
+        outbox_max_bytes=int(args.outbox_max_mb * 2**20), signing_key=signing_key,
     )
     try:
         agent = Agent(settings)
@@ -107,10 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _url_has_password(url: str | None) -> bool:
     from urllib.parse import urlsplit
 
@@ -118,3 +118,7 @@ def _url_has_password(url: str | None) -> bool:
         return bool(url and urlsplit(url).password)
     except ValueError:
         return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

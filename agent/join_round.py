@@ -4,8 +4,11 @@ Command args::
 
     {"superlink": "host:port",        # the SuperLink's Fleet API
      "round_id": "...",              # the control plane's round (also the run's `round-id` run config)
-     "timeout_s": 3600,              # optional: give up (stop the SuperNode) after this long
-     "data_path": "/path/part.npz"}  # optional: default <data_dir>/data/partition.npz
+     "timeout_s": 3600}              # optional: give up (stop the SuperNode) after this long
+
+The device trains on its own data: the file its agent was started with (``--train-data`` /
+``EDGEFLEET_TRAIN_DATA``, default ``<data_dir>/data/partition.npz``), never a path a command names (a ``data_path``
+argument is refused: no API input chooses a file on a device).
 
 ``{"round_id": "...", "leave": true}`` is the control plane saying that the round is over (its run failed, was
 stopped, or ended before this device heard so from the ServerApp): the agent stops that round's SuperNode at once
@@ -40,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-import structlog
+from agent.logsetup import get_logger
 
 if TYPE_CHECKING:
     from agent import protocol as wire
@@ -48,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_TIMEOUT_S", "MAX_TIMEOUT_S", "Rounds", "parse_superlink"]
 
-log = structlog.get_logger("edgefleet.agent.supernode")
+log = get_logger("edgefleet.agent.supernode")
 
 DEFAULT_TIMEOUT_S: Final = 3600.0
 MAX_TIMEOUT_S: Final = 7 * 24 * 3600.0
@@ -127,11 +130,10 @@ class Rounds:
             result["round_id"] = round_id
             superlink = parse_superlink(args.get("superlink"))
             timeout_s = _timeout_arg(args.get("timeout_s"))
-            raw_path = args.get("data_path")
-            if raw_path is None:
-                data_path = ctx.settings.data_dir / "data" / "partition.npz"
-            else:
-                data_path = Path(_text_arg(raw_path, "data_path")).expanduser()
+            if "data_path" in args:
+                raise ValueError("data_path is not accepted: a device trains on its own data (its agent's "
+                                 "--train-data / EDGEFLEET_TRAIN_DATA), never on a file a command names")
+            data_path = ctx.settings.train_data_path or ctx.settings.data_dir / "data" / "partition.npz"
         except ValueError as exc:
             return False, f"bad join_round args: {exc}", result
 
@@ -147,7 +149,8 @@ class Rounds:
         except FlowerNotInstalled as exc:
             return False, str(exc), result
         if not data_path.is_file():
-            return False, f"no training data at {data_path}", result
+            return False, (f"no training data at {data_path} (set it with edgefleet agent run --train-data or "
+                           f"EDGEFLEET_TRAIN_DATA)"), result
 
         deadline = time.monotonic() + _LEAVE_WAIT_S
         while True:

@@ -110,6 +110,14 @@ class RangeHandler(BaseHTTPRequestHandler):
         if fault == "503":
             self.send_error(503)
             return
+        if fault and fault.startswith("401 "):  # the control plane's refusal: a JSON body with its reason
+            body = json.dumps({"status_code": 401, "detail": fault.removeprefix("401 ")}).encode()
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if fault and fault.startswith("redirect "):
             self.send_response(302)
             self.send_header("Location", fault.removeprefix("redirect "))
@@ -496,6 +504,27 @@ def test_stalled_download_fails_with_a_reason(
     assert "stalled: no data for 0.3 s" in (reason or "")
     assert len(server.hits_for("artifacts/")) == 2
     assert agent.model_version == STARTER_VERSION and pointer(agent) is None
+
+
+def test_a_withdrawn_download_acks_the_control_planes_reason(
+    make_agent: AgentFactory, server: FileServer, key: Ed25519PrivateKey
+) -> None:
+    # Prepare: the deployment was cancelled after the command was queued: the control plane refuses the token
+    agent = make_agent(download=DownloadPolicy(attempts=2, backoff_s=0.01))
+    args = publish(server, key, "digits-2", "full-int8")
+    why = "deployment 4's command to pi-1 was cancelled (by an operator): its download token is withdrawn\x1b[31m"
+    server.faults["artifacts/digits-2-full-int8.tflite"] = f"401 {why}"
+
+    # Execute
+    ok, reason, result = deploy(agent, args)
+
+    # Assert: refused at once (not retried), the reason says why, control characters dropped
+    assert ok is False and result["stage"] == "download"
+    assert reason is not None and reason.endswith(
+        ": deployment 4's command to pi-1 was cancelled (by an operator): its download token is withdrawn[31m")
+    assert "HTTP 401" in reason
+    assert len(server.hits_for("artifacts/")) == 1
+    assert agent.model_version == STARTER_VERSION
 
 
 # ------------------------------------------------------------------------------------------------ rejections

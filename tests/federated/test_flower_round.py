@@ -124,9 +124,11 @@ def test_node_config_quoting() -> None:
         node_config_arg({"data-path": "/it's.npz"})
 
 
-def _fake_agent(tmp_path: Path, device_id: str, profile: str = "raspberry-pi-5") -> Any:
+def _fake_agent(tmp_path: Path, device_id: str, profile: str = "raspberry-pi-5",
+                train_data: Path | None = None) -> Any:
     """The parts of an agent's agent.commands.CommandContext that the join_round handler uses."""
-    settings = SimpleNamespace(data_dir=tmp_path / device_id, profile=get_profile(profile))
+    settings = SimpleNamespace(data_dir=tmp_path / device_id, profile=get_profile(profile),
+                               train_data_path=train_data)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return SimpleNamespace(settings=settings, device_id=device_id, wait_for_stop=threading.Event().wait)
 
@@ -147,6 +149,17 @@ def test_join_round_refusals(tmp_path: Path) -> None:
     bad = wire.Command(command_id="c2", kind="join_round", args={"superlink": "nope", "round_id": "r1"})
     ok, reason, _ = handle_join_round(_fake_agent(tmp_path, "pi"), bad)
     assert not ok and reason is not None and "superlink" in reason
+    # A command cannot point the device at a file: the training data is the device's own setting
+    secret = tmp_path / "secret.npz"
+    secret.write_bytes(b"not for the control plane to choose")
+    pointed = wire.Command(command_id="c3", kind="join_round",
+                           args={"superlink": "127.0.0.1:9092", "round_id": "r1", "data_path": str(secret)})
+    ok, reason, _ = handle_join_round(_fake_agent(tmp_path, "pi"), pointed)
+    assert not ok and reason is not None and "data_path is not accepted" in reason
+    # The device's own setting is where it looks (absent here: named in the refusal)
+    elsewhere = tmp_path / "mnt" / "train.npz"
+    ok, reason, _ = handle_join_round(_fake_agent(tmp_path, "pi", train_data=elsewhere), command)
+    assert not ok and reason is not None and f"no training data at {elsewhere}" in reason
 
 
 def test_a_round_the_control_plane_ended_is_left_and_not_joined_again(tmp_path: Path) -> None:
@@ -226,12 +239,11 @@ def test_only_invited_devices_train(superlink: SuperLinkProcess, partitions: lis
     acks: dict[str, tuple[bool, str | None, dict[str, Any]]] = {}
     threads = []
     for device, data_path in zip(devices, partitions, strict=True):
-        agent = _fake_agent(tmp_path / "agents", device)
+        agent = _fake_agent(tmp_path / "agents", device, train_data=data_path)
         command = wire.Command(
             command_id=f"join-{device}",
             kind="join_round",
-            args={"superlink": superlink.address, "round_id": "round-b", "timeout_s": RUN_TIMEOUT_S,
-                  "data_path": str(data_path)},
+            args={"superlink": superlink.address, "round_id": "round-b", "timeout_s": RUN_TIMEOUT_S},
         )
         thread = threading.Thread(
             target=lambda a=agent, c=command, d=device: acks.__setitem__(d, handle_join_round(a, c))
