@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Not on a device: the control plane's and training's libraries, the operator CLI's typer/click/rich, and structlog
+# (it imports asyncio and rich; the agent logs through stdlib logging, agent.logsetup).
 HEAVY = {"torch", "flwr", "litestar", "sqlmodel", "sqlalchemy", "uvicorn", "amqtt", "apscheduler", "ray",
-         "tensorflow", "jax", "typer", "click", "rich"}
+         "tensorflow", "jax", "typer", "click", "rich", "structlog"}
 
 
 def _name(requirement: str) -> str:
