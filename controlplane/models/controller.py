@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import msgspec
 from litestar import Controller, Request, Response, get
 from litestar.exceptions import NotAuthorizedException
+from litestar.response import Stream
 
 from controlplane._bounds import NameParam, RowId
 from controlplane.auth import Role
@@ -68,21 +71,21 @@ class DownloadController(Controller):
 
     @get("/models/{version:str}/variants/{variant:str}/manifest", sync_to_thread=True, exclude_from_auth=True)
     def manifest(self, request: Request[Any, Any, Any], version: NameParam, variant: NameParam,
-                 model_service: ModelService) -> Response[bytes]:
+                 model_service: ModelService) -> Response[Any]:
         _authorize(request, None)
         signed = model_service.signed_manifest(version, variant)
         return Response(msgspec.json.encode(signed), media_type="application/json")
 
     @get("/models/{version:str}/variants/{variant:str}/artifact", sync_to_thread=True, exclude_from_auth=True)
     def artifact(self, request: Request[Any, Any, Any], version: NameParam, variant: NameParam,
-                 model_service: ModelService) -> Response[bytes]:
+                 model_service: ModelService) -> Response[Any]:
         _authorize(request, None)
         return _serve_artifact(request, model_service.artifact(version, variant))
 
     @get("/deployments/{deployment_id:int}/variants/{variant:str}/manifest", sync_to_thread=True,
          exclude_from_auth=True)
     def release(self, request: Request[Any, Any, Any], deployment_id: RowId, variant: NameParam,
-                deployment_service: DeploymentService) -> Response[bytes]:
+                deployment_service: DeploymentService) -> Response[Any]:
         _authorize(request, (deployment_id, variant))
         signed = deployment_service.signed_release(deployment_id, variant)
         return Response(msgspec.json.encode(signed), media_type="application/json")
@@ -90,28 +93,44 @@ class DownloadController(Controller):
     @get("/deployments/{deployment_id:int}/variants/{variant:str}/artifact", sync_to_thread=True,
          exclude_from_auth=True)
     def release_artifact(self, request: Request[Any, Any, Any], deployment_id: RowId, variant: NameParam,
-                         deployment_service: DeploymentService, model_service: ModelService) -> Response[bytes]:
+                         deployment_service: DeploymentService, model_service: ModelService) -> Response[Any]:
         _authorize(request, (deployment_id, variant))
         deployment_service.signed_release(deployment_id, variant)  # 404 unless the deployment sends this variant
         version = deployment_service.model_version_of(deployment_id)
         return _serve_artifact(request, model_service.artifact(version, variant))
 
 
-def _serve_artifact(request: Request[Any, Any, Any], record: ModelArtifactRecord) -> Response[bytes]:
-    """The whole file, or the single byte range asked for (resumable downloads)."""
+_CHUNK = 256 * 1024
+
+
+def _serve_artifact(request: Request[Any, Any, Any], record: ModelArtifactRecord) -> Response[Any]:
+    """The whole file, or the single byte range asked for (resumable downloads), streamed from disk in 256 KiB
+    chunks: a control plane serving many devices at once never holds an artifact in memory."""
     assert record.path is not None
-    with open(record.path, "rb") as fh:
-        data = fh.read()
+    size = os.stat(record.path).st_size
     headers = {"Accept-Ranges": "bytes", "ETag": f'"{record.sha256}"'}
     try:
-        wanted = parse_range(request.headers.get("range"), len(data))
+        wanted = parse_range(request.headers.get("range"), size)
     except ValueError:
-        return Response(b"", status_code=416, headers={**headers, "Content-Range": f"bytes */{len(data)}"})
-    if wanted is None:
-        return Response(data, media_type="application/octet-stream", headers=headers)
-    start, end = wanted
-    return Response(data[start : end + 1], status_code=206, media_type="application/octet-stream",
-                    headers={**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"})
+        return Response(b"", status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+    start, end = wanted if wanted is not None else (0, size - 1)
+    headers["Content-Length"] = str(end - start + 1)
+    if wanted is not None:
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return Stream(_chunks(record.path, start, end), status_code=206 if wanted is not None else 200,
+                  media_type="application/octet-stream", headers=headers)
+
+
+def _chunks(path: str, start: int, end: int) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        left = end - start + 1
+        while left > 0:
+            chunk = fh.read(min(_CHUNK, left))
+            if not chunk:  # the file shrank under us: end the body short, the client's size check catches it
+                return
+            left -= len(chunk)
+            yield chunk
 
 
 def _authorize(request: Request[Any, Any, Any], scope: tuple[int, str] | None) -> None:

@@ -198,6 +198,43 @@ def test_downloads_need_a_token_and_support_range(fleet: Fleet) -> None:
     assert missing.status_code == 404
 
 
+def test_artifacts_are_streamed_from_disk_not_read_whole(fleet: Fleet, tmp_path: Path) -> None:
+    # Prepare: the registered artifact is a 64 MiB (sparse) file; a device resumes at its last 10 bytes
+    import tracemalloc
+
+    from sqlmodel import Session, select
+
+    register_starter(fleet, "big", {"fp32": 0.975, "full-int8": 0.975})
+    big = tmp_path / "big.tflite"
+    with open(big, "wb") as fh:
+        fh.truncate(64 * 2**20)
+        fh.seek(64 * 2**20 - 10)
+        fh.write(b"0123456789")
+    with Session(fleet.engine) as session:
+        record = session.exec(select(ModelArtifactRecord).where(ModelArtifactRecord.model_version == "big",
+                                                                ModelArtifactRecord.variant == "fp32")).one()
+        record.path = str(big)
+        session.add(record)
+        session.commit()
+    _, token = create_token(fleet.engine, Role.VIEWER)
+    auth = {"Authorization": f"Bearer {token}"}
+    with TestClient(app=create_app(fleet=fleet)) as client:
+        # Execute
+        tracemalloc.start()
+        try:
+            tail = client.get("/api/v1/models/big/variants/fp32/artifact", headers={**auth, "Range": "bytes=-10"})
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        head = client.get("/api/v1/models/big/variants/fp32/artifact", headers={**auth, "Range": "bytes=0-3"})
+    # Assert: the right bytes, and the server never held the file (64 MiB) in memory
+    assert tail.status_code == 206 and tail.content == b"0123456789"
+    assert tail.headers["content-range"] == f"bytes {64 * 2**20 - 10}-{64 * 2**20 - 1}/{64 * 2**20}"
+    assert tail.headers["content-length"] == "10"
+    assert head.status_code == 206 and head.content == b"\0\0\0\0"
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB allocated while serving 10 bytes of a 64 MiB artifact"
+
+
 @pytest.mark.slow
 def test_rollout_goes_wave_by_wave_and_halts_on_failures(fleet: Fleet, mosquitto_url: str) -> None:
     # Prepare: 4 good devices and 1 that fails its self-test; a Coral (full-int8 only)
