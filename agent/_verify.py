@@ -42,18 +42,15 @@ class DeviceFacts:
     task: str
 
 
-def _version_tuple(version: str) -> tuple[int, ...] | None:
-    match = re.match(r"^v?(\d+(?:\.\d+)*)", version.strip())
-    return tuple(int(part) for part in match.group(1).split(".")) if match else None
-
-
 def version_at_least(have: str, need: str) -> bool:
-    """``have >= need`` on the numeric release part (``2.14.0rc1`` counts as ``2.14.0``)."""
-    a, b = _version_tuple(have), _version_tuple(need)
-    if a is None or b is None:
+    """``have >= need`` as versions (``packaging``), on the release part: ``2.14.0rc1`` counts as ``2.14.0``,
+    ``2.14`` as ``2.14.0``; an unparsable version is never enough."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(Version(have.strip()).base_version) >= Version(need.strip())
+    except InvalidVersion:
         return False
-    width = max(len(a), len(b))
-    return a + (0,) * (width - len(a)) >= b + (0,) * (width - len(b))
 
 
 def check_variant(device: DeviceFacts, variant: ModelVariant) -> None:
