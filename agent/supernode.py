@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Final, Self
+from typing import IO, Any, Final, Self
 
 __all__ = [
     "FlowerNotInstalled",
@@ -120,58 +120,60 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) -> 
     return False
 
 
-def _proc_stat(pid: int | str) -> tuple[int, str] | None:
-    """(parent pid, start time) of a process from ``/proc/PID/stat``; None if it is gone."""
+def _descendants(process: subprocess.Popen[bytes]) -> list[Any]:
+    """The live descendants (psutil.Process) of a running ``process``; empty once it has ended."""
+    import psutil
+
+    if process.poll() is not None:
+        return []
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[1]), fields[19]
-    except (OSError, IndexError, ValueError):
-        return None
+        children: list[Any] = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    return children
 
 
-def _descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, start time) of every live descendant of ``pid`` (Linux ``/proc``; empty elsewhere)."""
-    children: dict[int, list[tuple[int, str]]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        stat = _proc_stat(entry.name)
-        if stat is not None:
-            children.setdefault(stat[0], []).append((int(entry.name), stat[1]))
-    found: list[tuple[int, str]] = []
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child[0])
-    return found
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process, its group and its descendants at once, as a power loss would."""
+    import psutil
 
-
-def _signal_same(processes: list[tuple[int, str]], sig: int) -> None:
-    """Signal each (pid, start time) that is still the same process (a pid may have been reused)."""
-    for pid, started in processes:
-        stat = _proc_stat(pid)
-        if stat is not None and stat[1] == started:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
+    descendants = _descendants(process)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    for child in descendants:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5.0)
 
 
 def terminate_group(process: subprocess.Popen[bytes], timeout: float) -> None:
     """SIGTERM the process and its descendants, SIGKILL what is left after ``timeout``.
 
     Flower detaches some of its children (the SuperLink starts ``flower-superexec`` in a session of its own,
-    which starts the ServerApp), so the process group alone is not enough.
+    which starts the ServerApp), so the process group alone is not enough: the descendants are found (psutil)
+    while the process still runs, and signalled only while each is still the same process (psutil compares its
+    start time, so a reused pid is left alone).
     """
-    descendants = _descendants(process.pid) if process.poll() is None else []
+    import psutil
+
+    descendants = _descendants(process)
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGTERM)
-        _signal_same(descendants, signal.SIGTERM)
+        for child in descendants:
+            with contextlib.suppress(psutil.Error):
+                child.terminate()
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
+        psutil.wait_procs(descendants, timeout=max(0.0, min(timeout, 1.0)))
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
-    _signal_same(descendants, signal.SIGKILL)
+    for child in descendants:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=5.0)
 
@@ -313,14 +315,8 @@ class SuperNodeProcess:
         """SIGKILL the SuperNode and its ClientApps at once, as a power loss would (no goodbye)."""
         atexit.unregister(self.stop)
         for process in (self._executor, self._process):
-            if process is None:
-                continue
-            descendants = _descendants(process.pid)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            _signal_same(descendants, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5.0)
+            if process is not None:
+                kill_group(process)
         self._close_log()
 
     def _close_log(self) -> None:
