@@ -37,6 +37,9 @@ __all__ = ["Agent", "AgentSettings", "LifecycleState"]
 
 log = get_logger("edgefleet.agent")
 
+# How long a stopping agent waits for its running commands (a round stopping its SuperNode takes up to 10 s).
+COMMAND_STOP_WAIT_S = 15.0
+
 # What `set_config` may change, with the accepted range.
 _TUNABLE: dict[str, tuple[float, float]] = {
     "telemetry_interval_s": (0.1, 86_400.0),
@@ -84,6 +87,7 @@ class Agent:
         self._last_sent_id = 0
         self._seen_commands: OrderedDict[str, wire.Ack] = OrderedDict()
         self._running_commands: set[str] = set()
+        self._command_threads: set[threading.Thread] = set()
         self.connects = 0
         self.models = ActiveModel(settings, on_change=self.publish_state)  # the model runs from run()
         self.rounds = Rounds()
@@ -164,6 +168,14 @@ class Agent:
 
     def _shutdown(self) -> None:
         self.set_state(LifecycleState.STOPPING)
+        # Running commands see the stop (wait_for_stop): a round stops its SuperNode (SIGKILL after 10 s), a
+        # download gives up. Wait for them, up to a bound, so that no SuperNode outlives its agent and their acks
+        # reach the outbox; a daemon thread still running after that ends with the process.
+        deadline = time.monotonic() + COMMAND_STOP_WAIT_S
+        for thread in list(self._command_threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                self._log.warning("command.still_running_at_stop", thread=thread.name)
         self.models.stop()
         client = self._client
         if client is not None and self._connected:
@@ -340,9 +352,11 @@ class Agent:
             return
         # Downloads and rounds take minutes: run them beside the loop (which must keep the connection alive).
         self._running_commands.add(command.command_id)
-        threading.Thread(
+        thread = threading.Thread(
             target=self._run_long_command, args=(handler, command), name=f"cmd-{command.kind}", daemon=True
-        ).start()
+        )
+        self._command_threads = {t for t in self._command_threads if t.is_alive()} | {thread}
+        thread.start()
 
     def _run_long_command(self, handler: CommandHandler, command: wire.Command) -> None:
         context: CommandContext = self

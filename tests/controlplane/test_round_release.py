@@ -211,3 +211,37 @@ def test_stopping_the_control_plane_leaves_no_release_thread_behind(fleet: Fleet
     with Session(fleet.engine) as session:
         sent = [c.args for c in session.exec(select(CommandRecord).where(CommandRecord.device_id == "rel-late"))]
     assert sent == [{"round_id": "7"}]
+
+
+def _supernodes(device_id: str) -> list[psutil.Process]:
+    """The flower-supernode processes of one device (its id is in their node config)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            cmdline = process.cmdline()
+            if any("flower-supernode" in part for part in cmdline) and f"device-id='{device_id}'" in " ".join(cmdline):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_stopped_agent_leaves_no_supernode_behind(fleet: Fleet, tmp_path: Path) -> None:
+    # Prepare: two agents in a round with a long time budget
+    procs = _agents(fleet, tmp_path, with_data=["stop-a", "stop-b"], without_data=[])
+    try:
+        fleet.rounds.start(_round(round_timeout_s=300.0))
+        # Positive control: the device's SuperNode is running (there is something that could be left behind)
+        wait_for(lambda: bool(_supernodes("stop-a")), timeout=120, what="stop-a's SuperNode")
+        agent = procs.pop("stop-a")
+        # Execute: the agent is stopped (systemd's SIGTERM) while its round runs
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=30)
+        # Assert: it stopped its SuperNode (and its ClientApp executor) before it exited
+        assert agent.returncode == 0
+        assert _supernodes("stop-a") == [], "a SuperNode outlived its agent"
+    finally:
+        for proc in procs.values():
+            stop(proc)
+        for process in _supernodes("stop-a") + _supernodes("stop-b"):
+            process.kill()
