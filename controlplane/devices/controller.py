@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from typing import Annotated, ClassVar
 
 from litestar import Controller, Response, delete, get, patch, post
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import FromQuery, JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
 from controlplane._bounds import NAME_PATTERN, CommandIdParam, NameParam, OffsetParam
@@ -54,46 +55,46 @@ class DeviceController(Controller):
     tags: ClassVar[list[str]] = ["devices"]  # type: ignore[misc]
 
     @post("/", guards=[requires(Role.ADMIN)], sync_to_thread=True, summary="Enrol a device")
-    def enroll(self, data: DeviceCreate, device_service: DeviceService) -> DeviceEnrolled:
+    def enroll(self, data: JSONBody[DeviceCreate], device_service: NamedDependency[DeviceService]) -> DeviceEnrolled:
         """Registers the device and returns its broker credentials — once."""
         return device_service.enroll(data)
 
     @get("/", guards=[requires(Role.VIEWER)], sync_to_thread=True, summary="List devices")
     def list_devices(
         self,
-        device_service: DeviceService,
+        device_service: NamedDependency[DeviceService],
         profile: Annotated[str | None, Parameter(pattern=NAME_PATTERN, max_length=64)] = None,
         tag: Annotated[str | None, Parameter(pattern=TAG_PATTERN, max_length=64)] = None,
-        online: bool | None = None,
+        online: FromQuery[bool | None] = None,
         limit: Annotated[int, Parameter(ge=1, le=5000)] = 500,
         offset: OffsetParam = 0,
     ) -> list[DeviceRead]:
         return device_service.find(profile=profile, tag=tag, online=online, limit=limit, offset=offset)
 
     @get("/{device_id:str}", guards=[requires(Role.VIEWER)], sync_to_thread=True)
-    def get_device(self, device_id: NameParam, device_service: DeviceService) -> DeviceRead:
+    def get_device(self, device_id: NameParam, device_service: NamedDependency[DeviceService]) -> DeviceRead:
         return device_service.get(device_id)
 
     @patch("/{device_id:str}", guards=[requires(Role.OPERATOR)], sync_to_thread=True)
-    def update_device(self, device_id: NameParam, data: DeviceUpdate,
-                      device_service: DeviceService) -> DeviceRead:
+    def update_device(self, device_id: NameParam, data: JSONBody[DeviceUpdate],
+                      device_service: NamedDependency[DeviceService]) -> DeviceRead:
         return device_service.update(device_id, data)
 
     @delete("/{device_id:str}", guards=[requires(Role.ADMIN)], sync_to_thread=True,
             status_code=HTTP_204_NO_CONTENT)
-    def delete_device(self, device_id: NameParam, device_service: DeviceService) -> None:
+    def delete_device(self, device_id: NameParam, device_service: NamedDependency[DeviceService]) -> None:
         device_service.delete(device_id)
 
     @post("/{device_id:str}/credentials", guards=[requires(Role.ADMIN)], sync_to_thread=True,
           summary="Issue new broker credentials (the old password stops working)")
-    def rotate_credentials(self, device_id: NameParam, device_service: DeviceService) -> DeviceEnrolled:
+    def rotate_credentials(self, device_id: NameParam, device_service: NamedDependency[DeviceService]) -> DeviceEnrolled:
         return device_service.rotate_credentials(device_id)
 
     @get("/{device_id:str}/telemetry", guards=[requires(Role.VIEWER)], sync_to_thread=True)
     def telemetry(
         self,
         device_id: NameParam,
-        device_service: DeviceService,
+        device_service: NamedDependency[DeviceService],
         since: Annotated[str | None, Parameter(description="device time, inclusive: UNIX seconds or ISO 8601",
                                                max_length=64)] = None,
         until: Annotated[str | None, Parameter(description="device time, exclusive: UNIX seconds or ISO 8601",
@@ -106,8 +107,8 @@ class DeviceController(Controller):
 
     @post("/{device_id:str}/commands", guards=[requires(Role.OPERATOR)], sync_to_thread=True,
           status_code=HTTP_200_OK)
-    def send_command(self, device_id: NameParam, data: CommandCreate,
-                     device_service: DeviceService) -> Response[CommandRead]:
+    def send_command(self, device_id: NameParam, data: JSONBody[CommandCreate],
+                     device_service: NamedDependency[DeviceService]) -> Response[CommandRead]:
         """Sends a command and waits up to `wait_s` for the ack: 200 when acked, 202 while still pending."""
         command = device_service.send_command(device_id, data)
         pending = command.status is CommandStatus.PENDING
@@ -115,5 +116,5 @@ class DeviceController(Controller):
 
     @get("/{device_id:str}/commands/{command_id:str}", guards=[requires(Role.VIEWER)], sync_to_thread=True)
     def get_command(self, device_id: NameParam, command_id: CommandIdParam,
-                    device_service: DeviceService) -> CommandRead:
+                    device_service: NamedDependency[DeviceService]) -> CommandRead:
         return device_service.get_command(device_id, command_id)

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import msgspec
 from litestar import Controller, Request, Response, get
+from litestar.di import NamedDependency
 from litestar.exceptions import NotAuthorizedException
 from litestar.response import Stream
 
@@ -50,11 +51,11 @@ class ModelController(Controller):
     tags: ClassVar[list[str]] = ["models"]  # type: ignore[misc]
 
     @get("/", guards=[requires(Role.VIEWER)], sync_to_thread=True, summary="List model versions")
-    def list_models(self, model_service: ModelService) -> list[ModelRead]:
+    def list_models(self, model_service: NamedDependency[ModelService]) -> list[ModelRead]:
         return model_service.list_all()
 
     @get("/{version:str}", guards=[requires(Role.VIEWER)], sync_to_thread=True)
-    def get_model(self, version: NameParam, model_service: ModelService) -> ModelRead:
+    def get_model(self, version: NameParam, model_service: NamedDependency[ModelService]) -> ModelRead:
         return model_service.get(version)
 
 
@@ -71,21 +72,21 @@ class DownloadController(Controller):
 
     @get("/models/{version:str}/variants/{variant:str}/manifest", sync_to_thread=True, exclude_from_auth=True)
     def manifest(self, request: Request[Any, Any, Any], version: NameParam, variant: NameParam,
-                 model_service: ModelService) -> Response[Any]:
+                 model_service: NamedDependency[ModelService]) -> Response[Any]:
         _authorize(request, None)
         signed = model_service.signed_manifest(version, variant)
         return Response(msgspec.json.encode(signed), media_type="application/json")
 
     @get("/models/{version:str}/variants/{variant:str}/artifact", sync_to_thread=True, exclude_from_auth=True)
     def artifact(self, request: Request[Any, Any, Any], version: NameParam, variant: NameParam,
-                 model_service: ModelService) -> Response[Any]:
+                 model_service: NamedDependency[ModelService]) -> Response[Any]:
         _authorize(request, None)
         return _serve_artifact(request, model_service.artifact(version, variant))
 
     @get("/deployments/{deployment_id:int}/variants/{variant:str}/manifest", sync_to_thread=True,
          exclude_from_auth=True)
     def release(self, request: Request[Any, Any, Any], deployment_id: RowId, variant: NameParam,
-                deployment_service: DeploymentService) -> Response[Any]:
+                deployment_service: NamedDependency[DeploymentService]) -> Response[Any]:
         _authorize(request, (deployment_id, variant))
         signed = deployment_service.signed_release(deployment_id, variant)
         return Response(msgspec.json.encode(signed), media_type="application/json")
@@ -93,7 +94,7 @@ class DownloadController(Controller):
     @get("/deployments/{deployment_id:int}/variants/{variant:str}/artifact", sync_to_thread=True,
          exclude_from_auth=True)
     def release_artifact(self, request: Request[Any, Any, Any], deployment_id: RowId, variant: NameParam,
-                         deployment_service: DeploymentService, model_service: ModelService) -> Response[Any]:
+                         deployment_service: NamedDependency[DeploymentService], model_service: NamedDependency[ModelService]) -> Response[Any]:
         _authorize(request, (deployment_id, variant))
         deployment_service.signed_release(deployment_id, variant)  # 404 unless the deployment sends this variant
         version = deployment_service.model_version_of(deployment_id)

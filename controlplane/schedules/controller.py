@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from litestar import Controller, delete, get, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from controlplane._bounds import NameParam
@@ -21,19 +23,19 @@ class ScheduleController(Controller):
     tags: ClassVar[list[str]] = ["rounds"]  # type: ignore[misc]
 
     @post("/", guards=[requires(Role.OPERATOR)], sync_to_thread=True, status_code=HTTP_201_CREATED)
-    def create(self, data: ScheduleCreate, schedule_service: ScheduleService) -> ScheduleRead:
+    def create(self, data: JSONBody[ScheduleCreate], schedule_service: NamedDependency[ScheduleService]) -> ScheduleRead:
         """A recurring round: `cron` (UTC crontab) or `interval_s`; survives control-plane restarts."""
         return schedule_service.create(data)
 
     @get("/", guards=[requires(Role.VIEWER)], sync_to_thread=True)
-    def list_schedules(self, schedule_service: ScheduleService) -> list[ScheduleRead]:
+    def list_schedules(self, schedule_service: NamedDependency[ScheduleService]) -> list[ScheduleRead]:
         return schedule_service.list_all()
 
     @get("/{schedule_id:str}", guards=[requires(Role.VIEWER)], sync_to_thread=True)
-    def get_schedule(self, schedule_id: NameParam, schedule_service: ScheduleService) -> ScheduleRead:
+    def get_schedule(self, schedule_id: NameParam, schedule_service: NamedDependency[ScheduleService]) -> ScheduleRead:
         return schedule_service.get(schedule_id)
 
     @delete("/{schedule_id:str}", guards=[requires(Role.OPERATOR)], sync_to_thread=True,
             status_code=HTTP_204_NO_CONTENT)
-    def delete_schedule(self, schedule_id: NameParam, schedule_service: ScheduleService) -> None:
+    def delete_schedule(self, schedule_id: NameParam, schedule_service: NamedDependency[ScheduleService]) -> None:
         schedule_service.delete(schedule_id)
