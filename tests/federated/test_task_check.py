@@ -84,7 +84,8 @@ class NoiseTask(DigitsTask):
 
 
 def _check(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, dict[str, object]]:
-    monkeypatch.delenv(TASKS_ENV, raising=False)
+    # `--task` adds to this process's EDGEFLEET_TASKS (as `serve --task` does): setenv restores it after the test
+    monkeypatch.setenv(TASKS_ENV, "")
     result = CliRunner().invoke(app, ["tasks", "check", *args, "--json"])
     assert result.exception is None or isinstance(result.exception, SystemExit), result.output
     return result.exit_code, json.loads(result.stdout)
@@ -127,6 +128,7 @@ def test_an_unknown_task_names_the_known_ones(monkeypatch: pytest.MonkeyPatch) -
 
 def test_an_unknown_variant_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     # Execute
+    monkeypatch.setenv(TASKS_ENV, "")
     result = CliRunner().invoke(app, ["tasks", "check", "digits", "--variant", "int4"])
     # Assert
     assert result.exit_code == 2 and "unknown variant(s) int4" in result.output
@@ -158,7 +160,7 @@ def test_a_users_standardised_tabular_task_is_ready_and_its_variants_pass_the_ga
 
 def test_tasks_list_shows_where_each_task_comes_from(monkeypatch: pytest.MonkeyPatch) -> None:
     # Execute
-    monkeypatch.delenv(TASKS_ENV, raising=False)
+    monkeypatch.setenv(TASKS_ENV, "")
     result = CliRunner().invoke(app, ["tasks", "list", "--task", f"wine={HERE}:WineTask", "--json"])
     # Assert
     assert result.exit_code == 0, result.output
