@@ -22,7 +22,7 @@ from controlplane.auth import Role
 from controlplane.auth._guards import BearerTokenMiddleware, requires
 from controlplane.burst.controller import JobController
 from controlplane.burst.service import JobService
-from controlplane.deployments import DeploymentController, DeploymentService
+from controlplane.deployments import DeploymentController, DeploymentService, ReleaseDownloadController
 from controlplane.devices import DeviceController, DeviceService
 from controlplane.ingest import read_stats
 from controlplane.models import DownloadController, ModelController, ModelService
@@ -118,7 +118,7 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
     auth = DefineMiddleware(BearerTokenMiddleware, exclude=["^/schema", "^/healthz"])
     return Litestar(
         route_handlers=[healthz, ingest_stats, signing_key, DeviceController, ModelController, DownloadController,
-                        DeploymentController, RoundController, ScheduleController, JobController],
+                        DeploymentController, ReleaseDownloadController, RoundController, ScheduleController, JobController],
         # Named *_service so that no dependency shadows a body, query or path field (a request
         # field named like a dependency turns its validation errors into 500s).
         dependencies={

@@ -222,5 +222,23 @@ def test_no_import_cycle_inside_a_package(package: str) -> None:
     for module in sorted(graph):
         if module not in index:
             visit(module)
+    # ... and between the package's features (controlplane.models and controlplane.deployments, say): no two of its
+    # subpackages or top modules import each other, directly or through a third
+    def feature(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    reaches: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        reaches.setdefault(feature(module), set()).update(feature(t) for t in targets if feature(t) != feature(module))
+    for start in sorted(reaches):
+        seen, todo = set(), list(reaches[start])
+        while todo:
+            current = todo.pop()
+            if current == start:
+                cycles.append([start, "(through its features' imports)"])
+                break
+            if current not in seen:
+                seen.add(current)
+                todo.extend(reaches.get(current, ()))
     # Assert
     assert cycles == []

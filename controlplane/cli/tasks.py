@@ -48,7 +48,7 @@ def tasks_check(
     Exit status 0 when every step passes, 1 when one fails (the step says what is wrong)."""
     try:
         from federated.build import ALL_VARIANTS
-        from federated.tasks.check import check_task
+        from federated.check import check_task
     except ImportError as exc:
         fail(f"checking a task needs `pip install 'edgefleet[train,build]'` ({exc})")
     known = [v.value for v in ALL_VARIANTS]

@@ -1,6 +1,6 @@
 """Rollouts of model versions to devices, wave by wave."""
 
-from controlplane.deployments.controller import DeploymentController
+from controlplane.deployments.controller import DeploymentController, ReleaseDownloadController
 from controlplane.deployments.service import DeploymentService, choose_variant
 
-__all__ = ["DeploymentController", "DeploymentService", "choose_variant"]
+__all__ = ["DeploymentController", "DeploymentService", "ReleaseDownloadController", "choose_variant"]

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from litestar import Controller, get, post
+import msgspec
+from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
+from litestar.exceptions import NotAuthorizedException
 from litestar.params import JSONBody
 
-from controlplane._bounds import RowId
+from controlplane._bounds import NameParam, RowId
 from controlplane.auth import Role
 from controlplane.auth._guards import requires
 from controlplane.deployments.schemas import DeploymentCreate, DeploymentRead
-from controlplane.deployments.service import DeploymentService
+from controlplane.deployments.service import DeploymentService, download_authorized
+from controlplane.models.controller import bearer_secret, serve_artifact
+from controlplane.models.service import ModelService
 
-__all__ = ["DeploymentController"]
+__all__ = ["DeploymentController", "ReleaseDownloadController"]
 
 
 class DeploymentController(Controller):
@@ -56,3 +60,41 @@ class DeploymentController(Controller):
         rollback: the new deployments (one per previous model). Cancels this one first if it still runs. 409 when
         no device can be rolled back (the reason names each)."""
         return deployment_service.rollback(deployment_id)
+
+
+class ReleaseDownloadController(Controller):
+    """What a deployment sends, ``/deployments/{id}/variants/{variant}/...``: its signed release and the artifact,
+    for the download token of that deployment and variant (sent to each device in its command, withdrawn when the
+    device's command is cancelled or superseded) or an API token."""
+
+    path = "/api/v1/deployments"
+    tags: ClassVar[list[str]] = ["deployments"]  # type: ignore[misc]
+
+    @get("/{deployment_id:int}/variants/{variant:str}/manifest", sync_to_thread=True, exclude_from_auth=True)
+    def release(self, request: Request[Any, Any, Any], deployment_id: RowId, variant: NameParam,
+                deployment_service: NamedDependency[DeploymentService]) -> Response[Any]:
+        _authorize(request, deployment_id, variant)
+        signed = deployment_service.signed_release(deployment_id, variant)
+        return Response(msgspec.json.encode(signed), media_type="application/json")
+
+    @get("/{deployment_id:int}/variants/{variant:str}/artifact", sync_to_thread=True, exclude_from_auth=True)
+    def release_artifact(self, request: Request[Any, Any, Any], deployment_id: RowId, variant: NameParam,
+                         deployment_service: NamedDependency[DeploymentService],
+                         model_service: NamedDependency[ModelService]) -> Response[Any]:
+        _authorize(request, deployment_id, variant)
+        deployment_service.signed_release(deployment_id, variant)  # 404 unless the deployment sends this variant
+        version = deployment_service.model_version_of(deployment_id)
+        return serve_artifact(request, model_service.artifact(version, variant))
+
+
+def _authorize(request: Request[Any, Any, Any], deployment_id: int, variant: str) -> None:
+    """An API token of any role, or the download token of this deployment and variant while it is valid."""
+    from controlplane.auth import verify_token
+
+    secret = bearer_secret(request)
+    engine = request.app.state.engine
+    if verify_token(engine, secret) is not None:
+        return
+    why = download_authorized(engine, deployment_id, variant, secret)
+    if why is not None:
+        raise NotAuthorizedException(f"download token refused for deployment {deployment_id} variant {variant}: {why}")

@@ -13,15 +13,14 @@ from litestar.di import NamedDependency
 from litestar.exceptions import NotAuthorizedException
 from litestar.response import Stream
 
-from controlplane._bounds import NameParam, RowId
+from controlplane._bounds import NameParam
 from controlplane.auth import Role
 from controlplane.auth._guards import requires
 from controlplane.db import ModelArtifactRecord
-from controlplane.deployments.service import DeploymentService
 from controlplane.models.schemas import ModelRead
 from controlplane.models.service import ModelService
 
-__all__ = ["DownloadController", "ModelController", "parse_range"]
+__all__ = ["DownloadController", "ModelController", "bearer_secret", "parse_range", "serve_artifact"]
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -60,11 +59,10 @@ class ModelController(Controller):
 
 
 class DownloadController(Controller):
-    """Manifest and artifact downloads.
+    """The build's manifest and artifact, ``/models/{version}/variants/{variant}/...``, for API tokens (any role).
 
-    ``/models/{version}/variants/{variant}/...``: the build's manifest and artifact, for API tokens (any role).
-    ``/deployments/{id}/variants/{variant}/...``: what a deployment sends: its signed release and the artifact,
-    for the download token of that deployment and variant (sent to each device in its command) or an API token.
+    What a deployment sends (its signed release and the artifact, for that deployment's download tokens) is served
+    by :class:`controlplane.deployments.controller.ReleaseDownloadController`, with :func:`serve_artifact`.
     """
 
     path = "/api/v1"
@@ -73,38 +71,21 @@ class DownloadController(Controller):
     @get("/models/{version:str}/variants/{variant:str}/manifest", sync_to_thread=True, exclude_from_auth=True)
     def manifest(self, request: Request[Any, Any, Any], version: NameParam, variant: NameParam,
                  model_service: NamedDependency[ModelService]) -> Response[Any]:
-        _authorize(request, None)
+        authorize_bearer(request)
         signed = model_service.signed_manifest(version, variant)
         return Response(msgspec.json.encode(signed), media_type="application/json")
 
     @get("/models/{version:str}/variants/{variant:str}/artifact", sync_to_thread=True, exclude_from_auth=True)
     def artifact(self, request: Request[Any, Any, Any], version: NameParam, variant: NameParam,
                  model_service: NamedDependency[ModelService]) -> Response[Any]:
-        _authorize(request, None)
-        return _serve_artifact(request, model_service.artifact(version, variant))
-
-    @get("/deployments/{deployment_id:int}/variants/{variant:str}/manifest", sync_to_thread=True,
-         exclude_from_auth=True)
-    def release(self, request: Request[Any, Any, Any], deployment_id: RowId, variant: NameParam,
-                deployment_service: NamedDependency[DeploymentService]) -> Response[Any]:
-        _authorize(request, (deployment_id, variant))
-        signed = deployment_service.signed_release(deployment_id, variant)
-        return Response(msgspec.json.encode(signed), media_type="application/json")
-
-    @get("/deployments/{deployment_id:int}/variants/{variant:str}/artifact", sync_to_thread=True,
-         exclude_from_auth=True)
-    def release_artifact(self, request: Request[Any, Any, Any], deployment_id: RowId, variant: NameParam,
-                         deployment_service: NamedDependency[DeploymentService], model_service: NamedDependency[ModelService]) -> Response[Any]:
-        _authorize(request, (deployment_id, variant))
-        deployment_service.signed_release(deployment_id, variant)  # 404 unless the deployment sends this variant
-        version = deployment_service.model_version_of(deployment_id)
-        return _serve_artifact(request, model_service.artifact(version, variant))
+        authorize_bearer(request)
+        return serve_artifact(request, model_service.artifact(version, variant))
 
 
 _CHUNK = 256 * 1024
 
 
-def _serve_artifact(request: Request[Any, Any, Any], record: ModelArtifactRecord) -> Response[Any]:
+def serve_artifact(request: Request[Any, Any, Any], record: ModelArtifactRecord) -> Response[Any]:
     """The whole file, or the single byte range asked for (resumable downloads), streamed from disk in 256 KiB
     chunks: a control plane serving many devices at once never holds an artifact in memory."""
     assert record.path is not None
@@ -134,22 +115,20 @@ def _chunks(path: str, start: int, end: int) -> Iterator[bytes]:
             yield chunk
 
 
-def _authorize(request: Request[Any, Any, Any], scope: tuple[int, str] | None) -> None:
-    """An API token of any role; for a deployment's ``scope`` (id, variant) also its download token."""
-    from controlplane.auth import verify_token
-    from controlplane.deployments.service import download_authorized
-
+def bearer_secret(request: Request[Any, Any, Any]) -> str:
+    """The bearer token of a download request; 401 without one."""
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     secret = secret.strip() if scheme.lower() == "bearer" else ""
     if not secret:
         raise NotAuthorizedException("downloads need a bearer token (an API token or a deployment's download token)")
-    engine = request.app.state.engine
-    if verify_token(engine, secret) is not None:
+    return secret
+
+
+def authorize_bearer(request: Request[Any, Any, Any]) -> None:
+    """Passes an API token of any role; 401 otherwise (no token, or a deployment's download token)."""
+    from controlplane.auth import verify_token
+
+    if verify_token(request.app.state.engine, bearer_secret(request)) is not None:
         return
-    if scope is None:
-        raise NotAuthorizedException("model downloads need an API token (devices download through their "
-                                     "deployment)")
-    why = download_authorized(engine, scope[0], scope[1], secret)
-    if why is not None:
-        raise NotAuthorizedException(f"download token refused for deployment {scope[0]} variant {scope[1]}: {why}")
+    raise NotAuthorizedException("model downloads need an API token (devices download through their deployment)")
