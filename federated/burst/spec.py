@@ -37,6 +37,15 @@ class JobKind(enum.StrEnum):
     QAT = "qat"
 
 
+class WorkerOutcome(enum.StrEnum):
+    """How a burst worker run ended (``result.json``'s ``status``; the control plane maps it to its JobStatus)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 # Resident memory of a Python process that has imported torch (CPU build) and scikit-learn and created an

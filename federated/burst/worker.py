@@ -57,7 +57,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from federated.burst._qat import QATModel, export_float_state_dict
-from federated.burst.spec import JobKind, JobSpec, load_spec
+from federated.burst.spec import JobKind, JobSpec, WorkerOutcome, load_spec
 from federated.tasks import evaluate_classifier, get_task, input_contract_of
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ StopFn = Callable[[], bool]
 
 
 class _Stopped(Exception):
-    def __init__(self, status: str) -> None:
+    def __init__(self, status: WorkerOutcome) -> None:
         super().__init__(status)
         self.status = status
 
@@ -323,11 +323,11 @@ class _Job:
 
     # ---------------------------------------------------------------------------------------- training
 
-    def _stop_status(self) -> str | None:
+    def _stop_status(self) -> WorkerOutcome | None:
         if self.should_stop is not None and self.should_stop():
-            return "cancelled"
+            return WorkerOutcome.CANCELLED
         if self.pos.elapsed_s >= self.spec.time_budget_s:
-            return "timed_out"
+            return WorkerOutcome.TIMED_OUT
         return None
 
     def _order(self) -> torch.Tensor:
@@ -338,10 +338,10 @@ class _Job:
     def _rate(self) -> float:
         return self.samples_done / self.train_s if self.train_s > 0 else 0.0
 
-    def train(self) -> str:
-        """Runs the remaining steps; returns "succeeded" or raises :class:`_Stopped`."""
+    def train(self) -> WorkerOutcome:
+        """Runs the remaining steps; returns WorkerOutcome.SUCCEEDED or raises :class:`_Stopped`."""
         if self.pos.elapsed_s >= self.spec.time_budget_s:
-            raise _Stopped("timed_out")
+            raise _Stopped(WorkerOutcome.TIMED_OUT)
         bs = self.spec.batch_size
         while self.pos.phase < len(self.phases):
             phase = self.phases[self.pos.phase]
@@ -398,7 +398,7 @@ class _Job:
                             break
             self.pos.phase += 1
             self.pos.epoch = 0
-        return "succeeded"
+        return WorkerOutcome.SUCCEEDED
 
     # ---------------------------------------------------------------------------------------- results
 
@@ -486,8 +486,8 @@ def run_job(
         if sole:
             return _run_job(spec, out, progress, should_stop, task, started)
     # Cancelled while another worker held the directory: its files are its own, nothing is written here.
-    _emit(spec, progress, "finished", status="cancelled", steps=0, accuracy=None, error=None)
-    return {"job_id": spec.job_id, "kind": spec.kind, "status": "cancelled", "metrics": {}, "steps": 0,
+    _emit(spec, progress, "finished", status=WorkerOutcome.CANCELLED, steps=0, accuracy=None, error=None)
+    return {"job_id": spec.job_id, "kind": spec.kind, "status": WorkerOutcome.CANCELLED, "metrics": {}, "steps": 0,
             "error": "cancelled while another worker held the job's directory", "weights": None, "checkpoint": None}
 
 
@@ -498,7 +498,7 @@ def _run_job(spec: JobSpec, out: Path, progress: ProgressFn | None, should_stop:
         "job_id": spec.job_id,
         "kind": spec.kind,
         "task": spec.task if task is None else task.name,
-        "status": "failed",
+        "status": WorkerOutcome.FAILED,
         "metrics": {},
         "steps": 0,
         "epochs_done": 0,
@@ -528,7 +528,7 @@ def _run_job(spec: JobSpec, out: Path, progress: ProgressFn | None, should_stop:
             status = stopped.status
         state_dict = job.exported_state_dict()
         result["metrics"] = job.metrics(state_dict)
-        if status == "succeeded":
+        if status is WorkerOutcome.SUCCEEDED:
             _write_weights(out / WEIGHTS_NAME, state_dict)
             result["weights"] = str(out / WEIGHTS_NAME)
         result["status"] = status
@@ -580,9 +580,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, on_signal)
     result = run_job(spec, args.out_dir, should_stop=stop.is_set)
     print(RESULT_PREFIX + json.dumps(result, sort_keys=True), flush=True)
-    if result["status"] == "succeeded":
+    if result["status"] == WorkerOutcome.SUCCEEDED:
         return 0
-    if result["status"] in ("timed_out", "cancelled"):
+    if result["status"] in (WorkerOutcome.TIMED_OUT, WorkerOutcome.CANCELLED):
         return EXIT_TEMPFAIL
     return 1
 

@@ -16,16 +16,17 @@ from pathlib import Path
 import pytest
 
 from controlplane import statuses
+from federated.burst.spec import WorkerOutcome
 from federated.flower.config import RunReportStatus
 
 ROOT = Path(__file__).resolve().parents[2]
-SCANNED = [ROOT / "controlplane", ROOT / "federated" / "flower"]
+SCANNED = [ROOT / "controlplane", ROOT / "federated" / "flower", ROOT / "federated" / "burst"]
 SKIPPED = {ROOT / "controlplane" / "statuses.py"}  # where the values are declared
 SKIPPED_DIRS = {ROOT / "controlplane" / "db" / "migrations"}  # frozen history: migrations keep their literals
 
 STATUS_VALUES = frozenset(
     member.value
-    for enum_type in [*(getattr(statuses, name) for name in statuses.__all__), RunReportStatus]
+    for enum_type in [*(getattr(statuses, name) for name in statuses.__all__), RunReportStatus, WorkerOutcome]
     if isinstance(enum_type, type) and issubclass(enum_type, enum.StrEnum)
     for member in enum_type
 )
