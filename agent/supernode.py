@@ -133,16 +133,21 @@ def _descendants(process: subprocess.Popen[bytes]) -> list[Any]:
     return children
 
 
-def kill_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the process, its group and its descendants at once, as a power loss would."""
+def _signal_group(process: subprocess.Popen[bytes], descendants: list[Any], sig: signal.Signals) -> None:
+    """``sig`` to the process's group and to each descendant still the same process (psutil compares its start
+    time, so a reused pid is left alone)."""
     import psutil
 
-    descendants = _descendants(process)
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(process.pid, sig)
     for child in descendants:
         with contextlib.suppress(psutil.Error):
-            child.kill()
+            child.send_signal(sig)
+
+
+def kill_group(process: subprocess.Popen[bytes], descendants: list[Any] | None = None) -> None:
+    """SIGKILL the process, its group and its descendants at once, as a power loss would."""
+    _signal_group(process, _descendants(process) if descendants is None else descendants, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=5.0)
 
@@ -152,30 +157,17 @@ def terminate_group(process: subprocess.Popen[bytes], timeout: float) -> None:
 
     Flower detaches some of its children (the SuperLink starts ``flower-superexec`` in a session of its own,
     which starts the ServerApp), so the process group alone is not enough: the descendants are found (psutil)
-    while the process still runs, and signalled only while each is still the same process (psutil compares its
-    start time, so a reused pid is left alone).
+    while the process still runs.
     """
     import psutil
 
     descendants = _descendants(process)
     if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGTERM)
-        for child in descendants:
-            with contextlib.suppress(psutil.Error):
-                child.terminate()
-        try:
+        _signal_group(process, descendants, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
         psutil.wait_procs(descendants, timeout=max(0.0, min(timeout, 1.0)))
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    for child in descendants:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=5.0)
+    kill_group(process, descendants)
 
 
 def open_log(path: Path | None) -> IO[bytes] | int:
