@@ -108,13 +108,20 @@ class LocalBackend:
             os.kill(pid, signal.SIGTERM)
 
 
+def _cmdline(pid: int) -> list[str] | None:
+    """The command line of a live process (psutil), or None if there is none with that pid."""
+    import psutil
+
+    try:
+        return list(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return None
+
+
 def _is_worker(pid: int, out_dir: Path) -> bool:
     """Is `pid` still our worker for `out_dir` (and not a recycled pid)?"""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"federated.burst.worker" in cmdline and str(out_dir).encode() in cmdline
+    cmdline = _cmdline(pid) or []
+    return "federated.burst.worker" in cmdline and str(out_dir) in cmdline
 
 
 
@@ -152,10 +159,10 @@ class RayHead:
             state = json.loads(state_path.read_text())
             head = cls(Path(state["temp_dir"]), state_path=state_path)
             head.pid, head.port, head.dashboard_port = int(state["pid"]), int(state["port"]), int(state["dashboard_port"])
-            cmdline = Path(f"/proc/{head.pid}/cmdline").read_bytes()
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if b"--head" not in cmdline or f"--dashboard-port={head.dashboard_port}".encode() not in cmdline:
+        cmdline = _cmdline(head.pid) or []
+        if "--head" not in cmdline or f"--dashboard-port={head.dashboard_port}" not in cmdline:
             return None  # gone, or the pid now belongs to something else
         if not head._answers():
             return None
@@ -219,12 +226,15 @@ def _wait_gone(pid: int, proc: subprocess.Popen[bytes] | None, timeout_s: float)
             return True
         except subprocess.TimeoutExpired:
             return False
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists():
-            return True
-        time.sleep(0.2)
-    return False
+    import psutil
+
+    try:
+        psutil.Process(pid).wait(timeout_s)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        return False
+    return True
 
 
 class RayBackend:

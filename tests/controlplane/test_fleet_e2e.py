@@ -156,9 +156,9 @@ def test_deleted_device_loses_broker_access(fleet: Fleet, tmp_path: Path) -> Non
         stop(agent)
 
 
+@pytest.mark.parametrize("fleet", ["embedded"], indirect=True)  # only the embedded broker is MQTT 3.1.1-only
 def test_agent_falls_back_to_mqtt_311_by_itself(fleet: Fleet, tmp_path: Path) -> None:
-    if fleet.embedded is None:
-        pytest.skip("only the embedded broker is MQTT 3.1.1-only")
+    assert fleet.embedded is not None
     # Prepare: the URL without ?protocol=3.1.1, as an operator might type it
     creds = fleet.devices.enroll(DeviceCreate(device_id="pi-auto", profile="raspberry-pi-5"))
     bare = DeviceEnrolled(**{**{f: getattr(creds, f) for f in creds.__struct_fields__},
