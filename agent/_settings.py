@@ -54,6 +54,9 @@ class AgentSettings:
     # This device's training data for federated rounds (.npz, x raw and y labels, as the task's load_partition
     # reads it): one setting of the device, never chosen by a command. Default: <data_dir>/data/partition.npz.
     train_data_path: Path | None = None
+    # The only host whose Flower SuperLink a join_round may name (a SuperLink runs its ClientApp code here).
+    # Default: the control plane's host (controlplane_url), else the broker's.
+    superlink_host: str | None = None
     inflight_window: int = 100
     # The control plane's ed25519 public key (raw 32 bytes): only models signed with it are accepted.
     signing_key: bytes | None = None

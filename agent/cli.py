@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--train-data", type=Path, default=env("EDGEFLEET_TRAIN_DATA"),
                      help="this device's training data for federated rounds (.npz: x raw, y labels) "
                           "[EDGEFLEET_TRAIN_DATA; default <data-dir>/data/partition.npz]")
+    run.add_argument("--superlink-host", default=env("EDGEFLEET_SUPERLINK_HOST"),
+                     help="the only host whose Flower SuperLink a join_round may name "
+                          "[EDGEFLEET_SUPERLINK_HOST; default: the --controlplane host, else the broker's]")
     run.add_argument("--outbox-max-mb", type=float, default=16.0, help="outbox bound in MiB, oldest dropped first")
     run.add_argument("--log-level", default=env("EDGEFLEET_LOG_LEVEL", "info"), help="[EDGEFLEET_LOG_LEVEL]")
     return parser
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         controlplane_url=args.controlplane, task=args.task, telemetry_interval_s=args.telemetry_interval,
         inference_rate_hz=args.inference_rate, power_mode=PowerMode(args.power_source), model_path=args.model,
         data_path=args.data, train_data_path=Path(args.train_data) if args.train_data else None,
-        outbox_max_bytes=int(args.outbox_max_mb * 2**20), signing_key=signing_key,
+        superlink_host=args.superlink_host, outbox_max_bytes=int(args.outbox_max_mb * 2**20), signing_key=signing_key,
     )
     try:
         agent = Agent(settings)

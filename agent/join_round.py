@@ -81,6 +81,27 @@ def parse_superlink(value: object) -> str:
     return value.strip()
 
 
+_LOOPBACK: Final = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _host_of(address: str) -> str:
+    return address.rpartition(":")[0].strip("[]").lower()
+
+
+def own_superlink_hosts(settings: Any) -> frozenset[str]:
+    """The hosts whose SuperLink this device may join: its ``superlink_host``, else its control plane's host, else
+    its broker's (the loopback names count as one)."""
+    from urllib.parse import urlsplit
+
+    host = settings.superlink_host
+    if not host and settings.controlplane_url:
+        host = urlsplit(settings.controlplane_url).hostname
+    if not host:
+        host = settings.broker.host
+    host = str(host).strip("[]").lower()
+    return _LOOPBACK if host in _LOOPBACK else frozenset({host})
+
+
 def _text_arg(value: object, name: str) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
         raise ValueError(f"'{name}' must be a non-empty string")
@@ -129,6 +150,12 @@ class Rounds:
             round_id = _text_arg(args.get("round_id"), "round_id")
             result["round_id"] = round_id
             superlink = parse_superlink(args.get("superlink"))
+            own = own_superlink_hosts(ctx.settings)
+            if _host_of(superlink) not in own:
+                raise ValueError(
+                    f"superlink {superlink} is not this device's control plane ({', '.join(sorted(own))}): a "
+                    f"device joins only the SuperLink of the control plane it was enrolled with (its agent's "
+                    f"--superlink-host names another)")
             timeout_s = _timeout_arg(args.get("timeout_s"))
             if "data_path" in args:
                 raise ValueError("data_path is not accepted: a device trains on its own data (its agent's "

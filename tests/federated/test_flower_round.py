@@ -128,7 +128,8 @@ def _fake_agent(tmp_path: Path, device_id: str, profile: str = "raspberry-pi-5",
                 train_data: Path | None = None) -> Any:
     """The parts of an agent's agent.commands.CommandContext that the join_round handler uses."""
     settings = SimpleNamespace(data_dir=tmp_path / device_id, profile=get_profile(profile),
-                               train_data_path=train_data)
+                               train_data_path=train_data, superlink_host=None, controlplane_url=None,
+                               broker=SimpleNamespace(host="127.0.0.1"))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return SimpleNamespace(settings=settings, device_id=device_id, wait_for_stop=threading.Event().wait)
 
@@ -149,6 +150,15 @@ def test_join_round_refusals(tmp_path: Path) -> None:
     bad = wire.Command(command_id="c2", kind="join_round", args={"superlink": "nope", "round_id": "r1"})
     ok, reason, _ = handle_join_round(_fake_agent(tmp_path, "pi"), bad)
     assert not ok and reason is not None and "superlink" in reason
+    # A command cannot send the device to another server's SuperLink (it would run that server's ClientApp code)
+    elsewhere_link = wire.Command(command_id="c4", kind="join_round",
+                                  args={"superlink": "203.0.113.7:9092", "round_id": "r1"})
+    ok, reason, _ = handle_join_round(_fake_agent(tmp_path, "pi"), elsewhere_link)
+    assert not ok and reason is not None and "superlink 203.0.113.7:9092 is not this device's control plane" in reason
+    enrolled_there = _fake_agent(tmp_path, "pi2")
+    enrolled_there.settings.controlplane_url = "https://cp.example:8443"
+    ok, reason, _ = handle_join_round(enrolled_there, command)  # 127.0.0.1 is not cp.example
+    assert not ok and reason is not None and "(cp.example)" in reason
     # A command cannot point the device at a file: the training data is the device's own setting
     secret = tmp_path / "secret.npz"
     secret.write_bytes(b"not for the control plane to choose")
