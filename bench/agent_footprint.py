@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -200,8 +201,7 @@ def device_python(requested: str | None) -> str:
     stamp = venv / ".installed"
     if not stamp.exists() or stamp.stat().st_mtime < (ROOT / "pyproject.toml").stat().st_mtime:
         print(f"building the device venv {venv} (pip install -e '.[agent]') ...", flush=True)
-        subprocess.run([sys.executable, "-c", "import shutil, sys; shutil.rmtree(sys.argv[1], True)", str(venv)],
-                       check=True)
+        shutil.rmtree(venv, ignore_errors=True)
         subprocess.run(["python3.11", "-m", "venv", str(venv)], check=True)
         subprocess.run([str(venv / "bin" / "pip"), "--disable-pip-version-check", "-q", "install", "-e",
                         f"{ROOT}[agent]"], check=True)
