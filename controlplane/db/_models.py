@@ -43,6 +43,7 @@ __all__ = [
     "JobRecord",
     "ModelArtifactRecord",
     "ModelVersionRecord",
+    "ProvisioningTokenRecord",
     "RoundRecord",
     "ScheduleRecord",
     "TelemetryRecord",
@@ -100,6 +101,9 @@ class Device(SQLModel, table=True):
     reported_state: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     last_telemetry: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     last_seq: int | None = Field(default=None, sa_column=Column(BigInteger))
+    # A training device's Flower SuperNode public key (OpenSSH, EC P-384), sent at enrolment through a
+    # provisioning token; the control plane registers it with its SuperLink.
+    flower_public_key: str | None = Field(default=None, max_length=256)
 
 
 class DeviceTag(SQLModel, table=True):
@@ -140,6 +144,22 @@ class ApiToken(SQLModel, table=True):
     token_hash: str = Field(unique=True, max_length=64)
     created_at: datetime = _ts(nullable=False)
     last_used_at: datetime | None = _ts(nullable=True)
+    revoked: bool = False
+
+
+class ProvisioningTokenRecord(SQLModel, table=True):
+    """A token devices enrol themselves with (``POST /api/v1/enroll``); only its SHA-256 is stored."""
+
+    __tablename__ = "provisioning_token"
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(unique=True, max_length=64)
+    profile: str = Field(max_length=64)
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    max_uses: int
+    uses: int = 0
+    expires_at: datetime = _ts(nullable=False)
+    created_at: datetime = _ts(nullable=False)
+    created_by: str = Field(max_length=128)  # the operator token's name
     revoked: bool = False
 
 
