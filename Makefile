@@ -13,7 +13,7 @@ export EDGEFLEET_TFLITE_PYTHON ?= $(abspath $(TFLITE_VENV))/bin/python
 
 LINT_PATHS := agent controlplane federated firmware_profiles tests bench
 
-.PHONY: demo test test-fast bench lint typecheck clean venv venv-tflite
+.PHONY: demo test test-fast bench lint typecheck clean venv venv-tflite dist
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,5 +65,30 @@ lint: $(VENV)/.installed-$(EXTRAS)
 typecheck: $(VENV)/.installed-$(EXTRAS)
 	$(BIN)/mypy
 
+# `make dist`: the edgefleet wheel (in $(DIST)/) and a wheelhouse ($(DIST)/wheels/) with it and every wheel
+# `edgefleet[agent]` needs, so that a device installs with no package index:
+#   pip install --no-index --find-links $(DIST)/wheels "edgefleet[agent]"
+# The wheelhouse is for this machine's CPU and Python. For another (a Raspberry Pi: aarch64, Python 3.11), list
+# every wheel platform tag its glibc accepts (pip does not infer older manylinux tags from a newer one) and pip takes
+# only ready-made wheels: deploy/agent/README.md has the line for Raspberry Pi OS bookworm.
+#   make dist DIST_PLATFORMS="manylinux_2_36_aarch64 ... manylinux2014_aarch64" DIST_PYTHON=311
+# DIST_EXTRAS=agent-tflite for images with tflite-runtime instead of LiteRT.
+DIST ?= dist
+DIST_EXTRAS ?= agent
+DIST_PLATFORMS ?=
+DIST_PYTHON ?= 311
+dist: | $(BIN)/python
+	rm -rf $(DIST) build
+	$(PIP) wheel --no-deps --wheel-dir $(DIST) .
+	if [ -z "$(DIST_PLATFORMS)" ]; then \
+	  $(PIP) wheel --wheel-dir $(DIST)/wheels "$$(ls $(DIST)/edgefleet-*.whl)[$(DIST_EXTRAS)]"; \
+	else \
+	  $(PIP) download --only-binary=:all: --python-version $(DIST_PYTHON) --implementation cp \
+	    $(foreach p,$(DIST_PLATFORMS),--platform $(p)) --dest $(DIST)/wheels \
+	    "$$(ls $(DIST)/edgefleet-*.whl)[$(DIST_EXTRAS)]"; \
+	fi
+	ls $(DIST)/wheels
+
 clean:
 	rm -rf $(VENV) $(TFLITE_VENV) build *.egg-info .pytest_cache
+	rm -rf $(DIST)
