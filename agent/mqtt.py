@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import ssl
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import paho.mqtt.client as mqtt
@@ -25,8 +25,16 @@ class BrokerAddress:
     port: int
     tls: bool = False
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     protocol: MqttProtocol = MqttProtocol.AUTO
+    # TLS (mqtts://): the CA file the broker is verified against (default: the system store), and a client
+    # certificate and key proving the device's identity (then no password is needed).
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    # Off only for a client on loopback to a listener whose certificate need not name 127.0.0.1 (the chain is
+    # still verified).
+    check_hostname: bool = True
 
     @property
     def url(self) -> str:
@@ -37,6 +45,35 @@ class BrokerAddress:
 
     def with_credentials(self, username: str | None, password: str | None) -> BrokerAddress:
         return replace(self, username=username, password=password)
+
+    def with_tls(self, *, ca_file: str | None = None, cert_file: str | None = None,
+                 key_file: str | None = None) -> BrokerAddress:
+        """This address with the given TLS files (None keeps the current one)."""
+        return replace(self, ca_file=ca_file or self.ca_file, cert_file=cert_file or self.cert_file,
+                       key_file=key_file or self.key_file)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client TLS context: the broker verified against ``ca_file`` (else the system store), our certificate
+        presented when one is configured.
+
+        Raises
+        ------
+        ValueError
+            A TLS file that cannot be read or does not belong together, named.
+        """
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"CA file {self.ca_file}: {exc}") from None
+        context.check_hostname = self.check_hostname
+        if self.cert_file or self.key_file:
+            if not (self.cert_file and self.key_file):
+                raise ValueError("a client certificate needs both its certificate and its key file")
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"client certificate {self.cert_file} / key {self.key_file}: {exc}") from None
+        return context
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
@@ -99,7 +136,7 @@ def make_client(
     if address.username is not None:
         client.username_pw_set(address.username, address.password)
     if address.tls:
-        client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_set_context(address.ssl_context())
     client.max_inflight_messages_set(max_inflight)
     # paho's own queue is not our durability: the outbox is. Keep paho from buffering unboundedly.
     client.max_queued_messages_set(0)

@@ -4,8 +4,10 @@ ControlPlaneError
 ├── NotFound              -> 404
 ├── Conflict              -> 409
 ├── InvalidInput          -> 400
+│   └── pki.CsrError      -> 400
 ├── BrokerUnavailable     -> 503
-└── DatabaseError         -> 503
+├── DatabaseError         -> 503
+└── pki.PkiError          -> 500 (the PKI files: an operator's problem, named in the message)
 """
 
 from __future__ import annotations

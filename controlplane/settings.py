@@ -13,7 +13,13 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
 
-__all__ = ["BrokerAuthMode", "Settings", "default_data_dir", "normalize_database_url"]
+__all__ = ["BrokerAuthMode", "Settings", "TlsMode", "default_data_dir", "is_loopback", "normalize_database_url"]
+
+
+class TlsMode(enum.StrEnum):
+    AUTO = "auto"  # TLS on every listener when the host is not loopback; plaintext on loopback (development)
+    ON = "on"
+    OFF = "off"  # loopback only (a reverse proxy on the same host terminates TLS): refused beyond loopback
 
 
 class BrokerAuthMode(enum.StrEnum):
@@ -48,7 +54,7 @@ class Settings:
     device_broker_url: str | None = None  # the URL handed to devices at enrolment (default: broker URL)
     host: str = "127.0.0.1"
     port: int = 8080
-    embedded_broker_port: int = 1883
+    embedded_broker_port: int | None = None  # default: 8883 when TLS is on (MQTTS), else 1883
     ingest_workers: int = 1
     # MQTT 5 shared subscription: on by default only with several workers. mosquitto 2.0 does not restore
     # shared subscriptions from persistence, so messages published after a broker restart and before the
@@ -64,6 +70,14 @@ class Settings:
     superlink_host: str = "127.0.0.1"  # where the Flower SuperLink listens (devices' SuperNodes connect to it)
     ray_address: str | None = None  # a Ray cluster's Jobs API (RAY_ADDRESS); default: a local head on demand
     run_scheduler: bool = True  # exactly one control-plane process per database runs the schedules
+    # TLS (issue 10): "auto" speaks TLS on every listener when the control plane listens beyond loopback; the
+    # certificates come from the fleet CA in data_dir/pki unless all three tls_*_file are given (bring your own).
+    tls: TlsMode = TlsMode.AUTO
+    tls_names: tuple[str, ...] = ()  # names/addresses the server certificate covers (default: this host's)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_ca_key_file: Path | None = None  # a bring-your-own CA's key: lets enrolment issue device certificates
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -87,10 +101,13 @@ class Settings:
         values: dict[str, Any] = {}
         for name, value in raw.items():
             kind = _ENV_FIELDS.get(name, str)
+            converted: object = value
             if kind is bool:  # msgspec's lax bools are true/false/1/0; "yes"/"on"/"no"/"off" were accepted too
-                value = _BOOL_WORDS.get(value.strip().lower(), value)
+                converted = _BOOL_WORDS.get(value.strip().lower(), value)
+            elif kind == tuple[str, ...]:  # a comma list: EDGEFLEET_TLS_NAMES=cp.example,10.0.0.2
+                converted = [item.strip() for item in value.split(",") if item.strip()]
             try:
-                values[name] = msgspec.convert(value, kind, strict=False, dec_hook=_decode)
+                values[name] = msgspec.convert(converted, kind, strict=False, dec_hook=_decode)
             except msgspec.ValidationError as exc:
                 variable = "RAY_ADDRESS" if name == "ray_address" else f"EDGEFLEET_{name.upper()}"
                 raise ValueError(f"{variable}={value!r}: {str(exc).split(' - at ', 1)[0]}") from None
@@ -133,6 +150,28 @@ class Settings:
         return urlunsplit(parts._replace(netloc=netloc))
 
     @property
+    def tls_enabled(self) -> bool:
+        """Whether the listeners speak TLS: always with ``tls=on``; with ``auto`` when the host is not loopback.
+
+        Raises
+        ------
+        ValueError
+            ``tls=off`` with a host beyond loopback (plaintext would leave this machine).
+        """
+        loopback = is_loopback(self.host)
+        if self.tls is TlsMode.OFF and not loopback:
+            raise ValueError(f"--tls off with host {self.host}: plaintext is served on loopback only; bind "
+                             "127.0.0.1 behind a TLS-terminating reverse proxy, or use --tls auto/on")
+        return self.tls is TlsMode.ON or (self.tls is TlsMode.AUTO and not loopback)
+
+    @property
+    def broker_port(self) -> int:
+        """The embedded broker's port: the configured one, else 8883 (MQTTS) with TLS and 1883 without."""
+        if self.embedded_broker_port is not None:
+            return self.embedded_broker_port
+        return 8883 if self.tls_enabled else 1883
+
+    @property
     def db_url(self) -> str:
         return normalize_database_url(self.database_url or f"sqlite:///{self.data_dir / 'edgefleet.db'}")
 
@@ -161,7 +200,25 @@ _ENV_FIELDS: dict[str, Any] = {
     "log_level": str,
     "superlink_host": str,
     "run_scheduler": bool,
+    "tls": TlsMode,
+    "tls_names": tuple[str, ...],
+    "tls_cert_file": Path,
+    "tls_key_file": Path,
+    "tls_ca_file": Path,
+    "tls_ca_key_file": Path,
 }
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a bind address or name) is this machine's loopback only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 _BOOL_WORDS = {"yes": "true", "on": "true", "no": "false", "off": "false"}

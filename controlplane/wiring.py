@@ -32,11 +32,12 @@ from controlplane.devices import CommandPublisher, DeviceService
 from controlplane.ingest import IngestWorker
 from controlplane.models import ModelService
 from controlplane.pipeline import ModelPipeline
+from controlplane.pki import FleetPKI, default_server_names
 from controlplane.rounds.runner import FlowerRoundRunner
 from controlplane.rounds.schemas import RoundCreate
 from controlplane.rounds.service import RoundService
 from controlplane.schedules import ScheduleService
-from controlplane.settings import BrokerAuthMode, Settings
+from controlplane.settings import BrokerAuthMode, Settings, is_loopback
 from federated.signing import Signer
 
 __all__ = ["Fleet"]
@@ -65,6 +66,7 @@ class Fleet:
     runner: FlowerRoundRunner | None = field(init=False, default=None)
     jobs: JobService = field(init=False)
     deployments: DeploymentService = field(init=False)
+    pki: FleetPKI = field(init=False)
     _stopped: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -72,9 +74,19 @@ class Fleet:
         assert self.settings.database_url is not None
         private_dir(self.settings.data_dir)
         self.engine = create_db_engine(self.settings.database_url)
+        settings = self.settings
+        # The fleet CA exists from the first start, TLS or not: enrolment hands its certificate to devices.
+        # Loopback names always: the control plane's own clients reach its listeners over loopback.
+        names = [*settings.tls_names, "localhost", "127.0.0.1"] if settings.tls_names \
+            else default_server_names(settings.host)
+        self.pki = FleetPKI(settings.data_dir / "pki", server_names=names,
+                            cert_file=settings.tls_cert_file, key_file=settings.tls_key_file,
+                            ca_file=settings.tls_ca_file, ca_key_file=settings.tls_ca_key_file)
 
     def start(self, *, ingest: bool = True) -> Fleet:
         try:
+            self.settings.tls_enabled  # noqa: B018 - raises for --tls off beyond loopback, before anything starts
+            self.pki.ensure()
             migrate(self.engine)
             self._start_broker()
             protocol = self.broker.protocol
@@ -127,29 +139,37 @@ class Fleet:
 
     def _start_broker(self) -> None:
         settings = self.settings
+        tls = settings.tls_enabled
         if settings.broker_url is None:
             auth = EmbeddedBrokerAuth(settings.data_dir / "broker-credentials.json")
             password = secrets.token_urlsafe(24)
             auth.ensure_service(SERVICE_USERNAME, password)
-            host = "127.0.0.1" if settings.host in ("127.0.0.1", "localhost") else "0.0.0.0"
-            port = settings.embedded_broker_port
+            host = "127.0.0.1" if is_loopback(settings.host) else "0.0.0.0"
+            port = settings.broker_port
             if port and _port_taken(host, port):
                 raise BrokerUnavailable(
                     f"the embedded broker cannot listen on {host}:{port}: the port is in use (another MQTT broker?)."
                     " Use that broker with --broker mqtt://USER:PASS@HOST:PORT, or pick --embedded-broker-port"
                 )
-            self.embedded = EmbeddedBroker(auth.credentials.path, host, port)
+            # Beyond loopback the listener is MQTTS only; it asks for (optional) client certificates of the fleet CA.
+            identity = self.pki.server if tls else None
+            self.embedded = EmbeddedBroker(auth.credentials.path, host, port, tls=identity)
             try:
                 self.embedded.start()
             except Exception as exc:
                 raise BrokerUnavailable(f"the embedded broker did not start: {exc}") from exc
             self.broker_auth = auth
+            # Our own clients connect over loopback; with TLS they verify the broker against the fleet CA (a BYO
+            # certificate need not name 127.0.0.1: then the chain is checked, not the name, on loopback only).
             self.broker = BrokerAddress(
-                host="127.0.0.1", port=self.embedded.port, username=SERVICE_USERNAME, password=password,
+                host="127.0.0.1", port=self.embedded.port, tls=tls, username=SERVICE_USERNAME, password=password,
                 protocol=MqttProtocol.V311,  # amqtt speaks MQTT 3.1.1 only
+                ca_file=str(identity.ca_file) if identity else None,
+                check_hostname=not self.pki.bring_your_own,
             )
-            device_host = "127.0.0.1" if host == "127.0.0.1" else socket.getfqdn()
-            self.device_broker_url = settings.device_broker_url or f"mqtt://{device_host}:{self.embedded.port}?protocol=3.1.1"
+            scheme = "mqtts" if tls else "mqtt"
+            self.device_broker_url = (settings.device_broker_url
+                                      or f"{scheme}://{_device_host(settings)}:{self.embedded.port}?protocol=3.1.1")
             return
         try:
             self.broker = parse_broker_url(settings.broker_url)
@@ -207,6 +227,16 @@ def _installed(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def _device_host(settings: Settings) -> str:
+    """The name devices reach this control plane by: the first TLS name, else the bind address, else this host's
+    fully qualified name (bound to every interface)."""
+    if settings.tls_names:
+        return settings.tls_names[0]
+    if settings.host in ("0.0.0.0", "::", ""):
+        return socket.getfqdn()
+    return f"[{settings.host}]" if ":" in settings.host else settings.host
 
 
 def _port_taken(host: str, port: int) -> bool:

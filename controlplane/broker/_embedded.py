@@ -21,29 +21,66 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Self
 
-__all__ = ["EmbeddedBroker", "run_embedded_broker"]
+__all__ = ["CERT_CN_ATTR", "EmbeddedBroker", "ListenerTls", "peer_certificate_cn", "run_embedded_broker"]
 
 _PLUGIN: Final = "controlplane.broker._amqtt_plugin.EdgeFleetAuthPlugin"
 _STDERR_TAIL: Final = 4000
 # What ``python -m controlplane.broker`` prints on stdout once it listens.
 READY_LINE: Final = b"edgefleet-broker-ready\n"
+# The attribute of an amqtt Session that holds the CN of the client certificate the TLS handshake verified against
+# the fleet CA (None without one). Set before the auth plugin runs: a device presenting its certificate is that
+# device without a password; the plugin still asks the registry whether the device is enrolled.
+CERT_CN_ATTR: Final = "edgefleet_cert_cn"
 
 
 def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def broker_config(host: str, port: int, credentials_file: str | os.PathLike[str]) -> dict[str, Any]:
-    """The amqtt config: one TCP listener, our auth/ACL plugin only (no anonymous access, no $SYS, no
-    websockets)."""
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """The files of a TLS (MQTTS) listener: its certificate and key, and the CA bundle client certificates must
+    chain to (a client certificate is asked for, not required: password clients connect without one)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
+def broker_config(host: str, port: int, credentials_file: str | os.PathLike[str],
+                  tls: ListenerTls | None = None) -> dict[str, Any]:
+    """The amqtt config: one TCP listener (MQTTS with ``tls``: then it speaks nothing else), our auth/ACL plugin
+    only (no anonymous access, no $SYS, no websockets)."""
+    listener: dict[str, Any] = {"type": "tcp", "bind": _bind_address(host, port)}
+    if tls is not None:
+        # amqtt: create_default_context(CLIENT_AUTH, cafile) + CERT_OPTIONAL; a certificate that does not chain to
+        # the bundle fails the handshake, no certificate at all leaves the password to decide.
+        listener.update(ssl=True, certfile=os.fspath(tls.cert_file), keyfile=os.fspath(tls.key_file),
+                        cafile=os.fspath(tls.ca_file))
     return {
-        "listeners": {"default": {"type": "tcp", "bind": _bind_address(host, port)}},
+        "listeners": {"default": listener},
         "plugins": {_PLUGIN: {"credentials_file": os.fspath(credentials_file)}},
     }
+
+
+def peer_certificate_cn(ssl_object: Any) -> str | None:
+    """The common name of the client certificate a TLS connection verified against the fleet CA, or None
+    (plaintext, or no certificate presented)."""
+    if ssl_object is None:
+        return None
+    try:
+        peer = ssl_object.getpeercert()
+    except (ValueError, AttributeError):
+        return None
+    if not peer:
+        return None
+    names = [value for rdn in peer.get("subject", ()) for key, value in rdn if key == "commonName"]
+    return names[0] if len(names) == 1 else None
 
 
 _CONNECT: Final = 0x10
@@ -193,6 +230,8 @@ def _make_broker(config: dict[str, Any]) -> Any:
                 self.logger.warning(f"No data from {peer}: {exc}")
                 raise AMQTTError(exc) from exc
 
+            # Verified by the handshake (CERT_OPTIONAL against the fleet CA): a presented certificate chains to it.
+            setattr(session, CERT_CN_ATTR, peer_certificate_cn(getattr(session, "ssl_object", None)))
             if not await super()._authenticate(session, None):
                 with contextlib.suppress(Exception):
                     await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
@@ -308,12 +347,14 @@ def run_embedded_broker(
     port: int,
     credentials_file: str | os.PathLike[str],
     *,
+    tls: ListenerTls | None = None,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Run the broker on ``host:port`` until SIGTERM/SIGINT (blocking); ``on_ready`` is called once it listens."""
+    """Run the broker on ``host:port`` (MQTTS with ``tls``) until SIGTERM/SIGINT (blocking); ``on_ready`` is called
+    once it listens."""
 
     async def main() -> None:
-        broker = _make_broker(broker_config(host, port, credentials_file))
+        broker = _make_broker(broker_config(host, port, credentials_file, tls))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -360,8 +401,12 @@ class EmbeddedBroker:
         *,
         startup_timeout: float = 15.0,
         log_level: str = "WARNING",
+        tls: Any = None,
     ) -> None:
+        """``tls``: anything with ``cert_file``, ``key_file`` and ``ca_file`` (a :class:`ListenerTls`, the fleet
+        PKI's server identity): the listener then speaks MQTTS only."""
         self._credentials_file = Path(credentials_file)
+        self._tls = None if tls is None else ListenerTls(Path(tls.cert_file), Path(tls.key_file), Path(tls.ca_file))
         self._host = host
         self._port = port
         self._startup_timeout = startup_timeout
@@ -379,9 +424,13 @@ class EmbeddedBroker:
         return self._port
 
     @property
+    def tls(self) -> ListenerTls | None:
+        return self._tls
+
+    @property
     def url(self) -> str:
         host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"mqtt://{host}:{self._port}"
+        return f"{'mqtts' if self._tls else 'mqtt'}://{host}:{self._port}"
 
     @property
     def credentials_file(self) -> Path:
@@ -404,6 +453,9 @@ class EmbeddedBroker:
             "--log-level", self._log_level,
             "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
+        if self._tls is not None:
+            cmd += ["--certfile", os.fspath(self._tls.cert_file), "--keyfile", os.fspath(self._tls.key_file),
+                    "--cafile", os.fspath(self._tls.ca_file)]
         self._process = process = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr
         )

@@ -25,6 +25,12 @@ class BrokerAuthOption(enum.StrEnum):
     none = "none"
 
 
+class TlsOption(enum.StrEnum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 def fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)

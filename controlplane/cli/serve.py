@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from controlplane.cli._common import BrokerAuthOption, fail, load_settings, register_tasks
+from controlplane.cli._common import BrokerAuthOption, TlsOption, fail, load_settings, register_tasks
 
 app = typer.Typer(no_args_is_help=True, help="The control plane.")
 
@@ -25,7 +25,22 @@ def controlplane_serve(
     broker_auth: Annotated[BrokerAuthOption | None, typer.Option(
         help="How device credentials reach the broker [env EDGEFLEET_BROKER_AUTH].")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="[env EDGEFLEET_DATA_DIR]")] = None,
-    embedded_broker_port: Annotated[int | None, typer.Option(help="Port of the embedded broker (1883).")] = None,
+    embedded_broker_port: Annotated[int | None, typer.Option(
+        help="Port of the embedded broker [default 8883 with TLS (MQTTS), else 1883].")] = None,
+    tls: Annotated[TlsOption | None, typer.Option(
+        help="TLS on every listener: auto = when --host is not loopback; off is refused beyond loopback "
+             "[env EDGEFLEET_TLS, default auto].")] = None,
+    tls_name: Annotated[list[str] | None, typer.Option(
+        "--tls-name", help="A DNS name or address the server certificate covers and devices are told "
+                           "(repeatable; the first is the one devices get) [env EDGEFLEET_TLS_NAMES=a,b].")] = None,
+    tls_cert_file: Annotated[Path | None, typer.Option(
+        help="Bring your own server certificate (with --tls-key-file and --tls-ca-file) "
+             "[env EDGEFLEET_TLS_CERT_FILE; default: issued by the fleet CA in DATA_DIR/pki].")] = None,
+    tls_key_file: Annotated[Path | None, typer.Option(help="[env EDGEFLEET_TLS_KEY_FILE]")] = None,
+    tls_ca_file: Annotated[Path | None, typer.Option(
+        help="The CA (bundle) devices verify the server with [env EDGEFLEET_TLS_CA_FILE].")] = None,
+    tls_ca_key_file: Annotated[Path | None, typer.Option(
+        help="The bring-your-own CA's key, to issue device certificates [env EDGEFLEET_TLS_CA_KEY_FILE].")] = None,
     ingest_workers: Annotated[int | None, typer.Option(help="Ingest workers in this process (1).")] = None,
     log_level: Annotated[str, typer.Option(envvar="EDGEFLEET_LOG_LEVEL")] = "info",
     task: Annotated[list[str] | None, typer.Option(
@@ -37,7 +52,7 @@ def controlplane_serve(
         import uvicorn
 
         from controlplane.app import create_app
-        from controlplane.settings import BrokerAuthMode
+        from controlplane.settings import BrokerAuthMode, TlsMode
     except ImportError as exc:
         fail(f"the control plane needs `pip install edgefleet[controlplane]` ({exc})")
     from agent.logsetup import configure_logging
@@ -52,6 +67,9 @@ def controlplane_serve(
         broker_password_file=broker_password_file,
         broker_auth=BrokerAuthMode(broker_auth.value) if broker_auth else None,
         embedded_broker_port=embedded_broker_port, ingest_workers=ingest_workers,
+        tls=TlsMode(tls.value) if tls else None, tls_names=tuple(tls_name) if tls_name else None,
+        tls_cert_file=tls_cert_file, tls_key_file=tls_key_file, tls_ca_file=tls_ca_file,
+        tls_ca_key_file=tls_ca_key_file,
     )
     from controlplane._errors import ControlPlaneError
     from controlplane.wiring import Fleet
@@ -63,11 +81,19 @@ def controlplane_serve(
         fail(str(exc), 1)
     except Exception as exc:  # noqa: BLE001 - database drivers raise their own types
         fail(f"cannot start the control plane: {type(exc).__name__}: {str(exc).splitlines()[0]}", 1)
+    tls_files: dict[str, str] = {}
+    scheme, trust = "http", ""
+    if fleet.settings.tls_enabled:
+        # Beyond loopback uvicorn speaks HTTPS only: a plaintext request gets no HTTP answer.
+        server = fleet.pki.server
+        tls_files = {"ssl_certfile": str(server.cert_file), "ssl_keyfile": str(server.key_file)}
+        scheme, trust = "https", f"  CA {server.ca_file}"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
-        typer.secho(f"control plane on http://{settings.host}:{settings.port}  broker {fleet.broker.url}  "
+        typer.secho(f"control plane on {scheme}://{host}:{settings.port}  broker {fleet.device_broker_url}{trust}  "
                     f"tasks {', '.join(tasks)}  API docs /schema", err=True, fg=typer.colors.GREEN)
         uvicorn.run(create_app(fleet=fleet, stop_fleet=True), host=settings.host, port=settings.port,
-                    log_level="warning")
+                    log_level="warning", **tls_files)  # type: ignore[arg-type]
     finally:
         fleet.stop()
 

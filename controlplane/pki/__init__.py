@@ -1,0 +1,21 @@
+"""TLS for the control plane's listeners and the devices' identities: the fleet CA (see ``_fleet_ca``)."""
+
+from __future__ import annotations
+
+from ._fleet_ca import (
+    CsrError,
+    FleetPKI,
+    IssuedCertificate,
+    PkiError,
+    ServerIdentity,
+    default_server_names,
+)
+
+__all__ = [
+    "CsrError",
+    "FleetPKI",
+    "IssuedCertificate",
+    "PkiError",
+    "ServerIdentity",
+    "default_server_names",
+]
