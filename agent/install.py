@@ -124,7 +124,12 @@ RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK
 CapabilityBoundingSet=
 AmbientCapabilities=
 LockPersonality=yes
+RemoveIPC=yes
+PrivateMounts=yes
 SystemCallArchitectures=native
+# systemd's list for ordinary services; a call outside it fails with EPERM instead of killing the agent.
+SystemCallFilter=@system-service
+SystemCallErrorNumber=EPERM
 # MemoryDenyWriteExecute= is left out on purpose: the agent's native libraries may need writable+executable
 # memory (libffi closures under cffi/ctypes, which cryptography uses; torch in a training device's Flower
 # ClientApp) and LiteRT/XNNPACK on aarch64 has not been checked under it. A refused mapping kills inference at
