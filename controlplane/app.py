@@ -26,6 +26,7 @@ from controlplane.deployments import DeploymentController, DeploymentService, Re
 from controlplane.devices import DeviceController, DeviceService
 from controlplane.ingest import read_stats
 from controlplane.models import DownloadController, ModelController, ModelService
+from controlplane.provisioning import EnrollController, ProvisioningController, ProvisioningService
 from controlplane.rounds.controller import RoundController
 from controlplane.rounds.service import RoundService
 from controlplane.schedules import ScheduleController, ScheduleService
@@ -105,6 +106,10 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
     def provide_schedules(request: Request[Any, Any, Any]) -> ScheduleService:
         return request.app.state.fleet.schedules  # type: ignore[no-any-return]
 
+    def provide_provisioning(request: Request[Any, Any, Any]) -> ProvisioningService:
+        fleet: Fleet = request.app.state.fleet
+        return ProvisioningService(fleet.engine, fleet.devices, fleet.pki)
+
     openapi = OpenAPIConfig(
         title="EdgeFleet control plane",
         version=__version__,
@@ -118,7 +123,8 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
     auth = DefineMiddleware(BearerTokenMiddleware, exclude=["^/schema", "^/healthz"])
     return Litestar(
         route_handlers=[healthz, ingest_stats, signing_key, DeviceController, ModelController, DownloadController,
-                        DeploymentController, ReleaseDownloadController, RoundController, ScheduleController, JobController],
+                        DeploymentController, ReleaseDownloadController, RoundController, ScheduleController, JobController,
+                        ProvisioningController, EnrollController],
         # Named *_service so that no dependency shadows a body, query or path field (a request
         # field named like a dependency turns its validation errors into 500s).
         dependencies={
@@ -128,6 +134,7 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
             "round_service": Provide(provide_rounds, sync_to_thread=False),
             "job_service": Provide(provide_jobs, sync_to_thread=False),
             "schedule_service": Provide(provide_schedules, sync_to_thread=False),
+            "provisioning_service": Provide(provide_provisioning, sync_to_thread=False),
         },
         middleware=[auth],
         lifespan=[lifespan],

@@ -7,7 +7,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlmodel import SQLModel
 
-import controlplane.db  # noqa: F401 - registers every table on SQLModel.metadata
+import controlplane.db  # registers every table on SQLModel.metadata
 from controlplane.db import create_db_engine, migrate
 
 pytestmark = pytest.mark.integration
@@ -27,10 +27,10 @@ def test_migrations_match_the_models(database_url: str) -> None:
 
 
 def test_0008_adds_provisioning_tokens_and_downgrades_cleanly(database_url: str) -> None:
-    from alembic import command
-    from alembic.config import Config
     from pathlib import Path
 
+    from alembic import command
+    from alembic.config import Config
     from sqlalchemy import inspect
 
     # Prepare: a database at 0007 with a device in it
