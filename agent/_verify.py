@@ -14,7 +14,14 @@ from typing import Final
 
 from agent._errors import DeployError
 from agent._model_store import ReleaseState
-from agent.manifest import ManifestError, ModelManifest, Release, decode_signed_release, verify_release
+from agent.manifest import (
+    ManifestError,
+    ModelManifest,
+    Release,
+    TrustedKeys,
+    decode_signed_release,
+    verify_release,
+)
 from firmware_profiles import ModelVariant, Profile, RuntimeName, variant_unsupported
 
 __all__ = [
@@ -68,8 +75,13 @@ def check_variant(device: DeviceFacts, variant: ModelVariant) -> None:
         raise DeployError("compatibility", f"variant {variant} is not supported on {name} {version}: {why}")
 
 
-def verify_signed_release(manifest_json: bytes, signing_key: bytes) -> Release:
-    """Decode a signed release and check its ed25519 signature (before anything else is trusted)."""
+def verify_signed_release(manifest_json: bytes, signing_key: bytes | TrustedKeys) -> Release:
+    """Decode a signed release and check its ed25519 signature (before anything else is trusted).
+
+    ``signing_key``: the one key the device trusts, or its trust store's keys
+    (:meth:`agent._trust.TrustStore.trusted`): the release must be signed by one of them; a release signed by a
+    retired key is refused with a reason naming that key.
+    """
     try:
         signed = decode_signed_release(manifest_json)
     except ManifestError as exc:

@@ -14,6 +14,17 @@ given at enrolment:
   rollback was signed, so a rollback cannot be replayed after a newer release). Its signature covers a domain
   prefix (``edgefleet-release-v1``), so no other signed document can be passed off as a release.
 
+Signing-key rotation adds two more, each with its own domain prefix:
+
+- :class:`KeyTransition` (``edgefleet-key-transition-v1``), signed by the key being replaced: the new public key,
+  its id, the old key's id, ``issued_at`` and the rotation ``number`` (strictly increasing: a device refuses a
+  statement whose number is not above every one it has accepted, so an old statement cannot be replayed).
+- :class:`KeyRetirement` (``edgefleet-key-retirement-v1``), signed by the NEW key once the fleet has learned it:
+  the retired key's id, the new key's id and the same rotation number. A device then drops the retired key.
+
+Signatures are checked against one key (raw bytes) or a device's :class:`TrustedKeys` (every key it trusts, by
+key id, and the ids it has retired, so that a refusal names the retired key).
+
 The agent checks the release (signature, binding, expiry, ordering), then the artifact's size and sha256, then
 runs the golden self-test: the golden input is a RAW sample, and the self-test runs it through the same path as
 live inference (raw -> the manifest's input contract -> model), so a model whose preprocessing is wrong on the
@@ -34,23 +45,33 @@ from pathlib import Path
 import msgspec
 
 __all__ = [
+    "KEY_STATEMENT_SCHEMA_VERSION",
     "MANIFEST_SCHEMA_VERSION",
     "RELEASE_SCHEMA_VERSION",
     "Golden",
     "InputContract",
+    "KeyRetirement",
+    "KeyTransition",
     "ManifestError",
     "ModelManifest",
     "ModelSource",
     "Release",
+    "SignedKeyRetirement",
+    "SignedKeyTransition",
     "SignedManifest",
     "SignedRelease",
+    "TrustedKeys",
     "canonical_bytes",
     "decode_signed",
     "decode_signed_release",
     "file_sha256",
     "key_id",
+    "key_retirement_bytes",
+    "key_transition_bytes",
     "release_bytes",
     "verify_artifact",
+    "verify_key_retirement",
+    "verify_key_transition",
     "verify_release",
     "verify_signature",
 ]
@@ -59,6 +80,9 @@ MANIFEST_SCHEMA_VERSION = 2  # 2: the input contract (``preprocessing``) and a r
 RELEASE_SCHEMA_VERSION = 1
 # Prefixed to a release's canonical bytes before signing: a signature over anything else never verifies as one.
 _RELEASE_DOMAIN = b"edgefleet-release-v1\n"
+_TRANSITION_DOMAIN = b"edgefleet-key-transition-v1\n"
+_RETIREMENT_DOMAIN = b"edgefleet-key-retirement-v1\n"
+KEY_STATEMENT_SCHEMA_VERSION = 1
 
 
 class ManifestError(ValueError):
@@ -162,6 +186,61 @@ class SignedRelease(msgspec.Struct, forbid_unknown_fields=True):
     key_id: str
 
 
+class KeyTransition(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """"Trust ``new_public_key`` too": signed by the key being replaced (``old_key_id``)."""
+
+    schema_version: int = KEY_STATEMENT_SCHEMA_VERSION
+    number: int  # the rotation's number: strictly increasing; a device refuses one not above all it accepted
+    new_public_key: str  # base64 of the raw 32-byte ed25519 public key
+    new_key_id: str
+    old_key_id: str
+    issued_at: int  # unix seconds
+
+
+class SignedKeyTransition(msgspec.Struct, forbid_unknown_fields=True):
+    statement: KeyTransition
+    signature: str  # base64 ed25519 signature of key_transition_bytes(statement), by the old key
+    key_id: str
+
+
+class KeyRetirement(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """"Stop trusting ``retired_key_id``": signed by the new key (``new_key_id``) of rotation ``number``."""
+
+    schema_version: int = KEY_STATEMENT_SCHEMA_VERSION
+    number: int
+    retired_key_id: str
+    new_key_id: str
+    issued_at: int
+
+
+class SignedKeyRetirement(msgspec.Struct, forbid_unknown_fields=True):
+    statement: KeyRetirement
+    signature: str  # base64 ed25519 signature of key_retirement_bytes(statement), by the new key
+    key_id: str
+
+
+class TrustedKeys:
+    """The keys a device trusts (key id -> raw public key) and the ids it has retired (key id -> rotation)."""
+
+    def __init__(self, keys: dict[str, bytes], retired: dict[str, int] | None = None) -> None:
+        self.keys = dict(keys)
+        self.retired = dict(retired or {})
+
+    def public_key(self, claimed_key_id: str, what: str) -> bytes:
+        """The trusted key ``claimed_key_id``; ManifestError naming it when it is retired or unknown."""
+        raw = self.keys.get(claimed_key_id)
+        if raw is not None:
+            return raw
+        if claimed_key_id in self.retired:
+            raise ManifestError(f"{what} signed by retired key {claimed_key_id} (retired by signing-key rotation "
+                                f"{self.retired[claimed_key_id]}); this device trusts {', '.join(self.keys)}")
+        raise ManifestError(f"{what} signed by key {claimed_key_id}, this device trusts "
+                            f"{', '.join(self.keys) or 'no key'}")
+
+    def __repr__(self) -> str:
+        return f"TrustedKeys(keys={sorted(self.keys)}, retired={sorted(self.retired)})"
+
+
 def canonical_bytes(manifest: ModelManifest) -> bytes:
     """The exact bytes that are signed: JSON with sorted keys."""
     return msgspec.json.encode(msgspec.to_builtins(manifest), order="sorted")
@@ -171,8 +250,9 @@ def key_id(public_key_raw: bytes) -> str:
     return hashlib.sha256(public_key_raw).hexdigest()[:16]
 
 
-def verify_signature(signed: SignedManifest, public_key_raw: bytes) -> ModelManifest:
-    """Check the ed25519 signature; returns the manifest. Raises ManifestError saying why not."""
+def verify_signature(signed: SignedManifest, public_key_raw: bytes | TrustedKeys) -> ModelManifest:
+    """Check the ed25519 signature (with one key, or the trusted key it names); returns the manifest. Raises
+    ManifestError saying why not."""
     _verify(signed.signature, signed.key_id, canonical_bytes(signed.manifest), public_key_raw,
             f"manifest of {signed.manifest.model_version}")
     return signed.manifest
@@ -183,12 +263,58 @@ def release_bytes(release: Release) -> bytes:
     return _RELEASE_DOMAIN + msgspec.json.encode(msgspec.to_builtins(release), order="sorted")
 
 
-def _verify(signature_b64: str, claimed_key_id: str, message: bytes, public_key_raw: bytes, what: str) -> None:
+def key_transition_bytes(statement: KeyTransition) -> bytes:
+    """The exact bytes a key-transition signature covers: a domain prefix, then JSON with sorted keys."""
+    return _TRANSITION_DOMAIN + msgspec.json.encode(msgspec.to_builtins(statement), order="sorted")
+
+
+def key_retirement_bytes(statement: KeyRetirement) -> bytes:
+    """The exact bytes a key-retirement signature covers: a domain prefix, then JSON with sorted keys."""
+    return _RETIREMENT_DOMAIN + msgspec.json.encode(msgspec.to_builtins(statement), order="sorted")
+
+
+def verify_key_transition(signed: SignedKeyTransition, keys: TrustedKeys) -> tuple[KeyTransition, bytes]:
+    """Check a key transition: signed by a trusted key, which is the one it replaces, and the new key matches its
+    id. Returns the statement and the new raw public key; ManifestError saying why not."""
+    statement = signed.statement
+    what = f"key transition {statement.number}"
+    _verify(signed.signature, signed.key_id, key_transition_bytes(statement), keys, what)
+    if signed.key_id != statement.old_key_id:
+        raise ManifestError(f"{what} replaces key {statement.old_key_id} but is signed by {signed.key_id}")
+    try:
+        new_key = base64.b64decode(statement.new_public_key, validate=True)
+    except ValueError as exc:
+        raise ManifestError(f"{what}: the new public key is not base64") from exc
+    if len(new_key) != 32:
+        raise ManifestError(f"{what}: the new public key is {len(new_key)} bytes, an ed25519 key is 32")
+    if key_id(new_key) != statement.new_key_id:
+        raise ManifestError(f"{what}: the new key's id is {key_id(new_key)}, the statement says "
+                            f"{statement.new_key_id}")
+    return statement, new_key
+
+
+def verify_key_retirement(signed: SignedKeyRetirement, keys: TrustedKeys) -> KeyRetirement:
+    """Check a key retirement: signed by its new key (trusted), not retiring that key itself."""
+    statement = signed.statement
+    what = f"key retirement {statement.number}"
+    if signed.key_id != statement.new_key_id:
+        raise ManifestError(f"{what} must be signed by the new key {statement.new_key_id}, not {signed.key_id}")
+    if statement.retired_key_id == statement.new_key_id:
+        raise ManifestError(f"{what} retires its own signing key {statement.new_key_id}")
+    _verify(signed.signature, signed.key_id, key_retirement_bytes(statement), keys, what)
+    return statement
+
+
+def _verify(signature_b64: str, claimed_key_id: str, message: bytes, keys: bytes | TrustedKeys, what: str) -> None:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    if claimed_key_id != key_id(public_key_raw):
-        raise ManifestError(f"{what} signed by key {claimed_key_id}, this device trusts {key_id(public_key_raw)}")
+    if isinstance(keys, TrustedKeys):
+        public_key_raw = keys.public_key(claimed_key_id, what)
+    else:
+        public_key_raw = keys
+        if claimed_key_id != key_id(public_key_raw):
+            raise ManifestError(f"{what} signed by key {claimed_key_id}, this device trusts {key_id(public_key_raw)}")
     try:
         signature = base64.b64decode(signature_b64, validate=True)
         Ed25519PublicKey.from_public_bytes(public_key_raw).verify(signature, message)
@@ -196,7 +322,7 @@ def _verify(signature_b64: str, claimed_key_id: str, message: bytes, public_key_
         raise ManifestError(f"bad signature on {what}") from exc
 
 
-def verify_release(signed: SignedRelease, public_key_raw: bytes) -> Release:
+def verify_release(signed: SignedRelease, public_key_raw: bytes | TrustedKeys) -> Release:
     """Check a release's ed25519 signature and that it describes its own artifact; returns the release."""
     release = signed.release
     _verify(signed.signature, signed.key_id, release_bytes(release), public_key_raw,

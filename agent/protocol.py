@@ -102,6 +102,10 @@ class CommandKind(enum.StrEnum):
     SET_CONFIG = "set_config"
     DEPLOY_MODEL = "deploy_model"
     JOIN_ROUND = "join_round"
+    # Signing-key rotation (agent.manifest.KeyTransition / KeyRetirement): args {"statement": <signed statement>};
+    # the ack's result lists the key ids the device trusts afterwards ("trusted_key_ids").
+    TRUST_SIGNING_KEY = "trust_signing_key"
+    RETIRE_SIGNING_KEY = "retire_signing_key"
 
 
 def validate_device_id(device_id: str) -> str:
