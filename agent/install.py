@@ -127,13 +127,13 @@ LockPersonality=yes
 RemoveIPC=yes
 PrivateMounts=yes
 SystemCallArchitectures=native
-# systemd's list for ordinary services; a call outside it fails with EPERM instead of killing the agent.
+# systemd's list for ordinary services (it holds every syscall the agent made under strace on x86-64, see below);
+# a call outside it fails with EPERM instead of killing the agent.
 SystemCallFilter=@system-service
 SystemCallErrorNumber=EPERM
-# MemoryDenyWriteExecute= is left out on purpose: the agent's native libraries may need writable+executable
-# memory (libffi closures under cffi/ctypes, which cryptography uses; torch in a training device's Flower
-# ClientApp) and LiteRT/XNNPACK on aarch64 has not been checked under it. A refused mapping kills inference at
-# run time, not at start, so it is not worth the guess.
+# MemoryDenyWriteExecute= is left out on purpose: an strace of the agent on x86-64 (LiteRT/XNNPACK inference, MQTT,
+# telemetry) showed no writable+executable mapping, but model deployments, a training device's Flower ClientApp
+# (torch) and aarch64 builds of LiteRT were not checked; a refused mapping would fail inference at run time.
 
 [Install]
 WantedBy=multi-user.target
