@@ -4,7 +4,7 @@ Backends of :class:`BrokerAuth`:
 
 * :class:`NoBrokerAuth`: the broker does its own authentication (or none: a development mosquitto);
 * :class:`MosquittoDynsecAuth`: mosquitto 2 with the dynamic-security plugin (production);
-* :class:`EmbeddedBrokerAuth`: the embedded amqtt broker (:class:`EmbeddedBroker`), over a credentials file.
+* :class:`EmbeddedBrokerAuth`: the embedded amqtt broker (:class:`EmbeddedBroker`), over a credentials database.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ._credentials import CredentialsFile, EmbeddedBrokerAuth
 from ._dynsec import MosquittoDynsecAuth
 from ._embedded import EmbeddedBroker, free_port
 from ._errors import BrokerAuthError
-from ._passwords import hash_password, verify_password
+from ._passwords import hash_password, hash_password_pbkdf2, hash_secret, verify_password
 
 __all__ = [
     "RESERVED_PREFIX",
@@ -29,6 +29,8 @@ __all__ = [
     "client_id_secret",
     "free_port",
     "hash_password",
+    "hash_password_pbkdf2",
+    "hash_secret",
     "is_reserved",
     "verify_password",
 ]

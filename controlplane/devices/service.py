@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Final, Protocol, runtime_checkable
 
 import structlog
 from sqlalchemy import Engine, delete, func
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from agent import protocol as wire
@@ -33,6 +35,23 @@ __all__ = ["DeviceService"]
 
 log = structlog.get_logger("edgefleet.devices")
 
+_ORPHAN_AFTER_S: Final = 60.0
+
+
+@runtime_checkable
+class ExclusiveBrokerAuth(Protocol):
+    """A :class:`~controlplane.broker.BrokerAuth` that can create an account only if it does not exist, and undo
+    exactly that (:class:`~controlplane.broker.EmbeddedBrokerAuth`)."""
+
+    def add_device(self, device_id: str, password: str, *, replace_older_than: float | None = None) -> str | None:
+        """The new credential, or None when the device id already has an account."""
+
+    def discard_device(self, device_id: str, credential: str) -> bool:
+        """Remove the account only if ``credential`` is still its credential."""
+
+    def rotate_device(self, device_id: str, password: str) -> bool:
+        """Change the password of an existing account only; False when there is none."""
+
 
 def _check_profile(name: str) -> None:
     try:
@@ -54,39 +73,90 @@ class DeviceService:
         self.broker_auth = broker_auth
         self.device_broker_url = device_broker_url
         self.publisher = publisher
+        self._id_locks = [threading.Lock() for _ in range(64)]
 
     # -- registry --------------------------------------------------------------------------------------------
     def enroll(self, data: DeviceCreate) -> DeviceEnrolled:
+        """Register a device and create its broker account.
+
+        The broker account is created first and the registry row committed after it, each in its own short step:
+        no database write transaction is open while the broker is called (enrolments run concurrently), a device
+        is never in the registry without broker credentials, and a failed insert removes the account it made.
+        A second enrolment of the same id, racing or repeated, is a :class:`Conflict` and never changes the
+        first device's credentials.
+        """
         reserved = self.broker_auth.reserved(data.device_id)
         if reserved is not None:  # it could pass for the control plane on the broker
             raise InvalidInput(reserved)
         _check_profile(data.profile)
-        password = secrets.token_urlsafe(24)
+        device_id = data.device_id
+        password = secrets.token_urlsafe(32)  # 256 bits: see docs/architecture.md, "Device secrets ... (issue 10)"
         tags = sorted(set(data.tags))
-        with Session(self.engine) as session:
-            if session.get(Device, data.device_id) is not None:
-                raise Conflict(f"device '{data.device_id}' is already enrolled")
-            session.add(Device(device_id=data.device_id, profile=data.profile, created_at=utcnow()))
-            session.flush()
-            session.add_all(DeviceTag(device_id=data.device_id, tag=t) for t in tags)
-            # Broker first, then commit: a device is never in the registry without broker credentials.
-            self.broker_auth.ensure_device(data.device_id, password)
-            session.commit()
-        log.info("device.enrolled", device_id=data.device_id, profile=data.profile)
-        return DeviceEnrolled(device_id=data.device_id, profile=data.profile, tags=tags,
-                              mqtt_username=data.device_id, mqtt_password=password,
+        conflict = Conflict(f"device '{device_id}' is already enrolled")
+        # Serialises enrolments of one id in this process; the broker's add-only create covers other processes.
+        with self._id_locks[hash(device_id) % len(self._id_locks)]:
+            if self._exists(device_id):
+                raise conflict
+            credential = self._create_broker_account(device_id, password)
+            if credential is None:
+                raise conflict
+            try:
+                with Session(self.engine) as session:
+                    session.add(Device(device_id=device_id, profile=data.profile, created_at=utcnow()))
+                    session.add_all(DeviceTag(device_id=device_id, tag=t) for t in tags)
+                    session.commit()
+            except BaseException as exc:
+                self._undo_broker_account(device_id, credential)
+                if isinstance(exc, IntegrityError):  # another process enrolled it between the check and here
+                    raise conflict from None
+                raise
+        log.info("device.enrolled", device_id=device_id, profile=data.profile)
+        return DeviceEnrolled(device_id=device_id, profile=data.profile, tags=tags,
+                              mqtt_username=device_id, mqtt_password=password,
                               broker_url=self.device_broker_url, signing_public_key=self.signing_public_key)
 
     def rotate_credentials(self, device_id: str) -> DeviceEnrolled:
-        password = secrets.token_urlsafe(24)
-        with Session(self.engine) as session:
+        password = secrets.token_urlsafe(32)
+        with Session(self.engine) as session:  # a read: nothing is locked while the broker is called
             device = self._device(session, device_id)
-            self.broker_auth.ensure_device(device_id, password)
-            session.commit()
+            profile = device.profile
             tags = self._tags(session, [device_id])[device_id]
-            return DeviceEnrolled(device_id=device_id, profile=device.profile, tags=tags,
-                                  mqtt_username=device_id, mqtt_password=password,
-                                  broker_url=self.device_broker_url, signing_public_key=self.signing_public_key)
+        with self._id_locks[hash(device_id) % len(self._id_locks)]:
+            # Update-only first: a delete that removed the account meanwhile is not undone by a new one.
+            auth = self.broker_auth
+            if not (isinstance(auth, ExclusiveBrokerAuth) and auth.rotate_device(device_id, password)):
+                # No account (a device enrolled under another broker backend) or a backend without update-only.
+                self.broker_auth.ensure_device(device_id, password)
+                if not self._exists(device_id):
+                    # Deleted meanwhile (delete removes the broker account first): this account would outlive it.
+                    self.broker_auth.remove_device(device_id)
+                    raise NotFound(f"no device '{device_id}'")
+        return DeviceEnrolled(device_id=device_id, profile=profile, tags=tags,
+                              mqtt_username=device_id, mqtt_password=password,
+                              broker_url=self.device_broker_url, signing_public_key=self.signing_public_key)
+
+    def _exists(self, device_id: str) -> bool:
+        with Session(self.engine) as session:
+            return session.get(Device, device_id) is not None
+
+    def _create_broker_account(self, device_id: str, password: str) -> str | None:
+        """Create the device's broker account only if it has none; returns what undoes it, or None (taken)."""
+        if isinstance(self.broker_auth, ExclusiveBrokerAuth):
+            # An account without a registry row older than this is an orphan (a crash between the two steps):
+            # replaced. A newer one may be another process's enrolment in flight, and stays.
+            return self.broker_auth.add_device(device_id, password, replace_older_than=_ORPHAN_AFTER_S)
+        # Backends without an add-only create: the id lock above serialises this process's enrolments.
+        self.broker_auth.ensure_device(device_id, password)
+        return password
+
+    def _undo_broker_account(self, device_id: str, credential: str) -> None:
+        try:
+            if isinstance(self.broker_auth, ExclusiveBrokerAuth):
+                self.broker_auth.discard_device(device_id, credential)
+            elif not self._exists(device_id):
+                self.broker_auth.remove_device(device_id)
+        except Exception as exc:  # noqa: BLE001 - the original error is the one to report
+            log.error("device.enroll_undo_failed", device_id=device_id, error=str(exc))
 
     def find(self, *, profile: str | None = None, tag: str | None = None, online: bool | None = None,
              limit: int = 500, offset: int = 0) -> list[DeviceRead]:

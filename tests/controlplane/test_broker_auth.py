@@ -36,6 +36,8 @@ from controlplane.broker import (
     MosquittoDynsecAuth,
     NoBrokerAuth,
     hash_password,
+    hash_password_pbkdf2,
+    hash_secret,
     verify_password,
 )
 from controlplane.broker._credentials import acl_allows
@@ -729,20 +731,28 @@ class TestEmbeddedBroker:
 
 
 def test_hash_and_verify_password() -> None:
-    hashed = hash_password("s3cret")
-    assert hashed.startswith("$pbkdf2-sha512$100000$")
-    assert verify_password("s3cret", hashed)
-    assert not verify_password("s3cret ", hashed)
-    assert hash_password("s3cret") != hashed  # random salt
-    assert verify_password("päss", hash_password("päss", iterations=1000))
+    secret = secrets.token_urlsafe(32)
+    hashed = hash_password(secret)
+    assert hashed.startswith("$hmac-sha256$")  # a generated secret: one salted HMAC
+    assert verify_password(secret, hashed)
+    assert not verify_password(secret + " ", hashed)
+    assert hash_password(secret) != hashed  # random salt
+    assert hash_password("s3cret").startswith("$pbkdf2-sha512$100000$")  # short: maybe a human's, kept slow
+    assert verify_password("päss", hash_password_pbkdf2("päss", iterations=1000))
+    with pytest.raises(ValueError, match="generated secret"):
+        hash_secret("s3cret")
+    legacy = hash_password_pbkdf2("s3cret")
     for malformed in (
         "",
         "s3cret",
         "$pbkdf2-sha512$x$y$z",
         "$pbkdf2-sha256$1000$AAAA$AAAA",
-        hashed[:-1] + "!",
+        "$hmac-sha256$AAAA$AAAA",
+        "$hmac-sha256$$" + hashed.rsplit("$", 1)[1],
+        legacy[:-1] + "!",
     ):
         assert not verify_password("s3cret", malformed)
+    assert not verify_password(secret, hashed[:-1] + "!")
 
 
 @pytest.mark.parametrize(
@@ -778,21 +788,46 @@ def test_credentials_file(tmp_path: Path) -> None:
     creds = CredentialsFile(path)
     assert creds.load() == {}
     assert creds.ensure_user("dev-a", "pw", "device")
-    assert not creds.ensure_user("dev-a", "pw", "device")  # unchanged: no rewrite
+    assert not creds.ensure_user("dev-a", "pw", "device")  # unchanged: no write
     assert creds.ensure_user("cp", "pw2", "service")
-    data = json.loads(path.read_text())
-    assert set(data) == {"users"}
-    assert data["users"]["dev-a"]["role"] == "device"
-    assert verify_password("pw", data["users"]["dev-a"]["hash"])
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert creds.get("dev-a") is not None and verify_password("pw", creds.get("dev-a").hash)  # type: ignore[union-attr]
+    assert creds.database == tmp_path / "sub" / "creds.sqlite3"
+    assert stat.S_IMODE(os.stat(creds.database).st_mode) == 0o600
     assert creds.remove_user("dev-a") and not creds.remove_user("dev-a")
     assert set(creds.load()) == {"cp"}
-    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
     with pytest.raises(BrokerAuthError, match="invalid broker username"):
         creds.ensure_user("a/b", "pw", "device")
+    # A second process (another CredentialsFile) sees every change, and the log names what changed.
+    seq = CredentialsFile(path).last_change()
+    assert creds.add_user("dev-b", "pw-b", "device") is not None
+    assert creds.add_user("dev-b", "pw-other", "device") is None  # add-only: never replaces
+    changed = CredentialsFile(path).changes_since(seq)
+    assert changed is not None and set(changed[1]) == {"dev-b"} and changed[0] == seq + 1
+    creds.close()
+
+
+def test_a_json_credentials_file_of_an_earlier_version_is_imported(tmp_path: Path) -> None:
+    # Prepare: what earlier versions wrote (PBKDF2 hashes in a JSON file)
+    path = tmp_path / "creds.json"
+    legacy = {"users": {"dev-a": {"hash": hash_password_pbkdf2("pw-a"), "role": "device"},
+                        "edgefleet-cp": {"hash": hash_password_pbkdf2("svc"), "role": "service"}}}
+    path.write_text(json.dumps(legacy))
+    # Execute
+    users = CredentialsFile(path).load()
+    # Assert: same users, same hashes; the JSON file is kept only as a backup, and a removal sticks
+    assert {n: (e.role, e.hash) for n, e in users.items()} == {
+        n: (e["role"], e["hash"]) for n, e in legacy["users"].items()}
+    assert not path.exists() and (tmp_path / "creds.json.migrated").exists()
+    creds = CredentialsFile(path)
+    assert creds.remove_user("dev-a")
+    assert set(CredentialsFile(path).load()) == {"edgefleet-cp"}
+
+
+def test_a_malformed_json_credentials_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "creds.json"
     path.write_text("{not json")
     with pytest.raises(BrokerAuthError, match="malformed"):
-        creds.load()
+        CredentialsFile(path).load()
 
 
 def test_embedded_auth_and_no_auth_satisfy_the_protocol(tmp_path: Path) -> None:
