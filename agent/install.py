@@ -323,8 +323,8 @@ def install(config_file: Path, *, edgefleet: PurePosixPath, root: Path = Path("/
             raise ConfigError(f"{where} = {named!r} in {config_file}: cannot read {source} "
                               f"({exc.strerror or exc})") from exc
         (config[ref.table] if ref.table else config)[ref.key] = ref.name
-    text = _dump_toml(config, f"Installed by `edgefleet agent install` from {config_file.resolve()}.\n"
-                              "File paths are relative to this file's directory.")
+    # No source path in the header: installing again from the installed config itself (an upgrade) changes nothing.
+    text = _dump_toml(config, "Written by `edgefleet agent install`; file paths are relative to this file's directory.")
     if tomllib.loads(text) != config:  # the hand-written TOML must read back as what it was meant to say
         raise ConfigError(f"config file {config_file} did not survive being written back; please report this")
 

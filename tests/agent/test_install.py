@@ -220,6 +220,19 @@ def test_running_twice_is_idempotent(enrolled: Path, root: Path) -> None:
     assert (root / "etc/passwd").read_text().count("\nedgefleet:") <= 1
 
 
+def test_installing_from_the_installed_config_changes_nothing(enrolled: Path, root: Path) -> None:
+    # Prepare: what an upgrade does (deploy/agent/README.md), after the enrolment directory is gone
+    argv = ("--root", str(root), "--python", sys.executable)
+    assert _agent_install("--config", str(enrolled), *argv) == 0
+    shutil.rmtree(enrolled.parent)
+    first = _snapshot(root)
+    # Execute
+    code = _agent_install("--config", str(root / "etc/edgefleet/agent.toml"), *argv)
+    # Assert
+    assert code == 0
+    assert _snapshot(root) == first
+
+
 def test_an_unknown_file_reference_is_copied_as_a_secret(enrolled: Path, root: Path) -> None:
     # Prepare: a key enrolment may add later
     (enrolled.parent / "root-ca.pem").write_bytes(b"x")
