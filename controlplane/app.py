@@ -25,6 +25,7 @@ from controlplane.burst.service import JobService
 from controlplane.deployments import DeploymentController, DeploymentService, ReleaseDownloadController
 from controlplane.devices import DeviceController, DeviceService
 from controlplane.ingest import read_stats
+from controlplane.keys import KeyController, KeyService
 from controlplane.models import DownloadController, ModelController, ModelService
 from controlplane.provisioning import EnrollController, ProvisioningController, ProvisioningService
 from controlplane.rounds.controller import RoundController
@@ -82,9 +83,11 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
             await anyio.to_thread.run_sync(the_fleet.start)
         app.state.fleet = the_fleet
         app.state.engine = the_fleet.engine
+        app.state.keys = KeyService(the_fleet.engine, the_fleet.signer, the_fleet.publisher).start()
         try:
             yield
         finally:
+            app.state.keys.stop()
             if owns_fleet or stop_fleet:
                 await anyio.to_thread.run_sync(the_fleet.stop)
 
@@ -106,6 +109,9 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
     def provide_schedules(request: Request[Any, Any, Any]) -> ScheduleService:
         return request.app.state.fleet.schedules  # type: ignore[no-any-return]
 
+    def provide_keys(request: Request[Any, Any, Any]) -> KeyService:
+        return request.app.state.keys  # type: ignore[no-any-return]
+
     def provide_provisioning(request: Request[Any, Any, Any]) -> ProvisioningService:
         fleet: Fleet = request.app.state.fleet
         return ProvisioningService(fleet.engine, fleet.devices, fleet.pki)
@@ -124,7 +130,7 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
     return Litestar(
         route_handlers=[healthz, ingest_stats, signing_key, DeviceController, ModelController, DownloadController,
                         DeploymentController, ReleaseDownloadController, RoundController, ScheduleController, JobController,
-                        ProvisioningController, EnrollController],
+                        ProvisioningController, EnrollController, KeyController],
         # Named *_service so that no dependency shadows a body, query or path field (a request
         # field named like a dependency turns its validation errors into 500s).
         dependencies={
@@ -134,6 +140,7 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
             "round_service": Provide(provide_rounds, sync_to_thread=False),
             "job_service": Provide(provide_jobs, sync_to_thread=False),
             "schedule_service": Provide(provide_schedules, sync_to_thread=False),
+            "key_service": Provide(provide_keys, sync_to_thread=False),
             "provisioning_service": Provide(provide_provisioning, sync_to_thread=False),
         },
         middleware=[auth],
