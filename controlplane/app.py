@@ -83,11 +83,11 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
             await anyio.to_thread.run_sync(the_fleet.start)
         app.state.fleet = the_fleet
         app.state.engine = the_fleet.engine
-        app.state.keys = KeyService(the_fleet.engine, the_fleet.signer, the_fleet.publisher).start()
+        app.state.key_service = KeyService(the_fleet.engine, the_fleet.signer, the_fleet.publisher).start()
         try:
             yield
         finally:
-            app.state.keys.stop()
+            app.state.key_service.stop()
             if owns_fleet or stop_fleet:
                 await anyio.to_thread.run_sync(the_fleet.stop)
 
@@ -110,7 +110,7 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
         return request.app.state.fleet.schedules  # type: ignore[no-any-return]
 
     def provide_keys(request: Request[Any, Any, Any]) -> KeyService:
-        return request.app.state.keys  # type: ignore[no-any-return]
+        return request.app.state.key_service  # type: ignore[no-any-return]
 
     def provide_provisioning(request: Request[Any, Any, Any]) -> ProvisioningService:
         fleet: Fleet = request.app.state.fleet
