@@ -4,7 +4,15 @@ Command args::
 
     {"superlink": "host:port",        # the SuperLink's Fleet API
      "round_id": "...",              # the control plane's round (also the run's `round-id` run config)
-     "timeout_s": 3600}              # optional: give up (stop the SuperNode) after this long
+     "timeout_s": 3600,              # optional: give up (stop the SuperNode) after this long
+     "tls": true}                    # optional: the SuperLink speaks TLS (verified with the agent's fleet CA)
+
+With ``tls`` the SuperNode gets ``--root-certificates <ca_file>`` and, when the agent has one, its own EC P-384
+key (``--auth-supernode-private-key``, created at enrolment; the control plane registered its public key). An
+agent with a fleet CA refuses a plaintext SuperLink beyond loopback. Flower refuses signed Fleet requests whose
+timestamp is more than 5 s ahead of or 305 s behind the SuperLink's clock: the ack carries ``clock_skew_s`` (this
+device's clock minus the command's timestamp) and names clock skew as the reason when the SuperNode could not
+connect and the skew is outside that window.
 
 The device trains on its own data: the file its agent was started with (``--train-data`` /
 ``EDGEFLEET_TRAIN_DATA``, default ``<data_dir>/data/partition.npz``), never a path a command names (a ``data_path``
@@ -58,6 +66,8 @@ MAX_TIMEOUT_S: Final = 7 * 24 * 3600.0
 _POLL_S: Final = 0.5
 _REPLY_GRACE_S: Final = 3.0
 
+_SKEW_AHEAD_S: Final = 5.0  # flwr 1.41: a signed Fleet request may be this far ahead of the SuperLink's clock
+_SKEW_BEHIND_S: Final = 305.0  # ... and this far behind
 _LEAVE_WAIT_S: Final = 20.0  # a leave waits this long for the SuperNode to stop (it is SIGKILLed after 10 s)
 _ENDED_KEPT: Final = 32
 
@@ -161,8 +171,21 @@ class Rounds:
                 raise ValueError("data_path is not accepted: a device trains on its own data (its agent's "
                                  "--train-data / EDGEFLEET_TRAIN_DATA), never on a file a command names")
             data_path = ctx.settings.train_data_path or ctx.settings.data_dir / "data" / "partition.npz"
+            tls = args.get("tls", False)
+            if not isinstance(tls, bool):
+                raise ValueError("'tls' must be true or false")  # noqa: TRY004 - one error type for bad args
         except ValueError as exc:
             return False, f"bad join_round args: {exc}", result
+        ca_file = _path_setting(ctx.settings, "ca_file")
+        key_file = _path_setting(ctx.settings, "flower_auth_key_file")
+        if tls and ca_file is None:
+            return False, "the SuperLink speaks TLS but this agent has no fleet CA (--ca-file / enrol it)", result
+        if not tls and ca_file is not None and _host_of(superlink) not in _LOOPBACK:
+            return False, (f"refusing a plaintext SuperLink at {superlink}: this agent has a fleet CA, its "
+                           f"control plane speaks TLS beyond loopback"), result
+        if ts := getattr(command, "ts", 0.0):
+            # The command's timestamp is the control plane's clock when it sent it (MQTT delivery adds a little).
+            result["clock_skew_s"] = round(time.time() - float(ts), 1)
 
         profile = ctx.settings.profile
         if not profile.training.allowed:
@@ -197,7 +220,8 @@ class Rounds:
                 return False, f"still leaving round {current.round_id} after {_LEAVE_WAIT_S:g}s", result
         try:
             result["joined"] = True
-            return _take_part(ctx, superlink, round_id, timeout_s, data_path, result, participation.leave)
+            return _take_part(ctx, superlink, round_id, timeout_s, data_path, result, participation.leave,
+                              ca_file if tls else None, key_file if tls else None)
         finally:
             with self._lock:
                 self._active = None
@@ -222,9 +246,26 @@ class Rounds:
         return True, None, {"round_id": round_id, "left": True}
 
 
+def _path_setting(settings: Any, name: str) -> Path | None:
+    """An optional file setting of the agent (``ca_file``, ``flower_auth_key_file``): None if unset or missing."""
+    value = getattr(settings, name, None)
+    if not value:
+        return None
+    path = Path(value)
+    return path if path.is_file() else None
+
+
+def _skew_reason(result: dict[str, Any]) -> str | None:
+    skew = result.get("clock_skew_s")
+    if isinstance(skew, int | float) and not -_SKEW_BEHIND_S < skew < _SKEW_AHEAD_S:
+        return (f"clock skew: this device's clock is {skew:+.0f} s off the control plane's (the SuperLink accepts "
+                f"-{_SKEW_BEHIND_S:g} s to +{_SKEW_AHEAD_S:g} s; run NTP on the device)")
+    return None
+
+
 def _take_part(
     ctx: CommandContext, superlink: str, round_id: str, timeout_s: float, data_path: Path, result: dict[str, Any],
-    leave: threading.Event,
+    leave: threading.Event, ca_file: Path | None = None, key_file: Path | None = None,
 ) -> CommandResult:
     from agent.round_status import read_status
     from agent.supernode import SuperNodeProcess
@@ -242,6 +283,8 @@ def _take_part(
         status_path=status_path,
         log_path=ctx.settings.data_dir / "supernode.log",
         max_wait_time_s=timeout_s,
+        root_certificates=ca_file,
+        auth_key_file=key_file,
     )
     bound = log.bind(device_id=ctx.device_id, round_id=round_id, superlink=superlink)
     started = time.monotonic()
@@ -287,6 +330,8 @@ def _take_part(
     if outcome == "finished":
         return True, None, result
     if outcome == "exited":
+        if not trained and (skew := _skew_reason(result)):
+            return False, skew, result
         return False, f"the SuperNode exited with code {code} (see {ctx.settings.data_dir / 'supernode.log'})", result
     if outcome == "stopped":
         return False, "the agent is stopping", result

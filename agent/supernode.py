@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ __all__ = [
     "node_config_arg",
     "open_log",
     "terminate_group",
+    "token_hiding_bin",
     "wait_healthy",
 ]
 
@@ -58,15 +60,19 @@ def flower_executable(name: str) -> str:
 
 
 def flower_env(
-    flwr_home: Path, extra: Mapping[str, str] | None = None, *, task_poll_interval_s: float | None = None
+    flwr_home: Path, extra: Mapping[str, str] | None = None, *, task_poll_interval_s: float | None = None,
+    first_bin: Path | None = None,
 ) -> dict[str, str]:
     """The environment for a Flower process: our bin dir first on ``PATH`` (the SuperLink and SuperNode start
-    ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name), ``FLWR_HOME``, telemetry off."""
+    ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name), ``FLWR_HOME``, telemetry off.
+    ``first_bin`` goes before it (see :func:`token_hiding_bin`)."""
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
     path = env.get("PATH", "")
     if bin_dir not in path.split(os.pathsep):
-        env["PATH"] = f"{bin_dir}{os.pathsep}{path}" if path else bin_dir
+        env["PATH"] = path = f"{bin_dir}{os.pathsep}{path}" if path else bin_dir
+    if first_bin is not None:
+        env["PATH"] = f"{first_bin}{os.pathsep}{path}"
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -105,13 +111,32 @@ def node_config_arg(values: Mapping[str, str | int | float | bool]) -> str:
     return " ".join(parts)
 
 
-def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) -> bool:
+def token_hiding_bin(directory: Path) -> Path:
+    """A bin directory holding a ``flower-superexec`` that starts each ServerApp / ClientApp with its run token in
+    an in-memory file (``--token-file /dev/fd/N``) instead of ``--token <token>`` on its command line, which
+    every user of the machine can read in the process list. Put it first on the Flower process's ``PATH``
+    (``flower_env(first_bin=...)``): Flower starts ``flower-superexec`` by name. See :mod:`agent.flower_exec`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "flower-superexec"
+    text = f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m agent.flower_exec \"$@\"\n"
+    if not script.is_file() or script.read_text() != text:
+        tmp = directory / ".flower-superexec.tmp"
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        tmp.replace(script)
+    return directory
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float, *, ca_file: Path | None = None) -> bool:
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             return False
         try:
-            with urllib.request.urlopen(url, timeout=1.0) as response:
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as response:
                 if response.status == 200:
                     return True
         except (OSError, urllib.error.URLError):
@@ -206,9 +231,15 @@ class SuperNodeProcess:
         max_wait_time_s: float | None = None,
         task_poll_interval_s: float | None = None,
         extra_node_config: Mapping[str, str | int | float | bool] | None = None,
+        root_certificates: Path | None = None,
+        auth_key_file: Path | None = None,
     ) -> None:
         if isolation not in ("subprocess", "process"):
             raise ValueError(f"isolation must be 'subprocess' or 'process', got {isolation!r}")
+        if auth_key_file is not None and root_certificates is None:
+            raise ValueError("a SuperNode key is used over TLS only: give root_certificates (the fleet CA)")
+        self.root_certificates = root_certificates
+        self.auth_key_file = auth_key_file
         self.superlink = superlink
         self.device_id = device_id
         self.data_path = Path(data_path)
@@ -237,9 +268,17 @@ class SuperNodeProcess:
         return f"127.0.0.1:{self.runtime_port}"
 
     def command(self) -> list[str]:
+        if self.root_certificates is None:
+            security = ["--insecure"]
+        else:
+            # TLS to the SuperLink, verified against the fleet CA; the SuperNode's own Runtime API (its
+            # ClientApps, on loopback) stays plaintext: flwr uses TLS there only with --ssl-* files of its own.
+            security = ["--root-certificates", str(self.root_certificates)]
+            if self.auth_key_file is not None:
+                security += ["--auth-supernode-private-key", str(self.auth_key_file)]
         cmd = [
             flower_executable("flower-supernode"),
-            "--insecure",
+            *security,
             "--superlink", self.superlink,
             "--node-config", self.node_config,
             "--isolation", self.isolation,
@@ -268,14 +307,15 @@ class SuperNodeProcess:
         del executable
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self._log_file = open_log(self.log_path)
-        env = flower_env(self.flwr_home, self.extra_env, task_poll_interval_s=self.task_poll_interval_s)
+        env = flower_env(self.flwr_home, self.extra_env, task_poll_interval_s=self.task_poll_interval_s,
+                         first_bin=token_hiding_bin(self.flwr_home / "bin"))
         self._process = subprocess.Popen(
             self.command(), env=env, cwd=self.flwr_home, stdin=subprocess.DEVNULL,
             stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
         if self.isolation == "process":
             self._executor = subprocess.Popen(
-                [flower_executable("flower-superexec"), "--insecure", "--runtime-api-address",
+                [sys.executable, "-m", "agent.flower_exec", "--insecure", "--runtime-api-address",
                  self.runtime_address, "--parent-pid", str(self._process.pid)],
                 env=env, cwd=self.flwr_home, stdin=subprocess.DEVNULL, stdout=self._log_file,
                 stderr=subprocess.STDOUT, start_new_session=True,

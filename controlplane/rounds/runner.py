@@ -1,4 +1,10 @@
-"""Runs a round on Flower: a SuperLink supervised by the control plane, SuperNodes started by invited agents."""
+"""Runs a round on Flower: a SuperLink supervised by the control plane, SuperNodes started by invited agents.
+
+With TLS (the fleet's server identity) the SuperLink listens on loopback with ``--enable-supernode-auth`` (when
+``supernode_auth``), devices reach its Fleet API through the path-filtering proxy on ``superlink_host``, and each
+invited device's SuperNode public key (``Device.flower_public_key``, from enrolment) is registered with the
+SuperLink before it is invited (the SuperLink keeps registrations in memory: every invitation re-registers).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,22 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+from sqlmodel import Session
 
 from controlplane._errors import ControlPlaneError
+from controlplane.db import Device
 from controlplane.devices.schemas import CommandCreate
 from controlplane.devices.service import DeviceService
 from controlplane.rounds.schemas import RoundCreate, Strategy
 from controlplane.rounds.service import RoundOutcome
 from controlplane.statuses import CommandStatus
 from federated.flower.config import RunReportStatus
+
+if TYPE_CHECKING:
+    from controlplane.pki import ServerIdentity
 
 __all__ = ["FlowerRoundRunner"]
 
@@ -31,11 +42,21 @@ class FlowerRoundRunner:
     """One SuperLink for the control plane (started on the first round); one Flower run per round."""
 
     def __init__(self, data_dir: Path, devices: DeviceService, *, superlink_host: str = "127.0.0.1",
-                 device_superlink_address: str | None = None) -> None:
+                 device_superlink_address: str | None = None, tls: ServerIdentity | None = None,
+                 supernode_auth: bool = False, fleet_port: int | None = None) -> None:
+        """``superlink_host``: where devices reach the Fleet API (with ``tls`` the proxy listens there and the
+        SuperLink itself on loopback); ``fleet_port``: the proxy's port (free one by default); ``tls``: the
+        fleet's server identity (``FleetPKI.server``); ``supernode_auth``: only registered SuperNode keys may
+        connect (needs ``tls``)."""
+        if supernode_auth and tls is None:
+            raise ValueError("SuperNode authentication needs TLS")
         self.data_dir = data_dir
         self.devices = devices
         self.superlink_host = superlink_host
         self.device_superlink_address = device_superlink_address
+        self.tls = tls
+        self.supernode_auth = supernode_auth
+        self.fleet_port = fleet_port
         self.results_dir = data_dir / "results"
         self._superlink: Any = None
         self._lock = threading.Lock()
@@ -48,7 +69,13 @@ class FlowerRoundRunner:
                 from federated.flower.runtime import SuperLinkProcess
 
                 self.results_dir.mkdir(parents=True, exist_ok=True)
-                self._superlink = SuperLinkProcess(self.data_dir / "superlink", host=self.superlink_host).start()
+                if self.tls is None:
+                    link = SuperLinkProcess(self.data_dir / "superlink", host=self.superlink_host)
+                else:
+                    link = SuperLinkProcess(self.data_dir / "superlink", host="127.0.0.1", tls=self.tls,
+                                            supernode_auth=self.supernode_auth, fleet_host=self.superlink_host,
+                                            fleet_port=self.fleet_port)
+                self._superlink = link.start()
                 log.info("superlink.started", address=self._superlink.address)
             return self._superlink
 
@@ -74,17 +101,29 @@ class FlowerRoundRunner:
         round by itself is told that it is over (so that the next round can invite it)."""
         superlink = self._ensure_superlink()
         budget = DISCOVERY_TIMEOUT_S + data.rounds * (data.round_timeout_s + 30.0)
-        address = self.device_superlink_address or superlink.address
+        address = self.device_superlink_address or superlink.device_address
         joins: dict[str, str] = {}  # device -> its join_round command
+        keys: dict[bytes, str] = {}  # registered SuperNode public key (PEM) -> device
+        not_invited: dict[str, str] = {}
         completed = False
+        started_wall = time.time()
         try:
             for device_id in invited:
+                if self.supernode_auth:
+                    try:
+                        keys[self._register(superlink, device_id)] = device_id
+                    except (ValueError, RuntimeError) as exc:
+                        not_invited[device_id] = str(exc)
+                        continue
                 # The agent starts a SuperNode for this round only and stops it when the run ends (the ServerApp's
                 # notice, or our leave below), or at the latest after the budget.
+                args: dict[str, Any] = {"superlink": address, "round_id": str(round_id), "timeout_s": budget}
+                if self.tls is not None:
+                    args["tls"] = True
                 joins[device_id] = self.devices.send_command(device_id, CommandCreate(
-                    kind="join_round", args={"superlink": address, "round_id": str(round_id), "timeout_s": budget},
-                    wait_s=0)).command_id
-            outcome = self._run(superlink, round_id, data, invited, joins, budget, initial_weights)
+                    kind="join_round", args=args, wait_s=0)).command_id
+            outcome = self._run(superlink, round_id, data, invited, joins, budget, initial_weights, not_invited)
+            self._add_clock_skews(superlink, outcome, keys, started_wall)
             completed = outcome.ok
         finally:
             if completed:  # the devices are leaving on the ServerApp's notice: the build need not wait for them
@@ -96,8 +135,62 @@ class FlowerRoundRunner:
                 self._release(round_id, joins, grace_s=0.0)
         return outcome
 
+    # -- SuperNode keys -------------------------------------------------------------------------------------
+    def _public_key(self, device_id: str) -> str | None:
+        with Session(self.devices.engine) as session:
+            device = session.get(Device, device_id)
+            return getattr(device, "flower_public_key", None) if device is not None else None
+
+    def _register(self, superlink: Any, device_id: str) -> bytes:
+        """Register the device's SuperNode key with the SuperLink; returns it (PEM). ValueError without one."""
+        from federated.flower.runtime import supernode_public_key_pem
+
+        key = self._public_key(device_id)
+        if not key:
+            raise ValueError("no SuperNode key on record (enrol the device with `edgefleet agent enroll --train`)")
+        pem = supernode_public_key_pem(key)
+        node_id = superlink.register_supernode(key, name=device_id)
+        log.info("supernode.registered", device_id=device_id, node_id=node_id)
+        return pem
+
+    def unregister(self, device_id: str, public_key: str | None = None) -> bool:
+        """Withdraw a device's SuperNode key from the SuperLink (when the device is deleted: pass its key, read
+        before the row goes). False if the SuperLink is not running or did not know the key; a SuperLink
+        started later starts with no keys (it keeps them in memory)."""
+        from federated.flower.runtime import FlowerControlError
+
+        key = public_key if public_key is not None else self._public_key(device_id)
+        with self._lock:
+            superlink = self._superlink
+        if not key or superlink is None or not self.supernode_auth:
+            return False
+        try:
+            removed = bool(superlink.unregister_supernode(key))
+        except (ValueError, FlowerControlError) as exc:
+            log.warning("supernode.unregister_failed", device_id=device_id, error=str(exc))
+            return False
+        if removed:
+            log.info("supernode.unregistered", device_id=device_id)
+        return removed
+
+    @staticmethod
+    def _add_clock_skews(superlink: Any, outcome: RoundOutcome, keys: dict[bytes, str], since: float) -> None:
+        """A device whose Fleet requests the SuperLink refused for their timestamps dropped out for clock skew:
+        say so rather than "did not connect"."""
+        from federated.flower.fleet_proxy import CLOCK_SKEW_AHEAD_S, CLOCK_SKEW_BEHIND_S
+
+        for pem, skew in superlink.clock_skews(since).items():
+            device_id = keys.get(pem)
+            if device_id is None or device_id in outcome.participants:
+                continue
+            reason = (f"clock skew: the device's clock is {skew:+.0f} s off the control plane's (the SuperLink "
+                      f"accepts -{CLOCK_SKEW_BEHIND_S:g} s to +{CLOCK_SKEW_AHEAD_S:g} s; run NTP on the device)")
+            outcome.refused.pop(device_id, None)
+            outcome.dropped[device_id] = reason
+            log.warning("round.clock_skew", device_id=device_id, skew_s=round(skew))
+
     def _run(self, superlink: Any, round_id: int, data: RoundCreate, invited: list[str], joins: dict[str, str],
-             budget: float, initial_weights: Path | None) -> RoundOutcome:
+             budget: float, initial_weights: Path | None, not_invited: dict[str, str]) -> RoundOutcome:
         run_config: dict[str, str | int | float | bool] = {
             "round-id": str(round_id), "task": data.task, "strategy": str(data.strategy),
             "num-rounds": data.rounds, "min-clients": data.min_clients, "devices": ",".join(invited),
@@ -114,7 +207,7 @@ class FlowerRoundRunner:
         deadline = started + budget
         while True:
             status = superlink.run_status(run_id)
-            refused = self._refusals(joins)
+            refused = {**not_invited, **self._refusals(joins)}
             if status.finished:
                 break
             if len(invited) - len(refused) < data.min_clients:

@@ -1,0 +1,218 @@
+"""Flower, shielded (issue 10 §4): a real SuperLink over TLS with SuperNode authentication, real SuperNodes, the
+Fleet API proxy in front of it. No mocks: the fleet CA and server certificate come from ``controlplane.pki``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+pytest.importorskip("flwr")
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from controlplane.pki import FleetPKI, ServerIdentity
+from federated.flower.fleet_proxy import is_fleet_path
+from federated.flower.runtime import SuperLinkProcess, SuperNodeProcess, supernode_public_key_pem
+from federated.tasks import get_task
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+RUN_TIMEOUT_S = 150.0
+
+
+@pytest.fixture(name="identity", scope="module")
+def fx_identity(tmp_path_factory: pytest.TempPathFactory) -> ServerIdentity:
+    pki = FleetPKI(tmp_path_factory.mktemp("pki"), server_names=["127.0.0.1", "localhost"]).ensure()
+    return pki.server
+
+
+@pytest.fixture(name="partitions", scope="module")
+def fx_partitions(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    task = get_task("digits")
+    directory = tmp_path_factory.mktemp("partitions")
+    paths = []
+    for i, part in enumerate(task.partition(2, 1.0, 0)):
+        path = directory / f"part{i}.npz"
+        task.write_partition(part, path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(name="link")
+def fx_link(tmp_path: Path, identity: ServerIdentity) -> Iterator[SuperLinkProcess]:
+    link = SuperLinkProcess(tmp_path / "superlink", tls=identity, supernode_auth=True, fleet_host="127.0.0.1")
+    link.start()
+    try:
+        yield link
+    finally:
+        link.stop()
+
+
+def _key(path: Path) -> str:
+    """A device's SuperNode key as `edgefleet agent enroll --train` makes it: EC P-384, OpenSSH, 0600; returns the
+    public key (OpenSSH line) the control plane stores."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def _node(link: SuperLinkProcess, root: Path, name: str, data: Path, key_file: Path | None,
+          identity: ServerIdentity, *, address: str | None = None) -> SuperNodeProcess:
+    return SuperNodeProcess(
+        address or link.device_address, device_id=name, data_path=data, flwr_home=root / name,
+        status_path=root / name / "status.json", log_path=root / f"{name}.log",
+        root_certificates=identity.ca_file, auth_key_file=key_file,
+    )
+
+
+class _TokenWatch:
+    """Samples the process list during a run: every Flower app command line seen."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.1):
+            for proc in psutil.process_iter(["cmdline"]):
+                cmd = proc.info.get("cmdline") or []
+                if any(part.endswith(("flwr-serverapp", "flwr-clientapp")) for part in cmd[:2]):
+                    self.seen.append(cmd)
+
+    def __enter__(self) -> _TokenWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_round_over_tls_with_registered_supernodes(link: SuperLinkProcess, identity: ServerIdentity,
+                                                    partitions: list[Path], tmp_path: Path) -> None:
+    names = ["pi-a", "pi-b"]
+    for name in names:
+        node_id = link.register_supernode(_key(tmp_path / f"{name}.key"), name=name)
+        assert link.register_supernode(_pub(tmp_path, name)) == node_id  # idempotent
+    nodes = [_node(link, tmp_path, n, p, tmp_path / f"{n}.key", identity).start() for n, p in zip(names, partitions,
+                                                                                                   strict=True)]
+    results = tmp_path / "results"
+    try:
+        link.wait_for_nodes(2, timeout=60)
+        started = time.monotonic()
+        with _TokenWatch() as watch:
+            run_id = link.submit_run(run_config={
+                "devices": ",".join(names), "num-rounds": 1, "min-clients": 2, "local-epochs": 1,
+                "discovery-timeout-s": 30.0, "round-timeout-s": 60.0, "results-dir": str(results)})
+            status = link.wait_run(run_id, RUN_TIMEOUT_S)
+        duration = time.monotonic() - started
+    finally:
+        for node in nodes:
+            node.stop()
+    assert status.completed, (status, link.run_logs(run_id))
+    report = json.loads((results / f"{run_id}.json").read_text())
+    assert sorted(report["participants"]) == names
+    print(f"round over TLS + SuperNode auth: {duration:.1f} s")
+    # The run token is on no command line: the apps read it from an inherited in-memory file.
+    assert watch.seen, "no Flower app process was seen during the run"
+    assert all("--token" not in cmd and "--token-file" in cmd for cmd in watch.seen), watch.seen[:3]
+
+
+def _pub(tmp_path: Path, name: str) -> str:
+    key = serialization.load_ssh_private_key((tmp_path / f"{name}.key").read_bytes(), None)
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                         serialization.PublicFormat.OpenSSH).decode()
+
+
+def test_unregistered_and_withdrawn_supernodes_are_refused(link: SuperLinkProcess, identity: ServerIdentity,
+                                                           partitions: list[Path], tmp_path: Path) -> None:
+    _key(tmp_path / "stranger.key")  # never registered
+    stranger = _node(link, tmp_path, "stranger", partitions[0], tmp_path / "stranger.key", identity).start()
+    withdrawn_pub = _key(tmp_path / "gone.key")
+    link.register_supernode(withdrawn_pub, name="gone")
+    assert link.unregister_supernode(withdrawn_pub)
+    assert supernode_public_key_pem(withdrawn_pub) not in link.registered_supernodes()
+    gone = _node(link, tmp_path, "gone", partitions[1], tmp_path / "gone.key", identity).start()
+    try:
+        assert stranger.wait(60) not in (None, 0), "a SuperNode with an unregistered key kept running"
+        assert gone.wait(60) not in (None, 0), "a SuperNode whose key was unregistered kept running"
+        assert link.online_nodes() == []
+    finally:
+        stranger.stop()
+        gone.stop()
+
+
+def test_proxy_forwards_the_fleet_api_only(link: SuperLinkProcess, identity: ServerIdentity) -> None:
+    assert link.fleet_proxy is not None
+    base = f"https://{link.device_address}"
+    with httpx.Client(verify=str(identity.ca_file)) as client:
+        for path in ("/v1/control/list-nodes", "/v1/control/register-node", "/v1/control/start-run",
+                     "/v1/fleet/../control/list-nodes", "/v1/fleet/%2e%2e/control/list-nodes",
+                     "/v1/fleet//control/list-nodes", "/health", "/docs", "/v1/fleet/pull-messages?x=1"):
+            response = client.post(base + path, content=b"", headers={"content-type": "application/protobuf"})
+            assert response.status_code in (403, 404), (path, response.status_code)
+        # A Fleet route reaches the SuperLink (which refuses an unsigned request itself), on one kept-alive
+        # connection.
+        for _ in range(3):
+            response = client.post(base + "/v1/fleet/pull-messages", content=b"\x00",
+                                   headers={"content-type": "application/protobuf"})
+            assert response.status_code not in (403, 404, 502), response.status_code
+    # The same Control API call works on loopback for the control plane.
+    assert link.registered_supernodes() == {}
+    assert is_fleet_path(b"/v1/fleet/send-node-heartbeat") and not is_fleet_path(b"/v1/fleet/PULL")
+
+
+def test_plaintext_is_refused(link: SuperLinkProcess, partitions: list[Path], tmp_path: Path) -> None:
+    for address in (link.device_address, link.address):
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(f"http://{address}/v1/fleet/pull-messages", content=b"", timeout=5)
+    plain = SuperNodeProcess(link.device_address, device_id="plain", data_path=partitions[0],
+                             flwr_home=tmp_path / "plain", log_path=tmp_path / "plain.log", max_wait_time_s=20)
+    plain.start()
+    try:
+        assert plain.wait(60) not in (None, 0)
+        assert link.online_nodes() == []
+    finally:
+        plain.stop()
+
+
+def test_clock_skew_is_recorded(link: SuperLinkProcess, identity: ServerIdentity, tmp_path: Path) -> None:
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest
+    from flwr.supercore.primitives.asymmetric import sign_message
+
+    public = _key(tmp_path / "late.key")
+    link.register_supernode(public, name="late")
+    private = serialization.load_ssh_private_key((tmp_path / "late.key").read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    pem = supernode_public_key_pem(public)
+    since = time.time()
+    # What a SuperNode whose clock is 10 minutes slow sends (flwr's signed-timestamp headers).
+    stamp = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)).isoformat()
+    headers: dict[str, Any] = {
+        "content-type": "application/protobuf", "flwr-timestamp": stamp,
+        "flwr-public-key": base64.b64encode(pem).decode(),
+        "flwr-signature": base64.b64encode(sign_message(private, stamp.encode("ascii"))).decode(),
+    }
+    body = ActivateNodeRequest(public_key=pem, heartbeat_interval=30.0).SerializeToString()
+    response = httpx.post(f"https://{link.device_address}/v1/fleet/activate-node", content=body, headers=headers,
+                          verify=str(identity.ca_file))
+    assert response.status_code == 401
+    skews = link.clock_skews(since)
+    assert pem in skews and -610 < skews[pem] < -590
