@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from controlplane.cli import demo, deployments, jobs, profiles, rounds, serve, tasks, tokens
+from controlplane.cli import demo, deployments, jobs, profiles, provisioning, rounds, serve, tasks, tokens
 
 __all__ = ["app", "main"]
 
@@ -16,6 +16,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 app.add_typer(profiles.app, name="profiles")
 app.add_typer(serve.app, name="controlplane")
 app.add_typer(tokens.app, name="tokens")
+app.add_typer(provisioning.app, name="provisioning")
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(rounds.app, name="rounds")
 app.add_typer(rounds.schedules_app, name="schedules")
