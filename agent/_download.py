@@ -76,14 +76,25 @@ def _same_origin_redirects(origin: tuple[str, str, int | None] | None) -> Any:
     return SameOriginRedirects()
 
 
-def _request(url: str, bearer: str | None, headers: dict[str, str], timeout: float) -> Any:
+def _request(url: str, bearer: str | None, headers: dict[str, str], timeout: float,
+             ca_file: str | None = None) -> Any:
     import urllib.request
 
     request = urllib.request.Request(url, headers=headers)
     request.add_header("User-Agent", "edgefleet-agent")
     if bearer:
         request.add_unredirected_header("Authorization", f"Bearer {bearer}")  # not to redirect targets
-    opener = urllib.request.build_opener(_same_origin_redirects(_origin(url)))
+    handlers: list[Any] = [_same_origin_redirects(_origin(url))]
+    if ca_file is not None and url.startswith("https:"):
+        import ssl
+
+        # The control plane is verified against the fleet CA (what --ca-file names), not the system store.
+        try:
+            context = ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise DeployError("download", f"CA file {ca_file}: {exc}") from None
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
     return opener.open(request, timeout=timeout)  # the scheme and origin are checked in resolve_url
 
 
@@ -136,7 +147,7 @@ def fetch_small(url: str, bearer: str | None, policy: DownloadPolicy, what: str)
     failures = 0
     while True:
         try:
-            with _request(url, bearer, {}, policy.stall_timeout_s) as response:
+            with _request(url, bearer, {}, policy.stall_timeout_s, policy.ca_file) as response:
                 data: bytes = response.read(policy.manifest_max_bytes + 1)
             if len(data) > policy.manifest_max_bytes:
                 raise DeployError("manifest", f"{what} is larger than {policy.manifest_max_bytes} bytes")
@@ -183,7 +194,7 @@ def download(url: str, dest: Path, size: int, bearer: str | None, policy: Downlo
         requests += 1
         start = have
         try:
-            with _request(url, bearer, headers, policy.stall_timeout_s) as response:
+            with _request(url, bearer, headers, policy.stall_timeout_s, policy.ca_file) as response:
                 content_range = response.headers.get("Content-Range")
                 if response.status == 206 and _content_range_start(content_range) == have:
                     mode = "ab"

@@ -24,6 +24,7 @@ class DownloadPolicy:
     backoff_max_s: float = 8.0
     manifest_max_bytes: int = 1 << 20
     chunk_bytes: int = 64 * 1024
+    ca_file: str | None = None  # HTTPS: the CA the control plane is verified against (default: the system store)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,11 @@ class AgentSettings:
     # The only host whose Flower SuperLink a join_round may name (a SuperLink runs its ClientApp code here).
     # Default: the control plane's host (controlplane_url), else the broker's.
     superlink_host: str | None = None
+    # The CA (bundle) the broker, the control plane and the SuperLink are verified against (--ca-file); None:
+    # the system store. The broker address and the download policy carry it too.
+    ca_file: Path | None = None
+    # The device's Flower SuperNode key (EC P-384, from enrolment) for SuperLink node authentication.
+    supernode_auth_key_file: Path | None = None
     inflight_window: int = 100
     # The control plane's ed25519 public key (raw 32 bytes): only models signed with it are accepted.
     signing_key: bytes | None = None

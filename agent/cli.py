@@ -5,33 +5,56 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib
+import importlib.util
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
 
-def _parser() -> argparse.ArgumentParser:
+# Subcommands other modules provide (``add_parser(subparsers)``, ``run(args) -> int``), imported only when present:
+# this parser works on an install that lacks one.
+_PLUGGED: tuple[tuple[str, str], ...] = (("enroll", "agent.enroll"), ("install", "agent.install"))
+
+
+def _parser(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
+    """The parser; the plugged subcommands' modules are imported unless ``command`` is ``run`` (the device process
+    carries none of enrolment's imports)."""
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="edgefleet agent", description="The EdgeFleet device agent.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="Run the device agent until SIGTERM/SIGINT.",
                          description="Run the device agent until SIGTERM/SIGINT. Every option also reads the "
-                                     "environment variable named in brackets.")
+                                     "environment variable named in brackets; flags and variables override "
+                                     "--config.")
+    run.add_argument("--config", type=Path, default=env("EDGEFLEET_AGENT_CONFIG"),
+                     help="the device config (TOML) `edgefleet agent enroll` wrote; its relative paths are relative "
+                          "to its directory [EDGEFLEET_AGENT_CONFIG]")
     run.add_argument("--device-id", default=env("EDGEFLEET_DEVICE_ID"), help="this device's id [EDGEFLEET_DEVICE_ID]")
     run.add_argument("--profile", default=env("EDGEFLEET_PROFILE"), help="firmware profile name [EDGEFLEET_PROFILE]")
-    run.add_argument("--broker", default=env("EDGEFLEET_BROKER_URL", "mqtt://127.0.0.1:1883"),
-                     help="mqtt[s]://host:port[?protocol=5|3.1.1] [EDGEFLEET_BROKER_URL]")
+    run.add_argument("--broker", default=env("EDGEFLEET_BROKER_URL"),
+                     help="mqtt[s]://host:port[?protocol=5|3.1.1] [EDGEFLEET_BROKER_URL; default "
+                          f"{_DEFAULT_BROKER}]")
     run.add_argument("--username", default=env("EDGEFLEET_MQTT_USERNAME"),
                      help="broker username, default: the device id [EDGEFLEET_MQTT_USERNAME]")
     run.add_argument("--password", default=env("EDGEFLEET_MQTT_PASSWORD"),
                      help="broker password; prefer the variable [EDGEFLEET_MQTT_PASSWORD]")
+    run.add_argument("--ca-file", type=Path, default=env("EDGEFLEET_CA_FILE"),
+                     help="the CA (the fleet CA from enrolment) the broker and the control plane are verified "
+                          "against [EDGEFLEET_CA_FILE; default: the system store]")
+    run.add_argument("--tls-cert", type=Path, default=env("EDGEFLEET_TLS_CERT"),
+                     help="this device's client certificate (CN = device id): its identity on an mqtts:// broker, "
+                          "no password needed [EDGEFLEET_TLS_CERT]")
+    run.add_argument("--tls-key", type=Path, default=env("EDGEFLEET_TLS_KEY"),
+                     help="the client certificate's private key [EDGEFLEET_TLS_KEY]")
     run.add_argument("--controlplane", default=env("EDGEFLEET_CONTROLPLANE_URL"),
                      help="the control plane this device was enrolled with; models are downloaded only from "
                           "its scheme, host and port [EDGEFLEET_CONTROLPLANE_URL]")
-    run.add_argument("--task", default=env("EDGEFLEET_TASK", "digits"),
+    run.add_argument("--task", default=env("EDGEFLEET_TASK"),
                      help="the task this device runs; models released for another task are refused "
                           "(default: digits, the shipped starter model's) [EDGEFLEET_TASK]")
     run.add_argument("--data-dir", type=Path, default=Path(env("EDGEFLEET_DATA_DIR", "./edgefleet-agent")),
@@ -54,23 +77,64 @@ def _parser() -> argparse.ArgumentParser:
                           "[EDGEFLEET_SUPERLINK_HOST; default: the --controlplane host, else the broker's]")
     run.add_argument("--outbox-max-mb", type=float, default=16.0, help="outbox bound in MiB, oldest dropped first")
     run.add_argument("--log-level", default=env("EDGEFLEET_LOG_LEVEL", "info"), help="[EDGEFLEET_LOG_LEVEL]")
-    return parser
+    plugged: dict[str, Any] = {}
+    for name, module_name in _PLUGGED:
+        if command == "run" or importlib.util.find_spec(module_name) is None:
+            continue
+        module = importlib.import_module(module_name)
+        module.add_parser(sub)
+        plugged[name] = module
+    return parser, plugged
+
+
+_DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `agent ...` arguments (without the leading `agent`) and run; returns the exit code."""
-    parser = _parser()
+    words = sys.argv[1:] if argv is None else argv
+    parser, plugged = _parser(next((w for w in words if not w.startswith("-")), None))
     args = parser.parse_args(argv)
+    if args.command in plugged:
+        return int(plugged[args.command].run(args))
     given = sys.argv[1:] if argv is None else argv
     if any(a == "--password" or a.startswith("--password=") for a in given) or _url_has_password(args.broker):
         print("warning: the broker password is on the command line, where other users see it in the process "
               "list; use EDGEFLEET_MQTT_PASSWORD instead", file=sys.stderr)
+    password: str | None = args.password
+    auth_key_file: Path | None = None
+    if args.config is not None:
+        from agent._errors import ConfigError
+        from agent.config import load_device_config
+
+        try:
+            config = load_device_config(args.config)
+            if password is None and args.username is None:  # a flag-given user brings its own password
+                password = config.mqtt_password()
+        except ConfigError as exc:
+            parser.exit(2, f"error: {exc}\n")
+        for key in config.unknown:
+            print(f"warning: config file {config.path}: unknown key {key} ignored", file=sys.stderr)
+        # Flags and variables win over the file.
+        for name, value in (("device_id", config.device_id), ("profile", config.profile),
+                            ("broker", config.broker), ("controlplane", config.controlplane),
+                            ("task", config.task), ("signing_key", config.signing_key),
+                            ("superlink_host", config.superlink_host), ("ca_file", config.ca_file),
+                            ("tls_cert", config.tls_cert_file), ("tls_key", config.tls_key_file),
+                            ("username", config.mqtt_username)):
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        auth_key_file = config.flower_auth_key_file
+    args.broker = args.broker or _DEFAULT_BROKER
+    args.task = args.task or "digits"
     for name in ("device_id", "profile"):
         if not getattr(args, name):
-            parser.error(f"--{name.replace('_', '-')} is required (or EDGEFLEET_{name.upper()})")
+            parser.error(f"--{name.replace('_', '-')} is required (or EDGEFLEET_{name.upper()}, or --config)")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     try:
         from agent._daemon import Agent
-        from agent._settings import AgentSettings
+        from agent._settings import AgentSettings, DownloadPolicy
         from agent._telemetry import PowerMode
         from agent.logsetup import configure_logging
         from agent.mqtt import parse_broker_url
@@ -94,15 +158,26 @@ def main(argv: list[str] | None = None) -> int:
             signing_key = b""
         if len(signing_key) != 32:
             parser.exit(2, "error: --signing-key must be a base64 ed25519 public key (32 bytes)\n")
+    ca_file = str(args.ca_file) if args.ca_file is not None else None
+    address = address.with_tls(ca_file=ca_file, cert_file=_str(args.tls_cert), key_file=_str(args.tls_key))
+    if address.tls:
+        try:  # a missing or mismatched TLS file is one line now, not a reconnect loop later
+            address.ssl_context()
+        except ValueError as exc:
+            parser.exit(2, f"error: {exc}\n")
+    elif args.tls_cert is not None:
+        parser.exit(2, f"error: --tls-cert needs an mqtts:// broker (got {address.url})\n")
     configure_logging(args.log_level, structlog=False)  # the device process never imports structlog
+    # With a client certificate the broker takes the identity from it (CN = device id): no password.
     address = address.with_credentials(args.username or address.username or args.device_id,
-                                       args.password or address.password)
+                                       password or address.password)
     settings = AgentSettings(
         device_id=args.device_id, profile=profile, broker=address, data_dir=args.data_dir,
         controlplane_url=args.controlplane, task=args.task, telemetry_interval_s=args.telemetry_interval,
         inference_rate_hz=args.inference_rate, power_mode=PowerMode(args.power_source), model_path=args.model,
         data_path=args.data, train_data_path=Path(args.train_data) if args.train_data else None,
         superlink_host=args.superlink_host, outbox_max_bytes=int(args.outbox_max_mb * 2**20), signing_key=signing_key,
+        ca_file=args.ca_file, supernode_auth_key_file=auth_key_file, download=DownloadPolicy(ca_file=ca_file),
     )
     try:
         agent = Agent(settings)
@@ -112,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     agent.run()
     return 0
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _url_has_password(url: str | None) -> bool:
