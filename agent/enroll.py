@@ -6,7 +6,8 @@ its Flower SuperNode (only the public half is sent). The data directory (0700) t
 
     agent.toml      the device config (relative paths: relative to its directory)
     ca.pem          the fleet CA bundle: what the broker and the control plane are verified against
-    device.key      0600, the TLS client key          device.crt   its certificate
+    device.key      0600, the TLS client key          device.crt   its certificate (named in agent.toml's [tls]
+                    when the broker is mqtts://: a plaintext broker has no use for it)
     mqtt-password   0600, the broker password (the simpler identity; it works alongside the certificate)
     supernode.key   0600, OpenSSH EC P-384 (``flower-supernode --auth-supernode-private-key``), with --train
 
@@ -299,7 +300,10 @@ def _write(data_dir: Path, enrolled: dict[str, Any], keys: _Keys, *, controlplan
     write_atomic(data_dir / PASSWORD_FILE, str(enrolled["mqtt_password"]).encode(), mode=0o600)
     if keys.supernode_key is not None:
         write_atomic(data_dir / SUPERNODE_KEY, keys.supernode_key, mode=0o600)
-    text = toml_config(enrolled, controlplane=controlplane, task=task, certificate=bool(cert_pem),
+    # The certificate is an identity on a TLS broker only: on a plaintext one (loopback development) the config
+    # names the password alone, which `agent run` accepts there.
+    tls_broker = str(enrolled["broker_url"]).lower().startswith("mqtts://")
+    text = toml_config(enrolled, controlplane=controlplane, task=task, certificate=bool(cert_pem) and tls_broker,
                        train=keys.supernode_key is not None)
     write_atomic(data_dir / CONFIG, text.encode(), mode=public)
 

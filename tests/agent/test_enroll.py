@@ -123,9 +123,10 @@ def test_enroll_over_https_writes_a_config_whose_credentials_connect(
     assert config["profile"] == "raspberry-pi-4" and config["task"] == "digits"
     assert config["controlplane"] == served.https
     assert config["signing_key"] == served.fleet.signer.public_key_b64
-    for name in (config["ca_file"], *config["tls"].values(), config["mqtt"]["password_file"],
-                 config["flower"]["auth_key_file"]):
+    for name in (config["ca_file"], config["mqtt"]["password_file"], config["flower"]["auth_key_file"]):
         assert (data_dir / name).is_file(), name
+    # the embedded broker here is plaintext (loopback): the certificate is written but not named as an identity
+    assert config["broker"].startswith("mqtt://") and "tls" not in config
     assert not list(data_dir.glob(".*.tmp"))
     # the certificate names this device, is the fleet CA's, and is for the key generated here
     cert = x509.load_pem_x509_certificate((data_dir / "device.crt").read_bytes())
@@ -253,6 +254,18 @@ def fx_tls_mosquitto(served: Served, tmp_path: Path) -> Iterator[int]:
         yield port
     finally:
         stop_process(process)
+
+
+def test_config_names_the_certificate_for_a_tls_broker() -> None:
+    # Prepare
+    enrolled = {"device_id": "pi-1", "profile": "raspberry-pi-4", "broker_url": "mqtts://cp.example:8883",
+                "signing_public_key": 'k"\\\n', "mqtt_username": "pi-1"}
+    # Execute
+    config = tomllib.loads(agent_enroll.toml_config(enrolled, controlplane="https://cp.example:8443", task="digits",
+                                                    certificate=True, train=False))
+    # Assert: escaped strings read back as written
+    assert config["tls"] == {"cert_file": "device.crt", "key_file": "device.key"}
+    assert config["signing_key"] == 'k"\\\n' and "flower" not in config
 
 
 def test_enrolled_certificate_is_a_broker_identity(served: Served, tls_mosquitto: int, tmp_path: Path) -> None:
