@@ -125,8 +125,8 @@ class TrustStore:
             trusted = _trusted(data)
             statement = signed.statement
             known = data["keys"].get(statement.new_key_id)
-            if known is not None and known.get("rotation") == statement.number:
-                return self._summary(data)  # the same statement again (a re-sent command): nothing changes
+            if known is not None and known.get("rotation") == statement.number == data["rotation"]:
+                return self._summary(data)  # the latest statement again (a re-sent command): nothing changes
             try:
                 statement, new_key = verify_key_transition(signed, trusted)
             except ManifestError as exc:

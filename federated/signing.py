@@ -89,7 +89,7 @@ class KeyRotation(msgspec.Struct, kw_only=True):
     new_public_key: str  # base64
     issued_at: int
     status: RotationStatus = RotationStatus.IN_PROGRESS
-    completed_at: int | None = None
+    completed_at: float | None = None  # unix seconds, not rounded: devices enrolled after it need no statement
     transition: SignedKeyTransition
     retirement: SignedKeyRetirement | None = None
 
@@ -341,14 +341,15 @@ class Signer:
             if last is None or last.status is not RotationStatus.IN_PROGRESS:
                 raise SigningKeyError("no signing-key rotation is in progress (start one with `keys rotate`)")
             new = self._private_key(last.number)
-            issued = int(now if now is not None else time.time())
+            completed = now if now is not None else time.time()
+            issued = int(completed)
             statement = KeyRetirement(number=last.number, retired_key_id=last.old_key_id,
                                       new_key_id=last.new_key_id, issued_at=issued)
             last.retirement = SignedKeyRetirement(
                 statement=statement,
                 signature=base64.b64encode(new.sign(key_retirement_bytes(statement))).decode("ascii"),
                 key_id=self._key_id_of(new))
-            last.status, last.completed_at = RotationStatus.COMPLETE, issued
+            last.status, last.completed_at = RotationStatus.COMPLETE, completed
             state.active = last.number
             self._save_state(state)
         log.info("signing-key rotation %d complete: %s signs, %s is retired", last.number, last.new_key_id,

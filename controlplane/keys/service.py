@@ -84,7 +84,7 @@ def _connected_at(device: Device) -> datetime | None:
     return datetime.fromtimestamp(ts, UTC) if isinstance(ts, int | float) and ts > 0 else None
 
 
-def _at(ts: int | None) -> datetime | None:
+def _at(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC)
 
 
@@ -246,9 +246,9 @@ class KeyService:
         active = self.signer.key_id
         manifests = releases = 0
         with Session(self.engine) as session:
-            artifacts = session.exec(select(ModelArtifactRecord)
-                                     .where(col(ModelArtifactRecord.signed_manifest).is_not(None)))
-            for artifact in artifacts:
+            for artifact in session.exec(select(ModelArtifactRecord)):
+                if not artifact.signed_manifest:  # a variant the gate rejected (JSON null, not SQL NULL)
+                    continue
                 signed = decode_signed(msgspec.json.encode(artifact.signed_manifest))
                 if signed.key_id != active:
                     artifact.signed_manifest = msgspec.to_builtins(self.signer.sign(signed.manifest))

@@ -1,0 +1,353 @@
+"""Signing-key rotation (issue 10 §5) over a real control plane (app, broker, SQLite and PostgreSQL) and devices that
+answer the rotation commands with the agent's own handler (agent._trust) and trust store, and verify releases with
+the agent's own checks (agent._verify): the key is learned, acknowledged, switched, the old one retired; forged and
+replayed statements are refused; an absent device catches up; completion waits for every device unless forced."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from litestar.testing import TestClient
+from sqlmodel import Session, select
+
+from agent import protocol as wire
+from agent._errors import DeployError
+from agent._settings import AgentSettings
+from agent._trust import TrustStore, handle_key_command, trust_store_for
+from agent._verify import verify_signed_release
+from agent.manifest import (
+    KeyTransition,
+    Release,
+    SignedKeyRetirement,
+    SignedKeyTransition,
+    SignedRelease,
+    key_id,
+    key_retirement_bytes,
+    key_transition_bytes,
+    release_bytes,
+    verify_signature,
+)
+from agent.mqtt import MqttProtocol, make_client, parse_broker_url
+from controlplane.app import create_app
+from controlplane.auth import Role, create_token
+from controlplane.db import DeploymentReleaseRecord
+from controlplane.deployments.schemas import DeploymentCreate, Targets
+from controlplane.devices.schemas import DeviceCreate
+from controlplane.wiring import Fleet
+from federated.signing import PRIVATE_KEY_FILE, Signer
+from firmware_profiles import get_profile
+from tests._services import fx_fleet, wait_for  # noqa: F401 - fx_fleet
+from tests.controlplane.test_models_deployments import register_starter
+
+pytestmark = pytest.mark.integration
+
+PROFILE = "raspberry-pi-5"
+
+
+class Device:
+    """A device on the real broker whose signing-key commands are answered by the agent's own handler
+    (:func:`agent._trust.handle_key_command`, with its trust store in ``data_dir``), acked as the agent acks.
+    It is a :class:`agent.commands.CommandContext` for that handler. Other commands are left unanswered."""
+
+    def __init__(self, broker_url: str, device_id: str, data_dir: Path, signing_key: bytes) -> None:
+        address = parse_broker_url(broker_url)
+        self.device_id = device_id
+        self.settings = AgentSettings(device_id=device_id, profile=get_profile(PROFILE), broker=address,
+                                      data_dir=data_dir, signing_key=signing_key)
+        self.address = address
+        self.acks: list[wire.Ack] = []
+        self.client: mqtt.Client | None = None
+
+    @property
+    def models(self) -> Any:
+        raise AssertionError("signing-key commands do not touch the model")
+
+    def wait_for_stop(self, timeout: float) -> bool:
+        return False
+
+    @property
+    def store(self) -> TrustStore:
+        return trust_store_for(self.settings.data_dir, self.settings.signing_key)
+
+    def _state(self, online: bool) -> bytes:
+        return wire.encode(wire.State(device_id=self.device_id, online=online, ts=time.time()))
+
+    def connect(self) -> None:
+        """Come online with a fresh broker session (nothing queued for it), subscribe, announce itself."""
+        client = make_client(self.address, f"test-{self.device_id}-{uuid.uuid4().hex[:6]}",
+                             protocol=MqttProtocol.V5)
+        client.on_message = self._on_message
+        client.will_set(wire.topic(self.device_id, wire.Channel.STATE), self._state(False), qos=1, retain=True)
+        subscribed = threading.Event()
+        client.on_subscribe = lambda *a: subscribed.set()
+        client.connect(self.address.host, self.address.port)
+        client.subscribe(wire.topic(self.device_id, wire.Channel.CMD), qos=1)
+        client.loop_start()
+        assert subscribed.wait(5)
+        client.publish(wire.topic(self.device_id, wire.Channel.STATE), self._state(True), qos=1,
+                       retain=True).wait_for_publish(5)
+        self.client = client
+
+    def disconnect(self) -> None:
+        if self.client is not None:
+            self.client.publish(wire.topic(self.device_id, wire.Channel.STATE), self._state(False), qos=1,
+                                retain=True).wait_for_publish(5)
+            self.client.disconnect()
+            self.client.loop_stop()
+            self.client = None
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        command = wire.decode(msg.payload, wire.Command)
+        if command.kind not in (wire.CommandKind.TRUST_SIGNING_KEY, wire.CommandKind.RETIRE_SIGNING_KEY):
+            return
+        ok, reason, result = handle_key_command(self, command)
+        ack = wire.Ack(device_id=self.device_id, command_id=command.command_id, ok=ok, reason=reason,
+                       result=result, ts=time.time())
+        self.acks.append(ack)
+        client.publish(wire.topic(self.device_id, wire.Channel.ACK), wire.encode(ack), qos=1)
+
+
+@pytest.fixture(name="devices")
+def fx_devices(fleet: Fleet, mosquitto_url: str, tmp_path: Path) -> Iterator[dict[str, Device]]:
+    made: dict[str, Device] = {}
+    key = fleet.signer.public_key_raw
+    for name in ("rot-a", "rot-b", "rot-c"):
+        fleet.devices.enroll(DeviceCreate(device_id=name, profile=PROFILE))
+        made[name] = Device(mosquitto_url, name, tmp_path / name, key)
+    yield made
+    for device in made.values():
+        device.disconnect()
+
+
+@pytest.fixture(name="api")
+def fx_api(fleet: Fleet) -> Iterator[tuple[TestClient[Any], dict[str, str], dict[str, str]]]:
+    _, admin = create_token(fleet.engine, Role.ADMIN)
+    _, viewer = create_token(fleet.engine, Role.VIEWER)
+    with TestClient(app=create_app(fleet=fleet)) as client:
+        yield client, {"Authorization": f"Bearer {admin}"}, {"Authorization": f"Bearer {viewer}"}
+
+
+def _status(client: TestClient[Any], headers: dict[str, str]) -> dict[str, Any]:
+    response = client.get("/api/v1/keys", headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def _release_of(fleet: Fleet, deployment_id: int) -> bytes:
+    with Session(fleet.engine) as session:
+        row = session.exec(select(DeploymentReleaseRecord)
+                           .where(DeploymentReleaseRecord.deployment_id == deployment_id)).first()
+        assert row is not None
+        return msgspec.json.encode(row.signed_release)
+
+
+def test_rotation_switches_the_fleet_to_the_new_key_and_retires_the_old(
+        fleet: Fleet, devices: dict[str, Device], api: tuple[TestClient[Any], dict[str, str], dict[str, str]]) -> None:
+    # Prepare: three devices online, a model version in the registry, a release signed by the first key
+    client, admin, viewer = api
+    for device in devices.values():
+        device.connect()
+    register_starter(fleet, "m1", {"fp32": 0.975, "full-int8": 0.975})
+    old_key_id = fleet.signer.key_id
+    before = fleet.deployments.create(DeploymentCreate(model_version="m1", targets=Targets(device_ids=["rot-a"])))
+    old_release = _release_of(fleet, before.id)
+
+    # Execute: rotate; every device learns the new key
+    assert client.post("/api/v1/keys/rotate", headers=viewer).status_code == 403
+    response = client.post("/api/v1/keys/rotate", headers=admin)
+    assert response.status_code == 201, response.text
+    rotation = response.json()["rotation"]
+    new_key_id = rotation["new_key_id"]
+    assert (rotation["number"], rotation["old_key_id"], rotation["status"]) == (1, old_key_id, "in_progress")
+    assert client.post("/api/v1/keys/rotate", headers=admin).status_code == 409  # one rotation at a time
+    wait_for(lambda: _status(client, viewer)["rotation"]["acknowledged"] == 3, what="every device trusts the key")
+
+    # Assert: still signing with the old key, which devices still accept
+    assert fleet.signer.key_id == old_key_id
+    during = fleet.deployments.create(DeploymentCreate(model_version="m1", targets=Targets(device_ids=["rot-b"])))
+    assert msgspec.json.decode(_release_of(fleet, during.id))["key_id"] == old_key_id
+    for device in devices.values():
+        assert sorted(device.store.trusted().keys) == sorted([old_key_id, new_key_id])
+        verify_signed_release(_release_of(fleet, during.id), device.store.trusted())
+
+    content = msgspec.json.decode(_release_of(fleet, during.id))["release"]
+
+    # Execute: complete; every device retires the old key
+    response = client.post("/api/v1/keys/rotate/complete", headers=admin, json={})
+    assert response.status_code == 200, response.text
+    assert response.json()["active_key_id"] == new_key_id
+    wait_for(lambda: _status(client, viewer)["rotation"]["retired"] == 3, what="every device retired the old key")
+
+    # Assert: a new deployment is signed by the new key and every device accepts it
+    status = _status(client, viewer)
+    assert status["rotation"]["status"] == "complete" and status["rotation"]["pending"] == []
+    assert {k["key_id"]: k["state"] for k in status["keys"]} == {old_key_id: "retired", new_key_id: "active"}
+    assert client.get("/api/v1/signing-key", headers=viewer).json()["key_id"] == new_key_id
+    after = fleet.deployments.create(DeploymentCreate(model_version="m1", targets=Targets(device_ids=["rot-c"])))
+    new_release = _release_of(fleet, after.id)
+    assert msgspec.json.decode(new_release)["key_id"] == new_key_id
+    for device in devices.values():
+        assert verify_signed_release(new_release, device.store.trusted()).deployment_id == after.id
+        assert device.acks[-1].result["trusted_key_ids"] == [new_key_id]
+    # ... what was stored is re-signed with the new key, content unchanged: manifests, active releases
+    new_public = fleet.signer.public_key_raw
+    for variant in ("fp32", "full-int8"):
+        manifest = fleet.models.signed_manifest("m1", variant)
+        assert manifest.key_id == new_key_id
+        verify_signature(manifest, new_public)
+    resigned = msgspec.json.decode(_release_of(fleet, during.id))
+    assert resigned["key_id"] == new_key_id
+    assert resigned["release"] == content
+    verify_signed_release(_release_of(fleet, during.id), devices["rot-b"].store.trusted())
+
+    # Assert: a release signed by the retired key is refused, the reason naming the key
+    for release_json in (old_release, _forge_release_with_old_key(fleet, msgspec.json.decode(new_release))):
+        with pytest.raises(DeployError) as refused:
+            verify_signed_release(release_json, devices["rot-a"].store.trusted())
+        assert refused.value.stage == "signature"
+        assert f"retired key {old_key_id}" in refused.value.reason, refused.value.reason
+    # ... also after the device restarts: its trust store is on disk, the enrolment key stays retired
+    restarted = trust_store_for(devices["rot-a"].settings.data_dir, devices["rot-a"].settings.signing_key)
+    assert list(restarted.trusted().keys) == [new_key_id]
+
+
+def _forge_release_with_old_key(fleet: Fleet, signed: dict[str, Any]) -> bytes:
+    """The new release signed by the retired key (the attacker who kept a copy of it)."""
+    pem = (fleet.signer.key_dir / PRIVATE_KEY_FILE).read_bytes()
+    old = serialization.load_pem_private_key(pem, password=None)
+    assert isinstance(old, Ed25519PrivateKey)
+    release = msgspec.convert(signed["release"], Release)
+    public = old.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    forged = SignedRelease(release=release, signature=base64.b64encode(old.sign(release_bytes(release))).decode(),
+                           key_id=key_id(public))
+    return msgspec.json.encode(forged)
+
+
+@pytest.mark.slow  # the control plane's sweep (every 2 s) re-sends to the device coming back
+def test_completion_waits_for_every_device_and_an_absent_one_catches_up(
+        fleet: Fleet, devices: dict[str, Device], api: tuple[TestClient[Any], dict[str, str], dict[str, str]],
+        mosquitto_url: str, tmp_path: Path) -> None:
+    # Prepare: rot-a and rot-b online; rot-c has never connected (no broker session: nothing waits for it)
+    client, admin, viewer = api
+    devices["rot-a"].connect()
+    devices["rot-b"].connect()
+
+    # Execute
+    new_key_id = client.post("/api/v1/keys/rotate", headers=admin).json()["rotation"]["new_key_id"]
+    wait_for(lambda: _status(client, viewer)["rotation"]["acknowledged"] == 2, what="online devices trust it")
+    # ... a device enrolled during the rotation (with the key that signs now) gets it too
+    fleet.devices.enroll(DeviceCreate(device_id="rot-late", profile=PROFILE))
+    late = Device(mosquitto_url, "rot-late", tmp_path / "rot-late", fleet.signer.public_key_raw)
+    late.connect()
+    try:
+        wait_for(lambda: _status(client, viewer)["rotation"]["acknowledged"] == 3, what="the late device")
+        refused = client.post("/api/v1/keys/rotate/complete", headers=admin, json={"force": False})
+
+        # Assert: refused, naming the device that has not acknowledged; status lists it with why
+        assert refused.status_code == 409, refused.text
+        assert "1 device(s) have not acknowledged" in refused.json()["detail"]
+        assert "rot-c" in refused.json()["detail"]
+        pending = _status(client, viewer)["rotation"]["pending"]
+        assert [p["device_id"] for p in pending] == ["rot-c"]
+        assert pending[0]["step"] == "trust" and pending[0]["online"] is False
+        assert fleet.signer.key_id != new_key_id  # nothing switched
+
+        # Execute: rot-c comes online (fresh session): the control plane sends the key again
+        devices["rot-c"].connect()
+        wait_for(lambda: _status(client, viewer)["rotation"]["acknowledged"] == 4, what="rot-c catches up")
+        assert new_key_id in devices["rot-c"].store.trusted().keys
+        response = client.post("/api/v1/keys/rotate/complete", headers=admin)
+        assert response.status_code == 200, response.text
+        wait_for(lambda: _status(client, viewer)["rotation"]["retired"] == 4, what="all retired the old key")
+    finally:
+        late.disconnect()
+
+
+@pytest.mark.slow  # the control plane's sweep (every 2 s) re-sends to the device coming back
+def test_forced_completion_reaches_a_device_that_was_away_in_order(
+        fleet: Fleet, devices: dict[str, Device], api: tuple[TestClient[Any], dict[str, str], dict[str, str]]) -> None:
+    # Prepare: rot-a and rot-c online, rot-b away for the whole rotation
+    client, admin, viewer = api
+    devices["rot-a"].connect()
+    devices["rot-c"].connect()
+    old_key_id = fleet.signer.key_id
+    client.post("/api/v1/keys/rotate", headers=admin)
+    wait_for(lambda: _status(client, viewer)["rotation"]["acknowledged"] == 2, what="online devices trust it")
+
+    # Execute: completed by force; rot-b comes back afterwards
+    response = client.post("/api/v1/keys/rotate/complete", headers=admin, json={"force": True})
+    assert response.status_code == 200, response.text
+    new_key_id = response.json()["active_key_id"]
+    devices["rot-b"].connect()
+    wait_for(lambda: _status(client, viewer)["rotation"]["retired"] == 3, what="rot-b learns, then retires")
+
+    # Assert: it got the key first, then the retirement (which it could not have accepted before)
+    kinds = [(a.ok, a.result.get("trusted_key_ids")) for a in devices["rot-b"].acks]
+    assert kinds == [(True, sorted([old_key_id, new_key_id])), (True, [new_key_id])]
+
+
+def test_forged_and_replayed_statements_are_refused(tmp_path: Path) -> None:
+    # Prepare: a control plane's key through two rotations, a device enrolled with the first key
+    signer = Signer(tmp_path / "keys")
+    first = signer.public_key_raw
+    signer.begin_rotation()
+    one = signer.complete_rotation()
+    two = signer.begin_rotation()
+    device = Device("mqtt://127.0.0.1:1", "rot-x", tmp_path / "device", first)
+
+    def answer(kind: wire.CommandKind, statement: Any) -> tuple[bool, str | None, dict[str, Any]]:
+        command = wire.Command(command_id=uuid.uuid4().hex, kind=kind,
+                               args={"rotation": statement.statement.number,
+                                     "statement": msgspec.to_builtins(statement)})
+        return handle_key_command(device, command)
+
+    # Execute / Assert: rotation 2's statement is signed by key 1, which the device does not know yet
+    ok, reason, _ = answer(wire.CommandKind.TRUST_SIGNING_KEY, two.transition)
+    assert not ok and f"signed by key {one.new_key_id}" in (reason or ""), reason
+    # ... a statement signed by an outsider's key, claiming to come from the trusted key
+    outsider = Ed25519PrivateKey.generate()
+    outsider_public = outsider.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    forged = KeyTransition(number=5, new_public_key=base64.b64encode(outsider_public).decode(),
+                           new_key_id=key_id(outsider_public), old_key_id=key_id(first), issued_at=int(time.time()))
+    signature = base64.b64encode(outsider.sign(key_transition_bytes(forged))).decode()
+    for claimed in (key_id(outsider_public), key_id(first)):
+        ok, reason, result = answer(wire.CommandKind.TRUST_SIGNING_KEY,
+                                    SignedKeyTransition(statement=forged, signature=signature, key_id=claimed))
+        assert not ok, claimed
+        assert "signed by key" in (reason or "") or "bad signature" in (reason or ""), reason
+        assert result["trusted_key_ids"] == [key_id(first)]
+    # ... a retirement signed by the key it retires, not the new one
+    assert one.retirement is not None
+    first_private = serialization.load_pem_private_key((signer.key_dir / PRIVATE_KEY_FILE).read_bytes(), None)
+    assert isinstance(first_private, Ed25519PrivateKey)
+    by_old = SignedKeyRetirement(
+        statement=one.retirement.statement, key_id=key_id(first),
+        signature=base64.b64encode(first_private.sign(key_retirement_bytes(one.retirement.statement))).decode())
+    ok, reason, _ = answer(wire.CommandKind.RETIRE_SIGNING_KEY, by_old)
+    assert not ok and f"must be signed by the new key {one.new_key_id}" in (reason or ""), reason
+    # the genuine statements, in order, are accepted
+    assert answer(wire.CommandKind.TRUST_SIGNING_KEY, one.transition)[0]
+    assert answer(wire.CommandKind.RETIRE_SIGNING_KEY, one.retirement)[0]
+    assert answer(wire.CommandKind.TRUST_SIGNING_KEY, two.transition)[0]
+    assert answer(wire.CommandKind.TRUST_SIGNING_KEY, two.transition)[0]  # a re-send: acked again, no change
+    # ... and the older statement replayed is refused (its signer, the first key, is retired by now)
+    ok, reason, result = answer(wire.CommandKind.TRUST_SIGNING_KEY, one.transition)
+    assert not ok and f"retired key {key_id(first)}" in (reason or ""), reason
+    assert result["rotation"] == 2
+    assert sorted(result["trusted_key_ids"]) == sorted([one.new_key_id, two.new_key_id])
+    # ... a retirement that was not signed by the new key of its rotation
+    bad = SignedKeyRetirement(statement=msgspec.structs.replace(one.retirement.statement, number=2),
+                              signature=one.retirement.signature, key_id=one.retirement.key_id)
+    ok, reason, _ = answer(wire.CommandKind.RETIRE_SIGNING_KEY, bad)
+    assert not ok and "bad signature" in (reason or ""), reason
