@@ -351,3 +351,62 @@ def test_forged_and_replayed_statements_are_refused(tmp_path: Path) -> None:
                               signature=one.retirement.signature, key_id=one.retirement.key_id)
     ok, reason, _ = answer(wire.CommandKind.RETIRE_SIGNING_KEY, bad)
     assert not ok and "bad signature" in (reason or ""), reason
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_real_agents_active_model_survives_the_retirement_of_its_signing_key_and_a_restart(
+        fleet: Fleet, tmp_path: Path) -> None:
+    # Prepare: a served control plane; a real agent installs a release signed by the first key
+    from controlplane.demo import _Server
+    from controlplane.keys import KeyService
+    from tests._services import free_port
+    from tests.controlplane.test_rollout_e2e import start_agent, stop
+
+    register_starter(fleet, "m1", {"fp32": 0.975, "full-int8": 0.975}, real_golden=True)
+    creds = fleet.devices.enroll(DeviceCreate(device_id="pi5-keys", profile=PROFILE))
+    data_dir = tmp_path / "pi5"
+    old_key_id = fleet.signer.key_id
+    port = free_port()
+    with _Server(create_app(fleet=fleet), port):
+        url = f"http://127.0.0.1:{port}"
+        agent = start_agent(creds, url, data_dir)
+        try:
+            wait_for(lambda: fleet.devices.get("pi5-keys").online, what="the agent online")
+            fleet.deployments.create(DeploymentCreate(model_version="m1", targets=Targets(all=True)))
+            wait_for(lambda: (fleet.devices.get("pi5-keys").reported_state or {}).get("active_model") == "m1",
+                     timeout=90, what="the agent reports m1")
+        finally:
+            stop(agent)
+
+        # Execute: the rotation, its statements applied to the agent's own data dir by the agent's handler (as
+        # the running agent does once agent._daemon dispatches the two kinds), completed: the key that signed
+        # the installed release is retired on the device
+        keys = KeyService(fleet.engine, fleet.signer, fleet.publisher)
+        keys.rotate()
+        keys.complete(force=True)
+        rotation = fleet.signer.current_rotation()
+        assert rotation is not None and rotation.retirement is not None
+        device = Device("mqtt://127.0.0.1:1", "pi5-keys", data_dir, base64.b64decode(creds.signing_public_key))
+        for kind, statement in ((wire.CommandKind.TRUST_SIGNING_KEY, rotation.transition),
+                                (wire.CommandKind.RETIRE_SIGNING_KEY, rotation.retirement)):
+            ok, reason, _ = handle_key_command(device, wire.Command(
+                command_id=uuid.uuid4().hex, kind=kind,
+                args={"rotation": 1, "statement": msgspec.to_builtins(statement)}))
+            assert ok, reason
+        assert list(device.store.trusted().retired) == [old_key_id]
+        installed = data_dir / "models" / "m1-full-int8" / "manifest.json"
+        with pytest.raises(DeployError, match=f"retired key {old_key_id}"):
+            verify_signed_release(installed.read_bytes(), device.store.trusted())
+
+        # ... and the agent restarts (still configured with the retired key, as its enrolment left it)
+        agent = start_agent(creds, url, data_dir)
+        try:
+            # Assert: it runs the model it verified at install time (start-up checks the recorded sha256)
+            wait_for(lambda: fleet.devices.get("pi5-keys").online, what="the agent back online")
+            wait_for(lambda: ((fleet.devices.get("pi5-keys").last_telemetry or {}).get("inference") or {})
+                     .get("model_version") == "m1", what="inference telemetry from m1")
+            assert (fleet.devices.get("pi5-keys").reported_state or {}).get("active_model") == "m1"
+        finally:
+            stop(agent)
+    assert list(device.store.trusted().keys) == [rotation.new_key_id]  # the restart did not re-trust the old key
