@@ -115,10 +115,10 @@ def token_hiding_bin(directory: Path) -> Path:
     """A bin directory holding a ``flower-superexec`` that starts each ServerApp / ClientApp with its run token in
     an in-memory file (``--token-file /dev/fd/N``) instead of ``--token <token>`` on its command line, which
     every user of the machine can read in the process list. Put it first on the Flower process's ``PATH``
-    (``flower_env(first_bin=...)``): Flower starts ``flower-superexec`` by name. See :mod:`agent.flower_exec`."""
+    (``flower_env(first_bin=...)``): Flower starts ``flower-superexec`` by name. See :mod:`federated.flower.superexec` (run as a program, not imported: the agent imports no flwr)."""
     directory.mkdir(parents=True, exist_ok=True)
     script = directory / "flower-superexec"
-    text = f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m agent.flower_exec \"$@\"\n"
+    text = f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m federated.flower.superexec \"$@\"\n"
     if not script.is_file() or script.read_text() != text:
         tmp = directory / ".flower-superexec.tmp"
         tmp.write_text(text)
@@ -315,7 +315,7 @@ class SuperNodeProcess:
         )
         if self.isolation == "process":
             self._executor = subprocess.Popen(
-                [sys.executable, "-m", "agent.flower_exec", "--insecure", "--runtime-api-address",
+                [sys.executable, "-m", "federated.flower.superexec", "--insecure", "--runtime-api-address",
                  self.runtime_address, "--parent-pid", str(self._process.pid)],
                 env=env, cwd=self.flwr_home, stdin=subprocess.DEVNULL, stdout=self._log_file,
                 stderr=subprocess.STDOUT, start_new_session=True,

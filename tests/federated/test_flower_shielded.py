@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import psutil
@@ -96,7 +96,7 @@ class _TokenWatch:
                 if any(part.endswith(("flwr-serverapp", "flwr-clientapp")) for part in cmd[:2]):
                     self.seen.append(cmd)
 
-    def __enter__(self) -> _TokenWatch:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

@@ -1,4 +1,4 @@
-"""``python -m agent.flower_exec``: Flower 1.41's ``flower-superexec``, but the run token stays off command lines.
+"""``python -m federated.flower.superexec``: Flower 1.41's ``flower-superexec``; run tokens stay off command lines.
 
 Flower's subprocess executor starts every ServerApp and ClientApp as ``flwr-serverapp ... --token <token>``
 (``flwr/supercore/superexec/executor/subprocess_executor.py``): the token that lets a process act for the run on
@@ -26,7 +26,7 @@ def _token_file_executor() -> Any:
     from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
     from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 
-    class TokenFileExecutor(SubprocessExecutor):  # type: ignore[misc]
+    class TokenFileExecutor(SubprocessExecutor):
         """Flower's SubprocessExecutor.launch with ``--token-file /dev/fd/N`` for ``--token``."""
 
         def launch(self, spec: ExecutionSpec) -> LaunchResult:
@@ -62,14 +62,14 @@ def main() -> None:
     from flwr.supercore.constant import ExecutorType
     from flwr.supercore.superexec import run_superexec as superexec_module
 
-    flower_get_executor = superexec_module.get_executor
+    flower_get_executor = superexec_module.get_executor  # type: ignore[attr-defined]
 
     def get_executor(executor_type: Any, *args: Any, **kwargs: Any) -> Any:
         if executor_type == ExecutorType.SUBPROCESS:
             return _token_file_executor()
         return flower_get_executor(executor_type, *args, **kwargs)
 
-    superexec_module.get_executor = get_executor  # type: ignore[attr-defined]
+    superexec_module.get_executor = get_executor  # type: ignore[attr-defined]  # run_superexec looks it up
     flower_superexec()
 
 
