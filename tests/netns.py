@@ -9,7 +9,10 @@ a partition is the host's switch port set down (:meth:`Host.partition`), healing
 Needs root and iproute2 (``ip``). For humans::
 
     sudo python -m tests.netns up cp dev1 dev2 outsider     # prints each host's namespace and address
-    sudo ip netns exec ef-<id>-dev1 .venv/bin/edgefleet agent run ...
+    # the control plane on its network address: beyond loopback, TLS is on (HTTPS; MQTTS on 8883) with the fleet CA
+    sudo ip netns exec ef-<id>-cp .venv/bin/edgefleet controlplane serve --host 10.66.0.10 --data-dir /tmp/cp
+    sudo ip netns exec ef-<id>-dev1 .venv/bin/edgefleet agent run --broker mqtts://10.66.0.10:8883 \
+        --ca-file /tmp/cp/pki/ca-bundle.pem --controlplane https://10.66.0.10:8080 ...
     sudo python -m tests.netns down <id>
 
 Standard library only (no pytest): tests/_services.py wraps it in a fixture.

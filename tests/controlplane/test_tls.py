@@ -353,3 +353,159 @@ def test_a_real_agent_reports_over_mqtts_and_downloads_over_https(served: Served
         assert f"{served.api}/api/v1/deployments/" in log.read_text()  # it was fetched over https
     finally:
         _stop(agent)
+
+
+# -- mosquitto with deploy/mosquitto/mosquitto.conf ------------------------------------------------------------------
+DEPLOY_CONF = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"
+
+
+@dataclass
+class TlsMosquitto:
+    local: int  # plaintext, loopback: the control plane
+    certs: int  # mutual TLS: certificate devices
+    passwords: int  # TLS: password devices
+    admin_url: str
+    pki: FleetPKI
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@pytest.fixture(name="tls_mosquitto")
+def fx_tls_mosquitto(tmp_path: Path) -> Iterator[TlsMosquitto]:
+    """A private mosquitto running the shipped config, with only its paths and ports changed to this test's (the
+    fleet CA's files in place of /etc/mosquitto/certs)."""
+    from tests.conftest import find_mosquitto
+    from tests.processes import stop_process, wait_for_port
+
+    mosquitto, ctrl, plugin = find_mosquitto()
+    pki = FleetPKI(tmp_path / "pki", server_names=[NAME, "127.0.0.1"]).ensure()
+    dynsec = tmp_path / "dynamic-security.json"
+    admin_password = base64.urlsafe_b64encode(os.urandom(12)).decode()
+    subprocess.run([ctrl, "dynsec", "init", str(dynsec), "edgefleet-admin", admin_password], check=True,
+                   stdin=subprocess.DEVNULL, capture_output=True)
+    ports = {"1883": free_port(), "8883": free_port(), "8884": free_port()}
+    lines = []
+    for line in DEPLOY_CONF.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["listener"]:
+            line = f"listener {ports[words[1]]} 127.0.0.1"
+        elif words[:1] == ["plugin"]:
+            line = f"plugin {plugin}"
+        elif words[:1] == ["plugin_opt_config_file"]:
+            line = f"plugin_opt_config_file {dynsec}"
+        elif words[:1] in (["persistence"], ["persistence_location"], ["autosave_interval"]):
+            continue
+        lines.append(line.replace("/etc/mosquitto/certs/", f"{pki.directory}/"))
+    if os.geteuid() == 0:
+        lines.append("user root")  # else mosquitto drops to 'mosquitto', which cannot read our tmp dir
+    config = tmp_path / "mosquitto.conf"
+    config.write_text("\n".join(lines) + "\npersistence false\n")
+    assert "require_certificate true" in config.read_text() and "use_identity_as_username true" in config.read_text()
+    log = tmp_path / "mosquitto.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([mosquitto, "-c", str(config)], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        for port in ports.values():
+            assert wait_for_port("127.0.0.1", port, 10.0, proc), log.read_text()[-3000:]
+        yield TlsMosquitto(ports["1883"], ports["8883"], ports["8884"],
+                           f"mqtt://edgefleet-admin:{admin_password}@127.0.0.1:{ports['1883']}", pki, proc, log)
+    finally:
+        stop_process(proc)
+
+
+class _Watcher:
+    """The control plane's view: subscribed to every device topic as the broker admin; what arrives, by topic."""
+
+    def __init__(self, port: int, password: str) -> None:
+        self.seen: list[str] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="watcher", protocol=mqtt.MQTTv5)
+        self.client.username_pw_set("edgefleet-admin", password)
+        self.client.on_message = lambda c, u, m: self.seen.append(m.topic)
+        subscribed: list[int] = []
+        self.client.on_subscribe = lambda c, u, mid, reasons, p: subscribed.append(mid)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe("edgefleet/v1/devices/#", qos=1)
+        wait_for(lambda: bool(subscribed), timeout=10, what="the watcher's subscription")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.mark.integration
+def test_mosquitto_tls_config_maps_device_certificates_to_their_ids(tls_mosquitto: TlsMosquitto,
+                                                                     tmp_path: Path) -> None:
+    # Prepare: pi-1 enrolled through dynsec as the control plane does it; certificates from the fleet CA for pi-1
+    # and for an id nobody enrolled, and one for pi-1 from another CA
+    from controlplane.broker import MosquittoDynsecAuth
+
+    broker = tls_mosquitto
+    auth = MosquittoDynsecAuth.from_url(broker.admin_url)
+    try:
+        auth.prepare()
+        auth.ensure_device("pi-1", "pi-1-password")
+        auth.ensure_device("pi-2", "pi-2-password")
+    finally:
+        auth.close()
+    cert, key = _write_device_identity(tmp_path / "dev", broker.pki, "pi-1")
+    ghost_cert, ghost_key = _write_device_identity(tmp_path / "ghost", broker.pki, "pi-ghost")
+    other = FleetPKI(tmp_path / "other-ca", server_names=[NAME]).ensure()
+    foreign_cert, foreign_key = _write_device_identity(tmp_path / "foreign", other, "pi-1")
+
+    def tls(cert_file: Path | None = None, key_file: Path | None = None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(broker.pki.server.ca_file))
+        if cert_file is not None:
+            context.load_cert_chain(cert_file, key_file)
+        return context
+
+    watcher = _Watcher(broker.local, broker.admin_url.split(":")[2].split("@")[0])
+    try:
+        # Execute / Assert: the certificate alone is the identity (no username, no password, any client id):
+        # it may subscribe to its own commands, not another device's
+        own = mqtt_connect(broker.certs, "anything", tls=tls(cert, key), subscribe="edgefleet/v1/devices/pi-1/cmd")
+        assert own == {"connack": "success", "suback": ["granted"]}, (own, broker.log.read_text()[-2000:])
+        theirs = mqtt_connect(broker.certs, "x", tls=tls(cert, key), subscribe="edgefleet/v1/devices/pi-2/cmd")
+        assert theirs["connack"] == "success" and theirs["suback"] != ["granted"], theirs
+        # ... and publish its own telemetry; a publish as another device goes nowhere
+        mqtt_connect(broker.certs, "x", tls=tls(cert, key), publish="edgefleet/v1/devices/pi-1/telemetry")
+        mqtt_connect(broker.certs, "x", tls=tls(cert, key), publish="edgefleet/v1/devices/pi-2/telemetry")
+        wait_for(lambda: "edgefleet/v1/devices/pi-1/telemetry" in watcher.seen, timeout=10,
+                 what="pi-1's own telemetry at the control plane")
+        time.sleep(0.5)
+        assert "edgefleet/v1/devices/pi-2/telemetry" not in watcher.seen
+        # Naming another device's client id takes nothing from it: the certificate's id is the client id
+        victim = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pi-2", protocol=mqtt.MQTTv311)
+        victim.tls_set_context(tls())
+        victim.username_pw_set("pi-2", "pi-2-password")
+        dropped: list[object] = []
+        victim.on_disconnect = lambda *args: dropped.append(args)
+        victim.connect(NAME, broker.passwords)
+        victim.loop_start()
+        try:
+            wait_for(victim.is_connected, timeout=10, what="pi-2 connected")
+            assert mqtt_connect(broker.certs, "pi-2", tls=tls(cert, key))["connack"] == "success"
+            time.sleep(1)
+            assert victim.is_connected() and not dropped
+        finally:
+            victim.disconnect()
+            victim.loop_stop()
+        # A valid fleet certificate of a device nobody enrolled gets nothing
+        ghost = mqtt_connect(broker.certs, "x", tls=tls(ghost_cert, ghost_key),
+                             subscribe="edgefleet/v1/devices/pi-ghost/cmd")
+        assert ghost.get("suback") != ["granted"], ghost
+        # Refused on the certificate port: plaintext, TLS without a certificate, a certificate of another CA
+        assert mqtt_connect(broker.certs, "pi-1", tls=None)["connack"] != "success"
+        assert mqtt_connect(broker.certs, "pi-1", tls=tls(), username="pi-1",
+                            password="pi-1-password")["connack"] != "success"
+        assert mqtt_connect(broker.certs, "pi-1", tls=tls(foreign_cert, foreign_key))["connack"] != "success"
+        # The password port: TLS with the password (the control), not without it, never plaintext
+        assert mqtt_connect(broker.passwords, "pi-1", tls=tls(), username="pi-1",
+                            password="pi-1-password")["connack"] == "success"
+        assert mqtt_connect(broker.passwords, "pi-1", tls=tls(), username="pi-1",
+                            password="guess")["connack"] != "success"
+        assert mqtt_connect(broker.passwords, "pi-1", tls=None, username="pi-1",
+                            password="pi-1-password")["connack"] != "success"
+    finally:
+        watcher.close()
