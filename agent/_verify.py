@@ -79,7 +79,7 @@ def verify_signed_release(manifest_json: bytes, signing_key: bytes | TrustedKeys
     """Decode a signed release and check its ed25519 signature (before anything else is trusted).
 
     ``signing_key``: the one key the device trusts, or its trust store's keys
-    (:meth:`agent._trust.TrustStore.trusted`): the release must be signed by one of them; a release signed by a
+    (:meth:`agent.trust.TrustStore.trusted`): the release must be signed by one of them; a release signed by a
     retired key is refused with a reason naming that key.
     """
     try:

@@ -53,7 +53,8 @@ from agent.manifest import (
 if TYPE_CHECKING:
     from agent.commands import CommandContext, CommandResult
 
-__all__ = ["TRUST_FILE", "TrustStore", "TrustStoreError", "handle_key_command", "trust_store_for"]
+__all__ = ["TRUST_FILE", "TrustStore", "TrustStoreError", "apply_key_command", "handle_key_command",
+           "trust_store_for"]
 
 log = get_logger("edgefleet.agent.trust")
 
@@ -102,9 +103,7 @@ class TrustStore:
     def trusted(self) -> TrustedKeys:
         """The keys signatures are checked against now (and the retired ids, for the refusal's reason)."""
         with self._lock:
-            data = self._load()
-        return TrustedKeys({kid: base64.b64decode(entry["public_key"]) for kid, entry in data["keys"].items()},
-                           {kid: int(number) for kid, number in data["retired"].items()})
+            return _trusted(self._load())
 
     def summary(self) -> dict[str, Any]:
         """What the device reports in its acks: trusted and retired key ids and the highest rotation accepted."""
@@ -178,8 +177,13 @@ def trust_store_for(data_dir: Path, enrolment_key: bytes | None) -> TrustStore:
 def handle_key_command(ctx: CommandContext, command: wire.Command) -> CommandResult:
     """``trust_signing_key`` / ``retire_signing_key``: ``(ok, reason, result)`` with what the device trusts."""
     settings = ctx.settings
-    store = trust_store_for(settings.data_dir, settings.signing_key)
-    bound = log.bind(device_id=ctx.device_id, command_id=command.command_id)
+    return apply_key_command(trust_store_for(settings.data_dir, settings.signing_key), command, ctx.device_id)
+
+
+def apply_key_command(store: TrustStore, command: wire.Command, device_id: str | None = None) -> CommandResult:
+    """A signing-key command applied to ``store``: ``(ok, reason, result)``, the result saying what the device
+    trusts afterwards (also when the statement is refused)."""
+    bound = log.bind(device_id=device_id, command_id=command.command_id)
     try:
         if command.kind == wire.CommandKind.TRUST_SIGNING_KEY:
             result = store.apply_transition(_statement(command, SignedKeyTransition))
