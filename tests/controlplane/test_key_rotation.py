@@ -344,3 +344,51 @@ def test_a_real_agents_active_model_survives_the_retirement_of_its_signing_key_a
         finally:
             stop(agent)
     assert list(device.store.trusted().keys) == [rotation.new_key_id]  # the restart did not re-trust the old key
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="needs the agent to dispatch trust_signing_key / retire_signing_key "
+                                       "(agent/_daemon.py) and _deploy to verify against its trust store "
+                                       "(agent/_deploy.py): the lines are in the issue 10 §5 report; remove "
+                                       "this marker with them")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_real_agent_learns_the_new_key_and_installs_a_release_signed_by_it(fleet: Fleet, tmp_path: Path) -> None:
+    # Prepare: a served control plane and a real agent enrolled with the first key
+    import httpx
+
+    from controlplane.demo import _Server
+    from tests._services import free_port
+    from tests.controlplane.test_rollout_e2e import start_agent, stop
+
+    register_starter(fleet, "m1", {"fp32": 0.975, "full-int8": 0.975}, real_golden=True)
+    creds = fleet.devices.enroll(DeviceCreate(device_id="pi5-rot", profile=PROFILE))
+    _, admin = create_token(fleet.engine, Role.ADMIN)
+    port = free_port()
+    with _Server(create_app(fleet=fleet), port):
+        url = f"http://127.0.0.1:{port}"
+        client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=30)
+        agent = start_agent(creds, url, tmp_path / "pi5")
+        try:
+            wait_for(lambda: fleet.devices.get("pi5-rot").online, what="the agent online")
+
+            # Execute: rotate, the agent acknowledges; complete, the agent retires the old key
+            assert client.post("/api/v1/keys/rotate").status_code == 201
+            wait_for(lambda: client.get("/api/v1/keys").json()["rotation"]["acknowledged"] == 1
+                     or client.get("/api/v1/keys").json()["rotation"]["pending"][0]["status"] == "error",
+                     what="the agent's answer")
+            pending = client.get("/api/v1/keys").json()["rotation"]["pending"]
+            assert pending == [], pending
+            assert client.post("/api/v1/keys/rotate/complete").status_code == 200
+            wait_for(lambda: client.get("/api/v1/keys").json()["rotation"]["retired"] == 1, what="retired")
+            created = fleet.deployments.create(DeploymentCreate(model_version="m1", targets=Targets(all=True)))
+            wait_for(lambda: fleet.deployments.get(created.id).status != "running", timeout=90,
+                     what="the rollout to end")
+
+            # Assert: the release, signed by the new key, is installed
+            result = fleet.deployments.get(created.id)
+            assert result.status == "succeeded", result
+            assert msgspec.json.decode(_release_of(fleet, created.id))["key_id"] == fleet.signer.key_id
+            assert (fleet.devices.get("pi5-rot").reported_state or {}).get("active_model") == "m1"
+        finally:
+            stop(agent)
+            client.close()
