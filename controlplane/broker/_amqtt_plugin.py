@@ -10,7 +10,12 @@ query), so enrolments and removals take effect without a restart: on every CONNE
 (``controlplane.broker._embedded``). Verifying a generated secret is one HMAC-SHA256 (microseconds, on the event
 loop); a PBKDF2 hash of an earlier version runs in a thread once per process and credential.
 
-Identity: a device account may connect only with its device id (== its username) as client id. Every accepted
+Identity: a device account may connect only with its device id (== its username) as client id. On a TLS listener a
+device may prove its id with a client certificate of the fleet CA instead of its password (as mosquitto's
+``use_identity_as_username``): the handshake verified the certificate against the CA bundle and the broker puts its
+CN on the session (``CERT_CN_ATTR``, ``controlplane.broker._embedded``). The certificate only proves the id; the
+credentials database decides whether that id is an enrolled device now, so a removed device is refused, and a
+username other than the CN is refused. Every accepted
 session is stamped with the credential (password hash) it authenticated with; a session whose stamp is no longer
 the user's current credential (the password was rotated, the user removed or removed and enrolled again) is
 *stale*: it is denied every topic action, and the broker closes its connection and drops it, queued messages and
@@ -32,6 +37,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from ._credentials import CredentialsFile, UserEntry, acl_allows
+from ._embedded import CERT_CN_ATTR
 from ._errors import BrokerAuthError
 from ._passwords import is_slow_hash, verify_password
 
@@ -157,6 +163,9 @@ class EdgeFleetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
     # -- amqtt hooks ------------------------------------------------------------------------------------------
 
     async def authenticate(self, *, session: Session) -> bool | None:
+        cert_cn = getattr(session, CERT_CN_ATTR, None)
+        if cert_cn is not None:
+            return self._authenticate_certificate(session, cert_cn)
         username = session.username
         entry = self._user(username, fresh=True)
         if entry is None:
@@ -188,6 +197,34 @@ class EdgeFleetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
             )
             return False
         # Stamped with what was verified: if the credential changed meanwhile, the watcher ends this session.
+        setattr(session, CREDENTIAL_ATTR, entry.hash)
+        return True
+
+    def _authenticate_certificate(self, session: Session, device_id: str) -> bool:
+        """A client certificate of the fleet CA (verified by the handshake) names ``device_id``: that device, no
+        password, if it is enrolled now."""
+        if session.username and session.username != device_id:
+            self.context.logger.info(
+                f"refused certificate {device_id!r}: username {session.username!r} is not its device id"
+            )
+            return False
+        entry = self._user(device_id, fresh=True)
+        if entry is None or entry.role != "device":
+            self.context.logger.info(f"refused certificate {device_id!r}: not an enrolled device")
+            return False
+        if session.client_id != device_id:
+            self.context.logger.info(
+                f"refused certificate {device_id!r}: client id {session.client_id!r} is not its device id"
+            )
+            return False
+        if session.will_flag and not acl_allows(entry.role, device_id, Action.PUBLISH, session.will_topic or ""):
+            self.context.logger.info(
+                f"refused certificate {device_id!r}: Last Will topic {session.will_topic!r} not allowed"
+            )
+            return False
+        session.username = device_id  # the topic checks go by username
+        # Stamped like a password session: rotating or removing the device's credential ends this session too.
+        setattr(session, CERT_CN_ATTR, device_id)
         setattr(session, CREDENTIAL_ATTR, entry.hash)
         return True
 

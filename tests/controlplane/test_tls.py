@@ -259,6 +259,52 @@ def test_the_tls_broker_refuses_plaintext_other_cas_and_no_credentials(served: S
                         tls=ssl.create_default_context(cafile=str(other.server.ca_file)))["connack"] != "success"
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_embedded_broker_takes_a_device_certificate_for_its_enrolled_id_only(served: Served,
+                                                                                 tmp_path: Path) -> None:
+    # Prepare: pi-c enrolled; fleet certificates for it and for an id nobody enrolled
+    status, _ = served.call("POST", "/api/v1/devices", {"device_id": "pi-c", "profile": "raspberry-pi-5"})
+    assert status == 201
+    pki = FleetPKI(served.data / "pki")
+    cert, key = _write_device_identity(tmp_path / "c", pki, "pi-c")
+    ghost_cert, ghost_key = _write_device_identity(tmp_path / "g", pki, "pi-ghost")
+
+    def tls(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+        context = served.context()
+        context.load_cert_chain(cert_file, key_file)
+        return context
+
+    # Execute / Assert: the certificate alone is pi-c (no password), with or without its username; its own
+    # commands only
+    assert mqtt_connect(served.broker_port, "pi-c", tls=tls(cert, key), subscribe="edgefleet/v1/devices/pi-c/cmd") \
+        == {"connack": "success", "suback": ["granted"]}
+    assert mqtt_connect(served.broker_port, "pi-c", tls=tls(cert, key), username="pi-c")["connack"] == "success"
+    theirs = mqtt_connect(served.broker_port, "pi-c", tls=tls(cert, key), subscribe="edgefleet/v1/devices/x/cmd")
+    assert theirs["connack"] == "success" and theirs["suback"] != ["granted"], theirs
+    # Refused: another username than the certificate's id (even the control plane's), another client id, a
+    # certificate of an id that is not enrolled
+    assert mqtt_connect(served.broker_port, "pi-c", tls=tls(cert, key), username="edgefleet-controlplane",
+                        password="x")["connack"] != "success"
+    assert mqtt_connect(served.broker_port, "pi-x", tls=tls(cert, key))["connack"] != "success"
+    assert mqtt_connect(served.broker_port, "pi-ghost", tls=tls(ghost_cert, ghost_key))["connack"] != "success"
+    # A removed device is refused with its still valid certificate, and its live connection is ended
+    live = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pi-c", protocol=mqtt.MQTTv311)
+    live.tls_set_context(tls(cert, key))
+    live.connect(NAME, served.broker_port)
+    live.loop_start()
+    try:
+        wait_for(live.is_connected, timeout=10, what="pi-c connected by certificate")
+        status, _ = served.call("DELETE", "/api/v1/devices/pi-c")
+        assert status in (200, 204)
+        live.reconnect_delay_set(0.2, 0.5)
+        wait_for(lambda: not live.is_connected(), timeout=15, what="the removed device's session ended")
+    finally:
+        live.disconnect()
+        live.loop_stop()
+    assert mqtt_connect(served.broker_port, "pi-c", tls=tls(cert, key))["connack"] != "success"
+
+
 # -- a real agent over TLS -------------------------------------------------------------------------------------------
 def _register_starter(served: Served, version: str) -> None:
     """A model version whose variants are the shipped starter models (golden output what they compute), registered
@@ -314,24 +360,31 @@ def _reported_state(served: Served, device_id: str) -> dict[str, Any]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize("identity", ["password"])
+@pytest.mark.parametrize("identity", ["password", "certificate"])
 def test_a_real_agent_reports_over_mqtts_and_downloads_over_https(served: Served, tmp_path: Path,
                                                                   identity: str) -> None:
     # Prepare: an enrolled device; its identity is its password, or a certificate of the fleet CA (key made here)
+    # (flags), or a certificate of the fleet CA whose key was made here, named by a device config file
     device_id = f"pi-{identity[:4]}"
     status, enrolled = served.call("POST", "/api/v1/devices", {"device_id": device_id, "profile": "raspberry-pi-5"})
     assert status == 201, enrolled
-    argv = _entry("agent", "run", "--device-id", device_id, "--profile", "raspberry-pi-5",
-                  "--broker", enrolled["broker_url"], "--controlplane", served.api, "--ca-file", str(served.ca),
-                  "--signing-key", enrolled["signing_public_key"], "--data-dir", str(tmp_path / "agent"),
-                  "--telemetry-interval", "0.5", "--log-level", "info")
-    env = dict(os.environ)
-    env.pop("EDGEFLEET_MQTT_PASSWORD", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     if identity == "password":
+        argv = _entry("agent", "run", "--device-id", device_id, "--profile", "raspberry-pi-5",
+                      "--broker", enrolled["broker_url"], "--controlplane", served.api, "--ca-file", str(served.ca),
+                      "--signing-key", enrolled["signing_public_key"])
         env["EDGEFLEET_MQTT_PASSWORD"] = enrolled["mqtt_password"]
     else:
-        cert, key = _write_device_identity(tmp_path / "device", FleetPKI(served.data / "pki"), device_id)
-        argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
+        etc = tmp_path / "etc"
+        _write_device_identity(etc, FleetPKI(served.data / "pki"), device_id)
+        (etc / "ca.pem").write_bytes(served.ca.read_bytes())
+        (etc / "agent.toml").write_text(
+            f'device_id = "{device_id}"\nprofile = "raspberry-pi-5"\ncontrolplane = "{served.api}"\n'
+            f'broker = "{enrolled["broker_url"]}"\nca_file = "ca.pem"\ntask = "digits"\n'
+            f'signing_key = "{enrolled["signing_public_key"]}"\n'
+            f'[tls]\ncert_file = "{device_id}.crt"\nkey_file = "{device_id}.key"\n')
+        argv = _entry("agent", "run", "--config", str(etc / "agent.toml"))
+    argv += ["--data-dir", str(tmp_path / "agent"), "--telemetry-interval", "0.5", "--log-level", "info"]
     log = tmp_path / "agent.log"
     with log.open("wb") as out:
         agent = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
