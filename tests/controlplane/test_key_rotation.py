@@ -392,3 +392,42 @@ def test_a_real_agent_learns_the_new_key_and_installs_a_release_signed_by_it(fle
         finally:
             stop(agent)
             client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_cli_rotates_shows_who_is_missing_and_completes_only_when_told(
+        fleet: Fleet, devices: dict[str, Device]) -> None:
+    # Prepare: a served control plane; rot-a online, rot-b and rot-c never connected
+    from typer.testing import CliRunner
+
+    from controlplane.cli.keys import app as keys_cli
+    from controlplane.demo import _Server
+    from tests._services import free_port
+
+    runner = CliRunner()
+    _, admin = create_token(fleet.engine, Role.ADMIN)
+    devices["rot-a"].connect()
+    port = free_port()
+    with _Server(create_app(fleet=fleet), port):
+        common = ["--url", f"http://127.0.0.1:{port}", "--token", admin]
+        # Execute
+        rotated = runner.invoke(keys_cli, ["rotate", *common])
+        wait_for(lambda: "acknowledged the new key: 1" in runner.invoke(keys_cli, ["status", *common]).stdout,
+                 what="rot-a acknowledges")
+        status = runner.invoke(keys_cli, ["status", *common])
+        refused = runner.invoke(keys_cli, ["rotate", "--complete", *common])
+        forced = runner.invoke(keys_cli, ["rotate", "--complete", "--force", "--json", *common])
+    # Assert
+    assert rotated.exit_code == 0, rotated.output
+    assert "rotation 1: in_progress" in rotated.stdout
+    assert status.exit_code == 0, status.output
+    # (the served control plane logs to the same stdout: read the table's rows only)
+    table = status.stdout[status.stdout.index("DEVICE"):].splitlines()[1:]
+    assert [row.split()[:3] for row in table if row.startswith("rot-")] == [["rot-b", "no", "trust"],
+                                                                           ["rot-c", "no", "trust"]]
+    assert refused.exit_code == 1
+    assert "2 device(s) have not acknowledged" in refused.output and "rot-b, rot-c" in refused.output
+    assert forced.exit_code == 0, forced.output
+    printed = forced.stdout[forced.stdout.index("{\n"):]
+    assert msgspec.json.decode(printed[:printed.index("\n}") + 2])["rotation"]["status"] == "complete"
