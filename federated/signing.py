@@ -122,14 +122,21 @@ class Signer:
 
     # ------------------------------------------------------------------------------------------------ keys
 
-    def _private_key(self, number: int | None = None) -> Ed25519PrivateKey:
-        """Key ``number`` (default: the one that signs now), created on first use."""
+    def _private_key(self, number: int | None = None, *, create: bool = False) -> Ed25519PrivateKey:
+        """Key ``number`` (default: the one that signs now). The first key is created on first use, a rotation's
+        only by :meth:`begin_rotation`: a rotation key that went missing is an error, never silently a new key
+        that no device trusts."""
         if number is None:
             number = self._state().active
         key = self._keys.get(number)
         if key is None:
             path = self._key_file(number, "pem")
-            key = self._load(path) if path.exists() else self._create(path)
+            if path.exists():
+                key = self._load(path)
+            elif number == 0 or create:
+                key = self._create(path)
+            else:
+                raise SigningKeyError(f"the key of signing-key rotation {number} is missing: {path}")
             self._keys[number] = key
             try:
                 self._write_public_key(key, self._key_file(number, "pub"))
@@ -313,7 +320,7 @@ class Signer:
                                       f"{last.new_key_id}): complete it first")
             number = (last.number if last else 0) + 1
             old = self._private_key(state.active)
-            new_raw = self._raw_public(self._private_key(number))
+            new_raw = self._raw_public(self._private_key(number, create=True))
             statement = KeyTransition(number=number, new_public_key=base64.b64encode(new_raw).decode("ascii"),
                                       new_key_id=key_id(new_raw), old_key_id=self._key_id_of(old),
                                       issued_at=int(now if now is not None else time.time()))

@@ -57,6 +57,7 @@ log = structlog.get_logger("edgefleet.controlplane.keys")
 
 _KINDS: Final = (wire.CommandKind.TRUST_SIGNING_KEY, wire.CommandKind.RETIRE_SIGNING_KEY)
 PENDING_SHOWN: Final = 20  # devices listed by `keys status` and in a refused completion
+_RESIGN_WINDOW_S: Final = 120.0  # after a completion, sweeps re-sign what another key signed meanwhile
 
 
 @dataclass
@@ -67,9 +68,19 @@ class _Step:
     latest: CommandRecord | None = None
 
 
+@dataclass(frozen=True)
+class _DeviceRow:
+    """What a sweep needs of a device (not its telemetry)."""
+
+    device_id: str
+    online: bool
+    created_at: datetime
+    state_ts: float | None
+
+
 @dataclass
 class _Device:
-    device: Device
+    device: _DeviceRow
     steps: dict[tuple[int, str], _Step] = field(default_factory=lambda: defaultdict(_Step))
     trusted: list[str] | None = None
     trusted_at: datetime | None = None
@@ -78,17 +89,17 @@ class _Device:
         return self.steps[(number, kind)]
 
 
-def _connected_at(device: Device) -> datetime | None:
+def _connected_at(device: _DeviceRow) -> datetime | None:
     """When the device last announced itself online (its state message's own timestamp)."""
-    ts = (device.reported_state or {}).get("ts")
-    return datetime.fromtimestamp(ts, UTC) if isinstance(ts, int | float) and ts > 0 else None
+    ts = device.state_ts
+    return datetime.fromtimestamp(ts, UTC) if ts is not None and ts > 0 else None
 
 
 def _at(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC)
 
 
-def _applies(rotation: KeyRotation, device: Device) -> bool:
+def _applies(rotation: KeyRotation, device: _DeviceRow) -> bool:
     """Devices enrolled after a rotation completed were given its new key at enrolment."""
     done = _at(rotation.completed_at)
     return done is None or as_utc(device.created_at) <= done
@@ -180,7 +191,10 @@ class KeyService:
 
     def _progress(self, session: Session) -> dict[str, _Device]:
         """Every enrolled device with its signing-key commands, grouped by rotation and kind."""
-        devices = {d.device_id: _Device(d) for d in session.exec(select(Device))}
+        rows = session.exec(select(Device.device_id, Device.online, Device.created_at,
+                                   col(Device.reported_state)["ts"].as_float()))
+        devices = {device_id: _Device(_DeviceRow(device_id, bool(online), as_utc(created), ts))
+                   for device_id, online, created, ts in rows}
         commands = session.exec(select(CommandRecord).where(col(CommandRecord.kind).in_([str(k) for k in _KINDS]))
                                 .order_by(col(CommandRecord.created_at)))
         for command in commands:
@@ -272,8 +286,14 @@ class KeyService:
         rotations = self.signer.rotations()
         if not rotations or self.publisher is None:
             return 0
+        latest = rotations[-1]
         sent = 0
         with self._sweep_lock:
+            if latest.status is RotationStatus.COMPLETE and latest.completed_at is not None \
+                    and time.time() - latest.completed_at < _RESIGN_WINDOW_S:
+                # A release renewed by the deployments' own loop while the rotation completed may have been
+                # signed (by the old key) after complete() re-signed: catch it.
+                self.resign()
             with Session(self.engine) as session:
                 progress = list(self._progress(session).values())
                 session.expunge_all()
@@ -306,7 +326,7 @@ class KeyService:
                 return None
         return None
 
-    def _send(self, device: Device, rotation: KeyRotation, kind: str) -> bool:
+    def _send(self, device: _DeviceRow, rotation: KeyRotation, kind: str) -> bool:
         assert self.publisher is not None
         statement = rotation.transition if kind == _KINDS[0] else rotation.retirement
         if statement is None:

@@ -33,7 +33,7 @@ from agent.manifest import (
     key_transition_bytes,
 )
 from agent.trust import TrustStoreError, apply_key_command, trust_store_for
-from federated.signing import PRIVATE_KEY_FILE, Signer
+from federated.signing import PRIVATE_KEY_FILE, Signer, SigningKeyError
 
 
 def _release() -> Release:
@@ -152,3 +152,31 @@ def test_forged_and_replayed_statements_are_refused(tmp_path: Path) -> None:
     assert not ok and "bad signature" in (reason or ""), reason
 
 
+
+
+def test_the_signer_keeps_every_key_and_signs_with_the_old_one_until_completion(tmp_path: Path) -> None:
+    # Prepare
+    signer = Signer(tmp_path / "keys")
+    first_id = signer.key_id  # creates the first key
+    first_pem = (signer.key_dir / PRIVATE_KEY_FILE).read_bytes()
+
+    # Execute
+    rotation = signer.begin_rotation()
+    with pytest.raises(SigningKeyError, match="rotation 1 is in progress"):
+        signer.begin_rotation()
+    during = signer.sign_release(_release())
+    another = Signer(tmp_path / "keys")  # e.g. the build pipeline's process: reads the same rotation state
+    signer.complete_rotation()
+    after = another.sign_release(_release())
+
+    # Assert: the old key signs until completion, then the new one, in every process; no key file replaced
+    assert (during.key_id, after.key_id) == (first_id, rotation.new_key_id)
+    assert (signer.key_dir / PRIVATE_KEY_FILE).read_bytes() == first_pem
+    for name in (PRIVATE_KEY_FILE, "signing-key.1.pem", "rotation.json"):
+        assert stat.S_IMODE(os.stat(signer.key_dir / name).st_mode) == 0o600, name
+    with pytest.raises(SigningKeyError, match="no signing-key rotation is in progress"):
+        signer.complete_rotation()
+    # ... and a rotation key that went missing is an error, not a fresh key that no device trusts
+    (signer.key_dir / "signing-key.1.pem").rename(tmp_path / "elsewhere.pem")
+    with pytest.raises(SigningKeyError, match="the key of signing-key rotation 1 is missing"):
+        Signer(tmp_path / "keys").sign_release(_release())
