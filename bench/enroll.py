@@ -1,7 +1,7 @@
 """Bulk enrolment and broker reconnect at fleet scale (issue 10 §3), ours against the code before the rework.
 
     python bench/enroll.py [--devices 10000] [--clients 8] [--baseline-devices 300]
-                           [--baseline-ref REF | --no-baseline] [--connect-window 64] [--json PATH]
+                           [--baseline-ref REF | --no-baseline] [--connect-window 32] [--json PATH]
 
 Each side runs `edgefleet controlplane serve` in a subprocess on a fresh data dir (SQLite, embedded broker):
 
@@ -60,7 +60,8 @@ class Result:
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     first_ms_per_device: float = 0.0
     last_ms_per_device: float = 0.0
-    cpu_s_server: float = 0.0
+    cpu_s_server: float = 0.0  # the control plane and its embedded broker
+    cpu_s_client: float = 0.0  # this process (HTTP clients, or the MQTT load generator)
 
     @property
     def rate(self) -> float:
@@ -182,7 +183,7 @@ def enrol(cp: ControlPlane, side: str, n: int, clients: int, prefix: str) -> tup
                 with lock:
                     passwords[body["mqtt_username"]] = body["mqtt_password"]
 
-    cpu0 = cp.cpu_s()
+    cpu0, client0 = cp.cpu_s(), time.process_time()
     start = time.monotonic()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     for t in threads:
@@ -197,7 +198,8 @@ def enrol(cp: ControlPlane, side: str, n: int, clients: int, prefix: str) -> tup
     tenth = max(1, n // 10)
     first = (ends[tenth - 1] - start) / tenth * 1000
     last = (ends[-1] - ends[-tenth - 1]) / tenth * 1000 if n > tenth else first
-    return Result(side, "enrol", n, seconds, len(failures), latencies, first, last, cp.cpu_s() - cpu0), passwords
+    return Result(side, "enrol", n, seconds, len(failures), latencies, first, last, cp.cpu_s() - cpu0,
+                  time.process_time() - client0), passwords
 
 
 # ----------------------------------------------------------------------------------------------- reconnect
@@ -271,13 +273,14 @@ async def _reconnect_all(host: str, port: int, creds: dict[str, str], window: in
 
 
 def reconnect(cp: ControlPlane, side: str, creds: dict[str, str], window: int) -> Result:
-    cpu0 = cp.cpu_s()
+    cpu0, client0 = cp.cpu_s(), time.process_time()
     seconds, latencies, failures, still_open = asyncio.run(
         _reconnect_all("127.0.0.1", cp.broker_port, creds, window, asyncio.Event()))
     if failures:
         print(f"  {side} reconnect: {len(failures)} failure(s), first: {failures[0]}", file=sys.stderr)
     n = len(creds)
-    result = Result(side, "reconnect", n, seconds, len(failures), latencies, cpu_s_server=cp.cpu_s() - cpu0)
+    result = Result(side, "reconnect", n, seconds, len(failures), latencies, cpu_s_server=cp.cpu_s() - cpu0,
+                    cpu_s_client=time.process_time() - client0)
     if still_open < n - len(failures):
         print(f"  {side} reconnect: only {still_open} of {n} connections still open at the end", file=sys.stderr)
     return result
@@ -304,7 +307,7 @@ def run_side(side: str, tree: Path, n: int, clients: int, window: int) -> list[R
 def table(results: list[Result], targets: dict[str, float], n_target: int) -> str:
     head = (f"{'side':8} | {'step':9} | {'devices':>7} | {'seconds':>7} | {'per s':>6} | {'p50 ms':>7} | "
             f"{'p99 ms':>7} | {'max ms':>8} | {'ms/dev first 10%':>16} | {'last 10%':>8} | {'fail':>4} | "
-            f"{'cpu s':>6} | ratio vs baseline")
+            f"{'cpu ms/dev srv, cli':>19} | ratio vs baseline")
     lines = [head, "-" * len(head)]
     base = {r.step: r for r in results if r.side == "baseline"}
     for r in results:
@@ -313,7 +316,9 @@ def table(results: list[Result], targets: dict[str, float], n_target: int) -> st
         last = f"{r.last_ms_per_device:.2f}" if r.step == "enrol" else "-"
         lines.append(f"{r.side:8} | {r.step:9} | {r.devices:7} | {r.seconds:7.1f} | {r.rate:6.0f} | "
                      f"{r.pct(0.5):7.1f} | {r.pct(0.99):7.1f} | {max(r.latencies_ms, default=0):8.1f} | "
-                     f"{first:>16} | {last:>8} | {r.failures:4} | {r.cpu_s_server:6.1f} | {ratio}")
+                     f"{first:>16} | {last:>8} | {r.failures:4} | "
+                     f"{f'{r.cpu_s_server / r.devices * 1000:.2f}, {r.cpu_s_client / r.devices * 1000:.2f}':>19} | {ratio}")
+    lines.append(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
     for r in results:
         if r.side == "ours" and r.step in targets:
             limit = targets[r.step] * r.devices / n_target
@@ -330,7 +335,7 @@ def main() -> None:
     parser.add_argument("--baseline-devices", type=int, default=300)
     parser.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref of the code before the rework")
     parser.add_argument("--no-baseline", action="store_true")
-    parser.add_argument("--connect-window", type=int, default=64, help="MQTT handshakes in flight at once")
+    parser.add_argument("--connect-window", type=int, default=32, help="MQTT handshakes in flight at once")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "enroll.json")
     args = parser.parse_args()
 
