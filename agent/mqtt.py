@@ -35,6 +35,8 @@ class BrokerAddress:
     # Off only for a client on loopback to a listener whose certificate need not name 127.0.0.1 (the chain is
     # still verified).
     check_hostname: bool = True
+    # Trust the system store as well as ``ca_file`` (the control plane with a broker of its own CA or a public one).
+    trust_system: bool = False
 
     @property
     def url(self) -> str:
@@ -63,6 +65,8 @@ class BrokerAddress:
         """
         try:
             context = ssl.create_default_context(cafile=self.ca_file)
+            if self.ca_file and self.trust_system:
+                context.load_default_certs()
         except (OSError, ssl.SSLError) as exc:
             raise ValueError(f"CA file {self.ca_file}: {exc}") from None
         context.check_hostname = self.check_hostname

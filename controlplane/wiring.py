@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import secrets
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import structlog
 from sqlalchemy import Engine
@@ -176,10 +177,14 @@ class Fleet:
         except ValueError as exc:
             raise BrokerUnavailable(str(exc)) from None
         if self.broker.protocol is MqttProtocol.AUTO:
-            self.broker = BrokerAddress(self.broker.host, self.broker.port, self.broker.tls, self.broker.username,
-                                        self.broker.password, MqttProtocol.V5)
+            self.broker = replace(self.broker, protocol=MqttProtocol.V5)
+        if self.broker.tls:
+            # A broker of this fleet (deploy/mosquitto) has a certificate of the fleet CA; another may have a public
+            # one: trust both.
+            self.broker = replace(self.broker, ca_file=str(self.pki.server.ca_file), trust_system=True)
         if settings.broker_auth is BrokerAuthMode.DYNSEC:
-            dynsec = MosquittoDynsecAuth.from_url(settings.broker_url)
+            dynsec_tls: dict[str, Any] = {"tls": self.broker.ssl_context()} if self.broker.tls else {}
+            dynsec = MosquittoDynsecAuth.from_url(settings.broker_url, **dynsec_tls)
             # Before ingest and the publisher connect: granting the service role once disconnects the admin.
             dynsec.prepare()
             self.broker_auth = dynsec

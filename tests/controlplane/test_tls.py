@@ -418,6 +418,7 @@ class TlsMosquitto:
     certs: int  # mutual TLS: certificate devices
     passwords: int  # TLS: password devices
     admin_url: str
+    admin_password: str
     pki: FleetPKI
     proc: subprocess.Popen[bytes]
     log: Path
@@ -431,7 +432,8 @@ def fx_tls_mosquitto(tmp_path: Path) -> Iterator[TlsMosquitto]:
     from tests.processes import stop_process, wait_for_port
 
     mosquitto, ctrl, plugin = find_mosquitto()
-    pki = FleetPKI(tmp_path / "pki", server_names=[NAME, "127.0.0.1"]).ensure()
+    # The fleet CA where a control plane with data dir tmp_path/cp keeps it
+    pki = FleetPKI(tmp_path / "cp" / "pki", server_names=[NAME, "127.0.0.1"]).ensure()
     dynsec = tmp_path / "dynamic-security.json"
     admin_password = base64.urlsafe_b64encode(os.urandom(12)).decode()
     subprocess.run([ctrl, "dynsec", "init", str(dynsec), "edgefleet-admin", admin_password], check=True,
@@ -462,7 +464,8 @@ def fx_tls_mosquitto(tmp_path: Path) -> Iterator[TlsMosquitto]:
         for port in ports.values():
             assert wait_for_port("127.0.0.1", port, 10.0, proc), log.read_text()[-3000:]
         yield TlsMosquitto(ports["1883"], ports["8883"], ports["8884"],
-                           f"mqtt://edgefleet-admin:{admin_password}@127.0.0.1:{ports['1883']}", pki, proc, log)
+                           f"mqtt://edgefleet-admin:{admin_password}@127.0.0.1:{ports['1883']}", admin_password,
+                           pki, proc, log)
     finally:
         stop_process(proc)
 
@@ -513,7 +516,7 @@ def test_mosquitto_tls_config_maps_device_certificates_to_their_ids(tls_mosquitt
             context.load_cert_chain(cert_file, key_file)
         return context
 
-    watcher = _Watcher(broker.local, broker.admin_url.split(":")[2].split("@")[0])
+    watcher = _Watcher(broker.local, broker.admin_password)
     try:
         # Execute / Assert: the certificate alone is the identity (no username, no password, any client id):
         # it may subscribe to its own commands, not another device's
@@ -562,3 +565,40 @@ def test_mosquitto_tls_config_maps_device_certificates_to_their_ids(tls_mosquitt
                             password="pi-1-password")["connack"] != "success"
     finally:
         watcher.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_control_plane_over_mqtts_to_mosquitto_and_a_certificate_agent(tls_mosquitto: TlsMosquitto,
+                                                                         tmp_path: Path) -> None:
+    """The production path: the control plane reaches mosquitto over TLS (the password listener, verified against
+    the fleet CA) and manages dynsec there; a device with a fleet certificate reports through the certificate
+    listener."""
+    from controlplane.devices.schemas import DeviceCreate
+    from controlplane.settings import BrokerAuthMode
+    from controlplane.wiring import Fleet
+
+    broker = tls_mosquitto
+    fleet = Fleet(Settings(data_dir=tmp_path / "cp", broker_url=f"mqtts://edgefleet-admin@{NAME}:{broker.passwords}",
+                           broker_password=broker.admin_password, broker_auth=BrokerAuthMode.DYNSEC,
+                           device_broker_url=f"mqtts://{NAME}:{broker.certs}")).start()
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        assert fleet.broker.tls and fleet.broker.ca_file == str(fleet.pki.server.ca_file)
+        enrolled = fleet.devices.enroll(DeviceCreate(device_id="pi-9", profile="raspberry-pi-5"))
+        cert, key = _write_device_identity(tmp_path / "dev", fleet.pki, "pi-9")
+        log = tmp_path / "agent.log"
+        with log.open("wb") as out:
+            agent = subprocess.Popen(
+                _entry("agent", "run", "--device-id", "pi-9", "--profile", "raspberry-pi-5", "--broker",
+                       enrolled.broker_url, "--ca-file", str(fleet.pki.server.ca_file), "--tls-cert", str(cert),
+                       "--tls-key", str(key), "--data-dir", str(tmp_path / "agent"), "--telemetry-interval", "0.5"),
+                env={k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")},
+                stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: bool(fleet.devices.telemetry("pi-9", since=None, until=None, limit=10)), timeout=60,
+                 what=f"telemetry of the certificate agent through mosquitto (log {log}, {broker.log})")
+        assert fleet.devices.get("pi-9").online
+    finally:
+        if agent is not None:
+            _stop(agent)
+        fleet.stop()
