@@ -180,8 +180,7 @@ class KeyService:
         device = progress.device
         reason = None if latest is None else latest.reason
         if latest is None and step is not DeviceKeyStep.DONE:
-            reason = "not sent yet: it follows the device's earlier steps" if step is DeviceKeyStep.TRUST \
-                else "sent once the rotation is complete"
+            reason = "not sent yet: the next sweep sends it (after the device's steps of earlier rotations)"
         elif latest is not None and latest.status == CommandStatus.PENDING:
             reason = "waiting for the device's ack" if device.online else \
                 "the device is offline: the command waits in its broker session and is sent again when it is back"
