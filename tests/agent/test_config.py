@@ -87,3 +87,13 @@ def test_agent_run_refuses_a_client_certificate_without_tls(tmp_path: Path) -> N
                             timeout=60)
     assert result.returncode == 2
     assert "--tls-cert needs an mqtts:// broker" in result.stderr, result.stderr
+
+
+def test_agent_run_does_not_import_the_enrolment_and_install_commands() -> None:
+    # The device process stays light: `agent run` leaves out what `agent enroll`/`agent install` import; the full
+    # parser offers them when their modules are installed.
+    code = ("import sys; from agent.cli import _parser; _parser('run'); run = set(sys.modules); "
+            "_, plugged = _parser(None); print(sorted(m for m in ('agent.enroll', 'agent.install') if m in run), "
+            "sorted(plugged))")
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
+    assert result.stdout.split("] ")[0] == "["

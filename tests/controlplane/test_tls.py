@@ -63,6 +63,15 @@ def test_tls_names_and_mode_from_the_environment() -> None:
         Settings.from_env({"EDGEFLEET_TLS": "maybe"})
 
 
+def test_serve_refuses_plaintext_beyond_loopback_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(_entry("controlplane", "serve", "--host", "0.0.0.0", "--tls", "off", "--port",
+                                   str(free_port()), "--data-dir", str(tmp_path / "cp")),
+                            check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "plaintext is served on loopback only" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
 # -- a served control plane ------------------------------------------------------------------------------------------
 @dataclass
 class Served:
