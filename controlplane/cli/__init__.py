@@ -7,7 +7,18 @@ import os
 
 import typer
 
-from controlplane.cli import demo, deployments, jobs, profiles, provisioning, rounds, serve, tasks, tokens
+from controlplane.cli import (
+    demo,
+    deployments,
+    jobs,
+    keys,
+    profiles,
+    provisioning,
+    rounds,
+    serve,
+    tasks,
+    tokens,
+)
 
 __all__ = ["app", "main"]
 
@@ -21,6 +32,7 @@ app.add_typer(jobs.app, name="jobs")
 app.add_typer(rounds.app, name="rounds")
 app.add_typer(rounds.schedules_app, name="schedules")
 app.add_typer(deployments.app, name="deployments")
+app.add_typer(keys.app, name="keys")
 app.add_typer(tasks.app, name="tasks")
 app.command("agent", context_settings=serve.AGENT_CONTEXT, help="The device agent: `edgefleet agent run --help`.")(
     serve.agent_cmd)
