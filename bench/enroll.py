@@ -62,6 +62,7 @@ class Result:
     last_ms_per_device: float = 0.0
     cpu_s_server: float = 0.0  # the control plane and its embedded broker
     cpu_s_client: float = 0.0  # this process (HTTP clients, or the MQTT load generator)
+    still_open: int | None = None  # reconnect: connections the broker still held open once all were connected
 
     @property
     def rate(self) -> float:
@@ -280,7 +281,7 @@ def reconnect(cp: ControlPlane, side: str, creds: dict[str, str], window: int) -
         print(f"  {side} reconnect: {len(failures)} failure(s), first: {failures[0]}", file=sys.stderr)
     n = len(creds)
     result = Result(side, "reconnect", n, seconds, len(failures), latencies, cpu_s_server=cp.cpu_s() - cpu0,
-                    cpu_s_client=time.process_time() - client0)
+                    cpu_s_client=time.process_time() - client0, still_open=still_open)
     if still_open < n - len(failures):
         print(f"  {side} reconnect: only {still_open} of {n} connections still open at the end", file=sys.stderr)
     return result
