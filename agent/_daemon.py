@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import __version__, _deploy
+from agent import __version__, _deploy, trust
 from agent import protocol as wire
 from agent._active_model import ActiveModel
 from agent._errors import ConfigError
@@ -398,6 +398,9 @@ class Agent:
             except ConfigError as exc:
                 return ack(False, str(exc))
             return ack(True, config=changed)
+        if command.kind in (wire.CommandKind.TRUST_SIGNING_KEY, wire.CommandKind.RETIRE_SIGNING_KEY):
+            ok, reason, result = trust.handle_key_command(self, command)
+            return ack(ok, reason, **result)
         return ack(False, f"unknown command kind {command.kind!r}")
 
     # -- configuration ---------------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ def _deploy(ctx: CommandContext, model_version: str, variant: ModelVariant, args
     from agent._download import download, fetch_small, resolve_url
     from agent._verify import DeviceFacts, check_manifest, check_release, check_variant, verify_signed_release
     from agent.manifest import ManifestError, verify_artifact
+    from agent.trust import trust_store_for
 
     settings = ctx.settings
     models = ctx.models
@@ -108,7 +109,8 @@ def _deploy(ctx: CommandContext, model_version: str, variant: ModelVariant, args
     try:
         # 1. The release, signature checked before anything else is fetched.
         manifest_json = fetch_small(manifest_url, bearer, policy, "manifest")
-        release = verify_signed_release(manifest_json, settings.signing_key)
+        release = verify_signed_release(manifest_json,
+                                        trust_store_for(settings.data_dir, settings.signing_key).trusted())
         manifest = release.artifact
         check_manifest(device, manifest, model_version, str(variant))
         check_release(device, release, deployment_id, floor, time.time())

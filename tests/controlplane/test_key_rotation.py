@@ -347,10 +347,6 @@ def test_a_real_agents_active_model_survives_the_retirement_of_its_signing_key_a
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs the agent to dispatch trust_signing_key / retire_signing_key "
-                                       "(agent/_daemon.py) and _deploy to verify against its trust store "
-                                       "(agent/_deploy.py): the lines are in the issue 10 §5 report; remove "
-                                       "this marker with them")
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_real_agent_learns_the_new_key_and_installs_a_release_signed_by_it(fleet: Fleet, tmp_path: Path) -> None:
     # Prepare: a served control plane and a real agent enrolled with the first key
