@@ -55,7 +55,18 @@ def api(url: str, token: str) -> Any:
 
     if not token:
         fail("an API token is needed: --token or EDGEFLEET_TOKEN (edgefleet tokens create --role operator)")
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    # An https:// control plane with the fleet's own CA: verify it against that CA (EDGEFLEET_CA_FILE, e.g.
+    # $DATA_DIR/pki/ca-bundle.pem), else the system store.
+    verify: Any = True
+    ca_file = os.environ.get("EDGEFLEET_CA_FILE")
+    if ca_file:
+        import ssl
+
+        try:
+            verify = ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            fail(f"EDGEFLEET_CA_FILE={ca_file}: {exc}")
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60, verify=verify)
 
 
 def call(response: Any) -> Any:

@@ -182,6 +182,21 @@ def test_serve_with_tls_speaks_https_only(served: Served) -> None:
     assert enrolled["broker_url"] == f"mqtts://{NAME}:{served.broker_port}?protocol=3.1.1"
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_operator_cli_verifies_the_control_plane_with_the_fleet_ca(served: Served) -> None:
+    argv = _entry("deployments", "list", "--url", served.api, "--token", served.token, "--json")
+    env = {k: v for k, v in os.environ.items() if k != "EDGEFLEET_CA_FILE"}
+    # Without the fleet CA the server is not trusted (no fallback to plaintext or to no verification) ...
+    refused = subprocess.run(argv, env=env, check=False, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr + refused.stdout
+    # ... with it, the API answers
+    trusted = subprocess.run(argv, env={**env, "EDGEFLEET_CA_FILE": str(served.ca)}, check=False,
+                             capture_output=True, text=True, timeout=60)
+    assert trusted.returncode == 0, trusted.stderr[-2000:]
+    assert json.loads(trusted.stdout) == []
+
+
 # -- the embedded broker over TLS ----------------------------------------------------------------------------------
 def _write_device_identity(directory: Path, pki: FleetPKI, device_id: str, cn: str | None = None) -> tuple[Path, Path]:
     """A device key made here (as on the device) and the certificate the CA issues for its CSR."""
