@@ -328,6 +328,16 @@ class FleetPKI:
         if key.public_key().public_bytes(serialization.Encoding.DER, public) != \
                 cert.public_key().public_bytes(serialization.Encoding.DER, public):
             raise PkiError(f"TLS key {key_file} is not the key of certificate {cert_file}")
+        # Devices verify the server with the CA file: a certificate it does not vouch for would fail every device
+        # at its first connect, far from this misconfiguration.
+        ca_file = self._byo[2]
+        assert ca_file is not None
+        try:
+            roots = x509.load_pem_x509_certificates(ca_file.read_bytes())
+        except ValueError as exc:
+            raise PkiError(f"TLS CA file {ca_file}: {exc}") from None
+        if not any(_issued_by(cert, root) for root in roots):
+            raise PkiError(f"TLS certificate {cert_file} is not issued by a CA in {ca_file}")
         if self._byo_ca_key is not None:
             self._load_ca()
 
@@ -387,6 +397,14 @@ class FleetPKI:
             yield
         finally:
             os.close(fd)
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _load_csr(csr_pem: bytes | str) -> x509.CertificateSigningRequest:

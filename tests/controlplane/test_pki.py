@@ -150,3 +150,18 @@ def test_bring_your_own_key_that_does_not_match_its_certificate_is_named(tmp_pat
     with pytest.raises(PkiError, match="is not the key of certificate"):
         byo.ensure()
     assert not byo.can_issue
+
+
+def test_bring_your_own_certificate_not_issued_by_its_ca_file_is_named(tmp_path: Path) -> None:
+    mine = FleetPKI(tmp_path / "a", server_names=["x.test"]).ensure()
+    other = FleetPKI(tmp_path / "b", server_names=["x.test"]).ensure()
+    byo = FleetPKI(tmp_path / "c", cert_file=mine.server.cert_file, key_file=mine.server.key_file,
+                   ca_file=other.server.ca_file)
+    with pytest.raises(PkiError, match="is not issued by a CA in"):
+        byo.ensure()
+    # the control: with its own CA file the same files are accepted, and serve a verifying client
+    good = FleetPKI(tmp_path / "d", cert_file=mine.server.cert_file, key_file=mine.server.key_file,
+                    ca_file=mine.server.ca_file).ensure()
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(good.server.cert_file, good.server.key_file)
+    _handshake(server, ssl.create_default_context(cafile=str(good.server.ca_file)), "x.test")
