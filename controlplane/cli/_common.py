@@ -66,7 +66,22 @@ def api(url: str, token: str) -> Any:
             verify = ssl.create_default_context(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
             fail(f"EDGEFLEET_CA_FILE={ca_file}: {exc}")
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60, verify=verify)
+    class _OneLineErrors(httpx.HTTPTransport):
+        """A control plane that cannot be reached, or not trusted, is one line, not a traceback."""
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            try:
+                return super().handle_request(request)
+            except httpx.TransportError as exc:
+                hint = ""
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                    hint = " (a fleet CA's server: set EDGEFLEET_CA_FILE to its ca-bundle.pem)"
+                fail(f"cannot reach the control plane at {request.url.scheme}://{request.url.netloc.decode()}: "
+                     f"{exc}{hint}", 1)
+                raise  # unreachable: fail() exits
+
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60,
+                        transport=_OneLineErrors(verify=verify))
 
 
 def call(response: Any) -> Any:

@@ -189,7 +189,8 @@ def test_the_operator_cli_verifies_the_control_plane_with_the_fleet_ca(served: S
     env = {k: v for k, v in os.environ.items() if k != "EDGEFLEET_CA_FILE"}
     # Without the fleet CA the server is not trusted (no fallback to plaintext or to no verification) ...
     refused = subprocess.run(argv, env=env, check=False, capture_output=True, text=True, timeout=60)
-    assert refused.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr + refused.stdout
+    assert refused.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr, refused.stderr[-2000:]
+    assert "EDGEFLEET_CA_FILE" in refused.stderr and "Traceback" not in refused.stderr
     # ... with it, the API answers
     trusted = subprocess.run(argv, env={**env, "EDGEFLEET_CA_FILE": str(served.ca)}, check=False,
                              capture_output=True, text=True, timeout=60)
