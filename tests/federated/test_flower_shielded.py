@@ -216,3 +216,93 @@ def test_clock_skew_is_recorded(link: SuperLinkProcess, identity: ServerIdentity
     assert response.status_code == 401
     skews = link.clock_skews(since)
     assert pem in skews and -610 < skews[pem] < -590
+
+
+# --------------------------------------------------------------------------------- the agent's join_round
+
+
+def _agent(tmp_path: Path, device_id: str, train_data: Path, ca_file: Path | None, key_file: Path | None) -> Any:
+    """The parts of an agent's CommandContext that join_round uses, with the fleet CA and SuperNode key files that
+    enrolment writes (AgentSettings.ca_file / flower_auth_key_file)."""
+    from types import SimpleNamespace
+
+    from firmware_profiles import get_profile
+
+    settings = SimpleNamespace(data_dir=tmp_path / device_id, profile=get_profile("raspberry-pi-5"),
+                               train_data_path=train_data, superlink_host=None, controlplane_url=None,
+                               broker=SimpleNamespace(host="127.0.0.1"), ca_file=ca_file,
+                               flower_auth_key_file=key_file)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return SimpleNamespace(settings=settings, device_id=device_id, wait_for_stop=threading.Event().wait)
+
+
+def test_join_round_over_tls_with_the_device_key(link: SuperLinkProcess, identity: ServerIdentity,
+                                                 partitions: list[Path], tmp_path: Path) -> None:
+    from agent import protocol as wire
+    from agent.join_round import Rounds
+
+    names = ["pi-a", "pi-b"]
+    agents = {}
+    for name, data in zip(names, partitions, strict=True):
+        link.register_supernode(_key(tmp_path / f"{name}.key"), name=name)
+        agents[name] = _agent(tmp_path, name, data, identity.ca_file, tmp_path / f"{name}.key")
+    results = tmp_path / "results"
+    run_id = link.submit_run(run_config={
+        "round-id": "r1", "devices": ",".join(names), "num-rounds": 1, "min-clients": 2, "local-epochs": 1,
+        "discovery-timeout-s": 60.0, "round-timeout-s": 60.0, "results-dir": str(results)})
+    acks: dict[str, Any] = {}
+
+    def join(name: str) -> None:
+        command = wire.Command(command_id=f"j-{name}", kind="join_round", ts=time.time(),
+                               args={"superlink": link.device_address, "round_id": "r1", "timeout_s": 120,
+                                     "tls": True})
+        acks[name] = Rounds().handle(agents[name], command)
+
+    threads = [threading.Thread(target=join, args=(n,)) for n in names]
+    for thread in threads:
+        thread.start()
+    status = link.wait_run(run_id, RUN_TIMEOUT_S)
+    for thread in threads:
+        thread.join(timeout=60)
+    assert status.completed, status
+    for name in names:
+        ok, reason, result = acks[name]
+        assert ok, reason
+        assert result["participated"] is True and abs(result["clock_skew_s"]) < 5
+
+
+def test_join_round_refusals_over_tls(tmp_path: Path, partitions: list[Path], identity: ServerIdentity) -> None:
+    from agent import protocol as wire
+    from agent.join_round import Rounds
+
+    tls = wire.Command(command_id="c1", kind="join_round",
+                       args={"superlink": "127.0.0.1:9092", "round_id": "r1", "tls": True})
+    ok, reason, _ = Rounds().handle(_agent(tmp_path, "no-ca", partitions[0], None, None), tls)
+    assert not ok and reason is not None and "no fleet CA" in reason
+    # An enrolled device (it has the fleet CA) refuses a plaintext SuperLink beyond loopback.
+    enrolled = _agent(tmp_path, "enrolled", partitions[0], identity.ca_file, None)
+    enrolled.settings.superlink_host = "cp.example"
+    plain = wire.Command(command_id="c2", kind="join_round", args={"superlink": "cp.example:9092", "round_id": "r1"})
+    ok, reason, _ = Rounds().handle(enrolled, plain)
+    assert not ok and reason is not None and "refusing a plaintext SuperLink" in reason
+    bad = wire.Command(command_id="c3", kind="join_round",
+                       args={"superlink": "127.0.0.1:9092", "round_id": "r1", "tls": "yes"})
+    ok, reason, _ = Rounds().handle(_agent(tmp_path, "bad", partitions[0], identity.ca_file, None), bad)
+    assert not ok and reason is not None and "'tls'" in reason
+
+
+def test_join_round_names_clock_skew(link: SuperLinkProcess, identity: ServerIdentity, partitions: list[Path],
+                                     tmp_path: Path) -> None:
+    """The agent names clock skew when its SuperNode could not connect and the command's timestamp says its clock
+    is further off than Flower accepts. The SuperNode here fails for an unregistered key (one process's clock cannot
+    be set without root or libfaketime); test_clock_skew_is_recorded covers the SuperLink refusing a stale stamp."""
+    from agent import protocol as wire
+    from agent.join_round import Rounds
+
+    _key(tmp_path / "slow.key")  # not registered: the SuperNode exits, as it would for a stale timestamp
+    agent = _agent(tmp_path, "slow", partitions[0], identity.ca_file, tmp_path / "slow.key")
+    command = wire.Command(command_id="j", kind="join_round", ts=time.time() + 600,
+                           args={"superlink": link.device_address, "round_id": "r9", "timeout_s": 90, "tls": True})
+    ok, reason, result = Rounds().handle(agent, command)
+    assert not ok and reason is not None and reason.startswith("clock skew: this device's clock is -600 s"), reason
+    assert result["clock_skew_s"] == pytest.approx(-600, abs=5)
