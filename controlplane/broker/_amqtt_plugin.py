@@ -37,14 +37,16 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from ._credentials import CredentialsFile, UserEntry, acl_allows
-from ._embedded import CERT_CN_ATTR
 from ._errors import BrokerAuthError
 from ._passwords import is_slow_hash, verify_password
 
-__all__ = ["CREDENTIAL_ATTR", "EdgeFleetAuthPlugin"]
+__all__ = ["CERT_CN_ATTR", "CREDENTIAL_ATTR", "EdgeFleetAuthPlugin"]
 
 # The attribute of an amqtt Session that holds the credential (password hash) it authenticated with.
 CREDENTIAL_ATTR = "edgefleet_credential"
+# The attribute the broker (controlplane.broker._embedded) puts a verified client certificate's CN in. Defined here,
+# not imported from _embedded, which imports this module: that was an import cycle (tests/test_packaging.py).
+CERT_CN_ATTR = "edgefleet_cert_cn"
 
 
 class EdgeFleetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]

@@ -271,13 +271,15 @@ class CredentialsFile:
                 conn = self._connection()
                 # IMMEDIATE: take the write lock up front, so two writers never deadlock upgrading read locks.
                 conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
                 raise BrokerAuthError(f"cannot open broker credentials {self._db_path}: {exc}") from exc
             try:
                 yield conn
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):
                     conn.rollback()
+                if isinstance(exc, sqlite3.Error):
+                    raise BrokerAuthError(f"broker credentials {self._db_path}: {exc}") from exc
                 raise
             try:
                 conn.commit()

@@ -830,6 +830,12 @@ def test_a_malformed_json_credentials_file_is_a_clear_error(tmp_path: Path) -> N
         CredentialsFile(path).load()
 
 
+def test_the_broker_and_its_plugin_name_the_certificate_attribute_alike() -> None:
+    from controlplane.broker import _amqtt_plugin, _embedded
+
+    assert _amqtt_plugin.CERT_CN_ATTR == _embedded.CERT_CN_ATTR
+
+
 def test_embedded_auth_and_no_auth_satisfy_the_protocol(tmp_path: Path) -> None:
     backends: list[BrokerAuth] = [
         EmbeddedBrokerAuth(tmp_path / "c.json"),
