@@ -642,11 +642,19 @@ class TestMosquittoDynsec:
         )
         port = free_port()
         config = (REPO / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+        # The TLS listeners get free ports on loopback and the fleet CA's files (tests/controlplane/test_tls.py
+        # checks what they accept); this test is about the dynsec accounts behind them.
+        from controlplane.pki import FleetPKI
+
+        FleetPKI(tmp_path / "pki", server_names=["localhost", "127.0.0.1"]).ensure()
         for old, new in {
             "plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so": f"plugin {plugin}",
             "/var/lib/mosquitto/dynamic-security.json": str(dynsec_file),
             "persistence_location /var/lib/mosquitto/": f"persistence_location {tmp_path}/",
-            "\nlistener 1883\n": f"\nlistener {port} 127.0.0.1\n",
+            "\nlistener 1883 127.0.0.1\n": f"\nlistener {port} 127.0.0.1\n",
+            "\nlistener 8883\n": f"\nlistener {free_port()} 127.0.0.1\n",
+            "\nlistener 8884\n": f"\nlistener {free_port()} 127.0.0.1\n",
+            "/etc/mosquitto/certs/": f"{tmp_path}/pki/",
         }.items():
             assert old in config, old
             config = config.replace(old, new)
