@@ -115,8 +115,9 @@ class Fleet:
             self.stop()
             raise
         self.signer = Signer(self.settings.data_dir / "keys")  # created on first start
+        signer = self.signer
         self.devices = DeviceService(self.engine, self.broker_auth, self.device_broker_url, self.publisher,
-                                     self.signer.public_key_b64)
+                                     lambda: signer.public_key_b64)
         self.models = ModelService(self.engine, self.settings.data_dir / "models")
         self.deployments = DeploymentService(self.engine, self.models, self.publisher, self.signer)
         self.deployments.start()

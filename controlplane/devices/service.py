@@ -7,6 +7,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Final, Protocol, runtime_checkable
 
 import structlog
@@ -67,13 +68,19 @@ def _check_profile(name: str) -> None:
 
 class DeviceService:
     def __init__(self, engine: Engine, broker_auth: BrokerAuth, device_broker_url: str,
-                 publisher: CommandPublisher | None, signing_public_key: str = "") -> None:
-        self.signing_public_key = signing_public_key
+                 publisher: CommandPublisher | None, signing_public_key: str | Callable[[], str] = "") -> None:
+        # A callable is read at each enrolment: after a signing-key rotation new devices get the key in use.
+        self._signing_public_key = signing_public_key
         self.engine = engine
         self.broker_auth = broker_auth
         self.device_broker_url = device_broker_url
         self.publisher = publisher
         self._id_locks = [threading.Lock() for _ in range(64)]
+
+    @property
+    def signing_public_key(self) -> str:
+        key = self._signing_public_key
+        return key() if callable(key) else key
 
     # -- registry --------------------------------------------------------------------------------------------
     def enroll(self, data: DeviceCreate) -> DeviceEnrolled:
@@ -193,7 +200,8 @@ class DeviceService:
             return self._read(device, self._tags(session, [device_id])[device_id])
 
     def delete(self, device_id: str) -> None:
-        with Session(self.engine) as session:
+        # Under the id's lock: a credential rotation running meanwhile cannot leave a working account behind.
+        with self._id_locks[hash(device_id) % len(self._id_locks)], Session(self.engine) as session:
             self._device(session, device_id)
             self.broker_auth.remove_device(device_id)
             for table in (DeviceTag, TelemetryRecord, CommandRecord):

@@ -427,3 +427,15 @@ def test_the_cli_rotates_shows_who_is_missing_and_completes_only_when_told(
     assert forced.exit_code == 0, forced.output
     printed = forced.stdout[forced.stdout.index("{\n"):]
     assert msgspec.json.decode(printed[:printed.index("\n}") + 2])["rotation"]["status"] == "complete"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_device_enrolled_after_a_completed_rotation_is_given_the_new_key(fleet: Fleet) -> None:
+    # Prepare: a fleet whose key was rotated (no devices to wait for)
+    old = fleet.signer.public_key_b64
+    fleet.signer.begin_rotation()
+    fleet.signer.complete_rotation()
+    # Execute: enrol after completion, in the same running control plane
+    enrolled = fleet.devices.enroll(DeviceCreate(device_id="late-1", profile="raspberry-pi-5"))
+    # Assert: the key devices are handed is the one that signs now, not the retired one
+    assert enrolled.signing_public_key == fleet.signer.public_key_b64 != old
