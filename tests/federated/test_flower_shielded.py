@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from controlplane.pki import FleetPKI, ServerIdentity
 from federated.flower.fleet_proxy import is_fleet_path
 from federated.flower.runtime import SuperLinkProcess, SuperNodeProcess, supernode_public_key_pem
 from federated.tasks import get_task
+from tests._services import fx_fleet  # noqa: F401 - fx_fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -193,17 +195,15 @@ def test_plaintext_is_refused(link: SuperLinkProcess, partitions: list[Path], tm
         plain.stop()
 
 
-def test_clock_skew_is_recorded(link: SuperLinkProcess, identity: ServerIdentity, tmp_path: Path) -> None:
+def _stale_request(link: SuperLinkProcess, ca_file: Path, key_file: Path) -> httpx.Response:
+    """What a SuperNode whose clock is 10 minutes slow sends to activate itself (flwr's signed-timestamp headers)."""
     from flwr.proto.fleet_pb2 import ActivateNodeRequest
     from flwr.supercore.primitives.asymmetric import sign_message
 
-    public = _key(tmp_path / "late.key")
-    link.register_supernode(public, name="late")
-    private = serialization.load_ssh_private_key((tmp_path / "late.key").read_bytes(), None)
+    private = serialization.load_ssh_private_key(key_file.read_bytes(), None)
     assert isinstance(private, ec.EllipticCurvePrivateKey)
-    pem = supernode_public_key_pem(public)
-    since = time.time()
-    # What a SuperNode whose clock is 10 minutes slow sends (flwr's signed-timestamp headers).
+    pem = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
     stamp = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)).isoformat()
     headers: dict[str, Any] = {
         "content-type": "application/protobuf", "flwr-timestamp": stamp,
@@ -211,8 +211,16 @@ def test_clock_skew_is_recorded(link: SuperLinkProcess, identity: ServerIdentity
         "flwr-signature": base64.b64encode(sign_message(private, stamp.encode("ascii"))).decode(),
     }
     body = ActivateNodeRequest(public_key=pem, heartbeat_interval=30.0).SerializeToString()
-    response = httpx.post(f"https://{link.device_address}/v1/fleet/activate-node", content=body, headers=headers,
-                          verify=str(identity.ca_file))
+    return httpx.post(f"https://{link.device_address}/v1/fleet/activate-node", content=body, headers=headers,
+                      verify=ssl.create_default_context(cafile=str(ca_file)))
+
+
+def test_clock_skew_is_recorded(link: SuperLinkProcess, identity: ServerIdentity, tmp_path: Path) -> None:
+    public = _key(tmp_path / "late.key")
+    link.register_supernode(public, name="late")
+    pem = supernode_public_key_pem(public)
+    since = time.time()
+    response = _stale_request(link, identity.ca_file, tmp_path / "late.key")
     assert response.status_code == 401
     skews = link.clock_skews(since)
     assert pem in skews and -610 < skews[pem] < -590
@@ -306,3 +314,46 @@ def test_join_round_names_clock_skew(link: SuperLinkProcess, identity: ServerIde
     ok, reason, result = Rounds().handle(agent, command)
     assert not ok and reason is not None and reason.startswith("clock skew: this device's clock is -600 s"), reason
     assert result["clock_skew_s"] == pytest.approx(-600, abs=5)
+
+
+# ------------------------------------------------------------------------------------- the control plane's runner
+
+
+def test_runner_registers_keys_unregisters_and_names_clock_skew(fleet: Any, tmp_path: Path) -> None:
+    """FlowerRoundRunner on a real control plane: the invited device's key (Device.flower_public_key) is registered
+    with its TLS SuperLink, a device without one is not invited, a stale-clock refusal becomes the device's drop
+    reason, and unregister() withdraws the key."""
+    from sqlmodel import Session
+
+    from controlplane.db import Device
+    from controlplane.devices.schemas import DeviceCreate
+    from controlplane.rounds.runner import FlowerRoundRunner
+    from controlplane.rounds.service import RoundOutcome
+
+    for device_id in ("k-a", "k-none"):
+        fleet.devices.enroll(DeviceCreate(device_id=device_id, profile="raspberry-pi-5"))
+    public = _key(tmp_path / "k-a.key")
+    with Session(fleet.engine) as session:
+        device = session.get(Device, "k-a")
+        device.flower_public_key = public
+        session.add(device)
+        session.commit()
+    runner = FlowerRoundRunner(tmp_path / "flower", fleet.devices, tls=fleet.pki.server, supernode_auth=True)
+    try:
+        link = runner._ensure_superlink()
+        assert link.address.startswith("127.0.0.1:") and link.device_address != link.address
+        pem = runner._register(link, "k-a")
+        assert pem in link.registered_supernodes()
+        with pytest.raises(ValueError, match="no SuperNode key on record"):
+            runner._register(link, "k-none")
+        since = time.time()
+        assert _stale_request(link, fleet.pki.server.ca_file, tmp_path / "k-a.key").status_code == 401
+        outcome = RoundOutcome(ok=False, refused={"k-a": "the SuperNode exited with code 1"})
+        runner._add_clock_skews(link, outcome, {pem: "k-a"}, since)
+        assert outcome.dropped["k-a"].startswith("clock skew: the device's clock is -600 s"), outcome.dropped
+        assert "k-a" not in outcome.refused
+        assert runner.unregister("k-a") is True
+        assert pem not in link.registered_supernodes()
+        assert runner.unregister("k-a") is False
+    finally:
+        runner.stop()
