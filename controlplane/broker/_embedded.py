@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -26,16 +27,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Self
 
+# The attribute of an amqtt Session that holds the CN of the client certificate the TLS handshake verified against
+# the fleet CA (None without one); set before the auth plugin runs. Defined once, in the plugin, which reads it.
+from ._amqtt_plugin import CERT_CN_ATTR
+
 __all__ = ["CERT_CN_ATTR", "EmbeddedBroker", "ListenerTls", "peer_certificate_cn", "run_embedded_broker"]
 
 _PLUGIN: Final = "controlplane.broker._amqtt_plugin.EdgeFleetAuthPlugin"
 _STDERR_TAIL: Final = 4000
 # What ``python -m controlplane.broker`` prints on stdout once it listens.
 READY_LINE: Final = b"edgefleet-broker-ready\n"
-# The attribute of an amqtt Session that holds the CN of the client certificate the TLS handshake verified against
-# the fleet CA (None without one). Set before the auth plugin runs: a device presenting its certificate is that
-# device without a password; the plugin still asks the registry whether the device is enrolled.
-CERT_CN_ATTR: Final = "edgefleet_cert_cn"
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -111,6 +112,89 @@ async def _peek_connect_protocol(
     return name, level
 
 
+# Set on the protocol handler of a connection whose persistent session another connection takes over (fix 6).
+_TAKEN_OVER_ATTR: Final = "edgefleet_taken_over"
+_NEW: Final = "new"
+_CONNECTED: Final = "connected"
+_DISCONNECTED: Final = "disconnected"
+
+
+class _SessionState:
+    """The connection state of one amqtt session: amqtt 0.11.4's ``Session._init_states`` machine without
+    ``transitions.Machine`` (fix 5 of :func:`_make_broker`).
+
+    States ``new`` (initial), ``connected``, ``disconnected``. ``connect()``: new or disconnected -> connected,
+    and from connected it raises ``transitions.MachineError`` as the Machine does: the broker's CONNECT of a
+    client id whose session is still connected relies on that to take the old connection over.
+    ``disconnect()``: from any state -> disconnected (a reflexive transition from disconnected: its enter hook
+    runs again, as in the Machine). The enter hooks are the session's ``_on_enter_connected`` /
+    ``_on_enter_disconnected`` (they stamp ``last_connect_time`` / ``last_disconnect_time``, which the session
+    expiry monitor reads). What amqtt and this module call is all there is: ``state``, ``connect()``,
+    ``disconnect()``, ``is_new()``, ``is_connected()``, ``is_disconnected()``.
+    """
+
+    __slots__ = ("_on_connected", "_on_disconnected", "_state")
+
+    def __init__(self, on_connected: Callable[[], None], on_disconnected: Callable[[], None]) -> None:
+        self._on_connected = on_connected
+        self._on_disconnected = on_disconnected
+        self._state: str = _NEW
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def connect(self) -> bool:
+        if self._state == _CONNECTED:
+            from transitions import MachineError
+
+            # transitions' own wording (transitions/core.py, Event._trigger).
+            raise MachineError(f"Can't trigger event connect from state {self._state}!")
+        self._state = _CONNECTED
+        self._on_connected()
+        return True
+
+    def disconnect(self) -> bool:
+        self._state = _DISCONNECTED
+        self._on_disconnected()
+        return True
+
+    def is_new(self) -> bool:
+        return self._state == _NEW
+
+    def is_connected(self) -> bool:
+        return self._state == _CONNECTED
+
+    def is_disconnected(self) -> bool:
+        return self._state == _DISCONNECTED
+
+    def __repr__(self) -> str:
+        return f"_SessionState({self._state!r})"
+
+
+@functools.cache
+def _session_class() -> type[Any]:
+    """amqtt's ``Session`` with a :class:`_SessionState` instead of its ``transitions.Machine``."""
+    from amqtt.session import Session
+
+    class _EdgeFleetSession(Session):  # type: ignore[misc]
+        def _init_states(self) -> None:
+            self.transitions = _SessionState(self._on_enter_connected, self._on_enter_disconnected)
+
+    _EdgeFleetSession.__name__ = _EdgeFleetSession.__qualname__ = "Session"  # amqtt's logs name the class
+    return _EdgeFleetSession
+
+
+def _use_light_sessions() -> None:
+    """Make the broker side of amqtt (in this process) create :func:`_session_class` sessions: the CONNECT path
+    creates every session through the ``Session`` name of ``amqtt.mqtt.protocol.broker_handler``
+    (``BrokerProtocolHandler.init_from_connect``); the broker's offline sessions are made by
+    ``_EdgeFleetBroker.create_offline_session``. amqtt's client (``amqtt.client``) keeps its own."""
+    from amqtt.mqtt.protocol import broker_handler
+
+    broker_handler.Session = _session_class()
+
+
 def _make_broker(config: dict[str, Any]) -> Any:
     """An amqtt Broker with fixes for amqtt 0.11.4 (checked by tests/controlplane/test_broker_auth.py).
 
@@ -134,6 +218,18 @@ def _make_broker(config: dict[str, Any]) -> Any:
     4. Changed credentials end sessions: a watcher re-reads the credentials file every ``reload_interval`` and
        closes the connection of, and drops (subscriptions, queued and in-flight messages), every session whose
        credential is no longer its user's current one. Its Last Will is not published.
+    5. Speed, not behaviour: every CONNECT builds a ``Session``, and amqtt 0.11.4's builds a ``transitions.Machine``
+       for its three states (11 ``add_transition``/hook calls, each resolving names and creating ``State``,
+       ``Event`` and ``Transition`` objects): profiled at ~45% of the broker's CPU per CONNECT (1.22-1.27 ms of
+       which the rest is the protocol and our auth plugin). Here sessions carry a :class:`_SessionState` with the
+       same states, transitions, enter hooks and ``MachineError`` instead: 0.62-0.67 ms per CONNECT, 3,000
+       connects at 929-1081/s instead of 471-630/s (bench/README.md, ``bench/enroll.py``), which is what keeps
+       10,000 devices reconnecting within the 30 s of issue 10 on 2 shared cores.
+    6. A persistent session resumed by a new connection of the same client while its old connection is still
+       up (a device rebooted before its old TCP connection timed out) is taken over: amqtt closes the old
+       connection, whose teardown then marks the *shared* session disconnected (and publishes its Last Will,
+       though the client is back): from then on the new, live connection got no message, each was queued until
+       it reconnected once more. Here the teardown of a taken-over connection only stops that connection.
     """
     from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
     from amqtt.broker import Broker
@@ -144,6 +240,8 @@ def _make_broker(config: dict[str, Any]) -> Any:
     from amqtt.utils import format_client_message, gen_client_id
 
     from ._amqtt_plugin import CREDENTIAL_ATTR, EdgeFleetAuthPlugin
+
+    _use_light_sessions()  # fix 5
 
     class _PrefixedReader(StreamReaderAdapter):  # type: ignore[misc]
         """Serves the bytes already read (to peek at the CONNECT) before the rest of the stream."""
@@ -174,6 +272,14 @@ def _make_broker(config: dict[str, Any]) -> Any:
                 raise ValueError("the embedded broker needs the EdgeFleetAuthPlugin")
             self._edgefleet_auth: EdgeFleetAuthPlugin = plugins[0]
             self._edgefleet_watcher: asyncio.Task[None] | None = None
+
+        def create_offline_session(self, client_id: str) -> tuple[Any, Any]:
+            # amqtt 0.11.4's, with our session class (fix 5).
+            session = _session_class()()
+            session.client_id = client_id
+            handler = BrokerProtocolHandler(self.plugins_manager, session)
+            session.transitions.disconnect()
+            return handler, session
 
         async def start(self) -> None:
             await super().start()
@@ -256,6 +362,9 @@ def _make_broker(config: dict[str, Any]) -> Any:
                     for attr in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive",
                                  "username", "password"):  # fmt: skip
                         setattr(existing, attr, getattr(session, attr))
+                    _, live_handler = self._sessions[client_id]
+                    if live_handler is not None and existing.transitions.is_connected():
+                        setattr(live_handler, _TAKEN_OVER_ATTR, True)  # fix 6
                     session = existing
                     session.parent = 1
             else:
@@ -276,6 +385,13 @@ def _make_broker(config: dict[str, Any]) -> Any:
                 )
             finally:
                 self._edgefleet_authenticated.pop(id(client_session), None)
+
+        async def _handle_disconnect(self, client_session: Any, handler: Any, disconnect_waiter: Any) -> None:
+            if getattr(handler, _TAKEN_OVER_ATTR, False):
+                # fix 6: the session lives on with the connection that took it over.
+                await self._stop_handler(handler)
+                return
+            await super()._handle_disconnect(client_session, handler, disconnect_waiter)
 
         async def _authenticate(self, session: Any, listener: Any) -> bool:
             # Done in _initialize_client_session; super() asks again for the same session.
