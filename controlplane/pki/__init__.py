@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 from ._fleet_ca import (
+    CaRenewal,
+    CaRenewalStatus,
     CsrError,
     FleetPKI,
     IssuedCertificate,
     PkiError,
     ServerIdentity,
+    ca_fingerprint,
     default_server_names,
 )
 
 __all__ = [
+    "CaRenewal",
+    "CaRenewalStatus",
     "CsrError",
     "FleetPKI",
     "IssuedCertificate",
     "PkiError",
     "ServerIdentity",
+    "ca_fingerprint",
     "default_server_names",
 ]
