@@ -76,7 +76,12 @@ class BrokerAddress:
             try:
                 context.load_cert_chain(self.cert_file, self.key_file)
             except (OSError, ssl.SSLError) as exc:
-                raise ValueError(f"client certificate {self.cert_file} / key {self.key_file}: {exc}") from None
+                # A certificate renewal interrupted between writing the new certificate and its key: the new key
+                # still waits beside the old one (agent.trust.pending_key_file).
+                try:
+                    context.load_cert_chain(self.cert_file, f"{self.key_file}.pending")
+                except (OSError, ssl.SSLError):
+                    raise ValueError(f"client certificate {self.cert_file} / key {self.key_file}: {exc}") from None
         return context
 
 

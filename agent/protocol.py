@@ -106,6 +106,16 @@ class CommandKind(enum.StrEnum):
     # the ack's result lists the key ids the device trusts afterwards ("trusted_key_ids").
     TRUST_SIGNING_KEY = "trust_signing_key"
     RETIRE_SIGNING_KEY = "retire_signing_key"
+    # Fleet CA renewal (agent.trust): args {"statement": <agent.trust.SignedCaBundle>} — the CAs the broker and
+    # the control plane are verified against from now on, signed by a trusted model-signing key; the ack's result
+    # names the bundle the device holds ("ca_bundle", "ca_fingerprints").
+    TRUST_CA = "trust_ca"
+    # args {"renewal": N}: make a new client key (kept beside the one in use) and answer with a CSR for it in the
+    # ack's result ("csr"; "client_certificate": false on a device without one).
+    RENEW_CERTIFICATE = "renew_certificate"
+    # args {"renewal": N, "certificate": PEM}: the certificate for that CSR's key, issued by a CA of the device's
+    # CA file; written with its key atomically, used from the next connection.
+    INSTALL_CERTIFICATE = "install_certificate"
 
 
 def validate_device_id(device_id: str) -> str:
