@@ -9,7 +9,8 @@ import msgspec
 
 from controlplane.statuses import CommandStatus
 
-__all__ = ["DeviceKeyRead", "DeviceKeyStep", "KeyRead", "KeyState", "KeysRead", "RotationComplete", "RotationRead"]
+__all__ = ["CaCertificateRead", "CaDeviceRead", "CaDeviceStep", "CaRead", "CaRenewalRead", "CaStep", "DeviceKeyRead",
+           "DeviceKeyStep", "KeyRead", "KeyState", "KeysRead", "RotationComplete", "RotationRead"]
 
 
 class KeyState(enum.StrEnum):
@@ -65,4 +66,59 @@ class KeysRead(msgspec.Struct):
 class RotationComplete(msgspec.Struct, forbid_unknown_fields=True):
     # Complete although devices have not acknowledged the new key: they refuse new releases until they learn it
     # (the control plane keeps re-sending the key, then its retirement, when they come back).
+    force: bool = False
+
+
+# -- fleet CA renewal ---------------------------------------------------------------------------------------------
+class CaDeviceStep(enum.StrEnum):
+    TRUST_CA = "trust_ca"  # the device has not acknowledged the current bundle
+    RENEW_CERTIFICATE = "renew_certificate"  # no CSR for a certificate of the new CA yet
+    INSTALL_CERTIFICATE = "install_certificate"  # the certificate of the new CA is not installed yet
+    DONE = "done"
+
+
+class CaCertificateRead(msgspec.Struct):
+    number: int | None  # the CA's number (0: the first; None: a bring-your-own CA)
+    fingerprint: str  # SHA-256 of its DER, hex
+    subject: str
+    not_after: datetime
+
+
+class CaDeviceRead(msgspec.Struct):
+    """Where one device stands in the CA renewal."""
+
+    device_id: str
+    online: bool
+    step: CaDeviceStep  # what it still has to acknowledge
+    status: CommandStatus | None  # of that step's latest command; None: not sent yet
+    reason: str | None  # why the device refused it, or why it is not sent yet
+    ca_bundle: int | None  # the highest bundle version it acknowledged
+
+
+class CaRenewalRead(msgspec.Struct):
+    number: int
+    status: str  # in_progress | complete | retired
+    old_fingerprint: str
+    new_fingerprint: str
+    issued_at: datetime
+    completed_at: datetime | None
+    retired_at: datetime | None
+    devices: int  # devices enrolled before the renewal began
+    trust_new_ca: int  # of those, how many hold a bundle with the new CA
+    certificates_renewed: int  # devices with a certificate of the new CA installed (or without a certificate)
+    pending_devices: int  # devices with a step left
+    pending: list[CaDeviceRead]  # up to `limit` of them
+
+
+class CaRead(msgspec.Struct):
+    active: int | None  # the CA that issues now (None: a bring-your-own CA)
+    bundle_version: int  # of ca-bundle.pem (devices refuse a bundle with a lower one)
+    listeners_bundle_version: int | None  # the bundle this control plane's TLS listeners loaded at their start
+    trusted: list[CaCertificateRead]  # the CAs in ca-bundle.pem
+    renewal: CaRenewalRead | None  # the latest renewal; None before the first
+    note: str | None = None  # what the operator has to do next (a restart), after a change
+
+
+class CaStep(msgspec.Struct, forbid_unknown_fields=True):
+    # Go on although devices have not acknowledged what the step needs (see the API's description).
     force: bool = False

@@ -47,7 +47,9 @@ from controlplane.db import (
     utcnow,
 )
 from controlplane.devices.publisher import CommandPublisher
+from controlplane.keys.ca import CaRenewalService
 from controlplane.keys.schemas import DeviceKeyRead, DeviceKeyStep, KeyRead, KeysRead, KeyState, RotationRead
+from controlplane.pki import FleetPKI
 from controlplane.statuses import CommandStatus, DeploymentStatus
 from federated.signing import KeyRotation, RotationStatus, Signer, SigningKeyError
 
@@ -106,11 +108,14 @@ def _applies(rotation: KeyRotation, device: _DeviceRow) -> bool:
 
 
 class KeyService:
+    """Signing-key rotation; with ``pki``, the fleet CA's renewal too (:attr:`ca`, swept by the same loop)."""
+
     def __init__(self, engine: Engine, signer: Signer, publisher: CommandPublisher | None, *,
-                 sweep_interval_s: float = 2.0) -> None:
+                 pki: FleetPKI | None = None, sweep_interval_s: float = 2.0) -> None:
         self.engine = engine
         self.signer = signer
         self.publisher = publisher
+        self.ca = None if pki is None else CaRenewalService(engine, pki, signer, publisher)
         self.sweep_interval_s = sweep_interval_s
         self._sweep_lock = threading.Lock()
         self._stop = threading.Event()
@@ -125,6 +130,11 @@ class KeyService:
                     self.sweep()
                 except Exception:  # the next sweep tries again; the API keeps working
                     log.exception("keys.sweep_failed")
+                if self.ca is not None:
+                    try:
+                        self.ca.sweep()
+                    except Exception:
+                        log.exception("keys.ca_sweep_failed")
 
         self._stop.clear()
         self._thread = threading.Thread(target=loop, name="signing-keys", daemon=True)
