@@ -7,9 +7,10 @@ Command args::
      "timeout_s": 3600,              # optional: give up (stop the SuperNode) after this long
      "tls": true}                    # optional: the SuperLink speaks TLS (verified with the agent's fleet CA)
 
-With ``tls`` the SuperNode gets ``--root-certificates <ca_file>`` and, when the agent has one, its own EC P-384
-key (``--auth-supernode-private-key``, created at enrolment; the control plane registered its public key). An
-agent with a fleet CA refuses a plaintext SuperLink beyond loopback. Flower refuses signed Fleet requests whose
+With ``tls`` the SuperNode verifies the SuperLink with the agent's ``ca_file`` (``--root-certificates``; without
+one, the system store) and signs with the device's own EC P-384 key when it has one (``supernode_auth_key_file``,
+created at enrolment; the control plane registered its public key). An agent with a CA file refuses a plaintext
+SuperLink beyond loopback. Flower refuses signed Fleet requests whose
 timestamp is more than 5 s ahead of or 305 s behind the SuperLink's clock: the ack carries ``clock_skew_s`` (this
 device's clock minus the command's timestamp) and names clock skew as the reason when the SuperNode could not
 connect and the skew is outside that window.
@@ -177,9 +178,7 @@ class Rounds:
         except ValueError as exc:
             return False, f"bad join_round args: {exc}", result
         ca_file = _path_setting(ctx.settings, "ca_file")
-        key_file = _path_setting(ctx.settings, "flower_auth_key_file")
-        if tls and ca_file is None:
-            return False, "the SuperLink speaks TLS but this agent has no fleet CA (--ca-file / enrol it)", result
+        key_file = _path_setting(ctx.settings, "supernode_auth_key_file")
         if not tls and ca_file is not None and _host_of(superlink) not in _LOOPBACK:
             return False, (f"refusing a plaintext SuperLink at {superlink}: this agent has a fleet CA, its "
                            f"control plane speaks TLS beyond loopback"), result
@@ -221,7 +220,7 @@ class Rounds:
         try:
             result["joined"] = True
             return _take_part(ctx, superlink, round_id, timeout_s, data_path, result, participation.leave,
-                              ca_file if tls else None, key_file if tls else None)
+                              tls, ca_file if tls else None, key_file if tls else None)
         finally:
             with self._lock:
                 self._active = None
@@ -247,7 +246,8 @@ class Rounds:
 
 
 def _path_setting(settings: Any, name: str) -> Path | None:
-    """An optional file setting of the agent (``ca_file``, ``flower_auth_key_file``): None if unset or missing."""
+    """An optional file setting of the agent (``ca_file``, ``supernode_auth_key_file``): None if unset or
+    missing."""
     value = getattr(settings, name, None)
     if not value:
         return None
@@ -265,7 +265,7 @@ def _skew_reason(result: dict[str, Any]) -> str | None:
 
 def _take_part(
     ctx: CommandContext, superlink: str, round_id: str, timeout_s: float, data_path: Path, result: dict[str, Any],
-    leave: threading.Event, ca_file: Path | None = None, key_file: Path | None = None,
+    leave: threading.Event, tls: bool = False, ca_file: Path | None = None, key_file: Path | None = None,
 ) -> CommandResult:
     from agent.round_status import read_status
     from agent.supernode import SuperNodeProcess
@@ -283,6 +283,7 @@ def _take_part(
         status_path=status_path,
         log_path=ctx.settings.data_dir / "supernode.log",
         max_wait_time_s=timeout_s,
+        tls=tls,
         root_certificates=ca_file,
         auth_key_file=key_file,
     )

@@ -233,11 +233,15 @@ class SuperNodeProcess:
         extra_node_config: Mapping[str, str | int | float | bool] | None = None,
         root_certificates: Path | None = None,
         auth_key_file: Path | None = None,
+        tls: bool | None = None,
     ) -> None:
+        """``tls``: HTTPS to the SuperLink, verified with ``root_certificates`` (else the system store); default:
+        whether ``root_certificates`` is given. ``auth_key_file``: the device's SuperNode key (TLS only)."""
         if isolation not in ("subprocess", "process"):
             raise ValueError(f"isolation must be 'subprocess' or 'process', got {isolation!r}")
-        if auth_key_file is not None and root_certificates is None:
-            raise ValueError("a SuperNode key is used over TLS only: give root_certificates (the fleet CA)")
+        self.tls = root_certificates is not None if tls is None else tls
+        if not self.tls and (auth_key_file is not None or root_certificates is not None):
+            raise ValueError("root certificates and a SuperNode key are used over TLS only")
         self.root_certificates = root_certificates
         self.auth_key_file = auth_key_file
         self.superlink = superlink
@@ -268,12 +272,13 @@ class SuperNodeProcess:
         return f"127.0.0.1:{self.runtime_port}"
 
     def command(self) -> list[str]:
-        if self.root_certificates is None:
+        if not self.tls:
             security = ["--insecure"]
         else:
-            # TLS to the SuperLink, verified against the fleet CA; the SuperNode's own Runtime API (its
-            # ClientApps, on loopback) stays plaintext: flwr uses TLS there only with --ssl-* files of its own.
-            security = ["--root-certificates", str(self.root_certificates)]
+            # TLS to the SuperLink, verified against the fleet CA (or the system store); the SuperNode's own
+            # Runtime API (its ClientApps, on loopback) stays plaintext: flwr uses TLS there only with --ssl-*
+            # files of its own.
+            security = [] if self.root_certificates is None else ["--root-certificates", str(self.root_certificates)]
             if self.auth_key_file is not None:
                 security += ["--auth-supernode-private-key", str(self.auth_key_file)]
         cmd = [

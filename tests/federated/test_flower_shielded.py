@@ -231,7 +231,7 @@ def test_clock_skew_is_recorded(link: SuperLinkProcess, identity: ServerIdentity
 
 def _agent(tmp_path: Path, device_id: str, train_data: Path, ca_file: Path | None, key_file: Path | None) -> Any:
     """The parts of an agent's CommandContext that join_round uses, with the fleet CA and SuperNode key files that
-    enrolment writes (AgentSettings.ca_file / flower_auth_key_file)."""
+    enrolment writes (AgentSettings.ca_file / supernode_auth_key_file)."""
     from types import SimpleNamespace
 
     from firmware_profiles import get_profile
@@ -239,7 +239,7 @@ def _agent(tmp_path: Path, device_id: str, train_data: Path, ca_file: Path | Non
     settings = SimpleNamespace(data_dir=tmp_path / device_id, profile=get_profile("raspberry-pi-5"),
                                train_data_path=train_data, superlink_host=None, controlplane_url=None,
                                broker=SimpleNamespace(host="127.0.0.1"), ca_file=ca_file,
-                               flower_auth_key_file=key_file)
+                               supernode_auth_key_file=key_file)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return SimpleNamespace(settings=settings, device_id=device_id, wait_for_stop=threading.Event().wait)
 
@@ -283,10 +283,13 @@ def test_join_round_refusals_over_tls(tmp_path: Path, partitions: list[Path], id
     from agent import protocol as wire
     from agent.join_round import Rounds
 
-    tls = wire.Command(command_id="c1", kind="join_round",
-                       args={"superlink": "127.0.0.1:9092", "round_id": "r1", "tls": True})
-    ok, reason, _ = Rounds().handle(_agent(tmp_path, "no-ca", partitions[0], None, None), tls)
-    assert not ok and reason is not None and "no fleet CA" in reason
+    # Without a CA file the SuperNode still speaks TLS (system store), never plaintext.
+    no_ca = SuperNodeProcess("cp.example:9092", device_id="x", data_path=partitions[0], flwr_home=tmp_path / "x",
+                             tls=True).command()
+    assert "--insecure" not in no_ca and "--root-certificates" not in no_ca
+    with pytest.raises(ValueError, match="TLS only"):
+        SuperNodeProcess("cp.example:9092", device_id="x", data_path=partitions[0], flwr_home=tmp_path / "x",
+                         auth_key_file=tmp_path / "k.key", tls=False)
     # An enrolled device (it has the fleet CA) refuses a plaintext SuperLink beyond loopback.
     enrolled = _agent(tmp_path, "enrolled", partitions[0], identity.ca_file, None)
     enrolled.settings.superlink_host = "cp.example"
