@@ -67,7 +67,10 @@ class Settings:
     ingest_batch_max: int = 500
     ingest_batch_wait_s: float = 0.02
     log_level: str = "info"
-    superlink_host: str = "127.0.0.1"  # where the Flower SuperLink listens (devices' SuperNodes connect to it)
+    # Where devices' SuperNodes reach the Flower Fleet API: with TLS the path-filtering proxy listens there (the
+    # SuperLink itself on loopback); default: the control plane's host with TLS, else 127.0.0.1 (development).
+    superlink_host: str | None = None
+    flower_fleet_port: int | None = None  # the Fleet API port devices connect to (default: a free one per start)
     ray_address: str | None = None  # a Ray cluster's Jobs API (RAY_ADDRESS); default: a local head on demand
     run_scheduler: bool = True  # exactly one control-plane process per database runs the schedules
     # TLS (issue 10): "auto" speaks TLS on every listener when the control plane listens beyond loopback; the
@@ -199,6 +202,7 @@ _ENV_FIELDS: dict[str, Any] = {
     "ingest_batch_wait_s": Annotated[float, msgspec.Meta(ge=0, le=60)],
     "log_level": str,
     "superlink_host": str,
+    "flower_fleet_port": _Port,
     "run_scheduler": bool,
     "tls": TlsMode,
     "tls_names": tuple[str, ...],

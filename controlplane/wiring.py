@@ -123,8 +123,9 @@ class Fleet:
         self.deployments.start()
         self.pipeline = ModelPipeline(self.engine, self.models, self.deployments, self.signer,
                                       self.settings.data_dir / "builds")
-        self.runner = FlowerRoundRunner(self.settings.data_dir / "flower", self.devices,
-                                        superlink_host=self.settings.superlink_host) if _installed("flwr") else None
+        self.runner = self._round_runner() if _installed("flwr") else None
+        if self.runner is not None:  # a deleted device's SuperNode key is withdrawn (read from its row first)
+            self.devices.before_delete.append(self.runner.unregister)
         backends: dict[str, Backend] = {"local": LocalBackend()}
         if _installed("ray"):
             backends["burst"] = RayBackend(self.settings.data_dir / "ray", address=self.settings.ray_address)
@@ -190,6 +191,20 @@ class Fleet:
             dynsec.prepare()
             self.broker_auth = dynsec
         self.device_broker_url = settings.device_broker_url or self.broker.with_credentials(None, None).url
+
+    def _round_runner(self) -> FlowerRoundRunner:
+        """With TLS (the control plane listens beyond loopback) the SuperLink runs TLS with SuperNode
+        authentication on loopback, and devices reach only its Fleet API, through the path-filtering proxy on the
+        control plane's address; plaintext on loopback otherwise (development)."""
+        settings = self.settings
+        tls = settings.tls_enabled
+        host = settings.superlink_host or (settings.host if tls else "127.0.0.1")
+        wildcard = host in ("0.0.0.0", "::", "")
+        return FlowerRoundRunner(
+            settings.data_dir / "flower", self.devices, superlink_host=host,
+            tls=self.pki.server if tls else None, supernode_auth=tls, fleet_port=settings.flower_fleet_port,
+            device_host=_device_host(settings) if wildcard else None,
+        )
 
     def _on_schedule(self, schedule_id: str, data: RoundCreate) -> None:
         log.info("schedule.fired", schedule_id=schedule_id)

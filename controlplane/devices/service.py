@@ -76,6 +76,9 @@ class DeviceService:
         self.device_broker_url = device_broker_url
         self.publisher = publisher
         self._id_locks = [threading.Lock() for _ in range(64)]
+        # Called with the device id before a device is deleted, while its row still exists (e.g. the round
+        # runner withdraws its SuperNode key); a failing hook is logged and does not stop the deletion.
+        self.before_delete: list[Callable[[str], object]] = []
 
     @property
     def signing_public_key(self) -> str:
@@ -200,6 +203,12 @@ class DeviceService:
             return self._read(device, self._tags(session, [device_id])[device_id])
 
     def delete(self, device_id: str) -> None:
+        self.get(device_id)  # 404 before any hook runs
+        for hook in self.before_delete:
+            try:
+                hook(device_id)
+            except Exception as exc:  # noqa: BLE001 - the deletion stands; the leftover is logged
+                log.warning("device.delete_hook_failed", device_id=device_id, error=str(exc))
         # Under the id's lock: a credential rotation running meanwhile cannot leave a working account behind.
         with self._id_locks[hash(device_id) % len(self._id_locks)], Session(self.engine) as session:
             self._device(session, device_id)

@@ -43,11 +43,13 @@ class FlowerRoundRunner:
 
     def __init__(self, data_dir: Path, devices: DeviceService, *, superlink_host: str = "127.0.0.1",
                  device_superlink_address: str | None = None, tls: ServerIdentity | None = None,
-                 supernode_auth: bool = False, fleet_port: int | None = None) -> None:
+                 supernode_auth: bool = False, fleet_port: int | None = None,
+                 device_host: str | None = None) -> None:
         """``superlink_host``: where devices reach the Fleet API (with ``tls`` the proxy listens there and the
         SuperLink itself on loopback); ``fleet_port``: the proxy's port (free one by default); ``tls``: the
         fleet's server identity (``FleetPKI.server``); ``supernode_auth``: only registered SuperNode keys may
-        connect (needs ``tls``)."""
+        connect (needs ``tls``); ``device_host``: the name devices know this host by, when ``superlink_host`` is
+        a wildcard address (the port is the Fleet API's)."""
         if supernode_auth and tls is None:
             raise ValueError("SuperNode authentication needs TLS")
         self.data_dir = data_dir
@@ -57,6 +59,7 @@ class FlowerRoundRunner:
         self.tls = tls
         self.supernode_auth = supernode_auth
         self.fleet_port = fleet_port
+        self.device_host = device_host
         self.results_dir = data_dir / "results"
         self._superlink: Any = None
         self._lock = threading.Lock()
@@ -102,6 +105,8 @@ class FlowerRoundRunner:
         superlink = self._ensure_superlink()
         budget = DISCOVERY_TIMEOUT_S + data.rounds * (data.round_timeout_s + 30.0)
         address = self.device_superlink_address or superlink.device_address
+        if self.device_superlink_address is None and self.device_host is not None:
+            address = f"{self.device_host}:{address.rsplit(':', 1)[1]}"
         joins: dict[str, str] = {}  # device -> its join_round command
         keys: dict[bytes, str] = {}  # registered SuperNode public key (PEM) -> device
         not_invited: dict[str, str] = {}

@@ -627,3 +627,26 @@ def test_a_control_plane_over_mqtts_to_mosquitto_and_a_certificate_agent(tls_mos
         if agent is not None:
             _stop(agent)
         fleet.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", [TlsMode.ON, TlsMode.AUTO])
+def test_the_flower_superlink_follows_the_tls_rule(tmp_path: Path, mode: TlsMode) -> None:
+    """With TLS the round runner's SuperLink gets the fleet's server identity and SuperNode authentication, and
+    devices are sent to the Fleet API proxy on the control plane's address; plaintext on loopback otherwise."""
+    pytest.importorskip("flwr")
+    from controlplane.wiring import Fleet
+
+    fleet = Fleet(Settings(data_dir=tmp_path / "cp", tls=mode, tls_names=(NAME,),
+                           embedded_broker_port=free_port())).start(ingest=False)
+    try:
+        runner = fleet.runner
+        assert runner is not None
+        if mode is TlsMode.ON:
+            assert runner.tls == fleet.pki.server and runner.supernode_auth
+            assert runner.unregister in fleet.devices.before_delete
+        else:
+            assert runner.tls is None and not runner.supernode_auth
+        assert runner.superlink_host == "127.0.0.1"
+    finally:
+        fleet.stop()
