@@ -228,6 +228,7 @@ class FleetPKI:
         self._byo_ca_key = ca_key_file
         self._ca_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None
         self._ca_cert: x509.Certificate | None = None
+        self._ca_number = 0  # which CA _ca_key / _ca_cert are
         # The bundle version the listeners this process started loaded (ensure() runs just before they start);
         # None until then.
         self._listeners_bundle: int | None = None
@@ -479,7 +480,7 @@ class FleetPKI:
             raise PkiError(f"{key_path}: the CA key must be an EC or RSA key")
         if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
             raise PkiError(f"{key_path} is not the key of {cert_path}")
-        self._ca_key, self._ca_cert = key, cert
+        self._ca_key, self._ca_cert, self._ca_number = key, cert, number
 
     def _server_needs_issue(self) -> bool:
         path = self.directory / SERVER_CERT
@@ -582,9 +583,11 @@ class FleetPKI:
                            "(bring-your-own CA without --tls-ca-key-file)")
         if self._byo is None:
             # Another process (the CLI, a second worker) may have completed a renewal: issue with the CA the
-            # state names now, not the one this object loaded at start.
-            with self._locked():
-                self._load_ca(self._state().active if ca is None else ca)
+            # state names now, not the one this object loaded at start (reloaded only when that changed).
+            wanted = self._state().active if ca is None else ca
+            if self._ca_key is None or wanted != self._ca_number:
+                with self._locked():
+                    self._load_ca(wanted)
         elif self._ca_key is None:
             self.ensure()
         assert self._ca_key is not None and self._ca_cert is not None
