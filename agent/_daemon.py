@@ -401,6 +401,9 @@ class Agent:
         if command.kind in (wire.CommandKind.TRUST_SIGNING_KEY, wire.CommandKind.RETIRE_SIGNING_KEY):
             ok, reason, result = trust.handle_key_command(self, command)
             return ack(ok, reason, **result)
+        if command.kind in trust.CA_COMMANDS:
+            ok, reason, result = trust.handle_ca_command(self, command)
+            return ack(ok, reason, **result)
         return ack(False, f"unknown command kind {command.kind!r}")
 
     # -- configuration ---------------------------------------------------------------------------------------

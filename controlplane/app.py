@@ -83,7 +83,8 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
             await anyio.to_thread.run_sync(the_fleet.start)
         app.state.fleet = the_fleet
         app.state.engine = the_fleet.engine
-        app.state.key_service = KeyService(the_fleet.engine, the_fleet.signer, the_fleet.publisher).start()
+        app.state.key_service = KeyService(the_fleet.engine, the_fleet.signer, the_fleet.publisher,
+                                           pki=the_fleet.pki).start()
         try:
             yield
         finally:

@@ -35,8 +35,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
-import agent
-import controlplane
 from agent import protocol as wire
 from agent.manifest import key_id
 from agent.trust import (
@@ -55,12 +53,6 @@ NAME = "localhost"
 
 def _source(module: Any, name: str) -> str:
     return (Path(module.__file__).parent / name).read_text()
-
-
-# The agent answers the three commands once agent/_daemon.py dispatches them, and the API has the fleet PKI once
-# controlplane/app.py hands it to the key service: until both lines are in, the end-to-end test must fail.
-_WIRED = ("handle_ca_command" in _source(agent, "_daemon.py")
-          and "pki=the_fleet.pki" in _source(controlplane, "app.py"))
 
 
 # -- device side: real files, real keys -----------------------------------------------------------------------------
@@ -341,8 +333,6 @@ def _mqtt_accepts(port: int, device_id: str, ca: Path, cert: Path, key: Path) ->
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.xfail(not _WIRED, strict=True, reason="needs the dispatch lines in agent/_daemon.py and the fleet PKI "
-                                                    "handed to the key service in controlplane/app.py")
 def test_the_ca_is_renewed_completed_and_retired_while_a_real_device_keeps_reporting(
         cp: ControlPlane, tmp_path: Path) -> None:
     # Prepare: a device enrolled through provisioning (its key made on the device, a certificate of CA 0), running
