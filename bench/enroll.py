@@ -1,7 +1,7 @@
 """Bulk enrolment and broker reconnect at fleet scale (issue 10 §3), ours against the code before the rework.
 
     python bench/enroll.py [--devices 10000] [--clients 8] [--baseline-devices 300]
-                           [--baseline-ref REF | --no-baseline] [--connect-window 32] [--json PATH]
+                           [--baseline-ref REF | --no-baseline] [--ours-first] [--connect-window 32] [--json PATH]
 
 Each side runs `edgefleet controlplane serve` in a subprocess on a fresh data dir (SQLite, embedded broker):
 
@@ -19,6 +19,8 @@ The baseline is the same two steps against the tree at --baseline-ref (git archi
 venv): PBKDF2-SHA512 at 100k iterations on every enrolment and every CONNECT, the JSON credentials file rewritten
 whole per enrolment, the database write lock held across the broker call. It runs at a smaller N
 (--baseline-devices): at 10,000 it would take many minutes. Ratios compare rates of the same invocation.
+Any commit can be the baseline: `--baseline-ref COMMIT --baseline-devices 10000` measures one change at full N
+(alternate with --ours-first: which side runs first gets a different share of shared cores).
 """
 
 from __future__ import annotations
@@ -336,17 +338,22 @@ def main() -> None:
     parser.add_argument("--baseline-devices", type=int, default=300)
     parser.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref of the code before the rework")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--ours-first", action="store_true",
+                        help="run this tree before the baseline (alternate invocations: the 2 cores' load drifts)")
     parser.add_argument("--connect-window", type=int, default=32, help="MQTT handshakes in flight at once")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "enroll.json")
     args = parser.parse_args()
 
     results: list[Result] = []
+    if args.ours_first:
+        results += run_side("ours", ROOT, args.devices, args.clients, args.connect_window)
     if not args.no_baseline:
         with tempfile.TemporaryDirectory(prefix="edgefleet-bench-enroll-tree-") as tmp:
             tree = baseline_tree(args.baseline_ref, Path(tmp))
             results += run_side("baseline", tree, args.baseline_devices, args.clients, args.connect_window)
             shutil.rmtree(tree, ignore_errors=True)
-    results += run_side("ours", ROOT, args.devices, args.clients, args.connect_window)
+    if not args.ours_first:
+        results += run_side("ours", ROOT, args.devices, args.clients, args.connect_window)
 
     targets = {"enrol": ENROL_TARGET_S, "reconnect": RECONNECT_TARGET_S}
     text = table(results, targets, 10_000)
