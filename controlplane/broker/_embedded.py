@@ -219,17 +219,17 @@ def _make_broker(config: dict[str, Any]) -> Any:
        closes the connection of, and drops (subscriptions, queued and in-flight messages), every session whose
        credential is no longer its user's current one. Its Last Will is not published.
     5. Speed, not behaviour: every CONNECT builds a ``Session``, and amqtt 0.11.4's builds a ``transitions.Machine``
-       for its three states (11 ``add_transition``/hook calls, each resolving names and creating ``State``,
-       ``Event`` and ``Transition`` objects): profiled at ~45% of the broker's CPU per CONNECT (1.22-1.27 ms of
-       which the rest is the protocol and our auth plugin). Here sessions carry a :class:`_SessionState` with the
-       same states, transitions, enter hooks and ``MachineError`` instead: 0.62-0.67 ms per CONNECT, 3,000
-       connects at 929-1081/s instead of 471-630/s (bench/README.md, ``bench/enroll.py``), which is what keeps
-       10,000 devices reconnecting within the 30 s of issue 10 on 2 shared cores.
+       for its three states (the Machine, 5 ``add_transition`` and 2 enter hooks, each creating ``State``,
+       ``Event`` and ``Transition`` objects and binding methods): profiled at ~45% of the broker's CPU per
+       CONNECT (1.22-1.27 ms). Here sessions carry a :class:`_SessionState` with the same states, transitions,
+       enter hooks and ``MachineError`` instead. Measured (bench/README.md, ``bench/enroll.py``, 2 shared cores):
+       broker CPU per CONNECT 1.17-1.34 -> 0.61-0.80 ms; 10,000 devices reconnecting in 7.1-8.8 s instead of
+       13.3-16.7 s (before: up to 30.6 s under heavier load), headroom under issue 10's 30 s target.
     6. A persistent session resumed by a new connection of the same client while its old connection is still
        up (a device rebooted before its old TCP connection timed out) is taken over: amqtt closes the old
-       connection, whose teardown then marks the *shared* session disconnected (and publishes its Last Will,
-       though the client is back): from then on the new, live connection got no message, each was queued until
-       it reconnected once more. Here the teardown of a taken-over connection only stops that connection.
+       connection, whose teardown then marks the *shared* session disconnected: from then on the new, live
+       connection got no message, each was queued until it reconnected once more (checked against stock amqtt
+       0.11.4). Here the teardown of a taken-over connection only stops that connection.
     """
     from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
     from amqtt.broker import Broker
