@@ -32,6 +32,7 @@ from agent.fsutil import write_atomic
 from agent.join_round import Rounds
 from agent.logsetup import get_logger
 from agent.mqtt import MqttProtocol, make_client
+from agent.sdnotify import Notifier
 
 __all__ = ["Agent", "AgentSettings", "LifecycleState"]
 
@@ -134,13 +135,20 @@ class Agent:
             return float(value)
         return self.settings.telemetry_interval_s or self.settings.profile.telemetry.interval_s
 
-    def run(self) -> None:
+    def run(self, notifier: Notifier | None = None) -> None:
+        """Run until :meth:`stop`. ``notifier``: systemd's notify socket (``Type=notify``, ``WatchdogSec=``):
+        ready once inference runs (the broker may still be away: the outbox keeps telemetry), a watchdog ping
+        from every turn of this loop (each turn is at most ~0.2 s, a broker connect at most its 10 s timeout),
+        stopping when the shutdown begins."""
+        notifier = notifier or Notifier()
         self._start_inference()
+        notifier.ready()
         backoff = self.settings.backoff_initial_s
         next_attempt = 0.0
         next_telemetry = time.monotonic()
         try:
             while not self._stop.is_set():
+                notifier.watchdog_if_due()
                 now = time.monotonic()
                 if now >= next_telemetry:
                     self._enqueue_telemetry()
@@ -164,6 +172,7 @@ class Agent:
                 else:
                     self._stop.wait(min(0.2, max(0.0, min(next_telemetry, next_attempt) - time.monotonic())))
         finally:
+            notifier.stopping()
             self._shutdown()
 
     def _shutdown(self) -> None:

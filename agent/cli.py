@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {exc}\n")
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
-    agent.run()
+    from agent.sdnotify import Notifier
+
+    agent.run(Notifier.from_env(os.environ))  # systemd's notify socket, when run by the installed unit
     return 0
 
 

@@ -87,8 +87,12 @@ After=network-online.target time-sync.target
 StartLimitIntervalSec=0
 
 [Service]
-# No Type=notify/WatchdogSec=: the agent does not call sd_notify, and systemd would kill it for never being ready.
-Type=exec
+# The agent tells systemd it is ready once inference runs, and pings the watchdog from every turn of its main loop
+# (at most ~10 s apart, a broker connect's timeout): a hung agent is killed and restarted, which Restart= alone
+# never notices.
+Type=notify
+NotifyAccess=main
+WatchdogSec=60s
 User={user}
 Group={group}
 ExecStart={edgefleet} agent run --config {config} --data-dir {data_dir}

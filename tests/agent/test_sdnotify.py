@@ -70,3 +70,45 @@ def test_outside_systemd_or_for_another_pid_nothing_is_sent() -> None:
     assert (bare.enabled, bare.ready(), bare.watchdog_if_due()) == (False, False, False)
     assert other_pid.watchdog_s is None
     assert gone.ready() is False
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_real_agent_is_ready_pings_the_watchdog_and_says_it_stops(notify_socket: tuple[str, socket.socket],
+                                                                    tmp_path: Path) -> None:
+    """What the installed unit (Type=notify, WatchdogSec=) relies on, from the agent process itself: READY once it
+    runs (with its broker unreachable: the outbox keeps telemetry), WATCHDOG pings from its loop, STOPPING on
+    SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests._services import free_port
+
+    # Prepare: a 2 s watchdog, a broker port nobody listens on
+    path, sock = notify_socket
+    env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"}
+    env.pop("WATCHDOG_PID", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--device-id", "notify-1", "--profile", "raspberry-pi-5",
+         "--broker", f"mqtt://127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "agent")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Execute / Assert
+        sock.settimeout(60)
+        assert sock.recv(4096) == b"READY=1"
+        sock.settimeout(5)
+        started = time.monotonic()
+        pings = [sock.recv(4096) for _ in range(3)]
+        assert pings == [b"WATCHDOG=1"] * 3
+        assert time.monotonic() - started < 4.5  # every ~1 s: half the watchdog interval
+        proc.send_signal(signal.SIGTERM)
+        received = b""
+        while received != b"STOPPING=1":
+            received = sock.recv(4096)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
