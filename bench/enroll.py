@@ -154,17 +154,43 @@ def baseline_tree(ref: str, workdir: Path) -> Path:
 # --------------------------------------------------------------------------------------------------- enrol
 
 
-def enrol(cp: ControlPlane, side: str, n: int, clients: int, prefix: str) -> tuple[Result, dict[str, str]]:
+def _csrs(ids: list[str]) -> list[str]:
+    """What each device sends with a provisioning enrolment: a CSR for a key made on the device (made here
+    before the clock starts: on a real fleet each device spends that CPU itself)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    return [x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+            .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+            .public_bytes(serialization.Encoding.PEM).decode() for device_id in ids]
+
+
+def enrol(cp: ControlPlane, side: str, n: int, clients: int, prefix: str,
+          via: str = "api") -> tuple[Result, dict[str, str]]:
+    """``via``: ``api`` (an admin token, POST /api/v1/devices) or ``provisioning`` (one provisioning token for N
+    devices, each POST /api/v1/enroll with its own CSR: the production path, a client certificate signed per
+    device)."""
     import httpx
 
     ids = [f"{prefix}-{i:05d}" for i in range(n)]
+    csrs = _csrs(ids) if via == "provisioning" else []
+    path = "/api/v1/enroll" if via == "provisioning" else "/api/v1/devices"
+    token = cp.token
+    if via == "provisioning":
+        created = httpx.post(f"{cp.url}/api/v1/provisioning-tokens", headers={"Authorization": f"Bearer {token}"},
+                             json={"profile": PROFILE, "tags": ["bench"], "max_uses": n, "expires_in_s": 86400})
+        created.raise_for_status()
+        token = created.json()["token"]
     done_at: list[float] = [0.0] * n  # monotonic time each device's enrolment returned
     latencies: list[float] = [0.0] * n
     passwords: dict[str, str] = {}
     failures: list[str] = []
     lock = threading.Lock()
     next_index = iter(range(n))
-    headers = {"Authorization": f"Bearer {cp.token}"}
+    headers = {"Authorization": f"Bearer {token}"}
 
     def worker() -> None:
         with httpx.Client(base_url=cp.url, headers=headers, timeout=120) as client:
@@ -174,8 +200,9 @@ def enrol(cp: ControlPlane, side: str, n: int, clients: int, prefix: str) -> tup
                 if i is None:
                     return
                 t0 = time.perf_counter()
-                response = client.post("/api/v1/devices", json={"device_id": ids[i], "profile": PROFILE,
-                                                                "tags": ["bench"]})
+                body = ({"device_id": ids[i], "csr": csrs[i]} if via == "provisioning"
+                        else {"device_id": ids[i], "profile": PROFILE, "tags": ["bench"]})
+                response = client.post(path, json=body)
                 latencies[i] = (time.perf_counter() - t0) * 1000
                 done_at[i] = time.monotonic()
                 if response.status_code != 201:
@@ -292,12 +319,12 @@ def reconnect(cp: ControlPlane, side: str, creds: dict[str, str], window: int) -
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def run_side(side: str, tree: Path, n: int, clients: int, window: int) -> list[Result]:
+def run_side(side: str, tree: Path, n: int, clients: int, window: int, via: str = "api") -> list[Result]:
     with tempfile.TemporaryDirectory(prefix=f"edgefleet-bench-enroll-{side}-") as tmp:
         cp = ControlPlane(tree, Path(tmp))
         try:
-            print(f"{side}: enrolling {n} devices with {clients} clients ...", flush=True)
-            enrolled, creds = enrol(cp, side, n, clients, f"bench-{side[:4]}")
+            print(f"{side}: enrolling {n} devices with {clients} clients via {via} ...", flush=True)
+            enrolled, creds = enrol(cp, side, n, clients, f"bench-{side[:4]}", via)
             print(f"  {enrolled.seconds:.1f} s ({enrolled.rate:.0f}/s)", flush=True)
             print(f"{side}: reconnecting {len(creds)} devices to the embedded broker ...", flush=True)
             reconnected = reconnect(cp, side, creds, window)
@@ -340,23 +367,30 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--ours-first", action="store_true",
                         help="run this tree before the baseline (alternate invocations: the 2 cores' load drifts)")
+    parser.add_argument("--via", choices=["provisioning", "api"], default="provisioning",
+                        help="how this tree's devices enrol: a provisioning token + CSR per device (POST "
+                             "/api/v1/enroll, the production path) or the admin API (POST /api/v1/devices); the "
+                             "baseline has only the admin API")
     parser.add_argument("--connect-window", type=int, default=32, help="MQTT handshakes in flight at once")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "enroll.json")
     args = parser.parse_args()
 
     results: list[Result] = []
     if args.ours_first:
-        results += run_side("ours", ROOT, args.devices, args.clients, args.connect_window)
+        results += run_side("ours", ROOT, args.devices, args.clients, args.connect_window, args.via)
     if not args.no_baseline:
         with tempfile.TemporaryDirectory(prefix="edgefleet-bench-enroll-tree-") as tmp:
             tree = baseline_tree(args.baseline_ref, Path(tmp))
             results += run_side("baseline", tree, args.baseline_devices, args.clients, args.connect_window)
             shutil.rmtree(tree, ignore_errors=True)
     if not args.ours_first:
-        results += run_side("ours", ROOT, args.devices, args.clients, args.connect_window)
+        results += run_side("ours", ROOT, args.devices, args.clients, args.connect_window, args.via)
 
     targets = {"enrol": ENROL_TARGET_S, "reconnect": RECONNECT_TARGET_S}
     text = table(results, targets, 10_000)
+    text += (f"\nours enrolled via {args.via}"
+             + (" (a provisioning token for N devices, a CSR per device, a client certificate signed for each)"
+                if args.via == "provisioning" else " (admin API)") + "; the baseline via the admin API")
     print()
     print(text)
     args.json.parent.mkdir(parents=True, exist_ok=True)
