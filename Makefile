@@ -58,6 +58,7 @@ bench: $(VENV)/.installed-all,bench
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/round.py
 	$(BIN)/python bench/burst.py
+	$(BIN)/python bench/enroll.py
 
 lint: $(VENV)/.installed-$(EXTRAS)
 	$(BIN)/ruff check $(LINT_PATHS)
