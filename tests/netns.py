@@ -60,6 +60,12 @@ def _ip(*args: str) -> None:
         raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
 
 
+def _tc(netns: str, *args: str) -> None:
+    result = subprocess.run(["ip", "netns", "exec", netns, "tc", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"tc {' '.join(args)} (in {netns}): {result.stderr.strip()}")
+
+
 @dataclass
 class Host:
     """One machine of the test network: a namespace with ``eth0`` at ``address``."""
@@ -105,6 +111,15 @@ class Host:
 
     def heal(self) -> None:
         _ip("-n", self.switch, "link", "set", self.port, "up")
+
+    def throttle(self, kbit_s: int) -> None:
+        """Slow what reaches this host to ``kbit_s`` (a token bucket on its switch port: no netem needed), e.g. so
+        that a download lasts long enough to be cut; :meth:`unthrottle` lifts it."""
+        _tc(self.switch, "qdisc", "replace", "dev", self.port, "root", "tbf", "rate", f"{kbit_s}kbit",
+            "burst", "16kb", "latency", "2s")
+
+    def unthrottle(self) -> None:
+        _tc(self.switch, "qdisc", "del", "dev", self.port, "root")
 
     def stop_processes(self, timeout: float = 15.0) -> None:
         for process in self.processes:
