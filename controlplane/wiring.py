@@ -114,8 +114,9 @@ class Fleet:
         except BaseException:
             self.stop()
             raise
-        self.signer = Signer(self.settings.data_dir / "keys")  # created on first start
+        self.signer = Signer(self.settings.data_dir / "keys")
         signer = self.signer
+        log.info("signing_key.ready", key_id=signer.key_id)  # created here on first start, not at first enrolment
         self.devices = DeviceService(self.engine, self.broker_auth, self.device_broker_url, self.publisher,
                                      lambda: signer.public_key_b64)
         self.models = ModelService(self.engine, self.settings.data_dir / "models")

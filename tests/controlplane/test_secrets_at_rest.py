@@ -44,13 +44,15 @@ def test_a_new_data_dir_and_its_files_are_private(mosquitto_url: str, tmp_path: 
         with fleet.engine.begin() as conn:  # a write, so the WAL file exists
             conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS t (x int)")
             conn.exec_driver_sql("INSERT INTO t VALUES (1)")
-        modes = {p.name: _mode(p) for p in [data_dir, *data_dir.glob("edgefleet.db*"), *data_dir.glob("keys/*")]}
+        modes = {p.name: _mode(p) for p in [data_dir, *data_dir.glob("edgefleet.db*"), *data_dir.glob("keys/*"),
+                                            data_dir / "pki", *data_dir.glob("pki/*")]}
     finally:
         fleet.stop()
     # Assert
     assert modes["cp"] == 0o700
     assert modes["edgefleet.db"] == 0o600 and modes["edgefleet.db-wal"] == 0o600, modes
     assert modes["signing-key.pem"] == 0o600
+    assert modes["pki"] == 0o700 and modes["ca.key"] == 0o600 and modes["server.key"] == 0o600, modes
 
 
 @pytest.mark.integration
