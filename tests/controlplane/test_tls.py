@@ -516,6 +516,7 @@ class _Watcher:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_mosquitto_tls_config_maps_device_certificates_to_their_ids(tls_mosquitto: TlsMosquitto,
                                                                      tmp_path: Path) -> None:
     # Prepare: pi-1 enrolled through dynsec as the control plane does it; certificates from the fleet CA for pi-1
