@@ -4,7 +4,8 @@ The bridge sits in a namespace of its own (the "switch"), so nothing in the test
 own interfaces (its mosquitto and PostgreSQL on 127.0.0.1 included) and no packet leaves it. Each host has ``lo``
 and ``eth0`` with a private address in 10.66.0.0/24; processes run in a host with ``ip netns exec``, from the
 project's venv, as real ``edgefleet`` processes would on their own machines. There is no ``netem`` on these kernels:
-a partition is the host's switch port set down (:meth:`Host.partition`), healing sets it up again.
+a partition is the host's switch port set down (:meth:`Host.partition`), healing sets it up again; a slow link is a
+token bucket (``tc ... tbf``) on that port (:meth:`Host.throttle`).
 
 Needs root and iproute2 (``ip``). For humans::
 

@@ -3,9 +3,16 @@ their own hosts (tests/netns.py), the devices enrolled the production way (a pro
 `edgefleet provisioning create`, `edgefleet agent enroll` on the device host, `edgefleet agent run --config`).
 
 - A device unplugged while it downloads a rolled-out artifact: plugged back within the wave timeout, it resumes
-  the download where the cut left it (HTTP Range) and the deployment succeeds; kept down past the deployment's
-  deadline, the deployment ends with that device ``timed_out`` and a reason, and once back the device still runs a
-  valid model and keeps reporting inference.
+  the download where the cut left it (HTTP Range) and the deployment succeeds; kept down past the wave timeout
+  (``failed``, the rollout halts) or the deadline (``timed_out``), the deployment ends with that device's outcome
+  and a reason, and once back the device still runs a valid model and keeps reporting inference.
+- A device unplugged mid-round (Flower over TLS with SuperNode auth, min_clients 2 of 3): the round completes with
+  the others and its record says why the device dropped out. Then the outsider: the Flower Control API is refused
+  on the device-facing Fleet port (the proxy's 404; a SuperNode key registration fails), the SuperLink's own port
+  is not reachable from another host; the control plane's own host registers a key on loopback (the control).
+- Strict xfails name what does not hold yet: a cut-off device is never counted offline (the embedded broker does
+  not expire silent sessions), and a device that contributed to a round and then dropped out has no reason in the
+  round record.
 
 A download of a model over an unthrottled veth pair takes milliseconds: the device host's link is slowed with a
 token bucket (``Host.throttle``) and the released artifact is a real, signed model padded to 1 MiB (LiteRT reads
@@ -383,22 +390,42 @@ def fx_round_fleet(net: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     yield start_fleet(net, tmp_path, ROUND_DEVICES, train=True)
 
 
-def test_a_device_cut_mid_round_drops_with_a_reason_and_the_round_completes(round_fleet: Fleet) -> None:
+# When dev3 is cut: as soon as it has trained round 1 (its update is lost with the link: it never contributes), or
+# as soon as it has trained round 2 (round 1 was aggregated with its update: it contributed, then drops out of round
+# 2 or 3, whichever update the cut catches).
+CUTS = {"before-its-first-update": 1, "after-its-first-update": 2}
+
+
+@pytest.mark.parametrize("cut", [
+    "before-its-first-update",
+    pytest.param("after-its-first-update", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+        "a device that contributed to a round and then dropped out has no reason in the round record: the "
+        "ServerApp reports per-round drop_reasons, but controlplane/rounds/runner.py copies only the 'dropped' "
+        "list into metrics, and 'skipped' holds only devices that never contributed"))),
+])
+def test_a_device_cut_mid_round_drops_with_a_reason_and_the_round_completes(round_fleet: Fleet, cut: str) -> None:
     # Prepare: three training devices (SuperNode keys from enrolment), min_clients 2; every device shares this
     # machine's CPU, so a busy CPU is not held against them
     fleet = round_fleet
     dev3 = fleet.net["dev3"]
     eligibility = {"allow_metered": True, "min_battery_percent": 10, "max_cpu_percent": 100}
-    created = fleet.call("POST", "/api/v1/rounds", {"rounds": 2, "min_clients": 2, "local_epochs": 1,
+    created = fleet.call("POST", "/api/v1/rounds", {"rounds": 3, "min_clients": 2, "local_epochs": 1,
                                                     "round_timeout_s": 30, "build": False,
                                                     "eligibility": eligibility})
     assert created["status"] in (200, 201), created
     round_id = created["body"]["id"]
     assert sorted(created["body"]["invited"]) == ROUND_DEVICES, created["body"]
-    # Execute: once the ServerApp has identified all three devices' SuperNodes, unplug dev3 until the run ends
-    statuses = [fleet.root / d / "state" / "round" / "status.json" for d in ROUND_DEVICES]
-    wait_for(lambda: all(p.exists() and json.loads(p.read_text() or "{}").get("run_id") for p in statuses),
-             timeout=180, what="the ServerApp to identify the three devices")
+    # Execute: once dev3 has trained round 1 or 2 (its agent's round status file says so), unplug it until the run
+    # ends: it drops out of the run mid-way, with the SuperLink still counting its node online
+    status = fleet.root / "dev3" / "state" / "round" / "status.json"
+
+    def trained() -> list[int]:
+        try:
+            return list(json.loads(status.read_text()).get("trained") or [])
+        except (OSError, ValueError):
+            return []
+
+    wait_for(lambda: CUTS[cut] in trained(), timeout=180, what=f"dev3 to train round {CUTS[cut]}")
     dev3.partition()
     try:
         wait_for(lambda: fleet.call("GET", f"/api/v1/rounds/{round_id}")["body"]["status"] not in
@@ -408,10 +435,14 @@ def test_a_device_cut_mid_round_drops_with_a_reason_and_the_round_completes(roun
     result = fleet.call("GET", f"/api/v1/rounds/{round_id}")["body"]
     print(f"round {result['status']} ({result['reason']}); participants {result['participants']}; skipped "
           f"{result['skipped']}; metrics {[(m.get('round'), m.get('participants'), m.get('dropped')) for m in result['metrics']]}")
-    # Assert: the round completed with the two others, and its record says why dev3 dropped out
+    # Assert: the round completed with the two others, and its record says dev3 dropped out, and why
     assert result["status"] == "succeeded", result
-    assert sorted(result["participants"]) == ["dev1", "dev2"], result
-    assert "dev3" in result["skipped"] and result["skipped"]["dev3"], result["skipped"]
+    last = result["metrics"][-1]
+    assert sorted(last["participants"]) == ["dev1", "dev2"], result["metrics"]
+    assert any("dev3" in (m.get("dropped") or []) for m in result["metrics"]), result["metrics"]
+    # the reason: in `skipped` (the run's drop-outs) or next to the round it dropped out of
+    reasons = [result["skipped"].get("dev3")] + [(m.get("drop_reasons") or {}).get("dev3") for m in result["metrics"]]
+    assert any(reasons), f"no reason recorded for dev3: skipped {result['skipped']}, metrics {result['metrics']}"
 
     # The Flower Control API from other hosts (issue 10 §4, §6), the SuperLink of this round still running:
     cp, outsider = fleet.net["cp"], fleet.net["outsider"]

@@ -3,7 +3,8 @@ network namespaces on a bridge, tests/netns.py), running the real `edgefleet` pr
 
 What this shows: devices on other hosts enrol and report over the network; a device host unplugged for 60 s while
 it publishes loses nothing and duplicates nothing once its link is back; an outsider with no credentials (or
-another device's id) gets nothing from the broker or the API; a device cannot read another device's commands.
+another device's id) gets nothing from the broker or the API; a device cannot read another device's commands
+nor publish as another device.
 
 The control plane listens on its network address, beyond loopback, so TLS is on without being asked for (issue 10
 §2): the API is HTTPS only, the embedded broker MQTTS only (8883), both with the fleet CA's server certificate, which
