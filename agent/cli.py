@@ -57,8 +57,9 @@ def _parser(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[s
     run.add_argument("--task", default=env("EDGEFLEET_TASK"),
                      help="the task this device runs; models released for another task are refused "
                           "(default: digits, the shipped starter model's) [EDGEFLEET_TASK]")
-    run.add_argument("--data-dir", type=Path, default=Path(env("EDGEFLEET_DATA_DIR", "./edgefleet-agent")),
-                     help="agent state directory [EDGEFLEET_DATA_DIR]")
+    run.add_argument("--data-dir", type=Path, default=env("EDGEFLEET_DATA_DIR"),
+                     help="agent state directory (outbox, models, trust store) [EDGEFLEET_DATA_DIR; default: "
+                          "state/ beside the --config file, else ./edgefleet-agent]")
     run.add_argument("--telemetry-interval", type=float, default=None, help="seconds (default: the profile's)")
     run.add_argument("--inference-rate", type=float, default=5.0, help="inferences per second (default 5)")
     run.add_argument("--power-source", choices=["auto", "os", "simulated"], default="auto",
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) is None:
                 setattr(args, name, value)
         auth_key_file = config.flower_auth_key_file
+        if args.data_dir is None:  # one enrolment, one state: two agents started from one directory never share it
+            args.data_dir = config.path.parent / "state"
+    args.data_dir = Path(args.data_dir) if args.data_dir is not None else Path("./edgefleet-agent")
     args.broker = args.broker or _DEFAULT_BROKER
     args.task = args.task or "digits"
     for name in ("device_id", "profile"):

@@ -3,6 +3,7 @@ the file, and `agent run` refusing a bad config with one line."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,35 @@ def test_agent_run_does_not_import_the_enrolment_and_install_commands() -> None:
             "sorted(plugged))")
     result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
     assert result.stdout.split("] ")[0] == "["
+
+
+@pytest.mark.integration
+def test_run_with_a_config_keeps_its_state_beside_it(tmp_path: Path) -> None:
+    """Two enrolments started from one working directory never share an outbox or a model store: without
+    --data-dir the state lives in state/ beside the config file, not in ./edgefleet-agent."""
+    import signal
+    import time
+
+    from tests._services import free_port
+
+    # Prepare: an enrolment directory (a plaintext broker nobody listens on: the agent runs on its outbox)
+    enrolled = tmp_path / "enrolled"
+    enrolled.mkdir()
+    (enrolled / "agent.toml").write_text(f'device_id = "pi-0002"\nprofile = "raspberry-pi-5"\n'
+                                         f'broker = "mqtt://127.0.0.1:{free_port()}"\n')
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    # Execute
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(enrolled / "agent.toml")],
+                            cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    try:
+        deadline = time.monotonic() + 60
+        while not any((enrolled / "state").glob("*")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    # Assert
+    assert any((enrolled / "state").glob("*")), "no state written beside the config"
+    assert not (cwd / "edgefleet-agent").exists()
