@@ -22,7 +22,7 @@ from controlplane.db import Device
 from controlplane.devices.schemas import CommandCreate
 from controlplane.devices.service import DeviceService
 from controlplane.rounds.schemas import RoundCreate, Strategy
-from controlplane.rounds.service import RoundOutcome
+from controlplane.rounds.service import RoundOutcome, final_drops
 from controlplane.statuses import CommandStatus
 from federated.flower.config import RunReportStatus
 
@@ -181,17 +181,25 @@ class FlowerRoundRunner:
     @staticmethod
     def _add_clock_skews(superlink: Any, outcome: RoundOutcome, keys: dict[bytes, str], since: float) -> None:
         """A device whose Fleet requests the SuperLink refused for their timestamps dropped out for clock skew:
-        say so rather than "did not connect"."""
+        say so rather than "did not connect" or "no update within ..." (the reason of the round it dropped out
+        of last, also when it had contributed to earlier ones). A device that contributed to the run's last
+        rounds it was sampled for finished it: a refusal on the way does not make it a drop-out."""
         from federated.flower.fleet_proxy import CLOCK_SKEW_AHEAD_S, CLOCK_SKEW_BEHIND_S
 
+        last_drops = final_drops(outcome.metrics)
         for pem, skew in superlink.clock_skews(since).items():
             device_id = keys.get(pem)
-            if device_id is None or device_id in outcome.participants:
+            if device_id is None or (device_id in outcome.participants and device_id not in last_drops):
                 continue
             reason = (f"clock skew: the device's clock is {skew:+.0f} s off the control plane's (the SuperLink "
                       f"accepts -{CLOCK_SKEW_BEHIND_S:g} s to +{CLOCK_SKEW_AHEAD_S:g} s; run NTP on the device)")
-            outcome.refused.pop(device_id, None)
-            outcome.dropped[device_id] = reason
+            if device_id in last_drops:
+                for entry in outcome.metrics:
+                    if entry.get("round") == last_drops[device_id].round:
+                        entry["drop_reasons"] = {**(entry.get("drop_reasons") or {}), device_id: reason}
+            if device_id not in outcome.participants:
+                outcome.refused.pop(device_id, None)
+                outcome.dropped[device_id] = reason
             log.warning("round.clock_skew", device_id=device_id, skew_s=round(skew))
 
     def _run(self, superlink: Any, round_id: int, data: RoundCreate, invited: list[str], joins: dict[str, str],
@@ -289,7 +297,7 @@ class FlowerRoundRunner:
             return RoundOutcome(ok=False, reason=f"the ServerApp ended before the run did ({flower})")
         metrics = [{"round": r["round"], "accuracy": r.get("accuracy"), "loss": r.get("loss"),
                     "participants": r.get("participants", []), "dropped": r.get("dropped", []),
-                    "duration_s": r.get("duration_s")} for r in report.get("rounds", [])]
+                    "drop_reasons": r.get("drop_reasons", {}), "duration_s": r.get("duration_s")} for r in report.get("rounds", [])]
         if report.get("initial"):
             metrics.insert(0, {"round": 0, **report["initial"], "participants": []})
         log.info("round.finished", flower_run_id=run_id, status=report.get("status"), duration_s=round(duration_s, 1))

@@ -13,7 +13,7 @@ from controlplane.rounds.eligibility import EligibilityRule
 from controlplane.statuses import RoundStatus
 from federated.flower.config import Strategy  # the strategy registry
 
-__all__ = ["MAX_CLIENTS", "RoundCreate", "RoundRead", "Strategy"]
+__all__ = ["MAX_CLIENTS", "RoundCreate", "RoundDrop", "RoundRead", "Strategy"]
 
 MAX_CLIENTS: Final = 100_000
 
@@ -44,6 +44,14 @@ class RoundCreate(msgspec.Struct, forbid_unknown_fields=True):
     initial_model: Name | None = None
 
 
+class RoundDrop(msgspec.Struct):
+    """Why a device left a run before its end: the server round it dropped out of last, and the reason."""
+
+    round: int  # the Flower round (1-based) it dropped out of, and never contributed to a later one
+    reason: str  # e.g. "no update within 30s", "clock skew: ...", "error: ..." (its ClientApp raised)
+    contributed: list[int]  # the earlier Flower rounds its update went into (empty: none)
+
+
 class RoundRead(msgspec.Struct):
     id: int
     schedule_id: str | None
@@ -54,8 +62,12 @@ class RoundRead(msgspec.Struct):
     config: dict[str, Any]
     invited: list[str]
     participants: list[str]
-    skipped: dict[str, str]  # device id -> why it was not invited (or dropped out)
-    metrics: list[dict[str, Any]]  # per Flower round: round, accuracy, loss, participants
+    skipped: dict[str, str]  # device id -> why it was not invited (or dropped out before contributing)
+    # device id -> the round it dropped out of last and why, for every invited device that did not finish the
+    # run (also those that had contributed, and are therefore among the participants)
+    dropped: dict[str, RoundDrop]
+    # per Flower round: round, accuracy, loss, participants, dropped, drop_reasons (device id -> why)
+    metrics: list[dict[str, Any]]
     model_version: str | None
     initial_model: str | None  # the model version it started from (None: a fresh model)
     job_id: int | None  # the burst step's job, when the round has one

@@ -19,13 +19,38 @@ from controlplane.burst.service import JobService, JobServiceStopped
 from controlplane.db import Device, RoundRecord, as_utc, utcnow
 from controlplane.pipeline import ModelPipeline, round_version
 from controlplane.rounds.eligibility import decide, invite_count
-from controlplane.rounds.schemas import RoundCreate, RoundRead
+from controlplane.rounds.schemas import RoundCreate, RoundDrop, RoundRead
 from controlplane.statuses import JobStatus, ModelSource, RoundStatus
 from firmware_profiles import ProfileError, get_profile
 
-__all__ = ["RoundOutcome", "RoundRunner", "RoundService"]
+__all__ = ["RoundOutcome", "RoundRunner", "RoundService", "final_drops"]
 
 log = structlog.get_logger("edgefleet.rounds")
+
+
+NO_DROP_REASON = "no reason recorded"  # a round recorded before the ServerApp's drop reasons were kept
+
+
+def final_drops(metrics: list[dict[str, Any]]) -> dict[str, RoundDrop]:
+    """Devices whose last appearance in a run's Flower rounds is a drop, from its per-round metrics.
+
+    A device that dropped out of a round and contributed to a later one finished the run: it is not listed.
+    The reasons are the ServerApp's per-round ``drop_reasons`` (as the runner may have corrected them).
+    """
+    drops: dict[str, RoundDrop] = {}
+    contributed: dict[str, list[int]] = {}
+    for entry in sorted((m for m in metrics if int(m.get("round") or 0) >= 1), key=lambda m: int(m["round"])):
+        rnd = int(entry["round"])
+        for device_id in entry.get("participants") or []:
+            contributed.setdefault(device_id, []).append(rnd)
+            drops.pop(device_id, None)
+        reasons = entry.get("drop_reasons") or {}
+        for device_id in entry.get("dropped") or []:
+            drops[device_id] = RoundDrop(round=rnd, reason=str(reasons.get(device_id) or NO_DROP_REASON),
+                                         contributed=[])
+    for device_id, drop in drops.items():
+        drop.contributed = [r for r in contributed.get(device_id, []) if r < drop.round]
+    return dict(sorted(drops.items()))
 
 
 class RoundOutcome(msgspec.Struct):
@@ -35,6 +60,8 @@ class RoundOutcome(msgspec.Struct):
     reason: str | None = None
     metrics: list[dict[str, Any]] = msgspec.field(default_factory=list)
     participants: list[str] = msgspec.field(default_factory=list)
+    # device -> why it dropped out, for devices that never contributed (those that did and then dropped out: the
+    # metrics' drop_reasons, see final_drops)
     dropped: dict[str, str] = msgspec.field(default_factory=dict)
     refused: dict[str, str] = msgspec.field(default_factory=dict)  # device -> the reason its agent declined
     weights_path: str | None = None  # .npz of the global model's state_dict
@@ -339,7 +366,8 @@ class RoundService:
         assert record.id is not None
         return RoundRead(id=record.id, schedule_id=record.schedule_id, task=record.task, strategy=record.strategy,
                          status=record.status, reason=record.reason, config=record.config, invited=record.invited,
-                         participants=record.participants, skipped=record.skipped, metrics=record.metrics,
+                         participants=record.participants, skipped=record.skipped,
+                         dropped=final_drops(record.metrics), metrics=record.metrics,
                          model_version=record.model_version, initial_model=record.config.get("initial_model"),
                          job_id=record.job_id,
                          created_at=as_utc(record.created_at) or utcnow(),
