@@ -53,6 +53,7 @@ def targets(fleet: Fleet, deployment_id: int) -> dict[str, tuple[str, str | None
     return {t.device_id: (t.status, t.reason) for t in fleet.deployments.get(deployment_id).targets}
 
 
+@pytest.mark.slow  # 3-5 s each on two databases: in `make test`, out of the fast loop
 def test_an_offline_device_is_pending_and_gets_its_model_when_it_comes_back(fleet: Fleet, mosquitto_url: str) -> None:
     # Prepare: one device online, one enrolled but offline (it has never connected)
     register_starter(fleet, "m1", STARTER)
@@ -86,6 +87,7 @@ def test_an_offline_device_is_pending_and_gets_its_model_when_it_comes_back(flee
     assert fleet.devices.get("pi-off").reported_state["active_model"] == "m1"  # type: ignore[index]
 
 
+@pytest.mark.slow  # 3-5 s each on two databases: in `make test`, out of the fast loop
 def test_a_wave_waits_for_reachable_devices_only(fleet: Fleet, mosquitto_url: str) -> None:
     # Prepare: four devices in two waves; one device of each wave offline
     register_starter(fleet, "m1", STARTER)
@@ -108,6 +110,7 @@ def test_a_wave_waits_for_reachable_devices_only(fleet: Fleet, mosquitto_url: st
         "a-on": (0, "succeeded"), "b-off": (0, "pending"), "c-on": (1, "succeeded"), "d-off": (1, "pending")}
 
 
+@pytest.mark.slow  # 3-5 s each on two databases: in `make test`, out of the fast loop
 def test_a_deadline_times_out_offline_devices_and_the_record_follows_a_late_install(fleet: Fleet,
                                                                                     mosquitto_url: str) -> None:
     # Prepare: one good device, one failing, one offline; half of the answering devices may fail
