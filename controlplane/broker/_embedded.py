@@ -117,6 +117,8 @@ _TAKEN_OVER_ATTR: Final = "edgefleet_taken_over"
 _NEW: Final = "new"
 _CONNECTED: Final = "connected"
 _DISCONNECTED: Final = "disconnected"
+# Set on the protocol handler of a connection closed for silence past its read timeout (fix 7).
+_EXPIRED_ATTR: Final = "edgefleet_expired"
 
 
 class _SessionState:
@@ -230,6 +232,13 @@ def _make_broker(config: dict[str, Any]) -> Any:
        connection, whose teardown then marks the *shared* session disconnected: from then on the new, live
        connection got no message, each was queued until it reconnected once more (checked against stock amqtt
        0.11.4). Here the teardown of a taken-over connection only stops that connection.
+    7. A client that sends nothing was never disconnected: amqtt reads each packet with the session's keep-alive
+       as timeout, but ``BrokerProtocolHandler.handle_read_timeout`` is ``pass``, so a device whose link went
+       down without a FIN/RST (a partition, a power cut) stayed connected, and counted online, until its host
+       came back. MQTT-3.1.2-24: the server disconnects a client silent for 1.5 times its keep-alive, as a
+       network failure. Here the read timeout is 1.5 x the keep-alive (keep-alive 0: none) and on it the
+       connection is aborted as lost: amqtt's abnormal-disconnect path publishes the Last Will (the agent's is
+       its retained offline state: how the control plane learns the device is gone).
     """
     from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
     from amqtt.broker import Broker
@@ -242,6 +251,27 @@ def _make_broker(config: dict[str, Any]) -> Any:
     from ._amqtt_plugin import CREDENTIAL_ATTR, EdgeFleetAuthPlugin
 
     _use_light_sessions()  # fix 5
+
+    class _EdgeFleetHandler(BrokerProtocolHandler):  # type: ignore[misc]
+        """Closes a connection silent past its read timeout as lost (fix 7)."""
+
+        def handle_read_timeout(self) -> None:
+            # Called from amqtt's reader loop, which then reads on: the abort makes that read see the end of the
+            # stream, and the loop ends the connection as it does any connection lost (Last Will published).
+            if getattr(self, _EXPIRED_ATTR, False) or self.session is None:
+                return
+            setattr(self, _EXPIRED_ATTR, True)
+            self.logger.info(
+                f"{self.session.client_id!r} sent nothing for {self.session.keep_alive:g} s (1.5 x its "
+                "keep-alive): closing the connection as lost"
+            )
+            # The transport, not the writer adapter's close(): that drains first, which a peer that is gone
+            # (its receive window full) never lets finish. abort() also wakes a write blocked on drain.
+            transport = getattr(getattr(self.writer, "_writer", None), "transport", None)
+            if transport is not None:
+                transport.abort()
+            else:  # an adapter without a transport (amqtt's websockets, not used here): end it directly
+                self._edgefleet_closing = asyncio.ensure_future(self.handle_connection_closed())
 
     class _PrefixedReader(StreamReaderAdapter):  # type: ignore[misc]
         """Serves the bytes already read (to peek at the CONNECT) before the rest of the stream."""
@@ -277,7 +307,7 @@ def _make_broker(config: dict[str, Any]) -> Any:
             # amqtt 0.11.4's, with our session class (fix 5).
             session = _session_class()()
             session.client_id = client_id
-            handler = BrokerProtocolHandler(self.plugins_manager, session)
+            handler = _EdgeFleetHandler(self.plugins_manager, session)
             session.transitions.disconnect()
             return handler, session
 
@@ -322,7 +352,7 @@ def _make_broker(config: dict[str, Any]) -> Any:
             # amqtt 0.11.4's, with authentication moved before the session lookup.
             peer = format_client_message(address=remote_address, port=remote_port)
             try:
-                handler, session = await BrokerProtocolHandler.init_from_connect(
+                handler, session = await _EdgeFleetHandler.init_from_connect(  # fix 7: our handler class
                     reader, writer, self.plugins_manager
                 )
             except AMQTTError as exc:
@@ -370,9 +400,12 @@ def _make_broker(config: dict[str, Any]) -> Any:
             else:
                 session.parent = 0
 
+            # amqtt's reader loop times each packet read out after the session's keep_alive (fix 7: 1.5 x the
+            # client's, MQTT-3.1.2-24; 0 stays 0: no timeout). ``keep_alive`` was just set from this CONNECT, for
+            # a resumed session too, so the factor is applied once.
             delay = self.config.get("timeout-disconnect-delay", 0)
-            if session.keep_alive > 0 and isinstance(delay, int):
-                session.keep_alive += delay
+            if session.keep_alive > 0:
+                session.keep_alive = session.keep_alive * 3 / 2 + (delay if isinstance(delay, int) else 0)
             self._edgefleet_authenticated[id(session)] = session
             return handler, session
 

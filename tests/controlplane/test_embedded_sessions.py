@@ -7,7 +7,11 @@ queued QoS 1 commands, Last Will on an abrupt disconnect, take-over of a live cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,3 +198,146 @@ class TestSessionLifecycle:
         assert new.connected and new.disconnects == []
         assert [m for m in old.drain(0.1) if m[1] == b"after-takeover"] == []
         assert watcher.drain(0.1) == []  # the client is back: its old connection's will would say it is offline
+
+
+# -- keep-alive: a silent client is disconnected after 1.5 x its keep-alive (fix 7) ---------------------------------
+
+RAW_KEEPALIVE = 2  # seconds: the broker must close a silent connection after 3
+
+
+def _utf8(text: str | bytes) -> bytes:
+    data = text.encode() if isinstance(text, str) else text
+    return len(data).to_bytes(2, "big") + data
+
+
+def _connect_packet(client_id: str, username: str, password: str, keepalive: int,
+                    will: tuple[str, bytes] | None) -> bytes:
+    """An MQTT 3.1.1 CONNECT: clean session, username and password, a retained QoS 1 Last Will if given."""
+    flags = 0x80 | 0x40 | 0x02
+    payload = _utf8(client_id)
+    if will is not None:
+        flags |= 0x04 | (1 << 3) | 0x20
+        payload += _utf8(will[0]) + _utf8(will[1])
+    payload += _utf8(username) + _utf8(password)
+    body = _utf8("MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big") + payload
+    assert len(body) < 128  # one-byte remaining length
+    return bytes([0x10, len(body)]) + body
+
+
+class RawClient:
+    """A bare socket speaking just enough MQTT: it can go silent without closing, as a cut-off device does."""
+
+    def __init__(self, broker: EmbeddedBrokerInstance, device_id: str, password: str, *, keepalive: int,
+                 will: tuple[str, bytes] | None = None) -> None:
+        self.sock = socket.create_connection((broker.host, broker.port), timeout=5)
+        self.sock.sendall(_connect_packet(device_id, device_id, password, keepalive, will))
+        assert self._read(4) == b"\x20\x02\x00\x00", "CONNACK: accepted"
+
+    def _read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def ping(self) -> bool:
+        """PINGREQ; whether PINGRESP came back."""
+        try:
+            self.sock.sendall(b"\xc0\x00")
+            return self._read(2) == b"\xd0\x00"
+        except OSError:
+            return False
+
+    def closed_by_broker(self, timeout: float) -> bool:
+        """Whether the broker closed the connection (EOF or reset) within ``timeout`` seconds."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(b"\xe0\x00")  # DISCONNECT: no will
+        self.sock.close()
+
+
+@pytest.fixture(name="raw_clients")
+def fx_raw_clients() -> Iterator[list[RawClient]]:
+    clients: list[RawClient] = []
+    yield clients
+    for c in clients:
+        c.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_silent_client_is_disconnected_after_one_and_a_half_keepalives_and_its_will_published(
+    embedded_broker: EmbeddedBrokerInstance, probes: list[Probe], raw_clients: list[RawClient]
+) -> None:
+    # Prepare: three devices, their state (where the agent's will says offline) watched by the control plane
+    devices = ("dev-silent", "dev-pinging", "dev-no-keepalive")
+    for device_id in devices:
+        embedded_broker.auth.ensure_device(device_id, "pw-" + device_id)
+    service = _service(embedded_broker, probes, *(topic(d, Channel.STATE) for d in devices))
+
+    def raw(device_id: str, keepalive: int) -> RawClient:
+        client = RawClient(embedded_broker, device_id, "pw-" + device_id, keepalive=keepalive,
+                           will=(topic(device_id, Channel.STATE), b"offline"))
+        raw_clients.append(client)
+        return client
+
+    # Execute: one goes silent with its socket open (a link down: no FIN, no RST), one pings twice a second, one
+    # asked for no keep-alive and is silent too
+    silent = raw("dev-silent", RAW_KEEPALIVE)
+    started = time.monotonic()
+    pinging, no_keepalive = raw("dev-pinging", RAW_KEEPALIVE), raw("dev-no-keepalive", 0)
+    pings: list[bool] = []
+    stop = threading.Event()
+
+    def ping_loop() -> None:
+        while not stop.wait(0.5):
+            pings.append(pinging.ping())
+
+    pinger = threading.Thread(target=ping_loop, daemon=True)
+    pinger.start()
+    try:
+        early = service.expect(topic("dev-silent", Channel.STATE), b"offline", timeout=3 * RAW_KEEPALIVE)
+        after = time.monotonic() - started
+        time.sleep(RAW_KEEPALIVE)  # the pinging one lives past its own 1.5 keep-alives
+    finally:
+        stop.set()
+        pinger.join()
+    # Assert: the silent one's will was published after 1.5 keep-alives (not before, not much later), its socket
+    # closed; nothing else was published
+    assert early == []
+    assert 1.5 * RAW_KEEPALIVE - 0.2 <= after <= 1.5 * RAW_KEEPALIVE + 1.5, after
+    assert silent.closed_by_broker(0.5)
+    assert service.drain(0.2) == []
+    # ... the pinging one and the one without keep-alive are kept
+    assert pings and all(pings), pings
+    assert pinging.ping() and no_keepalive.ping()
+    # ... the silent one's will is its retained state: a watcher that comes later still learns it is offline
+    late = _service(embedded_broker, probes, topic("dev-silent", Channel.STATE))
+    assert late.expect(topic("dev-silent", Channel.STATE), b"offline") == []
+
+
+@pytest.mark.integration
+def test_a_silent_client_is_not_disconnected_before_one_and_a_half_keepalives(
+    embedded_broker: EmbeddedBrokerInstance, probes: list[Probe], raw_clients: list[RawClient]
+) -> None:
+    embedded_broker.auth.ensure_device("dev-a", "pw-a")
+    service = _service(embedded_broker, probes, topic("dev-a", Channel.STATE))
+    client = RawClient(embedded_broker, "dev-a", "pw-a", keepalive=RAW_KEEPALIVE,
+                       will=(topic("dev-a", Channel.STATE), b"offline"))
+    raw_clients.append(client)
+    started = time.monotonic()
+    # Silent past one keep-alive (where amqtt's own read timeout fires) but under 1.5: still connected
+    assert not client.closed_by_broker(RAW_KEEPALIVE * 1.25)
+    assert client.ping()
+    assert service.drain(0.1) == []
+    assert time.monotonic() - started < RAW_KEEPALIVE * 1.5
