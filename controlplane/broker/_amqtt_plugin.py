@@ -20,6 +20,12 @@ session is stamped with the credential (password hash) it authenticated with; a 
 the user's current credential (the password was rotated, the user removed or removed and enrolled again) is
 *stale*: it is denied every topic action, and the broker closes its connection and drops it, queued messages and
 subscriptions included.
+
+Denials: a PUBLISH or SUBSCRIBE the ACL refuses (a device on another device's topic: a bug, or a hostile device) is
+a warning on the ``controlplane.broker.acl`` logger naming the client, its username, the action and the topic, at
+most one line per client every ``DENIAL_LOG_INTERVAL`` seconds (the next line says how many were left out), so a
+device cannot flood the log. Every denial is counted (:class:`DenialLog`); the broker logs a one-line summary of
+the counts when they changed, at most every ``DENIAL_SUMMARY_INTERVAL`` seconds, and on shutdown.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,13 +48,78 @@ from ._credentials import CredentialsFile, UserEntry, acl_allows
 from ._errors import BrokerAuthError
 from ._passwords import is_slow_hash, verify_password
 
-__all__ = ["CERT_CN_ATTR", "CREDENTIAL_ATTR", "EdgeFleetAuthPlugin"]
+__all__ = ["CERT_CN_ATTR", "CREDENTIAL_ATTR", "DENIAL_LOG_INTERVAL", "DENIAL_SUMMARY_INTERVAL", "DenialLog",
+           "EdgeFleetAuthPlugin"]
 
 # The attribute of an amqtt Session that holds the credential (password hash) it authenticated with.
 CREDENTIAL_ATTR = "edgefleet_credential"
 # The attribute the broker (controlplane.broker._embedded) puts a verified client certificate's CN in. Defined here,
 # not imported from _embedded, which imports this module: that was an import cycle (tests/test_packaging.py).
 CERT_CN_ATTR = "edgefleet_cert_cn"
+
+# At most one denial line per client this often (seconds); the broker's summary of the counts at most this often.
+DENIAL_LOG_INTERVAL = 10.0
+DENIAL_SUMMARY_INTERVAL = 60.0
+_DENIAL_LOGGER = logging.getLogger("controlplane.broker.acl")
+_SUMMARY_TOP = 5  # users named in a summary line
+
+
+class DenialLog:
+    """ACL denials: counted, and logged at warning at most once per client every ``interval`` seconds.
+
+    Memory is bounded by the clients that were denied (only authenticated sessions reach the ACL, so by the
+    accounts), and entries whose window has passed are dropped once there are many.
+    """
+
+    def __init__(self, logger: logging.Logger = _DENIAL_LOGGER, interval: float = DENIAL_LOG_INTERVAL) -> None:
+        self._logger = logger
+        self._interval = interval
+        # client id -> (monotonic time of its last line, denials left out since)
+        self._windows: dict[str, tuple[float, int]] = {}
+        self.by_action: Counter[str] = Counter()
+        """Denials since the broker started, by action (``publish``, ``subscribe``)."""
+        self.by_user: Counter[str] = Counter()
+        """Denials since the broker started, by username."""
+        self._summarised = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_action.values())
+
+    def record(self, client_id: str, username: str, action: str, topic: str) -> None:
+        """Count one denial and log it unless this client had a line within the interval."""
+        self.by_action[action] += 1
+        self.by_user[username] += 1
+        now = time.monotonic()
+        last, left_out = self._windows.get(client_id, (None, 0))
+        if last is not None and now - last < self._interval:
+            self._windows[client_id] = (last, left_out + 1)
+            return
+        if len(self._windows) >= 1024:
+            self._windows = {c: w for c, w in self._windows.items() if now - w[0] < self._interval}
+        self._windows[client_id] = (now, 0)
+        more = f" ({left_out} more denial(s) of this client left out since its last line)" if left_out else ""
+        self._logger.warning(
+            f"ACL denied {action} of {topic!r} to client {client_id!r} (user {username!r}){more}"
+        )
+
+    def summary(self, *, force: bool = False) -> str | None:
+        """A one-line summary of the counts if they changed since the last one (or ``force`` and any)."""
+        total = self.total
+        if total == 0 or (total == self._summarised and not force):
+            return None
+        since, self._summarised = total - self._summarised, total
+        actions = ", ".join(f"{action} {n}" for action, n in sorted(self.by_action.items()))
+        users = ", ".join(f"{user!r} {n}" for user, n in self.by_user.most_common(_SUMMARY_TOP))
+        others = len(self.by_user) - _SUMMARY_TOP
+        more = f" and {others} more" if others > 0 else ""
+        return f"ACL denials: {total} since start ({actions}), {since} since the last summary; by user: {users}{more}"
+
+    def log_summary(self, *, force: bool = False) -> None:
+        """Log :meth:`summary` at warning, if there is one."""
+        line = self.summary(force=force)
+        if line is not None:
+            self._logger.warning(line)
 
 
 class EdgeFleetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
@@ -74,6 +147,8 @@ class EdgeFleetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
         # key, so a device with a credential of an earlier version does not cost 41 ms on every reconnect.
         self._verified_key = os.urandom(32)
         self._verified: dict[str, bytes] = {}
+        self.denials = DenialLog()
+        """Denied publishes and subscriptions: logged (rate-limited) and counted."""
         self.generation = 0
         """Bumped whenever the set of users or any credential changes: the broker then looks for stale sessions."""
         self._reload(full=True)
@@ -240,5 +315,9 @@ class EdgeFleetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
             return False  # unknown user, or a session of a rotated/removed credential
         allowed = acl_allows(entry.role, session.username or "", str(action), topic)
         if not allowed:
-            self.context.logger.info(f"denied {action} of {topic!r} to {session.username!r}")
+            if action == Action.RECEIVE:
+                # Not the client's doing: a wildcard subscription matched a topic it may not read; dropped quietly.
+                self.context.logger.debug(f"denied {action} of {topic!r} to {session.username!r}")
+            else:
+                self.denials.record(session.client_id or "", session.username or "", str(action), topic)
         return allowed

@@ -248,7 +248,7 @@ def _make_broker(config: dict[str, Any]) -> Any:
     from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
     from amqtt.utils import format_client_message, gen_client_id
 
-    from ._amqtt_plugin import CREDENTIAL_ATTR, EdgeFleetAuthPlugin
+    from ._amqtt_plugin import CREDENTIAL_ATTR, DENIAL_SUMMARY_INTERVAL, EdgeFleetAuthPlugin
 
     _use_light_sessions()  # fix 5
 
@@ -320,6 +320,7 @@ def _make_broker(config: dict[str, Any]) -> Any:
                 self._edgefleet_watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._edgefleet_watcher
+            self._edgefleet_log_denials(final=True)
             await super().shutdown()
 
         async def stream_connected(
@@ -436,8 +437,12 @@ def _make_broker(config: dict[str, Any]) -> Any:
 
         async def _edgefleet_watch(self) -> None:
             seen = -1
+            summarised_at = time.monotonic()
             while True:
                 try:
+                    if time.monotonic() - summarised_at >= DENIAL_SUMMARY_INTERVAL:
+                        summarised_at = time.monotonic()
+                        self._edgefleet_log_denials()
                     self._edgefleet_auth.refresh()
                     if self._edgefleet_auth.generation != seen:
                         seen = self._edgefleet_auth.generation
@@ -447,6 +452,10 @@ def _make_broker(config: dict[str, Any]) -> Any:
                 except Exception:  # the watcher must outlive one bad round
                     self.logger.exception("credentials watcher")
                 await asyncio.sleep(self._edgefleet_auth.reload_interval)
+
+        def _edgefleet_log_denials(self, *, final: bool = False) -> None:
+            # The operator's count of ACL denials (each one is also a rate-limited line of its own).
+            self._edgefleet_auth.denials.log_summary(force=final)
 
         async def _edgefleet_drop(self, client_id: str, why: str) -> None:
             """Close the connection of ``client_id``'s session, if any, and drop the session: subscriptions,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
+import secrets
 import socket
 import threading
 import time
@@ -21,6 +23,7 @@ from transitions import MachineError
 
 from agent.protocol import Channel, topic
 from controlplane.broker import _embedded
+from controlplane.broker._amqtt_plugin import DenialLog
 from tests.conftest import EmbeddedBrokerInstance
 from tests.controlplane.test_broker_auth import Probe
 
@@ -341,3 +344,77 @@ def test_a_silent_client_is_not_disconnected_before_one_and_a_half_keepalives(
     assert client.ping()
     assert service.drain(0.1) == []
     assert time.monotonic() - started < RAW_KEEPALIVE * 1.5
+
+
+# -- ACL denials: a warning naming who, what and where, rate-limited, and counted ---------------------------------
+
+
+@pytest.fixture(name="quiet_broker")
+def fx_quiet_broker(tmp_path: Path) -> Iterator[EmbeddedBrokerInstance]:
+    """The embedded broker at the log level the control plane runs it at (WARNING)."""
+    from controlplane.broker import EmbeddedBroker, EmbeddedBrokerAuth
+
+    credentials = tmp_path / "embedded-broker" / "credentials.json"
+    auth = EmbeddedBrokerAuth(credentials)
+    service_password = secrets.token_urlsafe(12)
+    auth.ensure_service("edgefleet-cp", service_password)
+    with EmbeddedBroker(credentials, log_level="WARNING") as broker:
+        yield EmbeddedBrokerInstance(broker, auth, "edgefleet-cp", service_password)
+
+
+def _denial_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "WARNING controlplane.broker.acl: ACL denied" in line]
+
+
+@pytest.mark.integration
+def test_a_publish_on_another_devices_topic_is_a_rate_limited_warning_and_counted(
+    quiet_broker: EmbeddedBrokerInstance, probes: list[Probe]
+) -> None:
+    # Prepare: the control plane reads dev-b's telemetry; dev-a and dev-c are enrolled too
+    for device_id in ("dev-a", "dev-b", "dev-c"):
+        quiet_broker.auth.ensure_device(device_id, "pw-" + device_id)
+    victim = topic("dev-b", Channel.TELEMETRY)
+    service = _service(quiet_broker, probes, victim)
+    hostile = _connected(_probe(quiet_broker, probes, "dev-a", "pw-dev-a"))
+    # Execute: dev-a publishes on dev-b's telemetry five times; dev-c tries to subscribe to dev-b's commands
+    for i in range(5):
+        hostile.publish(victim, b'{"forged": %d}' % i)
+    other = _connected(_probe(quiet_broker, probes, "dev-c", "pw-dev-c"))
+    assert not other.subscribe(topic("dev-b", Channel.CMD))
+    # Assert: nothing was delivered as dev-b's
+    assert service.drain(0.3) == []
+    # ... one warning line for dev-a's five publishes (rate-limited), one for dev-c's subscribe, each naming the
+    # client, the user, the action and the topic
+    lines = _denial_lines(quiet_broker.broker.stderr_tail())
+    assert len(lines) == 2, lines
+    assert f"ACL denied publish of {victim!r} to client 'dev-a' (user 'dev-a')" in lines[0]
+    assert f"ACL denied subscribe of {topic('dev-b', Channel.CMD)!r} to client 'dev-c' (user 'dev-c')" in lines[1]
+    # ... and counted: the broker's summary on shutdown
+    quiet_broker.broker.stop()
+    summaries = [line for line in quiet_broker.broker.stderr_tail().splitlines()
+                 if "WARNING controlplane.broker.acl: ACL denials:" in line]
+    assert len(summaries) == 1, summaries
+    assert "ACL denials: 6 since start (publish 5, subscribe 1)" in summaries[0]
+    assert "by user: 'dev-a' 5, 'dev-c' 1" in summaries[0]
+
+
+def test_denial_log_is_one_line_per_client_per_interval_with_what_was_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = DenialLog(logging.getLogger("test.acl"), interval=0.3)
+    with caplog.at_level(logging.WARNING, logger="test.acl"):
+        for _ in range(100):  # a flood
+            log.record("dev-a", "dev-a", "publish", "edgefleet/v1/devices/dev-b/telemetry")
+        log.record("dev-c", "dev-c", "subscribe", "edgefleet/v1/devices/dev-b/cmd")  # another client: its own
+        time.sleep(0.35)
+        log.record("dev-a", "dev-a", "publish", "edgefleet/v1/devices/dev-b/telemetry")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "to client 'dev-a'" in lines[0] and "left out" not in lines[0]
+    assert "to client 'dev-c'" in lines[1]
+    assert "(99 more denial(s) of this client left out since its last line)" in lines[2]
+    assert log.total == 102 and log.by_user == {"dev-a": 101, "dev-c": 1}
+    first = log.summary()
+    assert first is not None and "102 since start (publish 101, subscribe 1), 102 since the last summary" in first
+    assert log.summary() is None  # nothing new
+    assert log.summary(force=True) is not None
