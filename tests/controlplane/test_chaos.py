@@ -317,9 +317,6 @@ def test_a_device_cut_mid_download_for_good_ends_the_deployment_and_keeps_a_vali
 KEEPALIVE_S = 30  # the agent's MQTT keepalive (agent._settings.AgentSettings.keepalive_s)
 
 
-@pytest.mark.xfail(strict=True, reason="the embedded broker does not end a silent device's session after 1.5 "
-                                       "keepalives (no Last Will): the control plane counts a cut-off device "
-                                       "online until it reconnects")
 def test_a_cut_off_device_is_counted_offline_within_two_keepalives(rollout_fleet: Fleet) -> None:
     # Prepare: dev1 online
     fleet = rollout_fleet
