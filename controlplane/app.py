@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -14,6 +15,7 @@ from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.static_files import create_static_files_router
 
 from agent import __version__
 from controlplane._bounds import MAX_BODY_BYTES
@@ -35,6 +37,9 @@ from controlplane.settings import Settings
 from controlplane.wiring import Fleet
 
 __all__ = ["create_app"]
+
+_STATIC = Path(__file__).parent / "static"
+_OPENAPI_ASSETS = "/schema/assets"
 
 
 @get("/healthz", sync_to_thread=False, exclude_from_auth=True, tags=["ops"])
@@ -121,7 +126,17 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
         title="EdgeFleet control plane",
         version=__version__,
         path="/schema",
-        render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
+        # Their JavaScript and CSS come from the control plane (controlplane/static/openapi, taken from npm), not a
+        # CDN: the docs must work on an offline network. No favicon: Litestar's default is on GitHub.
+        render_plugins=[
+            ScalarRenderPlugin(js_url=f"{_OPENAPI_ASSETS}/scalar/standalone.js",
+                               css_url=f"{_OPENAPI_ASSETS}/scalar/theme.css", favicon="",
+                               options={"withDefaultFonts": False}),  # else its fonts come from fonts.scalar.com
+            SwaggerRenderPlugin(path="/swagger", js_url=f"{_OPENAPI_ASSETS}/swagger-ui/swagger-ui-bundle.js",
+                                css_url=f"{_OPENAPI_ASSETS}/swagger-ui/swagger-ui.css",
+                                standalone_preset_js_url=f"{_OPENAPI_ASSETS}/swagger-ui/swagger-ui-standalone-preset.js",
+                                favicon=""),
+        ],
         components=Components(
             security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="API token")}
         ),
@@ -131,7 +146,10 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
     return Litestar(
         route_handlers=[healthz, ingest_stats, signing_key, DeviceController, ModelController, DownloadController,
                         DeploymentController, ReleaseDownloadController, RoundController, ScheduleController, JobController,
-                        ProvisioningController, EnrollController, KeyController],
+                        ProvisioningController, EnrollController, KeyController,
+                        # public like the /schema pages (the auth middleware excludes ^/schema)
+                        create_static_files_router(_OPENAPI_ASSETS, directories=[_STATIC / "openapi"],
+                                                   include_in_schema=False)],
         # Named *_service so that no dependency shadows a body, query or path field (a request
         # field named like a dependency turns its validation errors into 500s).
         dependencies={
