@@ -10,8 +10,10 @@ import typer
 from controlplane.cli import (
     demo,
     deployments,
+    devices,
     jobs,
     keys,
+    models,
     profiles,
     provisioning,
     rounds,
@@ -32,6 +34,8 @@ app.add_typer(jobs.app, name="jobs")
 app.add_typer(rounds.app, name="rounds")
 app.add_typer(rounds.schedules_app, name="schedules")
 app.add_typer(deployments.app, name="deployments")
+app.add_typer(devices.app, name="devices")
+app.add_typer(models.app, name="models")
 app.add_typer(keys.app, name="keys")
 app.add_typer(tasks.app, name="tasks")
 app.command("agent", context_settings=serve.AGENT_CONTEXT, help="The device agent: `edgefleet agent run --help`.")(
