@@ -395,10 +395,7 @@ CUTS = {"before-its-first-update": 1, "after-its-first-update": 2}
 
 @pytest.mark.parametrize("cut", [
     "before-its-first-update",
-    pytest.param("after-its-first-update", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "a device that contributed to a round and then dropped out has no reason in the round record: the "
-        "ServerApp reports per-round drop_reasons, but controlplane/rounds/runner.py copies only the 'dropped' "
-        "list into metrics, and 'skipped' holds only devices that never contributed"))),
+    "after-its-first-update",
 ])
 def test_a_device_cut_mid_round_drops_with_a_reason_and_the_round_completes(round_fleet: Fleet, cut: str) -> None:
     # Prepare: three training devices (SuperNode keys from enrolment), min_clients 2; every device shares this
