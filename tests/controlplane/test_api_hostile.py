@@ -312,7 +312,7 @@ def test_client_errors_are_one_log_line_without_a_traceback(tmp_path: Path) -> N
     # Prepare: `edgefleet controlplane serve` (embedded broker, SQLite) as deployed, its log on stderr
     data_dir, port, broker_port = tmp_path / "cp", free_port(), free_port()
     cli = [sys.executable, "-m", "controlplane._entry"]
-    token = subprocess.run([*cli, "tokens", "create", "--role", "admin", "--data-dir", str(data_dir)],
+    token = subprocess.run([*cli, "tokens", "create", "--role", "admin", "--data-dir", str(data_dir), "--create"],
                            capture_output=True, text=True, check=True, timeout=60).stdout.strip()
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log_file:

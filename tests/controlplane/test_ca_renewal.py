@@ -278,7 +278,7 @@ class ControlPlane:
 @pytest.fixture(name="cp")
 def fx_cp(tmp_path: Path) -> Iterator[ControlPlane]:
     data = tmp_path / "cp"
-    token = subprocess.run(_entry("tokens", "create", "--role", "admin", "--data-dir", str(data)),
+    token = subprocess.run(_entry("tokens", "create", "--role", "admin", "--data-dir", str(data), "--create"),
                            capture_output=True, text=True, check=True).stdout.strip()
     cp = ControlPlane(data, free_port(), free_port(), token, tmp_path / "cp.log")
     try:

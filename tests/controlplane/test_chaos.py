@@ -90,7 +90,7 @@ def start_fleet(net: Network, root: Path, devices: list[str], *, train: bool = F
     and start their agents from the config files `agent enroll` wrote."""
     cp = net["cp"]
     data = root / "cp"
-    token = subprocess.run(_entry("tokens", "create", "--role", "admin", "--data-dir", str(data)),
+    token = subprocess.run(_entry("tokens", "create", "--role", "admin", "--data-dir", str(data), "--create"),
                            capture_output=True, text=True, check=True, timeout=60).stdout.strip()
     cp.popen(_entry("controlplane", "serve", "--host", cp.address, "--port", str(API_PORT), "--data-dir", str(data)),
              log=root / "cp.log")

@@ -28,7 +28,8 @@ def test_tokens_create_prints_a_working_token(tmp_path: Path) -> None:
     # Prepare
     url = f"sqlite:///{tmp_path / 'cp.db'}"
     # Execute
-    result = runner.invoke(app, ["tokens", "create", "--role", "operator", "--name", "ci", "--database-url", url])
+    result = CliRunner(mix_stderr=False).invoke(app, ["tokens", "create", "--role", "operator", "--name", "ci",
+                                                      "--database-url", url, "--create"])
     listed = runner.invoke(app, ["tokens", "list", "--database-url", url])
     # Assert
     assert result.exit_code == 0, result.output
@@ -41,7 +42,8 @@ def test_tokens_create_prints_a_working_token(tmp_path: Path) -> None:
 def test_tokens_revoke(tmp_path: Path) -> None:
     # Prepare
     url = f"sqlite:///{tmp_path / 'cp.db'}"
-    secret = runner.invoke(app, ["tokens", "create", "--role", "viewer", "--database-url", url]).stdout.split()[0]
+    secret = CliRunner(mix_stderr=False).invoke(app, ["tokens", "create", "--role", "viewer", "--database-url", url,
+                                                      "--create"]).stdout.split()[0]
     # Execute
     revoked = runner.invoke(app, ["tokens", "revoke", "1", "--database-url", url])
     missing = runner.invoke(app, ["tokens", "revoke", "99", "--database-url", url])

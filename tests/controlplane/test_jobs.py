@@ -237,7 +237,8 @@ def test_after_a_crash_the_local_ray_head_is_adopted_and_its_job_reattached(tmp_
     # Prepare: `edgefleet controlplane serve` running a Ray job, then killed -9 (its Ray head lives on)
     data_dir, port = tmp_path / "cp", free_port()
     cli = [sys.executable, "-m", "controlplane._entry"]
-    token = subprocess.run([*cli, "tokens", "create", "--role", "operator", "--data-dir", str(data_dir)],
+    token = subprocess.run([*cli, "tokens", "create", "--role", "operator", "--data-dir", str(data_dir),
+                            "--create"],
                            check=True, capture_output=True, text=True).stdout.split()[0]
     server = subprocess.Popen([*cli, "controlplane", "serve", "--port", str(port), "--data-dir", str(data_dir),
                                "--embedded-broker-port", str(free_port()), "--log-level", "warning"],

@@ -160,7 +160,7 @@ def fx_fleet_net(net: Network, tmp_path: Path) -> Iterator[tuple[Network, Path, 
     cp = net["cp"]
     data = tmp_path / "cp"
     token = subprocess.run([sys.executable, "-m", "controlplane._entry", "tokens", "create", "--role", "admin",
-                            "--data-dir", str(data)], capture_output=True, text=True, check=True).stdout.strip()
+                            "--data-dir", str(data), "--create"], capture_output=True, text=True, check=True).stdout.strip()
     # No --tls and no broker port: beyond loopback both are TLS (HTTPS; MQTTS on 8883) on their own.
     cp.popen([sys.executable, "-m", "controlplane._entry", "controlplane", "serve", "--host", cp.address,
               "--port", str(API_PORT), "--data-dir", str(data)], log=tmp_path / "cp.log")

@@ -113,7 +113,7 @@ def test_serve_on_dynsec_mosquitto_with_the_admin_password_only_in_a_file(dynsec
     password_file.chmod(0o600)
     data_dir, port = tmp_path / "cp", free_port()
     cli = [sys.executable, "-m", "controlplane._entry"]
-    token = subprocess.run([*cli, "tokens", "create", "--role", "admin", "--data-dir", str(data_dir)],
+    token = subprocess.run([*cli, "tokens", "create", "--role", "admin", "--data-dir", str(data_dir), "--create"],
                            check=True, capture_output=True, text=True).stdout.strip()
     url = f"mqtt://{broker.admin_username}@{broker.host}:{broker.port}"
     server = subprocess.Popen([*cli, "controlplane", "serve", "--port", str(port), "--data-dir", str(data_dir),

@@ -124,7 +124,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def fx_served(tmp_path: Path) -> Iterator[Served]:
     """`edgefleet controlplane serve --tls on` on loopback (a name the certificate covers), embedded broker."""
     data = tmp_path / "cp"
-    token = subprocess.run(_entry("tokens", "create", "--role", "admin", "--data-dir", str(data)),
+    token = subprocess.run(_entry("tokens", "create", "--role", "admin", "--data-dir", str(data), "--create"),
                            capture_output=True, text=True, check=True).stdout.strip()
     port, broker_port = free_port(), free_port()
     log = tmp_path / "cp.log"
