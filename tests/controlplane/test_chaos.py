@@ -10,9 +10,9 @@ their own hosts (tests/netns.py), the devices enrolled the production way (a pro
   the others and its record says why the device dropped out. Then the outsider: the Flower Control API is refused
   on the device-facing Fleet port (the proxy's 404; a SuperNode key registration fails), the SuperLink's own port
   is not reachable from another host; the control plane's own host registers a key on loopback (the control).
-- Strict xfails name what does not hold yet: a cut-off device is never counted offline (the embedded broker does
-  not expire silent sessions), and a device that contributed to a round and then dropped out has no reason in the
-  round record.
+- A cut-off device is counted offline within two keepalives (the embedded broker ends a session silent for 1.5
+  keepalives and publishes its will), and a device that contributed to a round and then dropped out has its
+  reason in the round record: both were found by these tests and fixed.
 
 A download of a model over an unthrottled veth pair takes milliseconds: the device host's link is slowed with a
 token bucket (``Host.throttle``) and the released artifact is a real, signed model padded to 1 MiB (LiteRT reads
@@ -258,7 +258,7 @@ ENDINGS = {
     "wave-timeout": ({"wave_timeout_s": 30, "deadline_s": 300}, "halted", "failed",
                      "no answer within the wave timeout (30 s) while online"),
     # "no answer by the deadline" (counted online) or "offline since ... (deadline passed)": which one depends on
-    # whether the broker has ended the silent session by then (see the xfail test below)
+    # whether the broker has ended the silent session (1.5 keepalives after the cut) by the deadline
     "deadline": ({"wave_timeout_s": 300, "deadline_s": 75}, "timed_out", "timed_out", "deadline"),
 }
 
