@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -429,4 +430,7 @@ def test_no_endpoint_answers_5xx_to_generated_input(fleet: Fleet, admin: dict[st
     # Assert
     for name, result in results.items():
         assert result.returncode == 0, f"{name}:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
-        assert " passed" in result.stdout and "failed" not in result.stdout.split("SUMMARY")[-1], result.stdout
+        # "N failed" counts failing cases; a warning such as "Authentication failed: 1 operation returned only
+        # 401/403" (POST /enroll takes a provisioning token, not this admin token) is not one.
+        summary = result.stdout.split("SUMMARY")[-1]
+        assert " passed" in result.stdout and not re.search(r"\b\d+ failed\b", summary), result.stdout
