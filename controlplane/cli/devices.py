@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from controlplane.cli._common import TokenOpt, UrlOpt, api, call, fail
+from controlplane.statuses import CommandStatus
 
 app = typer.Typer(no_args_is_help=True, help="Enrolled devices, their telemetry and commands via the API.")
 
@@ -203,7 +204,7 @@ def devices_command(
         _echo_json(command)
     else:
         typer.echo(_command_table(command))
-    if command["status"] == "error":
+    if command["status"] == CommandStatus.ERROR:
         raise typer.Exit(1)  # the device refused or failed it: a script can tell
 
 
