@@ -237,25 +237,21 @@ class Signer:
 
     # ---------------------------------------------------------------------------------------------- signing
 
+    def sign_message(self, message: bytes) -> tuple[str, str]:
+        """(base64 ed25519 signature, key id) of ``message`` with the key that signs now. ``message`` carries its
+        own domain prefix (``release_bytes``, ``agent.trust.ca_bundle_bytes``, ...)."""
+        private_key = self._private_key()
+        return base64.b64encode(private_key.sign(message)).decode("ascii"), self._key_id_of(private_key)
+
     def sign(self, manifest: ModelManifest) -> SignedManifest:
         """The manifest with an ed25519 signature over ``canonical_bytes(manifest)`` and this key's id."""
-        private_key = self._private_key()
-        signature = private_key.sign(canonical_bytes(manifest))
-        return SignedManifest(
-            manifest=manifest,
-            signature=base64.b64encode(signature).decode("ascii"),
-            key_id=self._key_id_of(private_key),
-        )
+        signature, signer_id = self.sign_message(canonical_bytes(manifest))
+        return SignedManifest(manifest=manifest, signature=signature, key_id=signer_id)
 
     def sign_release(self, release: Release) -> SignedRelease:
         """A deployment's release with an ed25519 signature over ``release_bytes(release)`` (domain-prefixed)."""
-        private_key = self._private_key()
-        signature = private_key.sign(release_bytes(release))
-        return SignedRelease(
-            release=release,
-            signature=base64.b64encode(signature).decode("ascii"),
-            key_id=self._key_id_of(private_key),
-        )
+        signature, signer_id = self.sign_message(release_bytes(release))
+        return SignedRelease(release=release, signature=signature, key_id=signer_id)
 
     # --------------------------------------------------------------------------------------------- rotation
 

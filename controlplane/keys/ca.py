@@ -28,11 +28,8 @@ certificate of the new CA: neither is sent that step.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import threading
-import time
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,20 +39,19 @@ import msgspec
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from agent import protocol as wire
-from agent.manifest import key_id
 from agent.trust import CaBundle, SignedCaBundle, ca_bundle_bytes
 from controlplane._errors import Conflict, InvalidInput
 from controlplane.db import CommandRecord, Device, as_utc, utcnow
 from controlplane.devices.publisher import CommandPublisher
+from controlplane.keys._send import send_statement
 from controlplane.keys.schemas import CaCertificateRead, CaDeviceRead, CaDeviceStep, CaRead, CaRenewalRead
 from controlplane.pki import CaRenewal, CaRenewalStatus, CsrError, FleetPKI, PkiError
 from controlplane.statuses import CommandStatus
-from federated.signing import Signer, SigningKeyError
+from federated.signing import Signer
 
 __all__ = ["RESTART_NOTE", "CaRenewalService"]
 
@@ -353,46 +349,15 @@ class CaRenewalService:
                              fingerprints=[hashlib.sha256(c.public_bytes(serialization.Encoding.DER)).hexdigest()
                                            for c in certs],
                              issued_at=int(self._bundle_changed_at(renewal)))
-        key = self._signing_key()
-        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return SignedCaBundle(statement=statement,
-                              signature=base64.b64encode(key.sign(ca_bundle_bytes(statement))).decode("ascii"),
-                              key_id=key_id(raw))
-
-    def _signing_key(self) -> Ed25519PrivateKey:
-        # Signer signs manifests and releases only; the CA statement is its own domain (agent.trust), signed with
-        # the same key file the Signer uses now.
-        path = self.signer.private_key_path
-        try:
-            if path.stat().st_mode & 0o077:
-                raise SigningKeyError(f"signing key {path} is accessible by other users: chmod 600 it")
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (OSError, ValueError) as exc:
-            raise SigningKeyError(f"cannot read signing key {path}: {exc}") from exc
-        if not isinstance(key, Ed25519PrivateKey):
-            raise SigningKeyError(f"signing key {path} is not an ed25519 key")
-        return key
+        signature, signer_id = self.signer.sign_message(ca_bundle_bytes(statement))
+        return SignedCaBundle(statement=statement, signature=signature, key_id=signer_id)
 
     def _send(self, device: _Device, renewal: CaRenewal, bundle: int, kind: str) -> bool:
         assert self.publisher is not None
         args = self._args(device, renewal, bundle, kind)
         if args is None:
             return False
-        command_id = uuid.uuid4().hex
-        with Session(self.engine) as session:
-            session.add(CommandRecord(command_id=command_id, device_id=device.device_id, kind=kind, args=args,
-                                      created_at=utcnow()))
-            session.commit()
-        payload = wire.encode(wire.Command(command_id=command_id, kind=kind, args=args, ts=time.time()))
-        try:
-            self.publisher.publish(wire.topic(device.device_id, wire.Channel.CMD), payload)
-        except Exception as exc:  # noqa: BLE001 - forget the command: the next sweep sends it again
-            log.warning("ca.send_failed", device_id=device.device_id, kind=kind, error=str(exc))
-            with Session(self.engine) as session:
-                row = session.get(CommandRecord, command_id)
-                if row is not None:
-                    session.delete(row)
-                    session.commit()
+        if not send_statement(self.engine, self.publisher, device.device_id, kind, args, "ca"):
             return False
         log.info("ca.sent", device_id=device.device_id, kind=kind, renewal=renewal.number, bundle=bundle)
         return True

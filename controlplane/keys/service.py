@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,6 +46,7 @@ from controlplane.db import (
     utcnow,
 )
 from controlplane.devices.publisher import CommandPublisher
+from controlplane.keys._send import send_statement
 from controlplane.keys.ca import CaRenewalService
 from controlplane.keys.schemas import DeviceKeyRead, DeviceKeyStep, KeyRead, KeysRead, KeyState, RotationRead
 from controlplane.pki import FleetPKI
@@ -340,22 +340,8 @@ class KeyService:
         statement = rotation.transition if kind == _KINDS[0] else rotation.retirement
         if statement is None:
             return False
-        command_id = uuid.uuid4().hex
         args: dict[str, Any] = {"rotation": rotation.number, "statement": msgspec.to_builtins(statement)}
-        with Session(self.engine) as session:
-            session.add(CommandRecord(command_id=command_id, device_id=device.device_id, kind=kind, args=args,
-                                      created_at=utcnow()))
-            session.commit()
-        payload = wire.encode(wire.Command(command_id=command_id, kind=kind, args=args, ts=time.time()))
-        try:
-            self.publisher.publish(wire.topic(device.device_id, wire.Channel.CMD), payload)
-        except Exception as exc:  # noqa: BLE001 - forget the command: the next sweep sends it again
-            log.warning("keys.send_failed", device_id=device.device_id, kind=kind, error=str(exc))
-            with Session(self.engine) as session:
-                row = session.get(CommandRecord, command_id)
-                if row is not None:
-                    session.delete(row)
-                    session.commit()
+        if not send_statement(self.engine, self.publisher, device.device_id, kind, args, "keys"):
             return False
         log.info("keys.sent", device_id=device.device_id, kind=kind, rotation=rotation.number)
         return True
