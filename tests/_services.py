@@ -10,6 +10,7 @@ import os
 import subprocess
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "in_ci",
     "mosquitto_binary",
     "port_open",
+    "purge_retained",
     "service_missing",
     "stop_process",
     "wait_for",
@@ -152,11 +154,60 @@ def fx_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture(name="mosquitto_url")
-def fx_mosquitto_url() -> str:
-    """The machine's mosquitto (anonymous, as in CI)."""
+def fx_mosquitto_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The machine's mosquitto (anonymous, as in CI), with nothing retained under ``edgefleet/`` before the test
+    and after it: a control plane's ingest subscribes to every device's topics, so what one test leaves retained
+    (an agent's state or last will) would reach the next test as foreign traffic. A leak is named as a warning."""
     if not port_open(MOSQUITTO_HOST, MOSQUITTO_PORT):
         service_missing(f"mosquitto on {MOSQUITTO_HOST}:{MOSQUITTO_PORT}")
-    return f"mqtt://{MOSQUITTO_HOST}:{MOSQUITTO_PORT}"
+    url = f"mqtt://{MOSQUITTO_HOST}:{MOSQUITTO_PORT}"
+    purge_retained(url)
+    yield url
+    leaked = purge_retained(url)
+    if leaked:
+        warnings.warn(f"{request.node.nodeid} left {len(leaked)} retained message(s) on the shared broker: "
+                      f"{sorted(leaked)[:5]}", stacklevel=1)
+
+
+def purge_retained(broker_url: str, prefix: str = "edgefleet/") -> list[str]:
+    """Clear every retained message under ``prefix`` on a shared broker; the topics cleared. Deterministic, not
+    a sleep: the broker sends a subscription's retained messages before anything published after the SUBACK, so
+    once a marker published after it comes back, every retained message has arrived."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    url = urlsplit(broker_url)
+    marker = f"edgefleet-test/purge/{uuid.uuid4().hex}"
+    retained: list[str] = []
+    subscribed, done = threading.Event(), threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-purge-{uuid.uuid4().hex[:8]}")
+    client.on_subscribe = lambda *_: subscribed.set()
+
+    def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == marker:
+            done.set()
+        elif msg.retain and msg.payload:
+            retained.append(msg.topic)
+
+    client.on_message = on_message
+    client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+    client.loop_start()
+    try:
+        client.subscribe([(f"{prefix}#", 1), (marker, 1)])
+        if not subscribed.wait(5):
+            raise RuntimeError(f"{broker_url}: no SUBACK within 5 s")
+        client.publish(marker, b"", qos=1)
+        if not done.wait(5):
+            raise RuntimeError(f"{broker_url}: the purge marker did not come back within 5 s")
+        client.unsubscribe(f"{prefix}#")
+        for topic in retained:
+            client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return retained
 
 
 @dataclass
