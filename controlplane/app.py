@@ -24,6 +24,7 @@ from controlplane.auth import Role
 from controlplane.auth._guards import BearerTokenMiddleware, requires
 from controlplane.burst.controller import JobController
 from controlplane.burst.service import JobService
+from controlplane.console import CONSOLE_PUBLIC, console_csrf, console_router, console_templates, root
 from controlplane.deployments import DeploymentController, DeploymentService, ReleaseDownloadController
 from controlplane.devices import DeviceController, DeviceService
 from controlplane.ingest import read_stats
@@ -142,14 +143,15 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
         ),
         security=[{"bearer": []}],
     )
-    auth = DefineMiddleware(BearerTokenMiddleware, exclude=["^/schema", "^/healthz"])
+    auth = DefineMiddleware(BearerTokenMiddleware, exclude=["^/schema", "^/healthz", *CONSOLE_PUBLIC])
     return Litestar(
         route_handlers=[healthz, ingest_stats, signing_key, DeviceController, ModelController, DownloadController,
                         DeploymentController, ReleaseDownloadController, RoundController, ScheduleController, JobController,
                         ProvisioningController, EnrollController, KeyController,
                         # public like the /schema pages (the auth middleware excludes ^/schema)
                         create_static_files_router(_OPENAPI_ASSETS, directories=[_STATIC / "openapi"],
-                                                   include_in_schema=False)],
+                                                   include_in_schema=False),
+                        root, console_router()],
         # Named *_service so that no dependency shadows a body, query or path field (a request
         # field named like a dependency turns its validation errors into 500s).
         dependencies={
@@ -165,6 +167,8 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
         middleware=[auth],
         lifespan=[lifespan],
         openapi_config=openapi,
+        template_config=console_templates(),
+        csrf_config=console_csrf(secure=the_fleet.settings.tls_enabled),
         # structlog is configured by the entry point; errors are answered and logged by controlplane._http only
         # (a client error as one line, a server fault with its traceback), so Litestar logs none itself.
         logging_config=LoggingConfig(configure_root_logger=False, log_exceptions="never"),

@@ -1,0 +1,74 @@
+"""The web console: server-rendered pages (Jinja2 templates, htmx for the live parts) served by the control plane
+under ``/console`` (``/`` redirects there). It reads the same services the API uses — no second source of truth —
+and authenticates with the same tokens and roles (``_auth``).
+
+Pages live in ``pages_fleet`` (login, fleet, device) and ``pages_ops`` (rounds and schedules, models,
+deployments, jobs); the vendored JavaScript and its licences in ``static/``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any, Final
+
+from litestar import Request, Response, Router, get
+from litestar.config.csrf import CSRFConfig
+from litestar.exceptions import HTTPException
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.response import Redirect, Template
+from litestar.static_files import create_static_files_router
+from litestar.template import TemplateConfig
+
+from controlplane.console import pages_fleet, pages_ops
+from controlplane.console._auth import PREFIX, LoginRequired
+
+__all__ = ["CONSOLE_PUBLIC", "console_csrf", "console_router", "console_templates", "root"]
+
+_HERE: Final = Path(__file__).parent
+# Paths the API's bearer-token middleware leaves alone: the console authenticates with its cookie (_auth).
+CONSOLE_PUBLIC: Final = ["^/$", f"^{PREFIX}(/|$)"]
+
+
+@get("/", include_in_schema=False, sync_to_thread=False)
+def root() -> Redirect:
+    return Redirect(f"{PREFIX}/")
+
+
+def _login_required(request: Request[Any, Any, Any], exc: LoginRequired) -> Response[Any]:
+    target = f"{PREFIX}/login?next={exc.next_path}"
+    if request.headers.get("hx-request"):
+        return Response(content=None, status_code=401, headers={"HX-Redirect": target})
+    return Redirect(target)
+
+
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    """A console error is a page (or, for htmx, a fragment) naming what was wrong, with its status code."""
+    if isinstance(exc, LoginRequired):
+        return _login_required(request, exc)
+    return Template(template_name="error.html", status_code=exc.status_code,
+                    context={"status_code": exc.status_code, "detail": exc.detail, "user": request.scope.get("user")})
+
+
+def console_router() -> Router:
+    return Router(
+        path=PREFIX,
+        route_handlers=[*pages_fleet.HANDLERS, *pages_ops.HANDLERS,
+                        create_static_files_router("/static", directories=[_HERE / "static"],
+                                                   include_in_schema=False)],
+        exception_handlers={HTTPException: _http_error},
+        include_in_schema=False,
+    )
+
+
+def console_templates() -> TemplateConfig[JinjaTemplateEngine]:
+    return TemplateConfig(directory=_HERE / "templates", engine=JinjaTemplateEngine)
+
+
+def console_csrf(secure: bool) -> CSRFConfig:
+    """Double-submit CSRF tokens on the console's forms only (the API is bearer-token and needs none). The secret
+    is per process: after a restart a form is reloaded once."""
+    return CSRFConfig(secret=secrets.token_hex(32), cookie_name="edgefleet_csrf", cookie_path=PREFIX,
+                      cookie_samesite="strict", cookie_secure=secure,
+                      exclude=["^/$", "^/(api|schema|healthz|metrics)(/|$)"])
+
