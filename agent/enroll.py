@@ -220,16 +220,35 @@ def _agent_version() -> str:
     return __version__
 
 
+class _Redirected(Exception):
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.target = target
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """An enrolment is never redirected: the provisioning token goes to the address the operator named only."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        raise _Redirected(newurl[:200])
+
+
 def _post(base: str, token: str, context: ssl.SSLContext | None, timeout: float, body: dict[str, Any], *,
           ca_given: bool) -> Any:
     request = urllib.request.Request(
         f"{base}/api/v1/enroll", method="POST",
         data=json.dumps({k: v for k, v in body.items() if v is not None}).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json",
-                 "Accept": "application/json"})
+        headers={"Content-Type": "application/json", "Accept": "application/json"})
+    request.add_unredirected_header("Authorization", f"Bearer {token}")
+    opener = urllib.request.build_opener(_RefuseRedirects(), urllib.request.HTTPSHandler(context=context))
     try:
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+        with opener.open(request, timeout=timeout) as response:
             payload = response.read(_MAX_RESPONSE + 1)
+    except _Redirected as exc:
+        raise EnrollError(f"the control plane at {base} redirects the enrolment to {exc.target}: enrol with "
+                          "--controlplane naming the final address (a redirect is never followed: it would "
+                          "carry the token elsewhere, and turn the POST into a GET)") from None
     except urllib.error.HTTPError as exc:
         detail = _detail(exc)
         raise EnrollError(f"the control plane refused the enrolment ({exc.code}): {detail}") from None

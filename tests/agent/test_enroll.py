@@ -313,3 +313,53 @@ def tls_connect(port: int, data_dir: Path, *, with_certificate: bool) -> int:
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_a_redirect_is_refused_and_the_token_goes_nowhere_else(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a "control plane" that redirects the enrolment to another server, which records what it gets
+    import http.server
+
+    seen: list[dict[str, str]] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(dict(self.headers))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_POST = do_GET
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    elsewhere = http.server.HTTPServer(("127.0.0.1", 0), Elsewhere)
+    target = f"http://127.0.0.1:{elsewhere.server_address[1]}/steal"
+
+    class Redirecting(Elsewhere):
+        def do_POST(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.end_headers()
+
+    redirecting = http.server.HTTPServer(("127.0.0.1", 0), Redirecting)
+    servers = [elsewhere, redirecting]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    try:
+        # Execute
+        code = agent_enroll_cli("--controlplane", f"http://127.0.0.1:{redirecting.server_address[1]}",
+                                "--token", "ef_prov_secret", "--device-id", "pi-0100",
+                                "--data-dir", str(tmp_path / "d"))
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    # Assert
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "redirects the enrolment to" in err and target in err
+    assert seen == []  # neither the token nor anything else reached the redirect target
+    assert not (tmp_path / "d").exists()
