@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import os
 import random
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -24,7 +26,9 @@ from agent import __version__, _deploy, trust
 from agent import protocol as wire
 from agent._active_model import ActiveModel
 from agent._errors import ConfigError
+from agent._logring import LogRing, LogsArgsError, logs_result, parse_logs_args
 from agent._outbox import Outbox
+from agent._restart import ACK_WAIT_S, RestartLog, refusal
 from agent._settings import AgentSettings
 from agent._telemetry import PowerSensor, SystemSensor
 from agent.commands import CommandContext, CommandHandler
@@ -63,9 +67,13 @@ class Agent:
     It owns the MQTT connection, the outbox, telemetry, configuration and command dispatch; the model it runs is
     :attr:`models`' (an :class:`agent._active_model.ActiveModel`), its part in federated rounds :attr:`rounds`'.
     Long-running command handlers see it as a :class:`agent.commands.CommandContext`.
+
+    ``log_ring``: the process's recent log (attached to logging by the entry point), which the ``logs`` command
+    answers from; without one, ``logs`` is acked as an error. After a ``restart`` command, :meth:`run` returns with
+    :attr:`restart_requested` set, and the entry point exits or re-executes (agent._restart).
     """
 
-    def __init__(self, settings: AgentSettings) -> None:
+    def __init__(self, settings: AgentSettings, *, log_ring: LogRing | None = None) -> None:
         wire.validate_device_id(settings.device_id)
         self.settings = settings
         self.device_id = settings.device_id
@@ -87,6 +95,15 @@ class Agent:
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id
         self._last_sent_id = 0
         self._seen_commands: OrderedDict[str, wire.Ack] = OrderedDict()
+        self._log_ring = log_ring
+        self._started = time.monotonic()
+        # Restarts already executed, from before this process: a redelivered one gets its first ack, nothing more.
+        self._restarts = RestartLog(settings.data_dir / "restart.json")
+        for ack in self._restarts.acks():
+            self._seen_commands[ack.command_id] = ack
+        self.restart_requested = False
+        self._restart_ack_entry: int | None = None
+        self._restart_deadline = 0.0
         self._running_commands: set[str] = set()
         self._command_threads: set[threading.Thread] = set()
         self.connects = 0
@@ -149,6 +166,10 @@ class Agent:
         try:
             while not self._stop.is_set():
                 notifier.watchdog_if_due()
+                if self.restart_requested and self._restart_ack_sent():
+                    self._log.info("agent.restarting", mode=str(self.settings.restart_mode))
+                    self._stop.set()
+                    break
                 now = time.monotonic()
                 if now >= next_telemetry:
                     self._enqueue_telemetry()
@@ -174,6 +195,11 @@ class Agent:
         finally:
             notifier.stopping()
             self._shutdown()
+
+    def _restart_ack_sent(self) -> bool:
+        """Whether the restart's ack reached the broker (or waited long enough: it stays in the outbox)."""
+        entry = self._restart_ack_entry
+        return not entry or not self.outbox.has(entry) or time.monotonic() >= self._restart_deadline
 
     def _shutdown(self) -> None:
         self.set_state(LifecycleState.STOPPING)
@@ -357,7 +383,13 @@ class Agent:
             return  # still working on it; its ack comes when it is done
         handler = self._long_running.get(command.kind)
         if handler is None:
-            self._remember(self.handle_command(command))
+            ack = self.handle_command(command)
+            entry = self._remember(ack)
+            if command.kind == wire.CommandKind.RESTART and ack.ok:
+                # Stop once the broker has the ack (PUBACK), at most ACK_WAIT_S from now: see run().
+                self.restart_requested = True
+                self._restart_ack_entry = entry
+                self._restart_deadline = time.monotonic() + ACK_WAIT_S
             return
         # Downloads and rounds take minutes: run them beside the loop (which must keep the connection alive).
         self._running_commands.add(command.command_id)
@@ -379,14 +411,15 @@ class Agent:
                                 result=result, ts=time.time()))
         self._running_commands.discard(command.command_id)
 
-    def _remember(self, ack: wire.Ack) -> None:
+    def _remember(self, ack: wire.Ack) -> int:
         self._seen_commands[ack.command_id] = ack
         while len(self._seen_commands) > 256:
             self._seen_commands.popitem(last=False)
-        self._send_ack(ack)
+        return self._send_ack(ack)
 
-    def _send_ack(self, ack: wire.Ack) -> None:
-        self.outbox.put(wire.topic(self.device_id, wire.Channel.ACK), wire.encode(ack))
+    def _send_ack(self, ack: wire.Ack) -> int:
+        """Queue the ack; its outbox id (0: refused by the contract, never sent)."""
+        return self.outbox.put(wire.topic(self.device_id, wire.Channel.ACK), wire.encode(ack))
 
     def handle_command(self, command: wire.Command) -> wire.Ack:
         """Quick commands, answered inside the loop."""
@@ -413,7 +446,29 @@ class Agent:
         if command.kind in trust.CA_COMMANDS:
             ok, reason, result = trust.handle_ca_command(self, command)
             return ack(ok, reason, **result)
+        if command.kind == wire.CommandKind.LOGS:
+            if self._log_ring is None:
+                return ack(False, "this agent keeps no log in memory (started without a log ring)")
+            try:
+                lines = parse_logs_args(command.args)
+            except LogsArgsError as exc:
+                return ack(False, str(exc))
+            return ack(True, **logs_result(self._log_ring, lines))
+        if command.kind == wire.CommandKind.RESTART:
+            return self._restart(command, ack)
         return ack(False, f"unknown command kind {command.kind!r}")
+
+    def _restart(self, command: wire.Command, ack: Callable[..., wire.Ack]) -> wire.Ack:
+        """Accept or refuse a restart; an accepted one is recorded before it is acked (it runs at most once)."""
+        if self.restart_requested:
+            return ack(False, "a restart is already under way")
+        why = refusal(command, time.time(), self._restarts.last)
+        if why is not None:
+            return ack(False, why)
+        accepted: wire.Ack = ack(True, restarting=True, mode=str(self.settings.restart_mode), pid=os.getpid(),
+                                 uptime_s=round(time.monotonic() - self._started, 1))
+        self._restarts.record(accepted)
+        return accepted
 
     # -- configuration ---------------------------------------------------------------------------------------
     def _load_config(self) -> dict[str, Any]:

@@ -140,6 +140,11 @@ class Outbox:
             if row is not None:
                 self._bytes -= int(row[0])
 
+    def has(self, entry_id: int) -> bool:
+        """Whether that message still waits for the broker's acknowledgement."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM outbox WHERE id = ?", (entry_id,)).fetchone() is not None
+
     @property
     def pending(self) -> int:
         with self._lock:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent._restart import RestartMode
 from agent._telemetry import PowerMode
 from agent.mqtt import BrokerAddress
 from firmware_profiles import Profile
@@ -72,4 +73,6 @@ class AgentSettings:
     session_expiry_s: int = 7 * 24 * 3600  # how long the broker keeps commands for an offline device
     download: DownloadPolicy = field(default_factory=DownloadPolicy)  # model downloads (deploy_model)
     watchdog: WatchdogPolicy = field(default_factory=WatchdogPolicy)  # a freshly activated model
+    # How a `restart` command brings the agent back (agent._restart): resolved from AUTO by the entry point.
+    restart_mode: RestartMode = RestartMode.EXEC
     extra: dict[str, Any] = field(default_factory=dict)

@@ -78,6 +78,11 @@ def _parser(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[s
                           "[EDGEFLEET_SUPERLINK_HOST; default: the --controlplane host, else the broker's]")
     run.add_argument("--outbox-max-mb", type=float, default=16.0, help="outbox bound in MiB, oldest dropped first")
     run.add_argument("--log-level", default=env("EDGEFLEET_LOG_LEVEL", "info"), help="[EDGEFLEET_LOG_LEVEL]")
+    run.add_argument("--on-restart", choices=["auto", "exit", "exec"], default=env("EDGEFLEET_AGENT_RESTART", "auto"),
+                     help="what a `restart` command does after its ack: exit with code 75 for the supervisor to "
+                          "start the agent again (systemd's Restart=on-failure, a container's restart policy), exec "
+                          "the same command line again, or auto: exit under systemd ($NOTIFY_SOCKET), else exec "
+                          "[EDGEFLEET_AGENT_RESTART; default auto]")
     plugged: dict[str, Any] = {}
     for name, module_name in _PLUGGED:
         if command == "run" or importlib.util.find_spec(module_name) is None:
@@ -138,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tls-cert and --tls-key go together")
     try:
         from agent._daemon import Agent
+        from agent._logring import LogRing
+        from agent._restart import RestartMode, resolve_mode
         from agent._settings import AgentSettings, DownloadPolicy
         from agent._telemetry import PowerMode
         from agent.logsetup import configure_logging
@@ -171,10 +178,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(2, f"error: {exc}\n")
     elif args.tls_cert is not None:
         parser.exit(2, f"error: --tls-cert needs an mqtts:// broker (got {address.url})\n")
-    configure_logging(args.log_level, structlog=False)  # the device process never imports structlog
+    if args.on_restart not in ("auto", "exit", "exec"):  # from the variable: argparse checks only the flag
+        parser.exit(2, f"error: EDGEFLEET_AGENT_RESTART must be auto, exit or exec, got {args.on_restart!r}\n")
     # With a client certificate the broker takes the identity from it (CN = device id): no password.
     address = address.with_credentials(args.username or address.username or args.device_id,
                                        password or address.password)
+    # The newest log entries, redacted, for the `logs` command; the broker password is redacted wherever it appears.
+    ring = LogRing()
+    ring.add_secret(address.password)
+    configure_logging(args.log_level, structlog=False, ring=ring)  # the device process never imports structlog
     settings = AgentSettings(
         device_id=args.device_id, profile=profile, broker=address, data_dir=args.data_dir,
         controlplane_url=args.controlplane, task=args.task, telemetry_interval_s=args.telemetry_interval,
@@ -182,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         data_path=args.data, train_data_path=Path(args.train_data) if args.train_data else None,
         superlink_host=args.superlink_host, outbox_max_bytes=int(args.outbox_max_mb * 2**20), signing_key=signing_key,
         ca_file=args.ca_file, supernode_auth_key_file=auth_key_file, download=DownloadPolicy(ca_file=ca_file),
+        restart_mode=resolve_mode(RestartMode(args.on_restart), os.environ),
     )
     try:
-        agent = Agent(settings)
+        agent = Agent(settings, log_ring=ring)
     except (ValueError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
@@ -192,7 +205,28 @@ def main(argv: list[str] | None = None) -> int:
     from agent.sdnotify import Notifier
 
     agent.run(Notifier.from_env(os.environ))  # systemd's notify socket, when run by the installed unit
+    if agent.restart_requested:
+        return _restart(settings.restart_mode)
     return 0
+
+
+def _restart(mode: Any) -> int:
+    """After a `restart` command (agent._restart): the exit code for the supervisor, or this process replaced by
+    the same command line."""
+    from agent._restart import RESTART_EXIT_CODE, RestartMode
+    from agent.logsetup import get_logger
+
+    log = get_logger("edgefleet.agent")
+    if mode is RestartMode.EXEC:
+        argv = [sys.executable, *sys.orig_argv[1:]]
+        log.info("agent.reexec", argv0=argv[0])
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        try:
+            os.execv(sys.executable, argv)
+        except OSError as exc:  # e.g. the interpreter was replaced by an upgrade: let a supervisor try
+            log.error("agent.reexec_failed", error=str(exc), exit_code=RESTART_EXIT_CODE)
+    return RESTART_EXIT_CODE
 
 
 def _str(path: Path | None) -> str | None:

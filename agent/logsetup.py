@@ -88,11 +88,14 @@ class _EventFormatter(logging.Formatter):
         return text + (f"\n{exception}" if exception else "")
 
 
-def configure_logging(level: str = "info", *, json: bool | None = None, structlog: bool = True) -> None:
+def configure_logging(level: str = "info", *, json: bool | None = None, structlog: bool = True,
+                      ring: logging.Handler | None = None) -> None:
     """Send EdgeFleet's events at ``level`` and up, and other libraries' warnings, to stderr.
 
     ``json``: JSON lines (default: when stderr is not a TTY). ``structlog``: also configure structlog, which the
-    control plane logs with (the agent's entry point passes False and so never imports it).
+    control plane logs with (the agent's entry point passes False and so never imports it). ``ring``: a second
+    handler that gets the same events (the agent's :class:`agent._logring.LogRing`, which the ``logs`` command
+    reads).
     """
     if json is None:
         json = not sys.stderr.isatty()
@@ -105,6 +108,8 @@ def configure_logging(level: str = "info", *, json: bool | None = None, structlo
     for old in [h for h in root.handlers if isinstance(h.formatter, _EventFormatter)]:
         root.removeHandler(old)
     root.addHandler(handler)
+    if ring is not None:
+        root.addHandler(ring)
     root.setLevel(max(numeric, logging.WARNING))  # third-party libraries: warnings and up
     logging.getLogger("edgefleet").setLevel(numeric)
     if structlog:

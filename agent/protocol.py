@@ -34,6 +34,8 @@ import msgspec
 
 __all__ = [
     "INT64_MAX",
+    "LOGS_DEFAULT_LINES",
+    "LOGS_MAX_LINES",
     "MAX_FREEFORM_DEPTH",
     "MAX_PAYLOAD_BYTES",
     "PROTOCOL_VERSION",
@@ -68,6 +70,10 @@ SUPPORTED_PROTOCOL_VERSIONS: Final = frozenset({1})
 TOPIC_PREFIX: Final = "edgefleet/v1/devices"
 # Larger messages are dead-lettered as oversized by the control plane; agents never produce them.
 MAX_PAYLOAD_BYTES: Final = 64 * 1024
+
+# The `logs` command's "lines" argument (both sides check it): an Ack result's lists hold at most 256 entries.
+LOGS_DEFAULT_LINES: Final = 100
+LOGS_MAX_LINES: Final = 200
 
 INT64_MAX: Final = 2**63 - 1
 MAX_FREEFORM_DEPTH: Final = 6
@@ -116,6 +122,15 @@ class CommandKind(enum.StrEnum):
     # args {"renewal": N, "certificate": PEM}: the certificate for that CSR's key, issued by a CA of the device's
     # CA file; written with its key atomically, used from the next connection.
     INSTALL_CERTIFICATE = "install_certificate"
+    # args {"lines": 1..200, default 100}: the agent's newest log entries, redacted (agent._logring); result
+    # {"lines": [oldest, ..., newest], "requested", "available", "truncated", "dropped"}: "truncated" when the
+    # payload bound left out older entries that were asked for.
+    LOGS = "logs"
+    # args {}: the agent acks, stops cleanly and comes back (exits 75 for systemd, or re-executes itself:
+    # agent._restart); result {"restarting": true, "mode": "exit" | "exec", "pid", "uptime_s"}. Refused when the
+    # command is more than 60 s old or the last restart was less than 15 s ago; a redelivered restart is answered
+    # with its first ack and not executed again.
+    RESTART = "restart"
 
 
 def validate_device_id(device_id: str) -> str:

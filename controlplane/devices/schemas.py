@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from agent import protocol as wire
 from controlplane._bounds import NAME_PATTERN
 from controlplane.statuses import CommandStatus
 
@@ -75,10 +76,29 @@ class TelemetryRead(msgspec.Struct):
 
 class CommandCreate(msgspec.Struct, forbid_unknown_fields=True):
     kind: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$", max_length=64)]
-    # Any JSON object: its size and depth are bounded by the API's body limits (controlplane._http).
-    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Any JSON object: its size and depth are bounded by the API's body limits (controlplane._http). The kinds
+    # whose arguments the control plane knows are checked here too (_check_args), the device checks them again.
+    args: Annotated[dict[str, Any], msgspec.Meta(
+        description=f"The command's arguments. logs: {{\"lines\": 1..{wire.LOGS_MAX_LINES}}} (default "
+                    f"{wire.LOGS_DEFAULT_LINES}); restart: {{}}.")] = msgspec.field(default_factory=dict)
     # How long the request waits for the device's ack; 0 returns at once with status "pending".
     wait_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 10.0
+
+    def __post_init__(self) -> None:
+        _check_args(self.kind, self.args)
+
+
+def _check_args(kind: str, args: dict[str, Any]) -> None:
+    """Refuse (ValueError: a 400 with the reason) arguments a known command kind would refuse on the device."""
+    if kind == wire.CommandKind.LOGS:
+        unknown = sorted(set(args) - {"lines"})
+        if unknown:
+            raise ValueError(f"logs takes only 'lines'; unknown argument(s): {', '.join(unknown)}"[:256])
+        lines = args.get("lines", wire.LOGS_DEFAULT_LINES)
+        if isinstance(lines, bool) or not isinstance(lines, int) or not 1 <= lines <= wire.LOGS_MAX_LINES:
+            raise ValueError(f"logs: 'lines' must be an integer in 1..{wire.LOGS_MAX_LINES}, got {lines!r}"[:256])
+    elif kind == wire.CommandKind.RESTART and args:
+        raise ValueError(f"restart takes no arguments, got {', '.join(sorted(args))}"[:256])
 
 
 class CommandRead(msgspec.Struct):
