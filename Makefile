@@ -13,7 +13,7 @@ export EDGEFLEET_TFLITE_PYTHON ?= $(abspath $(TFLITE_VENV))/bin/python
 
 LINT_PATHS := agent controlplane federated firmware_profiles tests bench
 
-.PHONY: demo test test-fast bench lint typecheck clean venv venv-tflite dist
+.PHONY: demo demo-serve test test-fast bench lint typecheck clean venv venv-tflite dist
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,13 @@ $(TFLITE_VENV)/.installed: pyproject.toml
 
 venv-tflite: $(TFLITE_VENV)/.installed
 
+# `make demo` ends by printing the console's URL; `make demo-serve` (or `make demo ARGS=--serve`) keeps the control
+# plane, its web console and the agents up until Ctrl-C. ARGS passes any other option: `make demo ARGS="--agents 6"`.
 demo: $(VENV)/.installed-all
-	$(BIN)/edgefleet demo
+	$(BIN)/edgefleet demo $(ARGS)
+
+demo-serve: $(VENV)/.installed-all
+	$(BIN)/edgefleet demo --serve $(ARGS)
 
 # The whole suite (what CI runs): lint and types first (fast), then every test.
 test: $(VENV)/.installed-$(EXTRAS) $(TFLITE_VENV)/.installed

@@ -18,6 +18,9 @@ import uvicorn
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.broker import free_port
+from controlplane.cli._common import Progress, summarize_skipped
+from controlplane.cli.deployments import deployment_progress
+from controlplane.cli.rounds import round_progress
 from controlplane.settings import Settings
 from controlplane.statuses import DeploymentStatus, RoundStatus
 from controlplane.wiring import Fleet
@@ -35,7 +38,10 @@ class _Server:
     """uvicorn in a thread, for the demo only."""
 
     def __init__(self, app: Any, port: int) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        # log_config=None: uvicorn's loggers go through the root handler (JSON lines in the demo's log file) instead
+        # of handlers of its own that print plain text on stderr
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    log_config=None))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> Self:
@@ -58,11 +64,14 @@ def _say(text: str) -> None:
 
 def run_demo(*, agents: int = 4, duration_s: float = 20.0, broker_url: str | None = None,
              data_dir: Path | None = None, rounds: int = 3, alpha: float = 0.5, strategy: str = "fedavg",
-             learn: bool | None = None, burst: str | None = None) -> dict[str, Any]:
+             learn: bool | None = None, burst: str | None = None, port: int = 0, serve: bool = False,
+             stop: threading.Event | None = None, log_path: Path | None = None) -> dict[str, Any]:
     """The whole loop: fleet up → scheduled federated rounds → build, gate, sign → rollout → on-device inference.
 
     `learn=False` (or no flwr installed) runs the fleet part only: enrol, telemetry, commands. `burst` ("qat",
     "finetune", "distill") attaches that burst job to the round: it runs on the federated result before the build.
+    `port`: the HTTP port of the API and console (0: a free one). `serve`: after the summary, keep the control plane,
+    the console and the agents up until `stop` is set (or Ctrl-C). `log_path`: where the logs went (printed).
     """
     _quiet_ml_logs()
     if learn is None:
@@ -79,14 +88,17 @@ def run_demo(*, agents: int = 4, duration_s: float = 20.0, broker_url: str | Non
     procs: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
     _say(f"[demo] data dir {data_dir}")
+    if log_path is not None:
+        _say(f"[demo] logs (JSON lines; the ML libraries' output too): {log_path}")
     try:
         fleet.start()
         _say(f"[demo] control plane up: broker {fleet.broker.url} ({'embedded' if fleet.embedded else 'external'}),"
              f" database {fleet.settings.database_url}")
         _, token = create_token(fleet.engine, Role.ADMIN, "demo")
-        port = free_port()
+        port = port or free_port()
         with _Server(create_app(fleet=fleet), port):
             url = f"http://127.0.0.1:{port}"
+            _say(f"[demo] API and console on {url}/")
             api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
             partitions = _write_partitions(data_dir, agents, alpha) if learn else {}
             procs = _start_agents(api, agents, data_dir, url, partitions)
@@ -97,16 +109,43 @@ def run_demo(*, agents: int = 4, duration_s: float = 20.0, broker_url: str | Non
                 _say(f"[demo] on-device inference with the new model for {duration_s:.0f} s")
                 time.sleep(duration_s)
             summary["devices"] = _fleet_table(api, summary.get("model_version"))
-            _stop_agents(procs)
+            if not serve:
+                _stop_agents(procs)
             summary["ingest"] = api.get("/api/v1/ingest/stats").json()
             summary["wall_time_s"] = round(time.monotonic() - started, 1)
+            summary["url"] = f"{url}/"
             _print_table(summary)
+            _say("")
+            if serve:
+                _serve_until_stopped(url, token, stop or threading.Event())
+            else:
+                _say(f"console: {url}/ (served while the demo ran; `edgefleet demo --serve` keeps it up)")
             return summary
     finally:
         _stop_agents(procs)
         fleet.stop()
         if tmp is not None:
             tmp.cleanup()
+
+
+def _serve_until_stopped(url: str, token: str, stop: threading.Event) -> None:
+    """Say where the console is and how to log in, then wait for Ctrl-C (SIGINT) or SIGTERM (or `stop`)."""
+    _say(f"console: {url}/  (log in with the demo's admin token below; the agents keep running)")
+    _say(f"token:   {token}")
+    _say(f"CLI:     EDGEFLEET_URL={url} EDGEFLEET_TOKEN=<the token> edgefleet status")
+    _say("serving until Ctrl-C")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    _say("[demo] stopping: agents, console, control plane")
 
 
 def _quiet_ml_logs() -> None:
@@ -199,19 +238,26 @@ def _learn(api: httpx.Client, fleet: Fleet, *, rounds: int, strategy: str,
     step = f", then a {burst} burst job" if burst else ""
     _say(f"[demo] schedule 'demo-nightly' created: {rounds} round(s) of {strategy}{step}, then build and roll out")
     record: dict[str, Any] = {}
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 400:
+    progress = Progress("[demo] round")
+    while progress.elapsed() < 400:
         listed = api.get("/api/v1/rounds").json()
         if listed:
             record = listed[0]
+            progress.label = f"[demo] round #{record['id']}"
             if RoundStatus(record["status"]).finished:
                 break
-            _say(f"[demo] round {record['id']}: {record['status']}, invited {record['invited']} "
-                 f"(t={time.monotonic() - t0:.0f}s)")
-        time.sleep(5)
+            progress.update(round_progress(record))
+        else:
+            progress.update("waiting for the schedule to fire")
+        time.sleep(2)
+    progress.done(round_progress(record) if record else "the schedule did not fire")
     out["round_record"] = record
-    for device_id, why in sorted(record.get("skipped", {}).items()):
-        _say(f"[demo]   not invited: {device_id}: {why}")
+    skipped = record.get("skipped", {})
+    if skipped:
+        _say(f"[demo] not invited or dropped: {len(skipped)} of {len(skipped) + len(record.get('participants', []))}"
+             f" device(s), by reason:")
+        for line in summarize_skipped(skipped):
+            _say(f"[demo] {line}")
     out["rounds"] = [{"round": m["round"], "accuracy": m.get("accuracy"), "loss": m.get("loss"),
                       "participants": m.get("participants", [])} for m in record.get("metrics", []) if m["round"] > 0]
     for r in out["rounds"]:
@@ -239,16 +285,20 @@ def _learn(api: httpx.Client, fleet: Fleet, *, rounds: int, strategy: str,
         state = "published" if v["published"] else f"rejected: {v['reason']}"
         _say(f"[demo]   {version} {v['variant']:<12} {v['size_bytes'] or 0:>7} B  accuracy {v['accuracy']}  {state}")
     deployment: dict[str, Any] = {}
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 180:
+    progress = Progress("[demo] rollout")
+    while progress.elapsed() < 180:
         deployments = api.get("/api/v1/deployments").json()
         if deployments:
             deployment = deployments[0]
+            progress.label = f"[demo] rollout #{deployment['id']} of {version}"
             if deployment["status"] != DeploymentStatus.RUNNING:
                 break
+            progress.update(deployment_progress(deployment))
+        else:
+            progress.update("waiting for the rollout to start")
         time.sleep(2)
     out["deployment"] = deployment
-    _say(f"[demo] rollout {deployment.get('id')}: {deployment.get('status')} {deployment.get('counts')}")
+    progress.done(deployment_progress(deployment) if deployment else "no rollout started")
     sizes = {v["variant"]: v for v in model["variants"]}
     profiles = {d["device_id"]: d["profile"] for d in api.get("/api/v1/devices").json()}
     variants = {}

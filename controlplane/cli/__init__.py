@@ -18,6 +18,7 @@ from controlplane.cli import (
     provisioning,
     rounds,
     serve,
+    status,
     tasks,
     tokens,
 )
@@ -41,6 +42,7 @@ app.add_typer(tasks.app, name="tasks")
 app.command("agent", context_settings=serve.AGENT_CONTEXT, help="The device agent: `edgefleet agent run --help`.")(
     serve.agent_cmd)
 app.command("demo")(demo.demo)
+app.command("status")(status.status)
 
 
 def main() -> None:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -24,16 +29,70 @@ def demo(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary as JSON.")] = None,
     broker: Annotated[str | None, typer.Option(help="Use this broker instead of the embedded one.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Demo state (default: a temporary directory).")] = None,
+    serve: Annotated[bool, typer.Option(
+        help="After the summary, keep the control plane, its web console and the agents up until Ctrl-C.")] = False,
+    port: Annotated[int, typer.Option(help="HTTP port of the API and console (0: a free port).", min=0,
+                                      max=65535)] = 0,
+    log_file: Annotated[Path | None, typer.Option(
+        help="Where the logs go: the control plane's JSON events and the ML libraries' output "
+             "(default: DATA_DIR/demo.log, or a new edgefleet-demo-*.log in the temporary directory).")] = None,
 ) -> None:
     """The whole loop on this machine: control plane, broker, N agents, scheduled federated rounds, build, signed
-    rollout, on-device inference; prints the summary."""
-    from agent.logsetup import configure_logging
-    from controlplane.demo import run_demo
+    rollout, on-device inference; prints the summary and the console's URL (--serve: keeps serving it)."""
+    # Before anything imports TensorFlow, LiteRT, torch or absl (here and in the processes the demo starts): their
+    # C++ logging reads these at load time.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if log_file is None:
+        if data_dir is not None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            log_file = data_dir / "demo.log"
+        else:  # outlives the temporary data dir, so it can be read after the demo
+            fd, name = tempfile.mkstemp(prefix="edgefleet-demo-", suffix=".log")
+            os.close(fd)
+            log_file = Path(name)
+    with stderr_to(log_file):
+        from agent.logsetup import configure_logging
+        from controlplane.demo import run_demo
 
-    configure_logging("warning")
-    summary = run_demo(agents=agents, duration_s=duration, broker_url=broker, data_dir=data_dir, rounds=rounds,
-                       alpha=alpha, strategy=strategy.value, learn=None if learn else False,
-                       burst=None if burst is None else burst.value)
+        # stderr is the log file now: JSON lines, one per event, the control plane's at info and up
+        configure_logging("info", json=True)
+        summary = run_demo(agents=agents, duration_s=duration, broker_url=broker, data_dir=data_dir, rounds=rounds,
+                           alpha=alpha, strategy=strategy.value, learn=None if learn else False,
+                           burst=None if burst is None else burst.value, port=port, serve=serve, log_path=log_file)
     if json_path is not None:
         json_path.write_text(json.dumps(summary, indent=2))
         typer.echo(f"summary written to {json_path}")
+
+
+@contextmanager
+def stderr_to(path: Path) -> Iterator[None]:
+    """Point file descriptor 2 at ``path`` (appending) for the block, then back at the terminal.
+
+    At the descriptor, not just ``sys.stderr``: TensorFlow/LiteRT, absl, oneDNN and XNNPACK write from C++, and the
+    processes the demo starts inherit it. What the demo has to say goes to stdout; an error after the block (or a
+    traceback) reaches the terminal again.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+    import logging
+
+    logging.captureWarnings(True)  # warnings.warn() as log records: JSON lines too
+    # and sys.stderr onto descriptor 2 (it may have been replaced, e.g. by a test's capture)
+    # Not closed after: loggers configured in the block keep it, and write to the terminal again once fd 2 is back.
+    previous, sys.stderr = sys.stderr, open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = previous
+        os.dup2(saved, 2)
+        os.close(saved)
+        logging.captureWarnings(False)

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from controlplane.cli._common import TokenOpt, UrlOpt, api, call, fail
+from controlplane.cli._common import Progress, TokenOpt, UrlOpt, api, call, fail
+from controlplane.statuses import DeploymentStatus, TargetStatus
 
 app = typer.Typer(no_args_is_help=True, help="Rollouts of model versions to devices via the API.")
 
@@ -20,6 +21,17 @@ def _line(d: dict[str, Any]) -> str:
     flags = (" rollback" if d.get("rollback") else "") + (
         f" (of #{d['rollback_of']})" if d.get("rollback_of") is not None else "")
     return f"#{d['id']:<4} {d['status']:<10} {d['model_version']:<24} release {d['release']:<4}{flags}  {counts}"
+
+
+def deployment_progress(d: dict[str, Any]) -> str:
+    """A rollout's progress as the API reports it: status, wave, devices done of all, counts by status."""
+    counts: dict[str, int] = d.get("counts") or {}
+    total = sum(counts.values())
+    unfinished = sum(n for status, n in counts.items() if status in {s.value for s in TargetStatus if s.unfinished})
+    waves = d.get("waves") or [100]
+    by_status = ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
+    return (f"{d['status']}: wave {d.get('current_wave', 0) + 1}/{len(waves)}, {total - unfinished}/{total} devices "
+            f"done" + (f" ({by_status})" if by_status else ""))
 
 
 def _table(d: dict[str, Any]) -> str:
@@ -60,6 +72,8 @@ def deployments_create(
     deadline: Annotated[float | None, typer.Option(
         help="Seconds from now; devices that have not answered by then become timed_out.")] = None,
     rollback: Annotated[bool, typer.Option(help="Allow a lower release (signed as a rollback).")] = False,
+    wait: Annotated[bool, typer.Option(help="Follow the rollout with a progress line until it is no longer "
+                                            "running.")] = False,
     as_json: JsonOpt = False,
     url: UrlOpt = _URL,
     token: TokenOpt = "",
@@ -77,7 +91,28 @@ def deployments_create(
         "targets": {"device_ids": device or [], "tags": tag or [], "profiles": profile or [], "all": all_devices}}
     if deadline is not None:
         body["deadline_s"] = deadline
-    _print(call(api(url, token).post("/api/v1/deployments", json=body)), as_json, full=True)
+    client = api(url, token)
+    created = call(client.post("/api/v1/deployments", json=body))
+    if wait:
+        created = _follow(client, created, as_json)
+    _print(created, as_json, full=True)
+    if wait and created["status"] != DeploymentStatus.SUCCEEDED:
+        raise typer.Exit(1)
+
+
+def _follow(client: Any, d: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """Poll the rollout until it is no longer running (paused, succeeded, failed, ...); progress on stderr when
+    --json keeps stdout for the document."""
+    import sys
+    import time
+
+    progress = Progress(f"deployment #{d['id']}", stream=sys.stderr if as_json else None)
+    while d["status"] == DeploymentStatus.RUNNING:
+        progress.update(deployment_progress(d))
+        time.sleep(2)
+        d = call(client.get(f"/api/v1/deployments/{d['id']}"))
+    progress.done(deployment_progress(d))
+    return d
 
 
 @app.command("list")

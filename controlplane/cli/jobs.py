@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from controlplane.burst.placement import Placement
-from controlplane.cli._common import TokenOpt, UrlOpt, api, call
+from controlplane.cli._common import Progress, TokenOpt, UrlOpt, api, call
 from controlplane.statuses import JobStatus
 from federated.burst.spec import JobKind
 
@@ -38,7 +38,7 @@ def jobs_submit(
     time_budget: Annotated[float, typer.Option(help="Seconds.")] = 600.0,
     placement: Annotated[Placement, typer.Option()] = Placement.AUTO,
     deploy: Annotated[bool, typer.Option(help="Roll the resulting model out.")] = False,
-    wait: Annotated[bool, typer.Option(help="Follow the job with a progress bar until it ends.")] = True,
+    wait: Annotated[bool, typer.Option(help="Follow the job with a progress line until it ends.")] = True,
     url: UrlOpt = "http://127.0.0.1:8080",
     token: TokenOpt = "",
 ) -> None:
@@ -53,22 +53,28 @@ def jobs_submit(
         _follow(client, job["id"], epochs)
 
 
+def job_progress(job: dict[str, Any], epochs: int) -> str:
+    """A job's status as the API reports it: status, epoch of epochs, loss."""
+    progress = job.get("progress") or {}
+    text = f"{job['status']} on {job['placement']}"
+    if progress:
+        text += f", epoch {progress.get('epoch', 0)}/{epochs}"
+        if isinstance(progress.get("loss"), int | float):
+            text += f", loss {progress['loss']:.4f}"
+    return text
+
+
 def _follow(client: Any, job_id: int, epochs: int) -> None:
     import time
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
-                  TimeElapsedColumn()) as bar:
-        handle = bar.add_task(f"job #{job_id}", total=epochs)
-        while True:
-            job = call(client.get(f"/api/v1/jobs/{job_id}"))
-            progress = job.get("progress") or {}
-            bar.update(handle, completed=int(progress.get("epoch", 0)),
-                       description=f"job #{job_id} {job['status']} loss {progress.get('loss', '-')}")
-            if JobStatus(job["status"]).finished:
-                break
-            time.sleep(1)
+    progress = Progress(f"job #{job_id}")
+    while True:
+        job = call(client.get(f"/api/v1/jobs/{job_id}"))
+        if JobStatus(job["status"]).finished:
+            break
+        progress.update(job_progress(job, epochs))
+        time.sleep(1)
+    progress.done(job_progress(job, epochs))
     typer.echo(_job_line(job))
     if job.get("reason"):
         typer.echo(f"reason: {job['reason']}")

@@ -7,7 +7,16 @@ from typing import Annotated, Any
 
 import typer
 
-from controlplane.cli._common import TokenOpt, UrlOpt, api, call, fail
+from controlplane.cli._common import (
+    Progress,
+    TokenOpt,
+    UrlOpt,
+    api,
+    call,
+    fail,
+    summarize_ids,
+    summarize_skipped,
+)
 from controlplane.statuses import RoundStatus
 from federated.burst.spec import JobKind
 from federated.flower.config import Strategy
@@ -41,6 +50,22 @@ def _round_line(r: dict[str, Any]) -> str:
             + (f"  ({r['reason']})" if r.get("reason") else ""))
 
 
+def round_progress(r: dict[str, Any]) -> str:
+    """What a round is doing, from its record: invited, then the Flower rounds' results as they come, the build."""
+    done = [m for m in r.get("metrics") or [] if m.get("round", 0) > 0]
+    planned = (r.get("config") or {}).get("rounds", "?")
+    text = f"{r['status']}: invited {len(r['invited'])}"
+    if not done:
+        return text + (f", {planned} flower round(s), no results yet" if r["status"] == RoundStatus.RUNNING else "")
+    last = done[-1]
+    text += f", flower round {len(done)}/{planned}, took part {len(last.get('participants') or [])}"
+    if isinstance(last.get("accuracy"), float):
+        text += f", accuracy {last['accuracy']:.3f}"
+    if len(done) == planned and r["status"] == RoundStatus.RUNNING:
+        text += ", building"
+    return text
+
+
 TaskOpt = Annotated[str, typer.Option(help="A task the control plane registers by name.")]
 StrategyOpt = Annotated[Strategy, typer.Option(help="Flower strategy.")]
 EligibilityOpt = Annotated[str | None, typer.Option(
@@ -70,12 +95,18 @@ def rounds_start(
     r = call(client.post("/api/v1/rounds", json=_round_body(task, strategy, rounds, min_clients, max_clients,
                                                            local_epochs, eligibility, burst, build, deploy,
                                                            initial_model)))
-    typer.echo(f"round #{r['id']}: invited {', '.join(r['invited']) or 'nobody'}")
-    for device_id, why in sorted(r["skipped"].items()):
-        typer.echo(f"  not invited {device_id}: {why}")
-    while wait and not RoundStatus(r["status"]).finished:
-        time.sleep(2)
-        r = call(client.get(f"/api/v1/rounds/{r['id']}"))
+    typer.echo(f"round #{r['id']}: invited {summarize_ids(r['invited'])}")
+    if r["skipped"]:
+        typer.echo(f"not invited: {len(r['skipped'])}, by reason:")
+        for line in summarize_skipped(r["skipped"]):
+            typer.echo(line)
+    if wait:
+        progress = Progress(f"round #{r['id']}")
+        while not RoundStatus(r["status"]).finished:
+            progress.update(round_progress(r))
+            time.sleep(2)
+            r = call(client.get(f"/api/v1/rounds/{r['id']}"))
+        progress.done(round_progress(r))
     typer.echo(_round_line(r))
     if r["status"] == RoundStatus.FAILED:
         raise typer.Exit(1)
