@@ -11,15 +11,18 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlencode
 
 from litestar import Request, Response, Router, get
 from litestar.config.csrf import CSRFConfig
+from litestar.datastructures import ResponseHeader
 from litestar.exceptions import HTTPException
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
 from litestar.static_files import create_static_files_router
 from litestar.template import TemplateConfig
 
+from controlplane._errors import ControlPlaneError
 from controlplane.console import pages_fleet, pages_ops
 from controlplane.console._auth import PREFIX, LoginRequired
 
@@ -36,7 +39,7 @@ def root() -> Redirect:
 
 
 def _login_required(request: Request[Any, Any, Any], exc: LoginRequired) -> Response[Any]:
-    target = f"{PREFIX}/login?next={exc.next_path}"
+    target = f"{PREFIX}/login?{urlencode({'next': exc.next_path})}"  # the next path's own & stays inside it
     if request.headers.get("hx-request"):
         return Response(content=None, status_code=401, headers={"HX-Redirect": target})
     return Redirect(target)
@@ -50,13 +53,27 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
                     context={"status_code": exc.status_code, "detail": exc.detail, "user": request.scope.get("user")})
 
 
+def _service_error(request: Request[Any, Any, Any], exc: ControlPlaneError) -> Response[Any]:
+    """A service's refusal (404, 409, 400, 503 ...) as a console page, with the service's reason."""
+    return _http_error(request, HTTPException(status_code=exc.status_code, detail=str(exc) or type(exc).__name__))
+
+
+# Scripts and styles come from the console's own static files only: no inline script runs, whatever a device id,
+# tag or reason contains. (Style attributes set from JavaScript, as uPlot does, are not inline styles.)
+CSP: Final = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+              "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
 def console_router() -> Router:
     return Router(
         path=PREFIX,
         route_handlers=[*pages_fleet.HANDLERS, *pages_ops.HANDLERS,
                         create_static_files_router("/static", directories=[_HERE / "static"],
                                                    include_in_schema=False)],
-        exception_handlers={HTTPException: _http_error},
+        exception_handlers={HTTPException: _http_error, ControlPlaneError: _service_error},
+        response_headers=[ResponseHeader(name="Content-Security-Policy", value=CSP),
+                          ResponseHeader(name="X-Content-Type-Options", value="nosniff"),
+                          ResponseHeader(name="Referrer-Policy", value="same-origin")],
         include_in_schema=False,
     )
 
