@@ -12,7 +12,7 @@ from litestar import Litestar, Request, Response, get
 from litestar.di import Provide
 from litestar.logging import LoggingConfig
 from litestar.middleware.base import DefineMiddleware
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.static_files import create_static_files_router
@@ -20,6 +20,7 @@ from litestar.static_files import create_static_files_router
 from agent import __version__
 from controlplane._bounds import MAX_BODY_BYTES
 from controlplane._http import exception_handlers, limit_json_nesting
+from controlplane._openapi import ApiContract
 from controlplane.auth import Role
 from controlplane.auth._guards import BearerTokenMiddleware, requires
 from controlplane.burst.controller import JobController
@@ -29,6 +30,7 @@ from controlplane.deployments import DeploymentController, DeploymentService, Re
 from controlplane.devices import DeviceController, DeviceService
 from controlplane.ingest import read_stats
 from controlplane.keys import KeyController, KeyService
+from controlplane.metrics import AppMetrics, metrics_endpoint
 from controlplane.models import DownloadController, ModelController, ModelService
 from controlplane.provisioning import EnrollController, ProvisioningController, ProvisioningService
 from controlplane.rounds.controller import RoundController
@@ -43,7 +45,8 @@ _STATIC = Path(__file__).parent / "static"
 _OPENAPI_ASSETS = "/schema/assets"
 
 
-@get("/healthz", sync_to_thread=False, exclude_from_auth=True, tags=["ops"])
+@get("/healthz", sync_to_thread=False, exclude_from_auth=True, tags=["ops"],
+     responses={503: ResponseSpec(dict[str, Any], description="degraded: `ingest.reason` says why")})
 def healthz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     """`ok`, or 503 `degraded` while an ingest worker is dead, disconnected, failing to write or restarting for
     more than a few seconds (`ingest.reason` says which and why)."""
@@ -82,12 +85,14 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
     `uvicorn.run` never runs); else one is started and stopped with the app."""
     owns_fleet = fleet is None
     the_fleet = fleet or Fleet(settings or Settings.from_env())
+    metrics = AppMetrics(the_fleet)  # this app's own registry
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         if owns_fleet:
             await anyio.to_thread.run_sync(the_fleet.start)
         app.state.fleet = the_fleet
+        app.state.metrics = metrics
         app.state.engine = the_fleet.engine
         app.state.key_service = KeyService(the_fleet.engine, the_fleet.signer, the_fleet.publisher,
                                            pki=the_fleet.pki).start()
@@ -139,13 +144,19 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
                                 favicon=""),
         ],
         components=Components(
-            security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="API token")}
+            security_schemes={
+                "bearer": SecurityScheme(type="http", scheme="bearer", description="API token"),
+                "provisioning": SecurityScheme(type="http", scheme="bearer",
+                                               description="provisioning token (edgefleet provisioning create)"),
+                "download": SecurityScheme(type="http", scheme="bearer", description="a deployment's download "
+                                           "token, sent to the device in its deploy_model command"),
+            }
         ),
         security=[{"bearer": []}],
     )
     auth = DefineMiddleware(BearerTokenMiddleware, exclude=["^/schema", "^/healthz", *CONSOLE_PUBLIC])
     return Litestar(
-        route_handlers=[healthz, ingest_stats, signing_key, DeviceController, ModelController, DownloadController,
+        route_handlers=[healthz, metrics_endpoint, ingest_stats, signing_key, DeviceController, ModelController, DownloadController,
                         DeploymentController, ReleaseDownloadController, RoundController, ScheduleController, JobController,
                         ProvisioningController, EnrollController, KeyController,
                         # public like the /schema pages (the auth middleware excludes ^/schema)
@@ -164,9 +175,10 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
             "key_service": Provide(provide_keys, sync_to_thread=False),
             "provisioning_service": Provide(provide_provisioning, sync_to_thread=False),
         },
-        middleware=[auth],
+        middleware=[metrics.middleware, auth],  # outermost: times what auth refuses too
         lifespan=[lifespan],
         openapi_config=openapi,
+        plugins=[ApiContract()],  # each operation's error answers and security, from its route (_openapi)
         template_config=console_templates(),
         csrf_config=console_csrf(secure=the_fleet.settings.tls_enabled),
         # structlog is configured by the entry point; errors are answered and logged by controlplane._http only

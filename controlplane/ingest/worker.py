@@ -28,6 +28,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from agent import protocol as wire
 from agent.mqtt import BrokerAddress, MqttProtocol, make_client
 from controlplane.db import CommandRecord, Device, TelemetryRecord, utcnow
+from controlplane.ingest.lag import IngestLag
 from controlplane.ingest.stats import DEAD_LETTER_PREFIX, add_counts
 from controlplane.statuses import CommandStatus
 
@@ -71,6 +72,7 @@ class Message:
     payload: bytes
     mid: int = 0
     qos: int = 0
+    received_at: float = 0.0  # wall-clock time the worker read it from the broker (0: unknown)
 
 
 # The hot path decodes with msgspec directly (what `wire.decode` does, minus its per-call lookups).
@@ -402,6 +404,7 @@ class IngestWorker:
         self.restarts = 0  # loop restarts after an unexpected error
         self.last_error: str | None = None
         self.last_error_at: float | None = None  # wall-clock time
+        self.lag = IngestLag()  # read by controlplane.metrics
         self._state = "starting"  # starting | running | reconnecting | db_unavailable | restarting | stopped | dead
         self._trouble_since: float | None = None  # monotonic time the current non-running state began
         self._restarted_at = 0.0
@@ -514,7 +517,7 @@ class IngestWorker:
             self._first_pending_at = time.monotonic()
         # Not `msg.topic`: it raises on a topic that is not UTF-8 (brokers should refuse those; not all do).
         topic = bytes(msg._topic).decode(errors="replace")
-        self._pending.append(Message(topic, bytes(msg.payload), msg.mid, msg.qos))
+        self._pending.append(Message(topic, bytes(msg.payload), msg.mid, msg.qos, time.time()))
 
     # -- the loop --------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -611,6 +614,7 @@ class IngestWorker:
                     return  # unacked: the broker delivers them again to the persistent session
                 delay = min(delay * 2, 10.0)
                 client.loop(timeout=0)  # keep the connection alive (PINGREQ) while the database is away
+        self.lag.observe(batch, time.time())
         self.processed += len(batch)
         if self._state in ("db_unavailable", "restarting"):
             self._set_state("running" if self._connected else "reconnecting")
