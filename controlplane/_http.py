@@ -14,9 +14,11 @@ the database refuses (``DataError``)
 anything else                                          500    ``api.server_error`` with the traceback
 ====================================================  =====  ==========================================
 
-Bodies are limited before they are decoded: :data:`~controlplane._bounds.MAX_BODY_BYTES` (413 beyond) and
-:data:`~controlplane._bounds.MAX_JSON_DEPTH` levels of nesting (400 beyond; the JSON decoder would otherwise
-recurse until Python's recursion limit, a 500).
+Bodies of the operations that take one are limited before they are decoded:
+:data:`~controlplane._bounds.MAX_BODY_BYTES` (413 beyond) and :data:`~controlplane._bounds.MAX_JSON_DEPTH` levels
+of nesting (400 beyond; the JSON decoder would otherwise recurse until Python's recursion limit, a 500). An
+operation without a body never reads one. The OpenAPI document lists these answers per operation
+(controlplane._openapi), with :class:`ErrorBody` as their schema.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Final
 
+import msgspec
 import structlog
 from litestar import Request, Response
 from litestar.exceptions import ClientException, HTTPException
@@ -34,7 +37,7 @@ from controlplane._bounds import MAX_JSON_DEPTH
 from controlplane._errors import ControlPlaneError
 from controlplane.broker import BrokerAuthError
 
-__all__ = ["exception_handlers", "json_depth", "limit_json_nesting"]
+__all__ = ["ErrorBody", "exception_handlers", "json_depth", "limit_json_nesting"]
 
 log = structlog.get_logger("edgefleet.api")
 
@@ -46,6 +49,15 @@ _OPEN: Final = frozenset(b"[{")
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 Handler = Callable[[Request[Any, Any, Any], Any], Response[dict[str, Any]]]
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error answer of the API."""
+
+    status_code: int
+    detail: str
+    # Validation errors: one {"message", "key", "source"} per field that failed.
+    extra: list[dict[str, Any]] | dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
 
 
 def json_depth(body: bytes, stop_at: int | None = None) -> int:
@@ -66,8 +78,9 @@ def json_depth(body: bytes, stop_at: int | None = None) -> int:
 
 async def limit_json_nesting(request: Request[Any, Any, Any]) -> None:
     """``before_request``: refuse a body nested deeper than MAX_JSON_DEPTH before anything decodes it (reading the
-    body enforces the app's ``request_max_body_size``: 413)."""
-    if request.method not in _BODY_METHODS:
+    body enforces the app's ``request_max_body_size``: 413). Operations that take no body are left alone: they
+    never read it, so it can be neither too large nor too deep for them."""
+    if request.method not in _BODY_METHODS or "data" not in request.route_handler.parsed_fn_signature.parameters:
         return
     body = await request.body()
     if body and json_depth(body, stop_at=MAX_JSON_DEPTH) > MAX_JSON_DEPTH:

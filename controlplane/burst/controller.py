@@ -10,6 +10,7 @@ from litestar.params import JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from controlplane._bounds import RowId
+from controlplane._openapi import errors
 from controlplane.auth import Role
 from controlplane.auth._guards import requires
 from controlplane.burst.schemas import JobCreate, JobRead
@@ -23,7 +24,7 @@ class JobController(Controller):
     tags: ClassVar[list[str]] = ["jobs"]  # type: ignore[misc]
 
     @post("/", guards=[requires(Role.OPERATOR)], sync_to_thread=True, status_code=HTTP_201_CREATED,
-          summary="Submit a burst training job")
+          summary="Submit a burst training job", responses=errors(404))
     def submit(self, data: JSONBody[JobCreate], job_service: NamedDependency[JobService]) -> JobRead:
         """Placement (burst on Ray, or local) is decided and recorded with its reason."""
         return job_service.submit(data)
@@ -38,6 +39,7 @@ class JobController(Controller):
         """Status, placement and its reason, progress, metrics, logs tail, model_version."""
         return job_service.get(job_id)
 
-    @post("/{job_id:int}/cancel", guards=[requires(Role.OPERATOR)], sync_to_thread=True, status_code=HTTP_200_OK)
+    @post("/{job_id:int}/cancel", guards=[requires(Role.OPERATOR)], sync_to_thread=True, status_code=HTTP_200_OK,
+          responses=errors(409))
     def cancel(self, job_id: RowId, job_service: NamedDependency[JobService]) -> JobRead:
         return job_service.cancel(job_id)

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from litestar import Controller, Response, delete, get, patch, post
+import msgspec
+from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency
+from litestar.openapi import ResponseSpec
 from litestar.params import FromQuery, JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
 from controlplane._bounds import NAME_PATTERN, CommandIdParam, NameParam, OffsetParam
 from controlplane._errors import InvalidInput
-from controlplane.auth import Role
+from controlplane._openapi import errors
+from controlplane.auth import Role, TokenInfo
 from controlplane.auth._guards import requires
 from controlplane.devices.schemas import (
+    OPERATOR_RESULT_KINDS,
     TAG_PATTERN,
     CommandCreate,
     CommandRead,
@@ -54,7 +58,7 @@ class DeviceController(Controller):
     path = "/api/v1/devices"
     tags: ClassVar[list[str]] = ["devices"]  # type: ignore[misc]
 
-    @post("/", guards=[requires(Role.ADMIN)], sync_to_thread=True, summary="Enrol a device")
+    @post("/", guards=[requires(Role.ADMIN)], sync_to_thread=True, summary="Enrol a device", responses=errors(409))
     def enroll(self, data: JSONBody[DeviceCreate], device_service: NamedDependency[DeviceService]) -> DeviceEnrolled:
         """Registers the device and returns its broker credentials — once."""
         return device_service.enroll(data)
@@ -106,7 +110,9 @@ class DeviceController(Controller):
                                  limit=limit)
 
     @post("/{device_id:str}/commands", guards=[requires(Role.OPERATOR)], sync_to_thread=True,
-          status_code=HTTP_200_OK)
+          status_code=HTTP_200_OK,
+          responses={HTTP_202_ACCEPTED: ResponseSpec(CommandRead, description="Sent; no ack within `wait_s`",
+                                                     generate_examples=False)})
     def send_command(self, device_id: NameParam, data: JSONBody[CommandCreate],
                      device_service: NamedDependency[DeviceService]) -> Response[CommandRead]:
         """Sends a command and waits up to `wait_s` for the ack: 200 when acked, 202 while still pending."""
@@ -115,6 +121,10 @@ class DeviceController(Controller):
         return Response(command, status_code=HTTP_202_ACCEPTED if pending else HTTP_200_OK)
 
     @get("/{device_id:str}/commands/{command_id:str}", guards=[requires(Role.VIEWER)], sync_to_thread=True)
-    def get_command(self, device_id: NameParam, command_id: CommandIdParam,
+    def get_command(self, request: Request[TokenInfo, Any, Any], device_id: NameParam, command_id: CommandIdParam,
                     device_service: NamedDependency[DeviceService]) -> CommandRead:
-        return device_service.get_command(device_id, command_id)
+        """A command and its ack; a `logs` command's result (the device's log) is shown to operators only."""
+        command = device_service.get_command(device_id, command_id)
+        if command.kind in OPERATOR_RESULT_KINDS and not request.user.role.allows(Role.OPERATOR):
+            return msgspec.structs.replace(command, result=None)
+        return command

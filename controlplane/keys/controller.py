@@ -10,6 +10,7 @@ from litestar.params import JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from controlplane._errors import Conflict
+from controlplane._openapi import errors
 from controlplane.auth import Role
 from controlplane.auth._guards import requires
 from controlplane.keys.ca import CaRenewalService
@@ -31,14 +32,14 @@ class KeyController(Controller):
         return key_service.keys(limit)
 
     @post("/rotate", guards=[requires(Role.ADMIN)], sync_to_thread=True, status_code=HTTP_201_CREATED,
-          summary="Begin a signing-key rotation")
+          summary="Begin a signing-key rotation", responses=errors(400, 409))
     def rotate(self, key_service: NamedDependency[KeyService]) -> KeysRead:
         """Creates a new signing key and sends every device a statement, signed by the current key, to trust it.
         The current key keeps signing until the rotation is completed. 409 while a rotation is in progress."""
         return key_service.rotate()
 
     @post("/rotate/complete", guards=[requires(Role.ADMIN)], sync_to_thread=True, status_code=HTTP_200_OK,
-          summary="Complete the signing-key rotation")
+          summary="Complete the signing-key rotation", responses=errors(409))
     def complete(self, key_service: NamedDependency[KeyService],
                  data: JSONBody[RotationComplete | None] = None) -> KeysRead:
         """Signs with the new key from now on, re-signs stored manifests and active releases, and retires the old
@@ -47,7 +48,8 @@ class KeyController(Controller):
         return key_service.complete(force=bool(data and data.force))
 
     # -- fleet CA renewal ------------------------------------------------------------------------------------------
-    @get("/ca", guards=[requires(Role.VIEWER)], sync_to_thread=True, summary="Fleet CA and its renewal")
+    @get("/ca", guards=[requires(Role.VIEWER)], sync_to_thread=True, summary="Fleet CA and its renewal",
+         responses=errors(409))
     def get_ca(self, key_service: NamedDependency[KeyService],
                limit: Annotated[int, Parameter(ge=0, le=5000)] = PENDING_SHOWN) -> CaRead:
         """The CAs devices and the TLS listeners trust (ca-bundle.pem), the one that issues, the latest renewal and
@@ -55,7 +57,7 @@ class KeyController(Controller):
         return _ca(key_service).status(limit)
 
     @post("/ca/renew", guards=[requires(Role.ADMIN)], sync_to_thread=True, status_code=HTTP_201_CREATED,
-          summary="Begin a fleet CA renewal")
+          summary="Begin a fleet CA renewal", responses=errors(400, 409))
     def renew_ca(self, key_service: NamedDependency[KeyService]) -> CaRead:
         """Creates a new CA beside the current one (which keeps issuing), puts both in the bundle and sends every
         device the bundle (signed by the model-signing key), then asks devices with a client certificate for a CSR
@@ -63,7 +65,7 @@ class KeyController(Controller):
         return _ca(key_service).renew()
 
     @post("/ca/complete", guards=[requires(Role.ADMIN)], sync_to_thread=True, status_code=HTTP_200_OK,
-          summary="Complete the fleet CA renewal")
+          summary="Complete the fleet CA renewal", responses=errors(409))
     def complete_ca(self, key_service: NamedDependency[KeyService],
                     data: JSONBody[CaStep | None] = None) -> CaRead:
         """The new CA issues from now on and the server certificate is re-issued under it (served from the control
@@ -71,7 +73,7 @@ class KeyController(Controller):
         return _ca(key_service).complete(force=bool(data and data.force))
 
     @post("/ca/retire-old", guards=[requires(Role.ADMIN)], sync_to_thread=True, status_code=HTTP_200_OK,
-          summary="Retire the old fleet CA")
+          summary="Retire the old fleet CA", responses=errors(409))
     def retire_old_ca(self, key_service: NamedDependency[KeyService],
                       data: JSONBody[CaStep | None] = None) -> CaRead:
         """Drops the old CA from the bundle and sends devices the bundle without it: its certificates are refused

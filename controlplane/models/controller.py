@@ -5,24 +5,33 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import msgspec
 from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.exceptions import NotAuthorizedException
+from litestar.openapi import ResponseSpec
 from litestar.response import Stream
 
 from controlplane._bounds import NameParam
+from controlplane._openapi import BEARER
 from controlplane.auth import Role
 from controlplane.auth._guards import requires
 from controlplane.db import ModelArtifactRecord
 from controlplane.models.schemas import ModelRead
 from controlplane.models.service import ModelService
 
-__all__ = ["DownloadController", "ModelController", "bearer_secret", "parse_range", "serve_artifact"]
+__all__ = ["ARTIFACT_RESPONSES", "DownloadController", "ModelController", "bearer_secret", "parse_range",
+           "serve_artifact"]
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# What serve_artifact answers besides the whole file (200).
+ARTIFACT_RESPONSES: Final = {
+    206: ResponseSpec(bytes, media_type="application/octet-stream", generate_examples=False,
+                      description="The byte range asked for (`Range: bytes=start-end`)"),
+    416: ResponseSpec(None, description="The range asked for is not in the file"),
+}
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -67,6 +76,7 @@ class DownloadController(Controller):
 
     path = "/api/v1"
     tags: ClassVar[list[str]] = ["models"]  # type: ignore[misc]
+    security: ClassVar[list[dict[str, list[str]]]] = [{BEARER: []}]  # type: ignore[misc]
 
     @get("/models/{version:str}/variants/{variant:str}/manifest", sync_to_thread=True, exclude_from_auth=True)
     def manifest(self, request: Request[Any, Any, Any], version: NameParam, variant: NameParam,
@@ -75,7 +85,8 @@ class DownloadController(Controller):
         signed = model_service.signed_manifest(version, variant)
         return Response(msgspec.json.encode(signed), media_type="application/json")
 
-    @get("/models/{version:str}/variants/{variant:str}/artifact", sync_to_thread=True, exclude_from_auth=True)
+    @get("/models/{version:str}/variants/{variant:str}/artifact", sync_to_thread=True, exclude_from_auth=True,
+         media_type="application/octet-stream", responses=ARTIFACT_RESPONSES)
     def artifact(self, request: Request[Any, Any, Any], version: NameParam, variant: NameParam,
                  model_service: NamedDependency[ModelService]) -> Response[Any]:
         authorize_bearer(request)

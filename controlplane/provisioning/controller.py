@@ -13,6 +13,7 @@ from litestar.params import JSONBody
 from litestar.status_codes import HTTP_204_NO_CONTENT
 
 from controlplane._bounds import RowId
+from controlplane._openapi import errors
 from controlplane.auth import Role, TokenInfo
 from controlplane.auth._guards import requires
 from controlplane.provisioning.schemas import (
@@ -73,7 +74,7 @@ class EnrollController(Controller):
 
     # Not behind the operator-token middleware: a provisioning token authenticates this route, and only this one.
     @post("/", guards=[provisioning_token_guard], exclude_from_auth=True, sync_to_thread=True,
-          request_max_body_size=_ENROLL_MAX_BODY,
+          request_max_body_size=_ENROLL_MAX_BODY, security=[{"provisioning": []}], responses=errors(409),
           summary="Enrol this device with a provisioning token")
     def enroll(self, request: Request[Any, Any, Any], data: JSONBody[EnrollRequest],
                provisioning_service: NamedDependency[ProvisioningService]) -> Enrolled:

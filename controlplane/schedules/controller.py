@@ -10,6 +10,7 @@ from litestar.params import JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from controlplane._bounds import NameParam
+from controlplane._openapi import errors
 from controlplane.auth import Role
 from controlplane.auth._guards import requires
 from controlplane.schedules.schemas import ScheduleCreate, ScheduleRead
@@ -22,7 +23,8 @@ class ScheduleController(Controller):
     path = "/api/v1/schedules"
     tags: ClassVar[list[str]] = ["rounds"]  # type: ignore[misc]
 
-    @post("/", guards=[requires(Role.OPERATOR)], sync_to_thread=True, status_code=HTTP_201_CREATED)
+    @post("/", guards=[requires(Role.OPERATOR)], sync_to_thread=True, status_code=HTTP_201_CREATED,
+          responses=errors(409))
     def create(self, data: JSONBody[ScheduleCreate], schedule_service: NamedDependency[ScheduleService]) -> ScheduleRead:
         """A recurring round: `cron` (UTC crontab) or `interval_s`; survives control-plane restarts."""
         return schedule_service.create(data)
