@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from agent import protocol as wire
 from controlplane.cli._common import TokenOpt, UrlOpt, api, call, fail
 from controlplane.statuses import CommandStatus
 
@@ -206,6 +207,89 @@ def devices_command(
         typer.echo(_command_table(command))
     if command["status"] == CommandStatus.ERROR:
         raise typer.Exit(1)  # the device refused or failed it: a script can tell
+
+
+# Log lines come from the device: a hostile or broken one must not drive the operator's terminal (escape sequences).
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)}
+
+
+def _printable(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
+@app.command("logs")
+def devices_logs(
+    device_id: str,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=1, max=wire.LOGS_MAX_LINES,
+                                       help=f"The newest N log entries (1..{wire.LOGS_MAX_LINES}).")
+                     ] = wire.LOGS_DEFAULT_LINES,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the device's answer (0..60).")] = 10.0,
+    as_json: JsonOpt = False,
+    url: UrlOpt = _URL,
+    token: TokenOpt = "",
+) -> None:
+    """A device agent's newest log entries, oldest first, as the agent keeps them in memory (credentials redacted,
+    entries cut at 2048 characters, one answer at most ~60 KiB: older entries left out say so). Operator role.
+    Exit 1 when the device refused or did not answer within --wait."""
+    command = call(api(url, token).post(f"/api/v1/devices/{device_id}/commands",
+                                        json={"kind": wire.CommandKind.LOGS, "args": {"lines": lines},
+                                              "wait_s": wait}))
+    if as_json:
+        _echo_json(command)
+    status, result = command["status"], command.get("result") or {}
+    if status == CommandStatus.PENDING:
+        typer.secho(f"{device_id} did not answer within {wait:g} s (offline?); command {command['command_id']}",
+                    err=True)
+        raise typer.Exit(1)
+    if status != CommandStatus.OK:
+        typer.secho(f"error: {device_id} answered: {command.get('reason')}", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        return
+    shown = result.get("lines") or []
+    for line in shown:
+        typer.echo(_printable(str(line)))
+    if result.get("truncated"):
+        typer.secho(f"({len(shown)} of the {min(lines, result.get('available', lines))} entries asked for fit in "
+                    "one answer; older ones were left out)", err=True)
+
+
+@app.command("restart")
+def devices_restart(
+    device_id: str,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the device's ack (0..60).")] = 10.0,
+    as_json: JsonOpt = False,
+    url: UrlOpt = _URL,
+    token: TokenOpt = "",
+) -> None:
+    """Restart a device's agent: it acks, stops cleanly and comes back (under systemd it exits with code 75 and
+    Restart=on-failure starts it again after RestartSec; run by hand it re-executes itself). The device refuses a
+    restart that reaches it more than 60 s after it was sent (never one queued through an outage) or within 15 s of
+    its last restart, and runs each restart command once. Operator role. Exit 1 when refused or not acked."""
+    client = api(url, token)
+    device = call(client.get(f"/api/v1/devices/{device_id}"))  # an unknown device fails here, before the question
+    if not device.get("online"):
+        typer.secho(f"{device_id} is offline: a restart it receives more than 60 s from now is refused", err=True)
+    if not yes:
+        typer.confirm(f"restart the agent on {device_id}?", abort=True)
+    command = call(client.post(f"/api/v1/devices/{device_id}/commands",
+                               json={"kind": wire.CommandKind.RESTART, "args": {}, "wait_s": wait}))
+    if as_json:
+        _echo_json(command)
+    status, result = command["status"], command.get("result") or {}
+    if status == CommandStatus.PENDING:
+        typer.secho(f"{device_id} did not ack within {wait:g} s; it restarts if the command reaches it within 60 s "
+                    f"of sending, else refuses it (command {command['command_id']})", err=True)
+        raise typer.Exit(1)
+    if status != CommandStatus.OK:
+        if not as_json:
+            typer.secho(f"restart of {device_id} refused: {command.get('reason')}", err=True)
+        raise typer.Exit(1)
+    if not as_json:
+        how = ("exits (code 75) for its supervisor to start it again" if result.get("mode") == "exit"
+               else "re-executes itself")
+        typer.echo(f"restart of {device_id} acknowledged: the agent (pid {result.get('pid', '?')}) {how}")
 
 
 @app.command("delete")

@@ -9,9 +9,11 @@ import msgspec
 
 from agent import protocol as wire
 from controlplane._bounds import NAME_PATTERN
+from controlplane._errors import InvalidInput
 from controlplane.statuses import CommandStatus
 
 __all__ = [
+    "OPERATOR_RESULT_KINDS",
     "TAG_PATTERN",
     "CommandCreate",
     "CommandRead",
@@ -85,20 +87,27 @@ class CommandCreate(msgspec.Struct, forbid_unknown_fields=True):
     wait_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 10.0
 
     def __post_init__(self) -> None:
+        # InvalidInput, not ValueError: msgspec would turn a ValueError into its generic "Validation failed" 400;
+        # this one reaches the API's error mapping as a 400 whose detail is the reason.
         _check_args(self.kind, self.args)
 
 
+# Kinds whose ack result only operators may read (GET .../commands/{id} hides it from viewers): a device's log can
+# reveal more than a viewer may see.
+OPERATOR_RESULT_KINDS: frozenset[str] = frozenset({wire.CommandKind.LOGS})
+
+
 def _check_args(kind: str, args: dict[str, Any]) -> None:
-    """Refuse (ValueError: a 400 with the reason) arguments a known command kind would refuse on the device."""
+    """Refuse (:class:`InvalidInput`) arguments that a known command kind would refuse on the device."""
     if kind == wire.CommandKind.LOGS:
         unknown = sorted(set(args) - {"lines"})
         if unknown:
-            raise ValueError(f"logs takes only 'lines'; unknown argument(s): {', '.join(unknown)}"[:256])
+            raise InvalidInput(f"logs takes only 'lines'; unknown argument(s): {', '.join(unknown)}"[:256])
         lines = args.get("lines", wire.LOGS_DEFAULT_LINES)
         if isinstance(lines, bool) or not isinstance(lines, int) or not 1 <= lines <= wire.LOGS_MAX_LINES:
-            raise ValueError(f"logs: 'lines' must be an integer in 1..{wire.LOGS_MAX_LINES}, got {lines!r}"[:256])
+            raise InvalidInput(f"logs: 'lines' must be an integer in 1..{wire.LOGS_MAX_LINES}, got {lines!r}"[:256])
     elif kind == wire.CommandKind.RESTART and args:
-        raise ValueError(f"restart takes no arguments, got {', '.join(sorted(args))}"[:256])
+        raise InvalidInput(f"restart takes no arguments, got {', '.join(sorted(args))}"[:256])
 
 
 class CommandRead(msgspec.Struct):

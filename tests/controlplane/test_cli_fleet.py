@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from typer.testing import CliRunner
@@ -32,10 +33,12 @@ runner = CliRunner()
 
 class Device:
     """A device on the real broker speaking the agent's protocol: retained state, telemetry, and acks to its
-    commands (``fail`` is refused with a reason; anything else is acked with its arguments echoed)."""
+    commands (``fail`` is refused with a reason; ``logs`` and ``restart`` are answered as the agent answers them;
+    anything else is acked with its arguments echoed)."""
 
     def __init__(self, broker_url: str, device_id: str) -> None:
         self.address, self.device_id = parse_broker_url(broker_url), device_id
+        self.restarted = False
         self.client = make_client(self.address, f"cli-{device_id}-{uuid.uuid4().hex[:4]}", protocol=MqttProtocol.V5)
         self.client.on_message = self._on_message
         subscribed = threading.Event()
@@ -65,9 +68,19 @@ class Device:
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         command = wire.decode(msg.payload, wire.Command)
         refused = command.kind == "fail"
-        ack = wire.Ack(device_id=self.device_id, command_id=command.command_id, ok=not refused,
-                       reason="unsupported command kind 'fail'" if refused else None,
-                       result={} if refused else {"echo": command.args})
+        reason, result = "unsupported command kind 'fail'" if refused else None, {"echo": command.args}
+        if command.kind == "logs":  # as agent._logring answers: at most 50 entries fit here, one with an escape
+            lines = command.args.get("lines", 100)
+            kept = [f"2026-11-26T08:00:{i:02d}.000Z [info   ] event.{i}" for i in range(min(lines, 50))]
+            kept[-1] = "2026-11-26T08:00:59.000Z [warning] evil \x1b]0;pwned\x07 title"
+            result = {"lines": kept, "requested": lines, "available": 120, "truncated": lines > 50, "dropped": 0}
+        elif command.kind == "restart":  # as agent._restart: the second one within 15 s is refused
+            refused = self.restarted
+            reason = "restart refused: the agent restarted 0 s ago (at most one restart per 15 s)" if refused else None
+            result = {"restarting": True, "mode": "exit", "pid": 4242, "uptime_s": 12.5}
+            self.restarted = True
+        ack = wire.Ack(device_id=self.device_id, command_id=command.command_id, ok=not refused, reason=reason,
+                       result={} if refused else result)
         client.publish(wire.topic(self.device_id, wire.Channel.ACK), wire.encode(ack), qos=1)
 
     def close(self) -> None:
@@ -104,6 +117,13 @@ def fx_served(fleet: Fleet, mosquitto_url: str) -> Iterator[tuple[Fleet, list[st
 
 def printed_json(output: str) -> Any:
     return json.loads(output)
+
+
+def json_in(output: str) -> Any:
+    """The JSON object the CLI printed, among the served control plane's own log lines (same process here)."""
+    lines = output.splitlines()
+    start = lines.index("{")
+    return json.loads("\n".join(lines[start:lines.index("}", start) + 1]))
 
 
 def ids(result: Any) -> list[str]:
@@ -263,3 +283,72 @@ def test_no_token_is_one_line() -> None:
     result = runner.invoke(cli, ["devices", "list", "--url", "http://127.0.0.1:9"], env={"EDGEFLEET_TOKEN": ""})
     # Assert
     assert result.exit_code == 2 and "an API token is needed" in result.output
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_devices_logs_prints_the_lines_safely_and_is_bounded(served: tuple[Fleet, list[str]]) -> None:
+    # Prepare
+    fleet, common = served
+    url = common[common.index("--url") + 1]
+    _, viewer = create_token(fleet.engine, Role.VIEWER, "viewer")
+    # Execute
+    three = runner.invoke(cli, ["devices", "logs", "cam-0", "-n", "3", *common])
+    many = runner.invoke(cli, ["devices", "logs", "cam-0", "--lines", "200", *common])
+    as_json = runner.invoke(cli, ["devices", "logs", "cam-0", "-n", "2", "--json", *common])
+    zero = runner.invoke(cli, ["devices", "logs", "cam-0", "-n", "0", *common])
+    too_many_api = runner.invoke(cli, ["devices", "command", "cam-0", "logs", "--args", '{"lines": 1000}', *common])
+    silent = runner.invoke(cli, ["devices", "logs", "cam-1", "--wait", "0.3", *common])
+    unknown = runner.invoke(cli, ["devices", "logs", "nope-9", *common])
+    command_id = json_in(as_json.stdout)["command_id"]
+    as_viewer = httpx.get(f"{url}/api/v1/devices/cam-0/commands/{command_id}",
+                          headers={"Authorization": f"Bearer {viewer}"}).json()
+    as_admin = httpx.get(f"{url}/api/v1/devices/cam-0/commands/{command_id}",
+                         headers={"Authorization": f"Bearer {common[-1]}"}).json()
+    # Assert
+    assert three.exit_code == 0, three.output
+    printed = three.stdout.splitlines()
+    assert printed[:2] == ["2026-11-26T08:00:00.000Z [info   ] event.0", "2026-11-26T08:00:01.000Z [info   ] event.1"]
+    assert printed[2] == "2026-11-26T08:00:59.000Z [warning] evil \\x1b]0;pwned\\x07 title"  # no raw escape
+    assert "\x1b" not in three.stdout
+    assert many.exit_code == 0 and len([x for x in many.output.splitlines() if x.startswith("2026-11-26T08:00:")]) == 50
+    assert "50 of the 120 entries asked for fit in one answer" in many.output
+    assert json_in(as_json.stdout)["result"]["requested"] == 2
+    assert zero.exit_code == 2 and "0 is not in the range 1<=x<=200" in zero.output
+    assert too_many_api.exit_code == 1 and "400" in too_many_api.output
+    assert "'lines' must be an integer in 1..200, got 1000" in too_many_api.output
+    assert silent.exit_code == 1 and "cam-1 did not answer within 0.3 s" in silent.output
+    assert unknown.exit_code == 1 and "404" in unknown.output
+    assert as_admin["result"]["lines"] and as_viewer["result"] is None  # a device's log is for operators
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_devices_restart_asks_unless_yes_and_says_what_happens(served: tuple[Fleet, list[str]]) -> None:
+    # Prepare
+    fleet, common = served
+    # Execute
+    declined = runner.invoke(cli, ["devices", "restart", "cam-0", *common], input="n\n")
+    sent_after_decline = [c.kind for c in _commands(fleet)]
+    restarted = runner.invoke(cli, ["devices", "restart", "cam-0", *common], input="y\n")
+    again = runner.invoke(cli, ["devices", "restart", "cam-0", "--yes", "--json", *common])
+    with_args = runner.invoke(cli, ["devices", "command", "cam-0", "restart", "--args", '{"force": true}', *common])
+    offline = runner.invoke(cli, ["devices", "restart", "gone-0", "--yes", "--wait", "0", *common])
+    unknown = runner.invoke(cli, ["devices", "restart", "nope-9", "--yes", *common])
+    # Assert
+    assert declined.exit_code == 1 and "restart the agent on cam-0?" in declined.output and "Aborted" in declined.output
+    assert "restart" not in sent_after_decline
+    assert restarted.exit_code == 0, restarted.output
+    assert "restart of cam-0 acknowledged: the agent (pid 4242) exits (code 75)" in restarted.stdout
+    assert again.exit_code == 1 and json_in(again.stdout)["status"] == "error"
+    assert "at most one restart per 15 s" in json_in(again.stdout)["reason"]
+    assert with_args.exit_code == 1 and "400" in with_args.output and "restart takes no arguments" in with_args.output
+    assert offline.exit_code == 1 and "gone-0 is offline" in offline.output and "did not ack" in offline.output
+    assert unknown.exit_code == 1 and "404" in unknown.output and "Traceback" not in unknown.output
+
+
+def _commands(fleet: Fleet) -> list[Any]:
+    from sqlmodel import Session, select
+
+    from controlplane.db import CommandRecord
+
+    with Session(fleet.engine) as session:
+        return list(session.exec(select(CommandRecord)))
