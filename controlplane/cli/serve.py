@@ -92,8 +92,10 @@ def controlplane_serve(
     try:
         typer.secho(f"control plane on {scheme}://{host}:{settings.port}  broker {fleet.device_broker_url}{trust}  "
                     f"tasks {', '.join(tasks)}  API docs /schema", err=True, fg=typer.colors.GREEN)
+        # log_config=None: uvicorn's own warnings go through the root handler (JSON lines when not a TTY), not
+        # through plain-text handlers of its own
         uvicorn.run(create_app(fleet=fleet, stop_fleet=True), host=settings.host, port=settings.port,
-                    log_level="warning", **tls_files)  # type: ignore[arg-type]
+                    log_level="warning", log_config=None, **tls_files)  # type: ignore[arg-type]
     finally:
         fleet.stop()
 

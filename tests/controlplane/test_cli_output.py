@@ -108,7 +108,7 @@ def test_demo_logs_are_json_lines_in_the_log_file(tmp_path: Path, restore_loggin
     # Prepare
     log_file = tmp_path / "demo.log"
     # Execute: what the demo's processes do: structlog events, stdlib loggers (ours and a library's), a Python
-    # warning, a C++ library writing to file descriptor 2
+    # warning, a C++ library writing to file descriptor 2, a library printing its own format
     with stderr_to(log_file):
         configure_logging("info", json=True)
         structlog.get_logger("controlplane.rounds").info("round.started", round_id=4, invited=["a", "b"])
@@ -122,14 +122,15 @@ def test_demo_logs_are_json_lines_in_the_log_file(tmp_path: Path, restore_loggin
         except ValueError:
             structlog.get_logger("controlplane.api").exception("request.failed")
         os.write(2, b"native library line\n")
+        print("W1126 08:02:37.173000 13424 torch/utils/_pytree.py:630] deprecated", file=sys.stderr)
     print("after", file=sys.stderr)
-    # Assert: the console got nothing until the block ended; each Python event is one JSON object on one line
+    # Assert: the console got nothing until the block ended; every line of the file is one JSON object
     console = capfd.readouterr()
     assert console.err == "after\n" and console.out == ""
-    lines = log_file.read_text().splitlines()
-    events = [json.loads(line) for line in lines if line.startswith("{")]
-    assert [line for line in lines if not line.startswith("{")] == ["native library line"]
+    events = [json.loads(line) for line in log_file.read_text().splitlines()]
     by_event = {e["event"]: e for e in events}
+    assert by_event["native library line"]["logger"] == "native"
+    assert by_event["W1126 08:02:37.173000 13424 torch/utils/_pytree.py:630] deprecated"]["level"] == "warning"
     assert by_event["round.started"]["round_id"] == 4 and by_event["round.started"]["level"] == "info"
     assert by_event["ingest.batch"]["stored"] == 100 and by_event["ingest.batch"]["logger"] == "edgefleet.ingest"
     assert by_event["a library's warning"]["level"] == "warning"
@@ -171,7 +172,7 @@ def test_status_table_and_json(served: tuple[Fleet, list[str]]) -> None:
     assert "DEPLOYMENTS  1 active of 1" in text and "m1" in text and "running: wave 1/1" in text
     assert "JOBS         none" in text
     # the JSON
-    figures = json.loads(as_json.stdout)
+    figures = json_document(as_json.stdout)
     assert figures["devices"] == {"total": 8, "online": 1, "offline": 7, "by_profile": {
         "coral-dev-board": {"online": 0, "offline": 5}, "jetson-orin-nano": {"online": 0, "offline": 1},
         "raspberry-pi-5": {"online": 1, "offline": 1}}}
@@ -180,6 +181,12 @@ def test_status_table_and_json(served: tuple[Fleet, list[str]]) -> None:
     assert active["model_version"] == "m1" and sum(active["counts"].values()) == 8
     assert figures["jobs"] == {"counted": 0, "by_status": {}, "active": []}
     assert no_token.exit_code != 0 and "an API token is needed" in no_token.output
+
+
+def json_document(stdout: str) -> Any:
+    """The indented JSON document a command printed (the control plane in this process may log to stdout too)."""
+    lines = stdout.splitlines()
+    return json.loads("\n".join(lines[lines.index("{"):len(lines) - lines[::-1].index("}")]))
 
 
 def _edgefleet(*args: str, **kwargs: Any) -> subprocess.Popen[str]:
