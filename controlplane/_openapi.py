@@ -16,6 +16,10 @@ code   listed on
 503    every operation: the database (and, for some, the broker) can be unavailable
 =====  ==========================================================================================================
 
+Request bodies are described by msgspec's own JSON Schema of the body type (what the server validates them with:
+nested constraints, ``additionalProperties: false`` for ``forbid_unknown_fields``), not Litestar's rendering of it,
+which drops the constraints of list items and some bounds. The document is completed when it is first rendered.
+
 Anything else an operation can answer (409, a 404 for an id in its body, 202, 206 ...) is declared on its
 handler with ``responses=`` (:func:`errors` for error answers); what a handler declares wins. ``security`` is the
 handler's own when it declares one, else ``bearer`` behind the middleware, else ``[]``: public.
@@ -24,17 +28,21 @@ handler's own when it declares one, else ``bearer`` behind the middleware, else 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from http import HTTPStatus
 from typing import Any, Final
 
+import msgspec
+from litestar import MediaType, Request, Response
 from litestar.config.app import AppConfig
 from litestar.handlers import HTTPRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, DefineMiddleware
+from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import Operation
+from litestar.openapi.spec import OpenAPI, Operation
 from litestar.plugins import InitPluginProtocol, ReceiveRoutePlugin
 from litestar.routes import BaseRoute, HTTPRoute
+from litestar.status_codes import HTTP_204_NO_CONTENT
 
 from controlplane._http import ErrorBody
 from controlplane.auth._guards import Requires
@@ -87,16 +95,70 @@ class _AuthCoverage:
                 and not any(p.search(path) for p in self.exclude))
 
 
-class ApiContract(InitPluginProtocol, ReceiveRoutePlugin):
-    """Completes each API operation's OpenAPI responses and security as its route is registered (see the module
-    docstring for the rules)."""
+class _CompletedOpenAPI(OpenAPI):
+    """The document, with the request bodies as msgspec describes them."""
 
-    __slots__ = ("_auth",)
+    _bodies: dict[tuple[str, str], Any]
+
+    def to_schema(self) -> dict[str, Any]:
+        document = super().to_schema()
+        _describe_bodies(document, self._bodies)
+        return document
+
+
+class _CompletingConfig(OpenAPIConfig):
+    _bodies: dict[tuple[str, str], Any]
+
+    def to_openapi_schema(self) -> OpenAPI:
+        base = super().to_openapi_schema()
+        document = _CompletedOpenAPI(**{f.name: getattr(base, f.name) for f in fields(base)})
+        document._bodies = self._bodies
+        return document
+
+
+def _describe_bodies(document: dict[str, Any], bodies: dict[tuple[str, str], Any]) -> None:
+    components = document.setdefault("components", {}).setdefault("schemas", {})
+    for (path, method), body_type in sorted(bodies.items(), key=str):
+        operation = document.get("paths", {}).get(path, {}).get(method)
+        content = (operation or {}).get("requestBody", {}).get("content", {})
+        if "application/json" not in content:
+            continue
+        (schema,), defined = msgspec.json.schema_components([body_type],
+                                                            ref_template="#/components/schemas/{name}")
+        content["application/json"]["schema"] = schema
+        components.update(defined)
+
+
+def _allow_every_method(route: HTTPRoute) -> None:
+    """OPTIONS answers ``Allow`` with every method of the path. Litestar 2's own OPTIONS handler lists those of the
+    first handler registered on the path only (litestar#4169, fixed in 3): a path whose GET and POST are separate
+    handlers answered ``Allow: OPTIONS, POST``. This route, registered last, has them all."""
+    options = route.route_handler_map.get("OPTIONS")
+    if options is None or options[0].resolve_include_in_schema():
+        return  # no automatic OPTIONS handler here
+    allow = ", ".join(sorted(route.methods))
+
+    async def answer(_: Request[Any, Any, Any]) -> Response[None]:
+        return Response(None, status_code=HTTP_204_NO_CONTENT, headers={"Allow": allow}, media_type=MediaType.TEXT)
+
+    options[0].before_request = answer
+
+
+class ApiContract(InitPluginProtocol, ReceiveRoutePlugin):
+    """Completes each API operation's OpenAPI responses and security as its route is registered, and its request
+    body when the document is rendered (see the module docstring for the rules)."""
+
+    __slots__ = ("_auth", "_bodies")
 
     def __init__(self) -> None:
         self._auth = _AuthCoverage()
+        self._bodies: dict[tuple[str, str], Any] = {}
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        if (config := app_config.openapi_config) is not None:
+            completing = _CompletingConfig(**{f.name: getattr(config, f.name) for f in fields(config) if f.init})
+            completing._bodies = self._bodies
+            app_config.openapi_config = completing
         for middleware in app_config.middleware:
             if (isinstance(middleware, DefineMiddleware) and isinstance(middleware.middleware, type)
                     and issubclass(middleware.middleware, AbstractAuthenticationMiddleware)):
@@ -112,6 +174,7 @@ class ApiContract(InitPluginProtocol, ReceiveRoutePlugin):
         for handler in route.route_handlers:
             if handler.resolve_include_in_schema():
                 self._complete(handler, route)
+        _allow_every_method(route)
 
     def _complete(self, handler: HTTPRouteHandler, route: HTTPRoute) -> None:
         parameters = handler.parsed_fn_signature.parameters
@@ -134,6 +197,8 @@ class ApiContract(InitPluginProtocol, ReceiveRoutePlugin):
             codes.add(404)
         if "data" in parameters:
             codes.add(413)
+            for method in handler.http_methods:
+                self._bodies[(route.path_format, method.lower())] = parameters["data"].annotation
         declared: dict[int, Any] = dict(handler.responses or {})
         handler.responses = {**{code: _error(code) for code in sorted(codes)}, **declared}
         if not security:

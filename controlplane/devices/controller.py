@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Final
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
@@ -34,11 +35,23 @@ from controlplane.statuses import CommandStatus
 
 __all__ = ["DeviceController"]
 
+# What `since`/`until` documents: UNIX seconds, or an ISO 8601 date or time (UTC unless it has an offset) whose every
+# match parses (days 29-31 only in months that have them, so not 29 February).
+_DAY = r"(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)|(?:0[13578]|1[02])-31)"
+INSTANT_PATTERN: Final = (r"^(?:-?[0-9]{1,12}(?:\.[0-9]{1,9})?"
+                   rf"|[12][0-9]{{3}}-{_DAY}(?:T(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\.[0-9]{{1,6}})?)?"
+                   r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?)?)$")
+_INSTANT_RE: Final = re.compile(INSTANT_PATTERN)
+# Checked by _instant, not by validation, so that the answer names the parameter and what it expected.
+_INSTANT: Final = {"pattern": INSTANT_PATTERN}
+
 
 def _instant(name: str, value: str | None) -> float | None:
     """UNIX seconds from `1795300000.5` or `2026-11-22T10:00:00Z` (naive ISO times are UTC)."""
     if value is None or value == "":
         return None
+    if not _INSTANT_RE.match(value):
+        raise InvalidInput(f"{name}={value!r}: expected UNIX seconds or an ISO 8601 time")
     try:
         seconds = float(value)
     except ValueError:
@@ -100,9 +113,9 @@ class DeviceController(Controller):
         device_id: NameParam,
         device_service: NamedDependency[DeviceService],
         since: Annotated[str | None, Parameter(description="device time, inclusive: UNIX seconds or ISO 8601",
-                                               max_length=64)] = None,
+                                               max_length=64, schema_extra=_INSTANT)] = None,
         until: Annotated[str | None, Parameter(description="device time, exclusive: UNIX seconds or ISO 8601",
-                                               max_length=64)] = None,
+                                               max_length=64, schema_extra=_INSTANT)] = None,
         limit: Annotated[int, Parameter(ge=1, le=10000)] = 100,
     ) -> list[TelemetryRead]:
         """The newest `limit` records in [since, until), oldest first."""
