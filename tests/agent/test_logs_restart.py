@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol as wire
 from agent._logring import MAX_LINES, LogRing, LogsArgsError, logs_result, parse_logs_args
-from agent._restart import MAX_AGE_S, RESTART_EXIT_CODE, RestartLog, refusal
+from agent._restart import MAX_AGE_S, RESTART_EXIT_CODE, RestartLog, RestartMode, refusal, resolve_mode
 from agent.logsetup import get_logger
 from tests._services import PrivateMosquitto, stop_process, wait_for
 
@@ -110,6 +110,20 @@ def test_a_restart_is_refused_when_stale_from_the_future_too_soon_or_with_argume
     log.record(wire.Ack(device_id="pi-1", command_id="c1", ok=True, result={"restarting": True}, ts=now))
     again = RestartLog(tmp_path / "restart.json")
     assert [a.command_id for a in again.acks()] == ["c1"] and again.last is not None
+
+
+def test_auto_restart_mode_exits_under_systemd_and_execs_by_hand(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute / Assert
+    assert resolve_mode(RestartMode.AUTO, {"NOTIFY_SOCKET": "/run/systemd/notify"}) is RestartMode.EXIT
+    assert resolve_mode(RestartMode.AUTO, {}) is RestartMode.EXEC
+    assert resolve_mode(RestartMode.EXEC, {"NOTIFY_SOCKET": "/run/systemd/notify"}) is RestartMode.EXEC
+    from agent.cli import main
+
+    monkeypatch.setenv("EDGEFLEET_AGENT_RESTART", "reboot")
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--device-id", "pi-1", "--profile", "raspberry-pi-5", "--broker", "mqtt://127.0.0.1:1"])
+    assert exited.value.code == 2 and "EDGEFLEET_AGENT_RESTART must be auto, exit or exec" in capsys.readouterr().err
 
 
 # -- a real agent process on a real broker ---------------------------------------------------------------------
