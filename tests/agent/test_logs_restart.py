@@ -232,28 +232,46 @@ def test_logs_answers_bounded_redacted_lines(device: tuple[str, Watcher], privat
         stop_process(agent)
 
 
+@pytest.fixture(name="fleet")
+def fx_fleet(private_mosquitto: PrivateMosquitto, tmp_path: Path) -> Iterator[Any]:
+    from controlplane.settings import BrokerAuthMode, Settings
+    from controlplane.wiring import Fleet
+
+    fleet = Fleet(Settings(data_dir=tmp_path / "cp", broker_url=private_mosquitto.url,
+                           broker_auth=BrokerAuthMode.NONE, instance_name=uuid.uuid4().hex[:8])).start()
+    yield fleet
+    fleet.stop()
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-def test_restart_reexecs_comes_back_online_and_refuses_a_stale_restart(
-    device: tuple[str, Watcher], private_mosquitto: PrivateMosquitto, tmp_path: Path
+def test_restart_through_the_control_plane_reexecs_and_comes_back_online(
+    fleet: Any, device: tuple[str, Watcher], private_mosquitto: PrivateMosquitto, tmp_path: Path
 ) -> None:
+    from controlplane.devices.schemas import CommandCreate, DeviceCreate
+
     # Prepare
     device_id, watcher = device
+    fleet.devices.enroll(DeviceCreate(device_id=device_id, profile="raspberry-pi-5"))
     agent = start_agent(device_id, private_mosquitto.url, tmp_path / "agent", tmp_path / "agent.log",
                         "--on-restart", "exec")
     try:
-        wait_for(lambda: watcher.states[-1:] == [True], what="agent online")
+        wait_for(lambda: fleet.devices.get(device_id).online, what="agent online")
         # Execute
+        logs = fleet.devices.send_command(device_id, CommandCreate(kind="logs", args={"lines": MAX_LINES}))
         stale = watcher.ack(watcher.send("restart", ts=time.time() - MAX_AGE_S - 30))
         seen = len(watcher.states)
-        restart = watcher.ack(watcher.send("restart"))
+        restart = fleet.devices.send_command(device_id, CommandCreate(kind="restart"))
         wait_for(lambda: watcher.states[seen:][-2:] == [False, True], timeout=30, what="offline, then online")
+        wait_for(lambda: fleet.devices.get(device_id).online, what="the registry says online again")
+        after = fleet.devices.send_command(device_id, CommandCreate(kind="ping"))
         # Assert
+        assert logs.status == "ok" and logs.result and "agent.state" in "\n".join(logs.result["lines"])
         assert not stale.ok and "stale" in (stale.reason or "")
-        assert restart.ok and restart.result["mode"] == "exec" and restart.result["pid"] == agent.pid
+        assert restart.status == "ok", restart
+        assert restart.result and restart.result["mode"] == "exec" and restart.result["pid"] == agent.pid
         assert agent.poll() is None  # the same process (os.execv), running again
-        after = watcher.ack(watcher.send("ping"))
-        assert after.ok and after.result["state"] == "online"
+        assert after.status == "ok" and after.result and after.result["state"] == "online"
         log = (tmp_path / "agent.log").read_text()
         assert log.count("agent.restarting") == 1 and "agent.reexec" in log
     finally:
