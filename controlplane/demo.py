@@ -18,9 +18,7 @@ import uvicorn
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.broker import free_port
-from controlplane.cli._common import Progress, summarize_skipped
-from controlplane.cli.deployments import deployment_progress
-from controlplane.cli.rounds import round_progress
+from controlplane.output import Progress, deployment_progress, round_progress, summarize_skipped
 from controlplane.settings import Settings
 from controlplane.statuses import DeploymentStatus, RoundStatus
 from controlplane.wiring import Fleet

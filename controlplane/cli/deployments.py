@@ -7,8 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from controlplane.cli._common import Progress, TokenOpt, UrlOpt, api, call, fail
-from controlplane.statuses import DeploymentStatus, TargetStatus
+from controlplane.cli._common import TokenOpt, UrlOpt, api, call, fail
+from controlplane.output import Progress, deployment_progress
+from controlplane.statuses import DeploymentStatus
 
 app = typer.Typer(no_args_is_help=True, help="Rollouts of model versions to devices via the API.")
 
@@ -21,17 +22,6 @@ def _line(d: dict[str, Any]) -> str:
     flags = (" rollback" if d.get("rollback") else "") + (
         f" (of #{d['rollback_of']})" if d.get("rollback_of") is not None else "")
     return f"#{d['id']:<4} {d['status']:<10} {d['model_version']:<24} release {d['release']:<4}{flags}  {counts}"
-
-
-def deployment_progress(d: dict[str, Any]) -> str:
-    """A rollout's progress as the API reports it: status, wave, devices done of all, counts by status."""
-    counts: dict[str, int] = d.get("counts") or {}
-    total = sum(counts.values())
-    unfinished = sum(n for status, n in counts.items() if status in {s.value for s in TargetStatus if s.unfinished})
-    waves = d.get("waves") or [100]
-    by_status = ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
-    return (f"{d['status']}: wave {d.get('current_wave', 0) + 1}/{len(waves)}, {total - unfinished}/{total} devices "
-            f"done" + (f" ({by_status})" if by_status else ""))
 
 
 def _table(d: dict[str, Any]) -> str:

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from controlplane.burst.placement import Placement
-from controlplane.cli._common import Progress, TokenOpt, UrlOpt, api, call
+from controlplane.cli._common import TokenOpt, UrlOpt, api, call
+from controlplane.output import Progress
 from controlplane.statuses import JobStatus
 from federated.burst.spec import JobKind
 

@@ -7,16 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from controlplane.cli._common import (
-    Progress,
-    TokenOpt,
-    UrlOpt,
-    api,
-    call,
-    fail,
-    summarize_ids,
-    summarize_skipped,
-)
+from controlplane.cli._common import TokenOpt, UrlOpt, api, call, fail
+from controlplane.output import Progress, round_progress, summarize_ids, summarize_skipped
 from controlplane.statuses import RoundStatus
 from federated.burst.spec import JobKind
 from federated.flower.config import Strategy
@@ -48,22 +40,6 @@ def _round_line(r: dict[str, Any]) -> str:
     return (f"#{r['id']:<4} {r['status']:<10} {r['strategy']:<8} invited {len(r['invited'])} "
             f"took part {len(r['participants'])}{accuracy}{job} model {r.get('model_version')}"
             + (f"  ({r['reason']})" if r.get("reason") else ""))
-
-
-def round_progress(r: dict[str, Any]) -> str:
-    """What a round is doing, from its record: invited, then the Flower rounds' results as they come, the build."""
-    done = [m for m in r.get("metrics") or [] if m.get("round", 0) > 0]
-    planned = (r.get("config") or {}).get("rounds", "?")
-    text = f"{r['status']}: invited {len(r['invited'])}"
-    if not done:
-        return text + (f", {planned} flower round(s), no results yet" if r["status"] == RoundStatus.RUNNING else "")
-    last = done[-1]
-    text += f", flower round {len(done)}/{planned}, took part {len(last.get('participants') or [])}"
-    if isinstance(last.get("accuracy"), float):
-        text += f", accuracy {last['accuracy']:.3f}"
-    if len(done) == planned and r["status"] == RoundStatus.RUNNING:
-        text += ", building"
-    return text
 
 
 TaskOpt = Annotated[str, typer.Option(help="A task the control plane registers by name.")]

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from controlplane.cli._common import TokenOpt, UrlOpt, api, call
-from controlplane.cli.deployments import deployment_progress
+from controlplane.output import deployment_progress
 from controlplane.statuses import DeploymentStatus, JobStatus
 
 _DEVICE_PAGE = 5000  # the API's largest page
