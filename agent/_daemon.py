@@ -384,6 +384,10 @@ class Agent:
         handler = self._long_running.get(command.kind)
         if handler is None:
             ack = self.handle_command(command)
+            if command.kind == wire.CommandKind.LOGS:
+                # Read-only, and up to ~60 KiB: answered again on a redelivery rather than kept 256 times over.
+                self._send_ack(ack)
+                return
             entry = self._remember(ack)
             if command.kind == wire.CommandKind.RESTART and ack.ok:
                 # Stop once the broker has the ack (PUBACK), at most ACK_WAIT_S from now: see run().
