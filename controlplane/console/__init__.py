@@ -58,10 +58,11 @@ def _service_error(request: Request[Any, Any, Any], exc: ControlPlaneError) -> R
     return _http_error(request, HTTPException(status_code=exc.status_code, detail=str(exc) or type(exc).__name__))
 
 
-# Scripts and styles come from the console's own static files only: no inline script runs, whatever a device id,
-# tag or reason contains. (Style attributes set from JavaScript, as uPlot does, are not inline styles.)
-CSP: Final = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-              "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+# Scripts and style sheets come from the console's own static files only: no inline script runs, whatever a device
+# id, tag or reason contains. Style attributes are allowed (progress bars' widths; they cannot run code).
+CSP: Final = ("default-src 'self'; script-src 'self'; style-src 'self'; style-src-attr 'unsafe-inline'; "
+              "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+              "frame-ancestors 'none'")
 
 
 def console_router() -> Router:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
@@ -30,6 +33,7 @@ __all__ = [
     "FleetCounts",
     "FleetFilter",
     "HistoryRow",
+    "ReadCache",
     "TelemetrySeries",
     "command_rows",
     "filtered_total",
@@ -40,6 +44,36 @@ __all__ = [
 ]
 
 MAX_POINTS: Final = 1500  # per chart: more than a chart's width in pixels says nothing more
+_T = TypeVar("_T")
+
+
+class ReadCache:
+    """Answers of the fleet-wide aggregates kept for ``ttl_s`` seconds (per process, at most ``size`` keys).
+
+    Not a second source of truth: a copy of a read, at most ``ttl_s`` old. At 10,000 devices on SQLite the counts
+    by profile and presence cost ~20 ms (the registry rows are read for the ``online`` column; an index on
+    (profile, online) would make it index-only); every open fleet page re-fetches them every 5 s.
+    """
+
+    def __init__(self, ttl_s: float = 2.0, size: int = 256) -> None:
+        self.ttl_s, self.size = ttl_s, size
+        self._lock = threading.Lock()
+        self._entries: dict[Hashable, tuple[float, Any]] = {}
+
+    def get(self, key: Hashable, compute: Callable[[], _T]) -> _T:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]  # type: ignore[no-any-return]
+        value = compute()
+        with self._lock:
+            if len(self._entries) >= self.size:
+                self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+                if len(self._entries) >= self.size:
+                    self._entries.clear()
+            self._entries[key] = (now + self.ttl_s, value)
+        return value
 
 
 @dataclass(frozen=True)
@@ -68,6 +102,16 @@ class FleetCounts:
     @property
     def offline(self) -> int:
         return self.total - self.online
+
+    def matching(self, fleet_filter: FleetFilter) -> int | None:
+        """How many devices a filter without a tag matches, from these counts; None with a tag."""
+        if fleet_filter.tag is not None:
+            return None
+        total = 0
+        for profile, n, online in self.by_profile:
+            if fleet_filter.profile is None or profile == fleet_filter.profile:
+                total += n if fleet_filter.online is None else online if fleet_filter.online else n - online
+        return total
 
 
 def fleet_counts(engine: Engine) -> FleetCounts:

@@ -12,6 +12,7 @@ Everything shown is read through :class:`~controlplane.devices.DeviceService` or
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -178,6 +179,14 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+@functools.cache
+def _enrollable_profiles() -> tuple[str, ...]:
+    """The shipped profiles a device can enrol with (the profile filter offers them before any device has)."""
+    from firmware_profiles import load_profiles
+
+    return tuple(name for name, profile in load_profiles().items() if profile.runtime.python_agent)
+
+
 @dataclass(frozen=True)
 class FleetQuery:
     profile: str
@@ -195,17 +204,31 @@ class FleetQuery:
         return urlencode({k: v for k, v in values.items() if v and not (k == "page" and v == 1)})
 
 
+def _cache(request: Request[Any, Any, Any]) -> q.ReadCache:
+    state = request.app.state
+    cache = state.get("console_read_cache")
+    if cache is None:
+        cache = state.console_read_cache = q.ReadCache()
+    return cache
+
+
 def _fleet_context(request: Request[Any, Any, Any], query: FleetQuery) -> dict[str, Any]:
     engine = request.app.state.engine
+    cache = _cache(request)
     fleet_filter = query.filter
     offset = (query.page - 1) * PAGE_SIZE
     devices = _devices(request).find(profile=fleet_filter.profile, tag=fleet_filter.tag, online=fleet_filter.online,
                                      limit=PAGE_SIZE, offset=offset)
-    total = q.filtered_total(engine, fleet_filter)
+    counts = cache.get("counts", lambda: q.fleet_counts(engine))
+    total = counts.matching(fleet_filter)
+    if total is None:
+        total = cache.get(("total", fleet_filter), lambda: q.filtered_total(engine, fleet_filter))
+    if devices:  # the counts may be a moment old: never say fewer than the page shows
+        total = max(total, offset + len(devices))
     now = time.time()
     pages = max(1, math.ceil(total / PAGE_SIZE))
     return {
-        "user": request.scope.get("user"), "query": query, "counts": q.fleet_counts(engine),
+        "user": request.scope.get("user"), "query": query, "counts": counts,
         "devices": [DeviceView.of(d, now) for d in devices], "total": total, "first": offset + 1 if devices else 0,
         "last": offset + len(devices), "pages": pages,
         "prev_qs": query.query_string(page=query.page - 1) if query.page > 1 else None,
@@ -220,7 +243,9 @@ def fleet_page(request: Request[Any, Any, Any], profile: ProfileQuery = "", tag:
                online: OnlineQuery = "", page: PageQuery = 1) -> Template:
     query = FleetQuery(profile, tag, online, page)
     context = _fleet_context(request, query)
-    context["tags"] = q.tags_in_use(request.app.state.engine)
+    engine = request.app.state.engine
+    context["tags"] = _cache(request).get("tags", lambda: q.tags_in_use(engine))
+    context["profiles"] = sorted(set(_enrollable_profiles()) | {p for p, _, _ in context["counts"].by_profile})
     return Template(template_name="fleet.html", context=context)
 
 
