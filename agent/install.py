@@ -98,6 +98,9 @@ Group={group}
 ExecStart={edgefleet} agent run --config {config} --data-dir {data_dir}
 Restart=on-failure
 RestartSec=10s
+# `edgefleet devices restart`: the agent acks, stops cleanly and exits 75: a clean exit for systemd, restarted.
+SuccessExitStatus=75
+RestartForceExitStatus=75
 TimeoutStopSec=30s
 Environment=PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # /var/lib/edgefleet (the agent's --data-dir, also the user's home, so Flower's and Python's caches land there) and
