@@ -28,6 +28,7 @@ from litestar.exceptions import NotFoundException, ValidationException
 from litestar.params import Body, Parameter
 from litestar.response import Redirect, Template
 
+from agent import protocol as wire
 from controlplane._bounds import NAME_PATTERN, NameParam
 from controlplane._errors import ControlPlaneError, NotFound
 from controlplane.auth import Role
@@ -44,10 +45,11 @@ MAX_PAGE: Final = 1_000_000
 WINDOWS: Final = {"1h": 3600, "6h": 6 * 3600, "24h": 24 * 3600, "7d": 7 * 86400}
 # The operator actions on the device page: command kind -> (arguments, how long to wait for the ack).
 ACTIONS: Final[dict[str, tuple[dict[str, Any], float]]] = {
-    "ping": ({}, 5.0),
-    "logs": ({"lines": 200}, 10.0),
-    "restart": ({}, 5.0),
+    wire.CommandKind.PING: ({}, 5.0),
+    wire.CommandKind.LOGS: ({"lines": wire.LOGS_MAX_LINES}, 10.0),
+    wire.CommandKind.RESTART: ({}, 5.0),
 }
+_LISTED_RESULT_CHARS: Final = 4000  # a result in the command list (re-fetched every 5 s); the action shows it whole
 
 
 def _optional(name_pattern: str) -> str:
@@ -274,7 +276,14 @@ def _commands_context(request: Request[Any, Any, Any], device_id: str) -> dict[s
     rows = q.command_rows(request.app.state.engine, device_id)
     return {"device_id": device_id, "commands": [
         {"kind": r.kind, "status": r.status, "reason": r.reason, "created": utc(r.created_at),
-         "acked": utc(r.acked_at), "result": _result_text(r.result), "command_id": r.command_id} for r in rows]}
+         "acked": utc(r.acked_at), "result": _clip(_result_text(r.result)), "command_id": r.command_id}
+        for r in rows]}
+
+
+def _clip(text: str) -> str:
+    if len(text) <= _LISTED_RESULT_CHARS:
+        return text
+    return f"{text[:_LISTED_RESULT_CHARS]}\n… ({len(text) - _LISTED_RESULT_CHARS} more characters)"
 
 
 def _result_text(result: dict[str, Any] | None) -> str:
@@ -283,7 +292,8 @@ def _result_text(result: dict[str, Any] | None) -> str:
         return ""
     lines = result.get("lines")
     if isinstance(lines, list) and all(isinstance(line, str) for line in lines):
-        return "\n".join(lines)
+        note = "\n(older entries did not fit in one answer)" if result.get("truncated") is True else ""
+        return "\n".join(lines) + note
     return json.dumps(result, indent=1, sort_keys=True, default=str)[:20_000]
 
 
