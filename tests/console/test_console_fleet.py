@@ -319,3 +319,24 @@ def test_bad_input_is_a_4xx_page_and_device_text_is_escaped(console_server: Cons
         assert "&lt;script&gt;alert(&#34;r&#34;)&lt;/script&gt;" in html
     assert empty.status_code == 200 and empty.json()["ts"] == [] and empty.json()["records"] == 0
     assert high_page.status_code == 200 and "No device matches" in high_page.text
+
+
+def test_model_history_names_the_deployment_and_its_outcome(console_server: ConsoleServer) -> None:
+    # Prepare: a deployment to an offline device, cancelled by an operator
+    from controlplane.deployments.schemas import DeploymentCreate, Targets
+    from tests.controlplane.test_models_deployments import register_starter
+
+    fleet = console_server.fleet
+    enroll(console_server, "hist-0")
+    register_starter(fleet, "hist-m1", {"fp32": 0.975, "full-int8": 0.9625})
+    deployment = fleet.deployments.create(DeploymentCreate(model_version="hist-m1",
+                                                           targets=Targets(device_ids=["hist-0"])))
+    fleet.deployments.cancel(deployment.id)
+    with TestClient(app=create_app(fleet=fleet)) as client:
+        client.cookies.set("edgefleet_console", console_server.tokens[Role.VIEWER])
+        # Execute
+        page = client.get("/console/devices/hist-0")
+    # Assert
+    history = page.text.split('id="model-history"')[1]
+    assert f'href="/console/deployments/{deployment.id}">#{deployment.id}</a>' in history
+    assert "hist-m1" in history and '<span class="badge cancelled">cancelled</span>' in history
