@@ -11,25 +11,29 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from litestar.testing import TestClient
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
 from controlplane.console._auth import COOKIE
-from controlplane.db import JobRecord, ModelVersionRecord, RoundRecord, utcnow
+from controlplane.db import DeploymentTargetRecord, JobRecord, ModelVersionRecord, RoundRecord, utcnow
 from controlplane.deployments.schemas import DeploymentCreate, Targets
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.schedules import ScheduleCreate
-from controlplane.statuses import JobStatus, RoundStatus
+from controlplane.statuses import JobStatus, RoundStatus, TargetStatus
 from controlplane.wiring import Fleet
 from federated.burst.spec import JobKind
 from federated.flower.config import Strategy
 from tests._services import fx_fleet  # noqa: F401 - the fleet fixture (mosquitto, SQLite and PostgreSQL)
-from tests.controlplane.test_models_deployments import register_starter
+from tests.console.conftest import ConsoleServer, login, screenshot
+from tests.controlplane.test_models_deployments import FakeDevice, register_starter
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 pytestmark = pytest.mark.integration
 
@@ -40,21 +44,22 @@ STARTER = {"fp32": 0.975, "full-int8": 0.971}
 # -- seeding --------------------------------------------------------------------------------------------------
 def seed_round(fleet: Fleet, *, status: RoundStatus = RoundStatus.SUCCEEDED, model_version: str | None = None,
                devices: int = 6, reason: str | None = None, schedule_id: str | None = None,
-               initial_model: str | None = None) -> int:
-    """A finished federated run as the round service records it (its metrics as the ServerApp reports them)."""
-    ids = [f"pi-{i:02d}" for i in range(devices)]
+               initial_model: str | None = None, prefix: str = "pi", hostile: str = HOSTILE) -> int:
+    """A finished federated run as the round service records it (its metrics as the ServerApp reports them); the
+    devices' and workers' words carry `hostile`."""
+    ids = [f"{prefix}-{i:02d}" for i in range(devices)]
     invited, participants = ids[: devices - 2], ids[: devices - 3]
     dropped = ids[devices - 3]
     metrics: list[dict[str, Any]] = [{"round": 0, "accuracy": 0.11, "loss": 2.30, "participants": []}]
     for rnd, (acc, loss) in enumerate([(0.62, 1.21), (0.81, 0.64), (0.9, 0.38), (0.93, 0.27)], start=1):
         metrics.append({"round": rnd, "accuracy": acc, "loss": loss, "participants": participants,
                         "dropped": [dropped] if rnd == 2 else [], "duration_s": 4.2 + rnd,
-                        "drop_reasons": {dropped: f"no update within 30s {HOSTILE}"} if rnd == 2 else {}})
+                        "drop_reasons": {dropped: f"no update within 30s {hostile}".strip()} if rnd == 2 else {}})
     with Session(fleet.engine) as session:
         record = RoundRecord(schedule_id=schedule_id, task="digits", strategy=Strategy.FEDAVG,
                              config={"rounds": 4, "min_clients": 2, "initial_model": initial_model},
                              status=status, reason=reason, invited=invited, participants=participants,
-                             skipped={ids[-2]: f"battery 12% < 30% {HOSTILE}", ids[-1]: "offline",
+                             skipped={ids[-2]: f"battery 12% < 30% {hostile}".strip(), ids[-1]: "offline",
                                       dropped: "dropped out: no update within 30s"},
                              metrics=metrics if status is RoundStatus.SUCCEEDED else metrics[:2],
                              model_version=model_version, created_at=utcnow() - timedelta(minutes=30),
@@ -75,15 +80,15 @@ def seed_model(fleet: Fleet, version: str, *, source_kind: str, source_id: str) 
         session.commit()
 
 
-def seed_job(fleet: Fleet, *, status: JobStatus, round_id: int | None = None,
-             model_version: str | None = None) -> int:
+def seed_job(fleet: Fleet, *, status: JobStatus, round_id: int | None = None, model_version: str | None = None,
+             epoch: int = 3, hostile: str = HOSTILE) -> int:
     logs = "\n".join(f"EDGEFLEET_PROGRESS {{\"epoch\": {i}, \"loss\": 0.5}} step {i * 50}" for i in range(400))
     with Session(fleet.engine) as session:
         record = JobRecord(kind=JobKind.QAT, task="digits", resources={"gpus": 1.0, "cpus": 4.0}, status=status,
-                           reason=None if status is not JobStatus.FAILED else f"worker died {HOSTILE}",
-                           placement="burst", placement_reason=f"asks for accelerators (gpus=1) {HOSTILE}",
-                           progress={"epoch": 3, "epochs": 5, "step": 150, "loss": 0.4213, "phase": "qat"},
-                           metrics={"accuracy": 0.958, "device": "cuda"}, logs_tail=logs + "\n" + HOSTILE,
+                           reason=None if status is not JobStatus.FAILED else f"worker died {hostile}",
+                           placement="burst", placement_reason=f"asks for accelerators (gpus=1) {hostile}".strip(),
+                           progress={"epoch": epoch, "epochs": 5, "step": 50 * epoch, "loss": 0.4213, "phase": "qat"},
+                           metrics={"accuracy": 0.958, "device": "cuda"}, logs_tail=logs + "\n" + hostile,
                            model_version=model_version, out_dir="/nonexistent", round_id=round_id,
                            created_at=utcnow() - timedelta(minutes=20), started_at=utcnow() - timedelta(minutes=19))
         session.add(record)
@@ -309,3 +314,142 @@ def test_list_pages_paginate(sqlite_fleet: Fleet) -> None:
     assert f'href="/console/rounds/{ids[-1]}"' in first and f'href="/console/rounds/{ids[0]}"' not in first
     assert "26–30 of 30" in second and f'href="/console/rounds/{ids[0]}"' in second
 
+
+
+# -- in the browser --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_an_operator_starts_a_round_from_the_page(page: Page, console_server: ConsoleServer) -> None:
+    # Prepare: devices that may train, offline: none is eligible now
+    fleet = console_server.fleet
+    enroll(fleet, "start-0", "start-1")
+    login(page, console_server.tokens[Role.OPERATOR], next_path="/console/rounds")
+    before = {r.id for r in fleet.rounds.list_all()}
+    # Execute: the form, as a person fills it
+    page.select_option("#round-start select[name=strategy]", "fedprox")
+    page.fill("#round-start input[name=rounds]", "2")
+    page.fill("#round-start input[name=min_clients]", "2")
+    with page.expect_navigation():
+        page.click("#round-start button[type=submit]")
+    started = [r for r in fleet.rounds.list_all() if r.id not in before]
+    reason = page.locator("#round-reason").inner_text()
+    # Assert: the round is recorded by the service, and its page says why it could not run
+    assert len(started) == 1 and started[0].strategy == "fedprox" and started[0].config["rounds"] == 2
+    assert page.url.endswith(f"/console/rounds/{started[0].id}")
+    assert started[0].status == "failed" and "eligible device(s), min_clients is 2" in reason
+    assert started[0].skipped.get("start-0") == "offline"
+    assert "offline" in page.locator("#round-skipped").inner_text()
+
+
+@pytest.mark.slow
+def test_a_viewer_is_refused_starting_a_round(page: Page, console_server: ConsoleServer) -> None:
+    # Prepare
+    fleet = console_server.fleet
+    login(page, console_server.tokens[Role.VIEWER], next_path="/console/rounds")
+    before = len(fleet.rounds.list_all())
+    # Execute: the button is disabled; re-enabled by hand, the POST is refused
+    disabled = page.locator("#round-start button[type=submit]").is_disabled()
+    note = page.locator("#round-start-note").inner_text()
+    page.eval_on_selector("#round-start fieldset", "fieldset => { fieldset.disabled = false; }")
+    with page.expect_navigation():
+        page.click("#round-start button[type=submit]")
+    # Assert
+    assert disabled and "operator role" in note
+    assert page.locator("h1").inner_text() == "403"
+    assert "operator" in page.locator("p.error").inner_text()
+    assert len(fleet.rounds.list_all()) == before
+
+
+@pytest.mark.slow
+def test_watch_a_deployment_progress(page: Page, console_server: ConsoleServer) -> None:
+    """Devices come online one by one and install the model; the page follows without a reload, then stops
+    polling once the deployment has succeeded."""
+    # Prepare: four devices enrolled, offline: every target pending
+    fleet = console_server.fleet
+    ids = [f"roll-{i}" for i in range(4)]
+    enroll(fleet, *ids, profile="raspberry-pi-5")
+    register_starter(fleet, "roll-m1", STARTER)
+    devices = [FakeDevice(console_server.broker_url, d, ok=True, connect=False) for d in ids]
+    try:
+        created = fleet.deployments.create(DeploymentCreate(model_version="roll-m1",
+                                                            targets=Targets(device_ids=ids), waves=[50.0, 100.0]))
+        login(page, console_server.tokens[Role.OPERATOR], next_path=f"/console/deployments/{created.id}")
+        page.evaluate("() => { window.opsMarker = 'same page'; }")  # gone if the page reloads
+        progress = page.locator("#deployment-progress")
+        first = progress.inner_text()
+        # Execute: the first device, then the rest
+        devices[0].connect()
+        page.locator('#deployment-targets tr[data-device="roll-0"] .ops-status-succeeded').wait_for(timeout=15_000)
+        after_one = progress.inner_text()
+        for device in devices[1:]:
+            device.connect()
+        page.locator('#deployment-live[data-status="succeeded"]').wait_for(timeout=20_000)
+        final = progress.inner_text()
+        statuses = page.locator("#deployment-targets .ops-target-status").all_inner_texts()
+        polling = page.locator("#deployment-live").get_attribute("hx-trigger")
+        marker = page.evaluate("() => window.opsMarker")
+    finally:
+        for device in devices:
+            device.close()
+    # Assert
+    assert first == "0 of 4 devices done"
+    assert after_one == "1 of 4 devices done"
+    assert final == "4 of 4 devices done" and statuses == ["succeeded"] * 4
+    assert marker == "same page"  # updated in place, never reloaded
+    assert polling is None  # a finished deployment is not polled any more
+
+
+def seed_demo(fleet: Fleet) -> dict[str, Any]:
+    """What the screenshots show: rounds with curves (one with a burst step, one refused), their models, a schedule,
+    a rollout half way (a device failed its self-test, the second wave pending) and burst jobs."""
+    ids = [f"demo-ops-{i:02d}" for i in range(8)]
+    profiles = ["raspberry-pi-5", "jetson-orin-nano", "raspberry-pi-4", "coral-dev-board"]
+    for i, device_id in enumerate(ids):
+        fleet.devices.enroll(DeviceCreate(device_id=device_id, profile=profiles[i % 4], tags=["demo-ops"]))
+    first = seed_round(fleet, model_version="demo-r1", prefix="demo-ops", hostile="")
+    seed_model(fleet, "demo-r1", source_kind="round", source_id=str(first))
+    second = seed_round(fleet, model_version="demo-r2-qat", initial_model="demo-r1", schedule_id="nightly-ops",
+                        prefix="demo-ops", hostile="")
+    job = seed_job(fleet, status=JobStatus.SUCCEEDED, round_id=second, model_version="demo-r2-qat", epoch=5,
+                   hostile="")
+    seed_model(fleet, "demo-r2-qat", source_kind="burst", source_id=str(job))
+    seed_round(fleet, status=RoundStatus.FAILED, reason="1 eligible device(s), min_clients is 2", prefix="demo-ops",
+               hostile="")
+    seed_job(fleet, status=JobStatus.RUNNING, hostile="")
+    fleet.schedules.create(ScheduleCreate(id="nightly-ops", cron="0 2 * * *"))
+    deployment = fleet.deployments.create(DeploymentCreate(
+        model_version="demo-r2-qat", targets=Targets(tags=["demo-ops"]), waves=[50.0, 100.0], failure_threshold=0.5))
+    with Session(fleet.engine) as session:  # the first wave answered (as the devices' acks would have it)
+        for target in session.exec(select(DeploymentTargetRecord).where(
+                DeploymentTargetRecord.deployment_id == deployment.id, DeploymentTargetRecord.wave == 0)):
+            failed = target.device_id == ids[1]
+            target.status = TargetStatus.FAILED if failed else TargetStatus.SUCCEEDED
+            target.reason = "self-test failed: output differs by 0.4 (tolerance 0.001)" if failed else None
+            session.add(target)
+        session.commit()
+    return {"round": second, "deployment": deployment.id}
+
+
+@pytest.mark.slow
+def test_screenshots_of_the_ops_pages(page: Page, console_server: ConsoleServer) -> None:
+    """docs/console/{rounds,round,models,deployments,deployment,jobs}.png from a seeded demo (with EDGEFLEET_SCREENSHOTS=1)."""
+    # Prepare
+    seeded = seed_demo(console_server.fleet)
+    login(page, console_server.tokens[Role.OPERATOR], next_path="/console/rounds")
+    # Execute
+    screenshot(page, "rounds")
+    page.goto(f"/console/rounds/{seeded['round']}")
+    page.locator('#round-chart[data-ops-drawn="true"]').wait_for()
+    series = page.locator("#round-chart .u-legend .u-series").count()
+    screenshot(page, "round")
+    page.goto("/console/models")
+    screenshot(page, "models")
+    page.goto("/console/deployments")
+    screenshot(page, "deployments")
+    page.goto(f"/console/deployments/{seeded['deployment']}")
+    wave_rows = page.locator("#deployment-waves tbody tr").count()
+    screenshot(page, "deployment")
+    page.goto("/console/jobs")
+    screenshot(page, "jobs")
+    # Assert: the chart drew its two series (and the x axis)
+    assert series == 3
+    assert wave_rows == 2

@@ -14,7 +14,7 @@
       height: 280,
       scales: { x: { time: false }, acc: { range: [0, 1] }, loss: {} },
       axes: [
-        { label: "Flower round" },
+        { label: "Flower round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] },
         { scale: "acc", label: "accuracy", values: function (u, v) { return v.map(function (x) { return (x * 100).toFixed(0) + " %"; }); } },
         { scale: "loss", label: "loss", side: 1, grid: { show: false } }
       ],
