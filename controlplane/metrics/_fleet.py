@@ -91,10 +91,11 @@ class FleetCollector(Collector):
             log.warning("metrics.database_failed", error_type=type(exc).__name__, error=str(exc).splitlines()[0][:300])
             families, up = [], 0
         yield from families
-        yield GaugeMetricFamily("edgefleet_database_up", "Whether the last scrape could read the database (1) or not",
-                                value=up)
+        yield GaugeMetricFamily("edgefleet_database_up",
+                                "Whether this scrape could read the database (1) or not (0: the fleet figures are "
+                                "missing)", value=up)
         yield GaugeMetricFamily("edgefleet_metrics_collect_seconds",
-                                "Seconds the last scrape spent on its database queries",
+                                "Seconds this scrape spent on its database queries",
                                 value=time.perf_counter() - started)
 
 
