@@ -7,10 +7,12 @@ deployment's ten thousand targets in Python. A single record's page reads it thr
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 from sqlalchemy import Connection, Engine, and_, case, func, literal_column, select
 from sqlalchemy.sql.elements import ColumnElement
@@ -33,9 +35,11 @@ __all__ = [
     "TARGETS_PAGE_SIZE",
     "DeploymentDetail",
     "DeploymentRow",
+    "FinishedRounds",
     "JobRow",
     "ModelRow",
     "Page",
+    "RoundCounts",
     "RoundRow",
     "WaveRow",
     "deployment_detail",
@@ -124,20 +128,62 @@ def _count(conn: Connection, table: Any, *where: Any) -> int:
     return int(conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one())
 
 
-def rounds_page(engine: Engine, offset: int, limit: int = PAGE_SIZE) -> Page[RoundRow]:
-    invited, participants, skipped, accuracy = _round_aggregates(engine)
+class RoundCounts(NamedTuple):
+    invited: int
+    participants: int
+    skipped: int
+    accuracy: float | None  # the last Flower round's
+
+
+class FinishedRounds:
+    """The counts of finished rounds, which never change again, kept per app (bounded, least recently used out):
+    the JSON columns of a page's rounds are parsed by the database once, not at every view. (On PostgreSQL, 25
+    rounds that each invited 5,000 of 10,000 devices cost ~275 ms to aggregate; SQLite ~20 ms.)"""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._counts: OrderedDict[int, RoundCounts] = OrderedDict()
+
+    def get(self, round_id: int) -> RoundCounts | None:
+        with self._lock:
+            counts = self._counts.get(round_id)
+            if counts is not None:
+                self._counts.move_to_end(round_id)
+            return counts
+
+    def put(self, round_id: int, counts: RoundCounts) -> None:
+        with self._lock:
+            self._counts[round_id] = counts
+            self._counts.move_to_end(round_id)
+            while len(self._counts) > self._size:
+                self._counts.popitem(last=False)
+
+
+def rounds_page(engine: Engine, offset: int, limit: int = PAGE_SIZE,
+                finished: FinishedRounds | None = None) -> Page[RoundRow]:
     r = _ROUND.c
-    query = (select(r.id, r.schedule_id, r.task, r.strategy, r.status, r.reason, invited, participants, skipped,
-                    accuracy, r.model_version, r.job_id, r.created_at, r.finished_at)
-             .order_by(r.id.desc()).offset(offset).limit(limit))
     with engine.connect() as conn:
         total = _count(conn, _ROUND)
-        rows = conn.execute(query).all()
-    items = [RoundRow(id=row[0], schedule_id=row[1], task=row[2], strategy=str(row[3]), status=RoundStatus(row[4]),
-                      reason=row[5], invited=int(row[6] or 0), participants=int(row[7] or 0),
-                      skipped=int(row[8] or 0), accuracy=_float(row[9]), model_version=row[10], job_id=row[11],
-                      created_at=as_utc(row[12]), finished_at=as_utc(row[13]))
-             for row in rows]
+        rows = conn.execute(select(r.id, r.schedule_id, r.task, r.strategy, r.status, r.reason, r.model_version,
+                                   r.job_id, r.created_at, r.finished_at)
+                            .order_by(r.id.desc()).offset(offset).limit(limit)).all()
+        counts = {row[0]: c for row in rows if finished is not None and (c := finished.get(row[0])) is not None}
+        missing = [row[0] for row in rows if row[0] not in counts]
+        if missing:
+            for found in conn.execute(select(r.id, *_round_aggregates(engine)).where(r.id.in_(missing))).all():
+                counts[found[0]] = RoundCounts(invited=int(found[1] or 0), participants=int(found[2] or 0),
+                                               skipped=int(found[3] or 0), accuracy=_float(found[4]))
+    items = []
+    for row in rows:
+        status = RoundStatus(row[4])
+        c = counts.get(row[0], RoundCounts(0, 0, 0, None))
+        if finished is not None and status.finished and row[0] in missing:
+            finished.put(row[0], c)
+        items.append(RoundRow(id=row[0], schedule_id=row[1], task=row[2], strategy=str(row[3]), status=status,
+                              reason=row[5], invited=c.invited, participants=c.participants, skipped=c.skipped,
+                              accuracy=c.accuracy, model_version=row[6], job_id=row[7], created_at=as_utc(row[8]),
+                              finished_at=as_utc(row[9])))
     return Page(items=items, total=total, offset=offset, limit=limit)
 
 

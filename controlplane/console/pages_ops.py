@@ -11,6 +11,7 @@ and a POST answers 403. Ids in paths are checked here so that a malformed one is
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any, Final
@@ -43,6 +44,7 @@ Form = Annotated[dict[str, Any], Body(media_type=RequestEncodingType.URL_ENCODED
 _VIEW: Final = console_requires(Role.VIEWER)
 _OPERATE: Final = console_requires(Role.OPERATOR)
 _NAME: Final = re.compile(NAME_PATTERN)
+_STATE_LOCK: Final = threading.Lock()
 _SHOWN_IDS: Final = 200  # device ids listed on a round's page per list (the rest are counted)
 _SHOWN_PER_REASON: Final = 12  # example devices per skip reason
 _LOG_LINES: Final = 200  # lines of a job's log tail shown
@@ -76,6 +78,17 @@ def _name(text: str, what: str) -> str:
     return text
 
 
+def _finished_rounds(request: Request[Any, Any, Any]) -> q.FinishedRounds:
+    """This app's cache of finished rounds' counts (made on first use; a finished round never changes)."""
+    state = request.app.state
+    with _STATE_LOCK:
+        cache = getattr(state, "console_finished_rounds", None)
+        if cache is None:
+            cache = q.FinishedRounds()
+            state.console_finished_rounds = cache
+    return cache
+
+
 @contextmanager
 def _service_errors() -> Iterator[None]:
     """A service's refusal (not found, conflict, invalid) becomes the console's error page with its status."""
@@ -98,7 +111,7 @@ def _task_names() -> list[str]:
 def _rounds_page(request: Request[Any, Any, Any], offset: int, *, form: dict[str, Any] | None = None,
                  error: str | None = None, status_code: int = 200) -> Template:
     fleet = _fleet(request)
-    page = q.rounds_page(fleet.engine, offset)
+    page = q.rounds_page(fleet.engine, offset, finished=_finished_rounds(request))
     schedules = fleet.schedules.list_all()
     defaults = msgspec.to_builtins(RoundCreate())
     shown = {k: defaults.get(k) for k in _ROUND_FIELDS} | {"build": defaults["build"], "deploy": defaults["deploy"]}
@@ -173,6 +186,16 @@ def round_detail(request: Request[Any, Any, Any], round_id: PathText) -> Templat
         invited=record.invited[:_SHOWN_IDS], participants=record.participants[:_SHOWN_IDS],
         skipped=_skipped_by_reason(record.skipped), dropped=list(record.dropped.items())[:_SHOWN_IDS],
         shown=_SHOWN_IDS))
+
+
+@get("/rounds/{round_id:str}/live", guards=[_VIEW], sync_to_thread=True)
+def round_live(request: Request[Any, Any, Any], round_id: PathText) -> Template:
+    """The part of a round's page that changes while it runs (htmx polls it); once the round has finished, htmx
+    is asked to reload the whole page (HX-Refresh), which then has its curve and lists."""
+    with _service_errors():
+        record = _fleet(request).rounds.get(_row_id(round_id, "round"))
+    headers = {"HX-Refresh": "true"} if record.status.finished else None
+    return Template(template_name="_ops_round_live.html", headers=headers, context=_context(request, round=record))
 
 
 # -- models ---------------------------------------------------------------------------------------------------
@@ -305,6 +328,6 @@ def job_cancel(request: Request[Any, Any, Any], job_id: PathText) -> Template | 
     return Redirect(f"{PREFIX}/jobs/{number}", status_code=303)
 
 
-HANDLERS: Final[list[Any]] = [rounds_list, round_start, round_detail, models_list, model_detail, deployments_list,
-                              deployment_detail, deployment_live, deployment_action, jobs_list, job_detail, job_live,
-                              job_cancel]
+HANDLERS: Final[list[Any]] = [rounds_list, round_start, round_detail, round_live, models_list, model_detail,
+                              deployments_list, deployment_detail, deployment_live, deployment_action, jobs_list,
+                              job_detail, job_live, job_cancel]

@@ -162,7 +162,9 @@ def test_every_page_shows_the_services_records_escaped(fleet: Fleet) -> None:
             "/console/rounds", f"/console/rounds/{first}", f"/console/rounds/{failed}", "/console/models",
             "/console/models/r1-digits", "/console/models/j1-qat", "/console/deployments",
             f"/console/deployments/{seeded['deployment']}", f"/console/deployments/{seeded['deployment']}/live",
-            "/console/jobs", f"/console/jobs/{seeded['job']}", f"/console/jobs/{seeded['running_job']}")}
+            "/console/jobs", f"/console/jobs/{seeded['job']}", f"/console/jobs/{seeded['running_job']}",
+            f"/console/rounds/{first}/live")}
+        rounds_again = client.get("/console/rounds").text  # finished rounds' counts now from the app's cache
     # Assert
     for path, page in pages.items():
         assert page.status_code == 200, (path, page.text[:500])
@@ -175,6 +177,8 @@ def test_every_page_shows_the_services_records_escaped(fleet: Fleet) -> None:
     assert "nightly" in rounds and "cron <code>0 2 * * *</code>" in rounds  # the schedule and its next fire time
     assert re.search(r"<time datetime=\"[0-9-]+T02:00:00\+00:00\">", rounds)
     assert_escaped(rounds)
+    assert rounds_again == rounds
+    assert pages[f"/console/rounds/{first}/live"].headers.get("hx-refresh") == "true"  # finished: reload the page
     detail = pages[f"/console/rounds/{first}"].text
     assert 'id="round-chart-data"' in detail and '"accuracy": [0.11, 0.62, 0.81, 0.9, 0.93]' in detail
     assert "/console/static/vendor/uplot/uPlot.iife.min.js" in detail
@@ -338,6 +342,35 @@ def test_an_operator_starts_a_round_from_the_page(page: Page, console_server: Co
     assert started[0].status == "failed" and "eligible device(s), min_clients is 2" in reason
     assert started[0].skipped.get("start-0") == "offline"
     assert "offline" in page.locator("#round-skipped").inner_text()
+
+
+@pytest.mark.slow
+def test_a_running_rounds_page_follows_it_to_its_end(page: Page, console_server: ConsoleServer) -> None:
+    # Prepare: a round the runner is running (recorded as the service records it)
+    fleet = console_server.fleet
+    with Session(fleet.engine) as session:
+        record = RoundRecord(task="digits", strategy=Strategy.FEDAVG, config={"rounds": 4, "min_clients": 2},
+                             status=RoundStatus.RUNNING, invited=["live-a", "live-b"], created_at=utcnow())
+        session.add(record)
+        session.commit()
+        round_id = record.id
+    login(page, console_server.tokens[Role.VIEWER], next_path=f"/console/rounds/{round_id}")
+    running = page.locator("#round-live").get_attribute("data-status")
+    # Execute: the ServerApp's results land, as RoundService records them
+    with Session(fleet.engine) as session:
+        done = session.get(RoundRecord, round_id)
+        assert done is not None
+        done.status, done.finished_at, done.participants = RoundStatus.SUCCEEDED, utcnow(), ["live-a", "live-b"]
+        done.metrics = [{"round": 1, "accuracy": 0.7, "loss": 0.9, "participants": ["live-a", "live-b"]},
+                        {"round": 2, "accuracy": 0.85, "loss": 0.5, "participants": ["live-a", "live-b"]}]
+        session.add(done)
+        session.commit()
+    page.locator('#round-chart[data-ops-drawn="true"]').wait_for(timeout=15_000)
+    # Assert: polled while running, then reloaded once with the curve
+    assert running == "running"
+    assert page.locator("#round-live").get_attribute("data-status") == "succeeded"
+    assert page.locator("#round-live").get_attribute("hx-trigger") is None
+    assert page.locator("#round-metrics tbody tr").count() == 2
 
 
 @pytest.mark.slow
