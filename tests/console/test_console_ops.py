@@ -155,6 +155,12 @@ def test_every_page_shows_the_services_records_escaped(fleet: Fleet) -> None:
     # Prepare
     seeded = seed_ops(fleet)
     first, second, failed = seeded["rounds"]
+    with Session(fleet.engine) as session:  # a worker's very long reason
+        job = session.get(JobRecord, seeded["job"])
+        assert job is not None
+        job.placement_reason = "x" * 5000
+        session.add(job)
+        session.commit()
     with TestClient(app=create_app(fleet=fleet)) as client:
         console_client(client, fleet, Role.VIEWER)
         # Execute
@@ -206,6 +212,7 @@ def test_every_page_shows_the_services_records_escaped(fleet: Fleet) -> None:
     assert live.lstrip().startswith("{#") is False and "<html" not in live and 'id="deployment-live"' in live
     jobs = pages["/console/jobs"].text
     assert "epoch 3 / 5 · step 150 · loss 0.4213 · qat" in jobs
+    assert "x" * 299 + "…" in jobs and "x" * 301 not in jobs  # cut in the list
     assert_escaped(jobs)
     job = pages[f"/console/jobs/{seeded['job']}"].text
     assert job.count("EDGEFLEET_PROGRESS") == 199 and "step 19950" in job  # the bounded tail of the log
