@@ -88,7 +88,8 @@ class FleetCollector(Collector):
                     families.extend(query(conn))
             up = 1
         except SQLAlchemyError as exc:  # the database is away: say so, and keep answering
-            log.warning("metrics.database_failed", error_type=type(exc).__name__, error=str(exc).splitlines()[0][:300])
+            first_line = (str(exc).splitlines() or [""])[0][:300]
+            log.warning("metrics.database_failed", error_type=type(exc).__name__, error=first_line)
             families, up = [], 0
         yield from families
         yield GaugeMetricFamily("edgefleet_database_up",
@@ -101,14 +102,14 @@ class FleetCollector(Collector):
 
 # -- ingest -------------------------------------------------------------------------------------------------------
 def _ingest_counters(stats: dict[str, Any]) -> Iterator[Metric]:
-    for name, key, text in (
-        ("received", "received", "MQTT messages the ingest workers took from the broker (all channels)"),
-        ("stored", "stored", "Telemetry records stored"),
-        ("duplicates", "duplicates", "Telemetry records dropped as already stored (same device and seq)"),
-        ("states", "states", "State (presence) messages applied"),
-        ("acks", "acks", "Command acks applied"),
+    for name, text in (
+        ("received", "MQTT messages the ingest workers took from the broker (all channels)"),
+        ("stored", "Telemetry records stored"),
+        ("duplicates", "Telemetry records dropped as already stored (same device and seq)"),
+        ("states", "State (presence) messages applied"),
+        ("acks", "Command acks applied"),
     ):
-        yield CounterMetricFamily(f"edgefleet_ingest_{name}", text, value=int(stats[key]))
+        yield CounterMetricFamily(f"edgefleet_ingest_{name}", text, value=int(stats[name]))
     dead = CounterMetricFamily("edgefleet_ingest_dead_letters", "Messages refused by ingest, by reason",
                                labels=["reason"])
     counts = dict.fromkeys(DEAD_LETTER_REASONS, 0)
