@@ -30,7 +30,7 @@ from typing import Any, Final
 import msgspec
 import structlog
 from litestar import Request, Response
-from litestar.exceptions import ClientException, HTTPException
+from litestar.exceptions import ClientException, HTTPException, ValidationException
 from sqlalchemy.exc import DataError, OperationalError
 
 from controlplane._bounds import MAX_JSON_DEPTH
@@ -78,13 +78,37 @@ def json_depth(body: bytes, stop_at: int | None = None) -> int:
 
 async def limit_json_nesting(request: Request[Any, Any, Any]) -> None:
     """``before_request``: refuse a body nested deeper than MAX_JSON_DEPTH before anything decodes it (reading the
-    body enforces the app's ``request_max_body_size``: 413). Operations that take no body are left alone: they
-    never read it, so it can be neither too large nor too deep for them."""
-    if request.method not in _BODY_METHODS or "data" not in request.route_handler.parsed_fn_signature.parameters:
+    body enforces the app's ``request_max_body_size``: 413), then one whose values have the wrong JSON types.
+    Operations that take no body are left alone: they never read it, so it can be neither too large nor too deep
+    for them."""
+    parameters = request.route_handler.parsed_fn_signature.parameters
+    if request.method not in _BODY_METHODS or "data" not in parameters:
         return
     body = await request.body()
     if body and json_depth(body, stop_at=MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise ClientException(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    if body:
+        _refuse_coercions(request, body, parameters["data"].annotation)
+
+
+_AT: Final = re.compile(r"^(?P<message>.*?)(?: - at `\$(?:\.(?P<key>.*))?`)?$", re.DOTALL)
+
+
+def _refuse_coercions(request: Request[Any, Any, Any], body: bytes, body_type: Any) -> None:
+    """Decode the body as its JSON types say (msgspec's strict mode), as the OpenAPI document describes it.
+
+    Litestar converts request data leniently, which query strings need (``"5"`` is an integer there) but which
+    made a body's ``"deploy": 0`` a ``false`` and ``"rounds": "3"`` a 3: values the document says are invalid.
+    Malformed JSON is left to Litestar's own answer."""
+    try:
+        msgspec.json.decode(body, type=body_type, strict=True)
+    except msgspec.ValidationError as exc:
+        match = _AT.match(str(exc))
+        message, key = (match["message"], match["key"] or "data") if match else (str(exc), "data")
+        raise ValidationException(f"Validation failed for {request.method} {request.url.path}",
+                                  extra=[{"message": message, "key": key, "source": "body"}]) from None
+    except msgspec.DecodeError:
+        return
 
 
 def _short(text: str) -> str:

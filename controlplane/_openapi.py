@@ -156,7 +156,10 @@ class ApiContract(InitPluginProtocol, ReceiveRoutePlugin):
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         if (config := app_config.openapi_config) is not None:
-            completing = _CompletingConfig(**{f.name: getattr(config, f.name) for f in fields(config) if f.init})
+            # Deprecated fields that __post_init__ derives (passing them back would warn): derived again.
+            derived = ("root_schema_site", "enabled_endpoints")
+            completing = _CompletingConfig(**{f.name: getattr(config, f.name) for f in fields(config)
+                                              if f.init and f.name not in derived})
             completing._bodies = self._bodies
             app_config.openapi_config = completing
         for middleware in app_config.middleware:

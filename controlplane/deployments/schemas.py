@@ -42,7 +42,7 @@ class DeploymentCreate(msgspec.Struct, forbid_unknown_fields=True):
     # become timed_out, which is not counted as a failure. Without one the deployment waits for them until it
     # is cancelled or a newer deployment supersedes it.
     deadline_s: Annotated[float, msgspec.Meta(gt=0, le=90 * 86_400)] | None = None
-    deadline: datetime | None = None
+    deadline: Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time", "maxLength": 64})] | None = None
     # Needed to deploy a version whose release is lower than one already deployed; devices accept such a
     # release only when it is signed as a rollback.
     rollback: bool = False

@@ -35,10 +35,10 @@ from controlplane.statuses import CommandStatus
 
 __all__ = ["DeviceController"]
 
-# What `since`/`until` documents: UNIX seconds, or an ISO 8601 date or time (UTC unless it has an offset) whose every
-# match parses (days 29-31 only in months that have them, so not 29 February).
+# What `since`/`until` documents: empty (no bound), UNIX seconds, or an ISO 8601 date or time (UTC unless it has an
+# offset) whose every match parses (days 29-31 only in months that have them, so not 29 February).
 _DAY = r"(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)|(?:0[13578]|1[02])-31)"
-INSTANT_PATTERN: Final = (r"^(?:-?[0-9]{1,12}(?:\.[0-9]{1,9})?"
+INSTANT_PATTERN: Final = (r"^(?:|-?[0-9]{1,12}(?:\.[0-9]{1,9})?"
                    rf"|[12][0-9]{{3}}-{_DAY}(?:T(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\.[0-9]{{1,6}})?)?"
                    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?)?)$")
 _INSTANT_RE: Final = re.compile(INSTANT_PATTERN)
