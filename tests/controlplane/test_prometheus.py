@@ -180,7 +180,7 @@ def prometheus(tmp_path: Path, target_port: int, token: str) -> Iterator[str]:
         wait_for(ready, 20, "Prometheus ready")
         yield url
     finally:
-        stop_process(process)  # type: ignore[arg-type]
+        stop_process(process)
         log.close()
 
 
