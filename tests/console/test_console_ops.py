@@ -272,6 +272,8 @@ def test_roles_apply_to_the_actions_as_to_the_api(sqlite_fleet: Fleet) -> None:
         rounds_before = len(fleet.rounds.list_all())
         bad = operator.post("/console/rounds", data={"_csrf_token": operator_csrf, "task": "digits", "rounds": "0"},
                             follow_redirects=False)
+        twice = operator.post("/console/rounds", data={"_csrf_token": operator_csrf, "task": ["digits", "digits"]},
+                              follow_redirects=False)
         unknown_task = operator.post("/console/rounds", data={"_csrf_token": operator_csrf, "task": "nope"},
                                      follow_redirects=False)
         started = operator.post("/console/rounds", data={"_csrf_token": operator_csrf, "task": "digits",
@@ -300,6 +302,7 @@ def test_roles_apply_to_the_actions_as_to_the_api(sqlite_fleet: Fleet) -> None:
     assert not_logged_in.status_code in (302, 303) and "/console/login" in not_logged_in.headers["location"]
     assert bad.status_code == 400 and "rounds" in bad.text and "&gt;= 1" in bad.text
     assert unknown_task.status_code == 400 and "unknown task" in unknown_task.text
+    assert twice.status_code == 400 and "given more than once" in twice.text
     assert started.status_code == 303
     created = fleet.rounds.list_all()[0]
     assert len(fleet.rounds.list_all()) == rounds_before + 1 and created.strategy == "fedprox"
@@ -466,7 +469,7 @@ def seed_demo(fleet: Fleet) -> dict[str, Any]:
             target.reason = "self-test failed: output differs by 0.4 (tolerance 0.001)" if failed else None
             session.add(target)
         session.commit()
-    return {"round": second, "deployment": deployment.id}
+    return {"round": second, "deployment": deployment.id, "job": job, "model": "demo-r2-qat"}
 
 
 @pytest.mark.slow
@@ -474,6 +477,9 @@ def test_screenshots_of_the_ops_pages(page: Page, console_server: ConsoleServer)
     """docs/console/{rounds,round,models,deployments,deployment,jobs}.png from a seeded demo (with EDGEFLEET_SCREENSHOTS=1)."""
     # Prepare
     seeded = seed_demo(console_server.fleet)
+    problems: list[str] = []  # script errors, CSP refusals, failed loads
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
     login(page, console_server.tokens[Role.OPERATOR], next_path="/console/rounds")
     # Execute
     screenshot(page, "rounds")
@@ -490,6 +496,9 @@ def test_screenshots_of_the_ops_pages(page: Page, console_server: ConsoleServer)
     screenshot(page, "deployment")
     page.goto("/console/jobs")
     screenshot(page, "jobs")
-    # Assert: the chart drew its two series (and the x axis)
+    page.goto(f"/console/jobs/{seeded['job']}")
+    page.goto(f"/console/models/{seeded['model']}")
+    # Assert: the chart drew its two series (and the x axis); no page had a script error or a CSP refusal
     assert series == 3
     assert wave_rows == 2
+    assert problems == []
