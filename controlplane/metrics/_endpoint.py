@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from litestar import Request, Response, get
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.exposition import choose_encoder
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 
 from controlplane.auth import Role
 from controlplane.auth._guards import requires
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from controlplane.wiring import Fleet
 
 __all__ = ["AppMetrics", "metrics_endpoint"]
+
+_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass
@@ -49,5 +51,9 @@ def _workers(fleet: Fleet) -> Sequence[Any]:
 def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Prometheus scrape target (a viewer token: `authorization: {credentials_file: ...}` in the scrape config)."""
     metrics: AppMetrics = request.app.state.metrics
-    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-    return Response(encoder(metrics.registry), media_type=content_type)
+    # OpenMetrics when asked (as Prometheus does), else the classic text format; the answer's type is ours, never
+    # echoed from the request.
+    if "application/openmetrics-text" in request.headers.get("accept", ""):
+        body = openmetrics.generate_latest(metrics.registry)  # type: ignore[no-untyped-call]
+        return Response(body, media_type=openmetrics.CONTENT_TYPE_LATEST)
+    return Response(generate_latest(metrics.registry), media_type=_TEXT)

@@ -268,8 +268,10 @@ def test_rounds_deployments_jobs_and_commands_are_counted(engine: Engine) -> Non
 def test_openmetrics_when_asked(client: TestClient, viewer: dict[str, str]) -> None:  # type: ignore[type-arg]
     # Execute
     response = client.get("/metrics", headers={**viewer, "Accept": "application/openmetrics-text; version=1.0.0"})
+    odd = client.get("/metrics", headers={**viewer, "Accept": "application/openmetrics-text; version=999; x=\"y\""})
     # Assert
-    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.headers["content-type"] == "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    assert odd.status_code == 200 and "999" not in odd.headers["content-type"]
     names = {f.name for f in parse_openmetrics(response.text)}
     assert {"edgefleet_ingest_received", "edgefleet_devices_enrolled", "edgefleet_http_request_duration_seconds"} <= names
 
