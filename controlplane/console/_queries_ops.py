@@ -50,6 +50,7 @@ __all__ = [
     "round_initial_model",
     "rounds_page",
     "target_page",
+    "version_of_release",
 ]
 
 _ROUND: Final[Any] = RoundRecord.__table__  # type: ignore[attr-defined]
@@ -239,6 +240,13 @@ def models_page(engine: Engine, offset: int, limit: int = PAGE_SIZE) -> Page[Mod
                               smallest_bytes=None if agg[3] is None else int(agg[3]),
                               deployments=deployed.get(v[0], 0)))
     return Page(items=items, total=total, offset=offset, limit=limit)
+
+
+def version_of_release(engine: Engine, release: int) -> str | None:
+    """The model version registered with this release number, if any."""
+    with engine.connect() as conn:
+        found = conn.execute(select(_MODEL.c.version).where(_MODEL.c.release == release)).scalar_one_or_none()
+    return None if found is None else str(found)
 
 
 # -- deployments ----------------------------------------------------------------------------------------------

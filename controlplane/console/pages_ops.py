@@ -206,10 +206,16 @@ def models_list(request: Request[Any, Any, Any], offset: Offset = 0) -> Template
 
 
 @get("/models/{version:str}", guards=[_VIEW], sync_to_thread=True)
-def model_detail(request: Request[Any, Any, Any], version: PathText) -> Template:
+def model_detail(request: Request[Any, Any, Any], version: PathText) -> Template | Redirect:
+    """A model version by its name, or by its release number (redirected to its name)."""
     fleet = _fleet(request)
-    with _service_errors():
+    try:
         model = fleet.models.get(_name(version, "model version"))
+    except ControlPlaneError as exc:
+        named = q.version_of_release(fleet.engine, int(version)) if version.isdigit() and len(version) <= 10 else None
+        if named is not None:
+            return Redirect(f"{PREFIX}/models/{named}", status_code=303)
+        raise HTTPException(status_code=exc.status_code, detail=str(exc)) from None
     lineage: dict[str, Any] = {"round_id": None, "job": None, "initial_model": None}
     if model.source_id.isdigit() and len(model.source_id) <= 10 and int(model.source_id) <= ROW_ID_MAX:
         source = int(model.source_id)

@@ -236,17 +236,20 @@ def test_malformed_and_unknown_ids_are_400_and_404_pages(sqlite_fleet: Fleet) ->
             f"/console/deployments/{seeded['deployment']}?offset=abc",
             f"/console/deployments/{seeded['deployment']}?offset=" + "9" * 30,
             f"/console/deployments/{seeded['deployment']}?status=bogus",
-            "/console/jobs/1e3", "/console/jobs/777", "/console/jobs?offset=-5", "/console/rounds?offset=x")}
+            "/console/jobs/1e3", "/console/jobs/777", "/console/jobs?offset=-5", "/console/rounds?offset=x",
+            "/console/models/99", "/console/models/" + "9" * 12)}
+        by_release = client.get("/console/models/2", follow_redirects=False)
     # Assert
     expected = {"/console/rounds/abc": 400, "/console/rounds/-1": 400, "/console/rounds/0": 404,
                 "/console/rounds/99999": 404, "/console/models/nope": 404, "/console/models/-rm%20-rf": 400,
                 "/console/deployments/x1": 400, "/console/deployments/4242": 404,
-                "/console/deployments/4242/live": 404, "/console/jobs/1e3": 400, "/console/jobs/777": 404}
+                "/console/deployments/4242/live": 404, "/console/jobs/1e3": 400, "/console/jobs/777": 404, "/console/models/99": 404}
     for path, answer in answers.items():
         assert 400 <= answer.status_code < 500, (path[:80], answer.status_code, answer.text[:300])
         assert answer.headers["content-type"].startswith("text/html"), path[:80]
         if path in expected:
             assert answer.status_code == expected[path], (path, answer.status_code)
+    assert by_release.status_code == 303 and by_release.headers["location"] == "/console/models/j1-qat"
     assert "no round 99999" in answers["/console/rounds/99999"].text
     assert "not a round id: &#39;abc&#39;" in answers["/console/rounds/abc"].text
     assert "no model version &#39;nope&#39;" in answers["/console/models/nope"].text
