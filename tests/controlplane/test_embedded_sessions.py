@@ -330,6 +330,7 @@ def test_a_silent_client_is_disconnected_after_one_and_a_half_keepalives_and_its
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_silent_client_is_not_disconnected_before_one_and_a_half_keepalives(
     embedded_broker: EmbeddedBrokerInstance, probes: list[Probe], raw_clients: list[RawClient]
 ) -> None:

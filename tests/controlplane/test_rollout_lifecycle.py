@@ -145,6 +145,7 @@ def test_a_deadline_times_out_offline_devices_and_the_record_follows_a_late_inst
     assert late.status == DeploymentStatus.SUCCEEDED and late.reason == "1 failed, 2 succeeded"
 
 
+@pytest.mark.slow
 def test_pause_resume_and_cancel_over_the_api_and_a_cancelled_command_cannot_install(
         fleet: Fleet, mosquitto_url: str) -> None:
     # Prepare: a device that holds its commands (acks when told), one offline
@@ -214,6 +215,7 @@ def test_pause_resume_and_cancel_over_the_api_and_a_cancelled_command_cannot_ins
     assert unknown[0].json()["detail"] == "no deployment 9999"
 
 
+@pytest.mark.slow
 def test_a_newer_deployment_supersedes_an_older_one_per_device(fleet: Fleet, mosquitto_url: str) -> None:
     # Prepare: m1 sent to pi-0, which has not answered; pi-1 is not part of the newer deployment
     register_starter(fleet, "m1", STARTER)
@@ -248,6 +250,7 @@ def test_a_newer_deployment_supersedes_an_older_one_per_device(fleet: Fleet, mos
     assert targets(fleet, second.id)["pi-0"][0] == TargetStatus.SUCCEEDED
 
 
+@pytest.mark.slow
 def test_rollback_redeploys_each_devices_previous_model_signed_as_a_rollback(fleet: Fleet,
                                                                              mosquitto_url: str) -> None:
     # Prepare: the devices run m-old; m-new is rolled out to them and installed
@@ -317,6 +320,7 @@ def printed_json(output: str) -> Any:
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.slow
 def test_the_deployments_cli_against_a_served_control_plane(fleet: Fleet, mosquitto_url: str,
                                                             tmp_path: Path) -> None:
     # Prepare: a served control plane; pi-0 online (installs), pi-1 offline

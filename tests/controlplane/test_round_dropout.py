@@ -111,6 +111,7 @@ def test_a_device_killed_after_its_first_update_is_in_the_round_record_with_its_
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_clock_skew_is_the_reason_of_a_contributor_s_last_drop(fleet: Fleet, tmp_path: Path) -> None:
     """A device that contributed to round 1 and then was refused for its clock: its round-2 drop reason is the
     clock skew (not "no update within ..."), while a device that contributed to the last round keeps none."""
