@@ -260,7 +260,7 @@ def _learn(api: httpx.Client, fleet: Fleet, *, rounds: int, strategy: str,
                       "participants": m.get("participants", [])} for m in record.get("metrics", []) if m["round"] > 0]
     for r in out["rounds"]:
         _say(f"[demo]   round {r['round']}: accuracy {r['accuracy']:.3f} loss {r['loss']:.3f} "
-             f"participants {r['participants']}")
+             f"participants {len(r['participants'])}")
     # The comparison federated learning is held to: the same model trained centrally on the same data (the
     # participants' partitions pooled), evaluated on the same held-out set.
     participants = sorted(record.get("participants", []))
