@@ -25,7 +25,14 @@ from controlplane.auth import Role
 from controlplane.auth._guards import BearerTokenMiddleware, requires
 from controlplane.burst.controller import JobController
 from controlplane.burst.service import JobService
-from controlplane.console import CONSOLE_PUBLIC, console_csrf, console_router, console_templates, root
+from controlplane.console import (
+    CONSOLE_PUBLIC,
+    console_csrf,
+    console_errors,
+    console_router,
+    console_templates,
+    root,
+)
 from controlplane.deployments import DeploymentController, DeploymentService, ReleaseDownloadController
 from controlplane.devices import DeviceController, DeviceService
 from controlplane.ingest import read_stats
@@ -184,7 +191,7 @@ def create_app(settings: Settings | None = None, *, fleet: Fleet | None = None, 
         # structlog is configured by the entry point; errors are answered and logged by controlplane._http only
         # (a client error as one line, a server fault with its traceback), so Litestar logs none itself.
         logging_config=LoggingConfig(configure_root_logger=False, log_exceptions="never"),
-        exception_handlers=exception_handlers(),  # type: ignore[arg-type]
+        exception_handlers=console_errors(exception_handlers()),  # type: ignore[arg-type]
         request_max_body_size=MAX_BODY_BYTES,
         before_request=limit_json_nesting,
     )

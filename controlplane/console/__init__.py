@@ -26,7 +26,7 @@ from controlplane._errors import ControlPlaneError
 from controlplane.console import pages_fleet, pages_ops
 from controlplane.console._auth import PREFIX, LoginRequired
 
-__all__ = ["CONSOLE_PUBLIC", "console_csrf", "console_router", "console_templates", "root"]
+__all__ = ["CONSOLE_PUBLIC", "console_csrf", "console_errors", "console_router", "console_templates", "root"]
 
 _HERE: Final = Path(__file__).parent
 # Paths the API's bearer-token middleware leaves alone: the console authenticates with its cookie (_auth).
@@ -59,10 +59,23 @@ def _service_error(request: Request[Any, Any, Any], exc: ControlPlaneError) -> R
 
 
 # Scripts and style sheets come from the console's own static files only: no inline script runs, whatever a device
-# id, tag or reason contains. Style attributes are allowed (progress bars' widths; they cannot run code).
-CSP: Final = ("default-src 'self'; script-src 'self'; style-src 'self'; style-src-attr 'unsafe-inline'; "
+# id, tag or reason contains; no inline style either (progress bars are <progress> elements).
+CSP: Final = ("default-src 'self'; script-src 'self'; style-src 'self'; "
               "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
               "frame-ancestors 'none'")
+
+
+def console_errors(api_handlers: dict[type[Exception], Any]) -> dict[type[Exception], Any]:
+    """The app's exception handlers, with an HTTP error under ``/console`` that no console route caught (an
+    address that matches no page, a CSRF refusal) answered as a console page too, not the API's JSON."""
+    api_http_error = api_handlers[HTTPException]
+
+    def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+        if request.url.path == PREFIX or request.url.path.startswith(f"{PREFIX}/"):
+            return _http_error(request, exc)
+        return api_http_error(request, exc)  # type: ignore[no-any-return]
+
+    return {**api_handlers, HTTPException: http_error}
 
 
 def console_router() -> Router:

@@ -340,3 +340,20 @@ def test_model_history_names_the_deployment_and_its_outcome(console_server: Cons
     history = page.text.split('id="model-history"')[1]
     assert f'href="/console/deployments/{deployment.id}">#{deployment.id}</a>' in history
     assert "hist-m1" in history and '<span class="badge cancelled">cancelled</span>' in history
+
+
+def test_an_address_no_console_page_matches_is_a_console_404_page(console_server: Any) -> None:
+    # Prepare
+    import httpx
+
+    # Execute
+    with httpx.Client(base_url=console_server.url) as client:
+        answers = [client.get(path) for path in ("/console/rounds/1/x", "/console/nothing-here",
+                                                  "/console/models/a%2Fb")]
+        api = client.get("/api/v1/nothing-here")
+    # Assert: a page (the API's JSON stays the API's)
+    for answer in answers:
+        assert answer.status_code == 404 and answer.headers["content-type"].startswith("text/html"), answer.text
+        assert "Content-Security-Policy" not in answer.headers or "script-src 'self'" in answer.headers[
+            "Content-Security-Policy"]
+    assert api.status_code in (401, 404) and api.headers["content-type"].startswith("application/json")
