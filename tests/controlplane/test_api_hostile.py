@@ -189,6 +189,9 @@ def test_any_invalid_rounds_value_is_400_naming_the_field(client: TestClient[Lit
         ("/api/v1/schedules", {"cron": "* " * 5000}, "cron"),
         ("/api/v1/schedules", {"cron": "0 2 * * *", "round": {"min_clients": BIG}}, "round.min_clients"),
         ("/api/v1/rounds", {"min_clients": 2**70}, "min_clients"),
+        ("/api/v1/rounds", {"deploy": 0}, "deploy"),  # a body is decoded as its JSON types say, not leniently
+        ("/api/v1/rounds", {"rounds": "3"}, "rounds"),
+        ("/api/v1/schedules", {"cron": "0 2 * * *", "round": {"build": "true"}}, "round.build"),
         ("/api/v1/rounds", {"max_clients": 10**9}, "max_clients"),
         ("/api/v1/rounds", {"proximal_mu": 1e308}, "proximal_mu"),
         ("/api/v1/rounds", {"learning_rate": -1}, "learning_rate"),
