@@ -16,8 +16,9 @@ anything else                                          500    ``api.server_error
 
 Bodies of the operations that take one are limited before they are decoded:
 :data:`~controlplane._bounds.MAX_BODY_BYTES` (413 beyond) and :data:`~controlplane._bounds.MAX_JSON_DEPTH` levels
-of nesting (400 beyond; the JSON decoder would otherwise recurse until Python's recursion limit, a 500). An
-operation without a body never reads one. The OpenAPI document lists these answers per operation
+of nesting (400 beyond; the JSON decoder would otherwise recurse until Python's recursion limit, a 500), then
+decoded strictly as their JSON types say (400 for ``0`` given for a boolean or ``"3"`` for an integer, which
+Litestar's lenient conversion let through). An operation without a body never reads one. The OpenAPI document lists these answers per operation
 (controlplane._openapi), with :class:`ErrorBody` as their schema.
 """
 
