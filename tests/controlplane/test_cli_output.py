@@ -24,9 +24,8 @@ import structlog
 from typer.testing import CliRunner
 
 from controlplane.cli import app as cli
-from controlplane.cli.demo import stderr_to
 from controlplane.devices.schemas import DeviceCreate
-from controlplane.output import Progress, summarize_skipped
+from controlplane.output import Progress, stderr_to, summarize_skipped
 from controlplane.wiring import Fleet
 from tests._services import free_port, fx_fleet, wait_for  # noqa: F401 - fx_fleet
 from tests.controlplane.test_cli_fleet import fx_served  # noqa: F401 - the served fleet with an online device
