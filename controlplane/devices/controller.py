@@ -36,8 +36,9 @@ from controlplane.statuses import CommandStatus
 __all__ = ["DeviceController"]
 
 # What `since`/`until` documents: empty (no bound), UNIX seconds, or an ISO 8601 date or time (UTC unless it has an
-# offset) whose every match parses (days 29-31 only in months that have them, so not 29 February).
-_DAY = r"(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)|(?:0[13578]|1[02])-31)"
+# offset); days 30 and 31 only in months that have them. 29 February matches in every year: a pattern cannot tell
+# leap years, and refusing it always would refuse a real date; in a common year _instant answers 400 naming it.
+_DAY = r"(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-9])|(?:0[13-9]|1[0-2])-30|(?:0[13578]|1[02])-31)"
 INSTANT_PATTERN: Final = (r"^(?:|-?[0-9]{1,12}(?:\.[0-9]{1,9})?"
                    rf"|[12][0-9]{{3}}-{_DAY}(?:T(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\.[0-9]{{1,6}})?)?"
                    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?)?)$")
@@ -62,8 +63,8 @@ def _instant(name: str, value: str | None) -> float | None:
         return seconds
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidInput(f"{name}={value!r}: expected UNIX seconds or an ISO 8601 time") from None
+    except ValueError as exc:
+        raise InvalidInput(f"{name}={value!r}: not a date ({exc})") from None
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 

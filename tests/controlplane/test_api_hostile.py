@@ -417,6 +417,7 @@ _SEMANTIC_400 = {
     "ApiV1RoundsStart": "the task must be registered; max_clients >= min_clients; burst needs a burst backend",
     "ApiV1SchedulesCreate": "exactly one of cron and interval_s; cron syntax; the round's rules as above",
     "ApiV1ProvisioningTokensCreate": "the profile must be a known firmware profile that runs the Python agent",
+    "ApiV1DevicesDeviceIdTelemetryTelemetry": "since/until may name 29 February, a date in leap years only",
 }
 
 

@@ -7,6 +7,7 @@ tests/controlplane/test_api_hostile.py::test_the_api_keeps_its_contract_under_ge
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -210,3 +211,16 @@ def test_out_of_range_ids_and_offsets_are_refused_as_documented(app: Litestar, t
     # served answers are 400s)
     assert offset["schema"]["maximum"] < 10**19 and deployment_id["schema"]["maximum"] < 10**25
     assert offset["schema"]["minimum"] == 0 and deployment_id["schema"]["minimum"] == 1
+
+
+def test_29_february_is_a_date_in_leap_years_only() -> None:
+    # Prepare
+    from controlplane._errors import InvalidInput
+    from controlplane.devices.controller import INSTANT_PATTERN, _instant
+
+    # Execute / Assert: the documented pattern lets both through; the server tells the common year apart
+    assert re.match(INSTANT_PATTERN, "2028-02-29") and re.match(INSTANT_PATTERN, "2026-02-29")
+    assert _instant("since", "2028-02-29T00:00:00Z") == 1_835_395_200.0
+    with pytest.raises(InvalidInput, match="since='2026-02-29': not a date"):
+        _instant("since", "2026-02-29")
+    assert not re.match(INSTANT_PATTERN, "2026-04-31")
