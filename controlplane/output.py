@@ -83,7 +83,10 @@ class Progress:
     def update(self, text: str) -> None:
         now = self.clock()
         if self.tty:
-            line = self._line(text)
+            import shutil
+
+            # a line longer than the terminal wraps, and \r would then rewrite only its last row
+            line = self._line(text)[:max(20, shutil.get_terminal_size().columns - 1)]
             # \r and pad over the previous line: no cursor codes, so it also reads right in a dumb terminal
             self.stream.write("\r" + line.ljust(self._width))
             self._width = len(line)
