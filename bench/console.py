@@ -161,9 +161,9 @@ def main() -> int:
 
     import httpx
 
+    from controlplane import console as q
     from controlplane.app import create_app
     from controlplane.auth import Role, create_token
-    from controlplane.console import _queries_fleet as q
     from controlplane.settings import BrokerAuthMode, Settings
     from controlplane.wiring import Fleet
 

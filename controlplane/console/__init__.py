@@ -24,9 +24,21 @@ from litestar.template import TemplateConfig
 
 from controlplane._errors import ControlPlaneError
 from controlplane.console import pages_fleet, pages_ops
-from controlplane.console._auth import PREFIX, LoginRequired
+from controlplane.console._auth import COOKIE, PREFIX, LoginRequired
+from controlplane.console._queries_fleet import FleetFilter, filtered_total, fleet_counts
 
-__all__ = ["CONSOLE_PUBLIC", "console_csrf", "console_errors", "console_router", "console_templates", "root"]
+__all__ = [
+    "CONSOLE_PUBLIC",
+    "COOKIE",
+    "FleetFilter",
+    "console_csrf",
+    "console_errors",
+    "console_router",
+    "console_templates",
+    "filtered_total",
+    "fleet_counts",
+    "root",
+]
 
 _HERE: Final = Path(__file__).parent
 # Paths the API's bearer-token middleware leaves alone: the console authenticates with its cookie (_auth).

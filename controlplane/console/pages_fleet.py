@@ -36,6 +36,7 @@ from controlplane.console import _queries_fleet as q
 from controlplane.console._auth import COOKIE, PREFIX, console_requires, console_user, safe_next
 from controlplane.devices.schemas import TAG_PATTERN, CommandCreate, DeviceRead
 from controlplane.devices.service import DeviceService
+from controlplane.statuses import CommandStatus
 
 __all__ = ["HANDLERS", "PAGE_SIZE", "WINDOWS"]
 
@@ -375,7 +376,7 @@ def device_action(request: Request[Any, Any, Any], device_id: NameParam, action:
             raise
         # htmx swaps only 2xx answers: the refusal is shown where the outcome would have been.
         return Template(template_name="_device_action.html", context={
-            "action": action, "status": "error", "reason": str(exc), "result": "", "oob": True,
+            "action": action, "status": CommandStatus.ERROR, "reason": str(exc), "result": "", "oob": True,
             **_commands_context(request, device_id)})
     if not htmx:
         return Redirect(f"{PREFIX}/devices/{device_id}", status_code=303)

@@ -29,7 +29,7 @@ from controlplane.auth import Role, TokenInfo
 from controlplane.console import _queries_ops as q
 from controlplane.console._auth import PREFIX, console_requires
 from controlplane.rounds.schemas import RoundCreate, RoundRead, Strategy
-from controlplane.statuses import JobStatus, TargetStatus
+from controlplane.statuses import DeploymentStatus, JobStatus, TargetStatus
 
 if TYPE_CHECKING:
     from controlplane.wiring import Fleet
@@ -257,9 +257,9 @@ def _deployment_context(request: Request[Any, Any, Any], deployment_id: str, off
 
 def _actions(deployment: q.DeploymentRow) -> list[str]:
     """What an operator may do to it now (the service refuses the rest with 409)."""
-    if deployment.status == "running":
+    if deployment.status == DeploymentStatus.RUNNING:
         return ["pause", "cancel"]
-    if deployment.status == "paused":
+    if deployment.status == DeploymentStatus.PAUSED:
         return ["resume", "cancel"]
     return []
 

@@ -19,7 +19,7 @@ from sqlmodel import Session, select
 
 from controlplane.app import create_app
 from controlplane.auth import Role, create_token
-from controlplane.console._auth import COOKIE
+from controlplane.console import COOKIE
 from controlplane.db import DeploymentTargetRecord, JobRecord, ModelVersionRecord, RoundRecord, utcnow
 from controlplane.deployments.schemas import DeploymentCreate, Targets
 from controlplane.devices.schemas import DeviceCreate
