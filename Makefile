@@ -64,6 +64,8 @@ bench: $(VENV)/.installed-all,bench
 	$(BIN)/python bench/round.py
 	$(BIN)/python bench/burst.py
 	$(BIN)/python bench/enroll.py
+	$(BIN)/python bench/console.py
+	$(BIN)/python bench/metrics.py
 
 lint: $(VENV)/.installed-$(EXTRAS)
 	$(BIN)/ruff check $(LINT_PATHS)
