@@ -16,8 +16,8 @@ request at a time over one keep-alive connection (httpx), round-robin:
 * metrics-om      the same, asking for OpenMetrics as Prometheus does
 
 and, from each scrape's own body, `edgefleet_metrics_collect_seconds` (the collector's database time), then in
-process: a whole collection of the app's registry (no HTTP), and each of its SQL statements (timed with
-SQLAlchemy's cursor events, named by the table they read).
+process: a whole collection of the app's registry (no HTTP), and each of its SQL statements with the fetch of
+its rows (timed with SQLAlchemy's cursor and pool events, named by the first table they read).
 
 Times are client-side wall times per request (server + loopback), median and p95 over --requests. There is no
 target in the issue; a scrape every 15 s is the load this must carry, so the figure to watch is the scrape's cost
@@ -117,31 +117,36 @@ def seed_history(engine: Any, devices: int) -> dict[str, int]:
 
 @contextmanager
 def statement_times(engine: Any) -> Iterator[dict[str, list[float]]]:
-    """Seconds per SQL statement run on ``engine`` inside the block, keyed by the first table it reads."""
+    """Seconds per SQL statement run on ``engine`` by this thread inside the block, keyed by the first table it
+    reads: from its execution to the next statement on its connection or the connection's return to the pool, so
+    that fetching the rows counts (SQLite returns from execute at the first row, and a GROUP BY read in index
+    order streams its groups)."""
     from sqlalchemy import event
 
     times: dict[str, list[float]] = {}
     mine = threading.get_ident()  # the control plane's own threads query the same engine meanwhile
 
-    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if threading.get_ident() == mine:
-            conn.info["bench_started"] = time.perf_counter()
+    def close(info: dict[str, Any]) -> None:
+        pending = info.pop("bench_pending", None)
+        if pending is not None:
+            times.setdefault(pending[0], []).append(time.perf_counter() - pending[1])
 
-    def after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        started = conn.info.pop("bench_started", None)
-        if threading.get_ident() != mine or started is None:
-            return
-        elapsed = time.perf_counter() - started
-        match = FROM.search(statement)
-        times.setdefault(match.group(1) if match else "other", []).append(elapsed)
+    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        close(conn.info)
+        if threading.get_ident() == mine:
+            match = FROM.search(statement)
+            conn.info["bench_pending"] = (match.group(1) if match else "other", time.perf_counter())
+
+    def checkin(dbapi_connection: Any, record: Any) -> None:
+        close(record.info)
 
     event.listen(engine, "before_cursor_execute", before)
-    event.listen(engine, "after_cursor_execute", after)
+    event.listen(engine, "checkin", checkin)
     try:
         yield times
     finally:
         event.remove(engine, "before_cursor_execute", before)
-        event.remove(engine, "after_cursor_execute", after)
+        event.remove(engine, "checkin", checkin)
 
 
 def main() -> int:
