@@ -197,7 +197,7 @@ def _start_agents(api: httpx.Client, count: int, data_dir: Path, url: str,
         args = [sys.executable, "-m", "controlplane._entry", "agent", "run", "--device-id", device_id,
                 "--profile", profile, "--broker", creds["broker_url"], "--username", creds["mqtt_username"],
                 "--data-dir", str(data_dir / "agents" / device_id), "--telemetry-interval", "1",
-                "--power-source", "simulated", "--log-level", "warning", "--controlplane", url,
+                "--power-source", "simulated", "--log-level", "info", "--controlplane", url,
                 "--signing-key", creds["signing_public_key"]]
         if device_id in partitions:
             args += ["--data", str(partitions[device_id])]
@@ -391,13 +391,14 @@ def _print_table(summary: dict[str, Any]) -> None:
         _say(f"{'PROFILE':<22} {'VARIANT':<13} {'SIZE B':>8} {'ACCURACY':>9}")
         for v in summary["variants"]:
             _say(f"{v['profile']:<22} {v['variant']:<13} {v['size_bytes']:>8} {v['accuracy']:>9}")
-    cols = [("device_id", 32), ("profile", 21), ("model_version", 10), ("variant", 12), ("on_device_accuracy", 9),
-            ("p50_latency_ms", 8), ("telemetry_records", 8), ("battery_percent", 7)]
+    keys = ["device_id", "profile", "model_version", "variant", "on_device_accuracy", "p50_latency_ms",
+            "telemetry_records", "battery_percent"]
     heads = ["DEVICE", "PROFILE", "MODEL", "VARIANT", "ACCURACY", "P50 ms", "RECORDS", "BATT %"]
+    widths = [max([len(h)] + [len(str(row[k])) for row in summary["devices"]]) for h, k in zip(heads, keys, strict=True)]
     _say("")
-    _say(" ".join(h.ljust(w) for h, (_, w) in zip(heads, cols, strict=True)))
+    _say("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip())
     for row in summary["devices"]:
-        _say(" ".join(str(row[k]).ljust(w) for k, w in cols))
+        _say("  ".join(str(row[k]).ljust(w) for k, w in zip(keys, widths, strict=True)).rstrip())
     s = summary["ingest"]
     _say(f"\ningest: received {s['received']}, stored {s['stored']}, duplicates {s['duplicates']}, "
          f"dead letters {s['dead_letters'] or 'none'}   (battery/charging figures are simulated)")

@@ -247,6 +247,8 @@ def devices_logs(
     if as_json:
         return
     shown = result.get("lines") or []
+    if not shown:
+        typer.secho(f"({device_id} has logged nothing at its log level since its agent started)", err=True)
     for line in shown:
         typer.echo(_printable(str(line)))
     if result.get("truncated"):
