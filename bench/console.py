@@ -228,6 +228,8 @@ def main() -> int:
                 results[name] = {**summary(values), "bytes": sizes[name]}
             for name, values in in_process.items():
                 results[name] = summary(values)
+            fleet.stop()  # before its database is dropped (the scheduler would log that it is gone)
+            fleet = None
     finally:
         if fleet is not None:
             fleet.stop()
