@@ -132,17 +132,20 @@ def _serve_until_stopped(url: str, token: str, stop: threading.Event) -> None:
     _say(f"token:   {token}")
     _say(f"CLI:     EDGEFLEET_URL={url} EDGEFLEET_TOKEN=<the token> edgefleet status")
     _say("serving until Ctrl-C")
-    previous = None
+    previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # SIGINT too, explicitly: a process started in the background by a non-interactive shell (CI, nohup, a
+        # script's `&`) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
         pass
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     _say("[demo] stopping: agents, console, control plane")
 
 
