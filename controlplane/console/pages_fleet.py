@@ -34,7 +34,7 @@ from controlplane._errors import ControlPlaneError, NotFound
 from controlplane.auth import Role
 from controlplane.console import _queries_fleet as q
 from controlplane.console._auth import COOKIE, PREFIX, console_requires, console_user, safe_next
-from controlplane.devices.schemas import TAG_PATTERN, CommandCreate, DeviceRead
+from controlplane.devices.schemas import OPERATOR_RESULT_KINDS, TAG_PATTERN, CommandCreate, DeviceRead
 from controlplane.devices.service import DeviceService
 from controlplane.statuses import CommandStatus
 
@@ -275,9 +275,16 @@ def _can_operate(request: Request[Any, Any, Any]) -> bool:
 
 def _commands_context(request: Request[Any, Any, Any], device_id: str) -> dict[str, Any]:
     rows = q.command_rows(request.app.state.engine, device_id)
+    operator = _can_operate(request)
+
+    def result(kind: str, value: dict[str, Any] | None) -> str:
+        if value and kind in OPERATOR_RESULT_KINDS and not operator:  # as the API's GET .../commands/{id}
+            return "(shown to operators only)"
+        return _clip(_result_text(value))
+
     return {"device_id": device_id, "commands": [
         {"kind": r.kind, "status": r.status, "reason": r.reason, "created": utc(r.created_at),
-         "acked": utc(r.acked_at), "result": _clip(_result_text(r.result)), "command_id": r.command_id}
+         "acked": utc(r.acked_at), "result": result(r.kind, r.result), "command_id": r.command_id}
         for r in rows]}
 
 

@@ -321,6 +321,27 @@ def test_bad_input_is_a_4xx_page_and_device_text_is_escaped(console_server: Cons
     assert high_page.status_code == 200 and "No device matches" in high_page.text
 
 
+def test_a_viewer_does_not_see_log_lines_an_operator_does(console_server: ConsoleServer) -> None:
+    # Prepare: a logs command answered (log lines may reveal what an agent saw; the API shows them to operators)
+    enroll(console_server, "logs-0")
+    with Session(console_server.fleet.engine) as session:
+        session.add(CommandRecord(command_id=uuid.uuid4().hex, device_id="logs-0", kind="logs", args={"lines": 5},
+                                  status=CommandStatus.OK, result={"lines": ["secret-ish agent line"]},
+                                  created_at=utcnow(), acked_at=utcnow()))
+        session.commit()
+    pages = {}
+    with TestClient(app=create_app(fleet=console_server.fleet)) as client:
+        for role in (Role.VIEWER, Role.OPERATOR):
+            client.cookies.set("edgefleet_console", console_server.tokens[role])
+            # Execute
+            pages[role] = [client.get("/console/devices/logs-0").text,
+                           client.get("/console/devices/logs-0/commands").text]
+    # Assert
+    assert all("secret-ish agent line" not in html and "shown to operators only" in html
+               for html in pages[Role.VIEWER])
+    assert all("secret-ish agent line" in html for html in pages[Role.OPERATOR])
+
+
 def test_model_history_names_the_deployment_and_its_outcome(console_server: ConsoleServer) -> None:
     # Prepare: a deployment to an offline device, cancelled by an operator
     from controlplane.deployments.schemas import DeploymentCreate, Targets
