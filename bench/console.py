@@ -33,14 +33,15 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from _common import ROOT, Mosquitto, free_port
+
+from controlplane.demo import AppServer
 
 PROFILES = ("raspberry-pi-5", "jetson-orin-nano", "raspberry-pi-4")
 SITES = tuple(f"site-{i:02d}" for i in range(20))
@@ -86,29 +87,6 @@ def seed(engine: Any, devices: int) -> float:
             conn.execute(insert(DeviceTag.__table__), tags)  # type: ignore[arg-type]
             conn.execute(insert(TelemetryRecord.__table__), telemetry)  # type: ignore[arg-type]
     return time.perf_counter() - started
-
-
-class Server:
-    """uvicorn serving the app in a thread of this process."""
-
-    def __init__(self, app: Any, port: int) -> None:
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the control plane's HTTP server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @contextmanager
@@ -186,7 +164,7 @@ def main() -> int:
             filtered = {"profile": "jetson-orin-nano", "tag": "north"}
             port = free_port()
             app = create_app(fleet=fleet)
-            with Server(app, port), httpx.Client(base_url=f"http://127.0.0.1:{port}",
+            with AppServer(app, port), httpx.Client(base_url=f"http://127.0.0.1:{port}",
                                                                      timeout=60) as client:
                 api = {"Authorization": f"Bearer {token}"}
                 client.cookies.set("edgefleet_console", token, path="/console")

@@ -46,7 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from _common import ROOT, Mosquitto, free_port
-from console import Server, database, seed, summary, timed
+from console import database, seed, summary, timed
+
+from controlplane.demo import AppServer
 
 COLLECT = re.compile(rb"^edgefleet_metrics_collect_seconds(?:\{[^}]*\})? (\S+)", re.MULTILINE)
 FROM = re.compile(r"\bFROM\s+\"?([a-z_]+)", re.IGNORECASE)  # "FROM (SELECT ..." skipped: the subquery's table
@@ -188,7 +190,7 @@ def main() -> int:
                 _, viewer = create_token(fleet.engine, Role.VIEWER, "bench-scrape")
                 port = free_port()
                 app = create_app(fleet=fleet)
-                with Server(app, port), httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+                with AppServer(app, port), httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
                     scrape = {"Authorization": f"Bearer {viewer}"}
                     endpoints: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
                         "api-list": ("/api/v1/devices", {"limit": 50}, {"Authorization": f"Bearer {admin}"}),

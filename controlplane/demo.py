@@ -23,7 +23,7 @@ from controlplane.settings import Settings
 from controlplane.statuses import DeploymentStatus, RoundStatus
 from controlplane.wiring import Fleet
 
-__all__ = ["DEMO_PROFILES", "run_demo"]
+__all__ = ["DEMO_PROFILES", "AppServer", "run_demo"]
 
 # Mixed device classes: one that may not train (Coral, full-int8 only), one on tflite-runtime 2.14 (Pi 4), and
 # with 5+ devices one that trains only while charging (Pi Zero 2 W).
@@ -32,8 +32,8 @@ DEMO_PROFILES = ["raspberry-pi-5", "coral-dev-board", "jetson-orin-nano", "raspb
 
 
 
-class _Server:
-    """uvicorn in a thread, for the demo only."""
+class AppServer:
+    """The control-plane app served by uvicorn in a thread of this process (the demo, the benchmarks, the tests)."""
 
     def __init__(self, app: Any, port: int) -> None:
         # log_config=None: uvicorn's loggers go through the root handler (JSON lines in the demo's log file) instead
@@ -94,7 +94,7 @@ def run_demo(*, agents: int = 4, duration_s: float = 20.0, broker_url: str | Non
              f" database {fleet.settings.database_url}")
         _, token = create_token(fleet.engine, Role.ADMIN, "demo")
         port = port or free_port()
-        with _Server(create_app(fleet=fleet), port):
+        with AppServer(create_app(fleet=fleet), port):
             url = f"http://127.0.0.1:{port}"
             _say(f"[demo] API and console on {url}/")
             api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)

@@ -15,13 +15,11 @@ shared mosquitto with a viewer, an operator and an admin token, and helpers to l
 from __future__ import annotations
 
 import os
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -65,29 +63,6 @@ def fx_chromium() -> Iterator[Browser]:
             browser.close()
 
 
-class _Uvicorn:
-    """uvicorn serving an app in a thread of the test process."""
-
-    def __init__(self, app: Any, port: int) -> None:
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, name=f"console-uvicorn-{port}", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the console's HTTP server did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 @dataclass
 class ConsoleServer:
     url: str
@@ -111,18 +86,18 @@ def fx_console_broker() -> Iterator[str]:
 def fx_console_server(console_broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleServer]:
     from controlplane.app import create_app
     from controlplane.auth import Role, create_token
+    from controlplane.demo import AppServer
     from controlplane.wiring import Fleet
 
     data_dir = tmp_path_factory.mktemp(f"console-{uuid.uuid4().hex[:6]}")
     fleet = Fleet(fleet_settings(console_broker, data_dir / "cp")).start()
-    server = _Uvicorn(create_app(fleet=fleet), free_port())
+    port = free_port()
     try:
         tokens = {role: create_token(fleet.engine, role, f"console-{role}")[1] for role in Role}
-        server.start()
-        yield ConsoleServer(url=f"http://127.0.0.1:{server.server.config.port}", fleet=fleet,
-                            broker_url=console_broker, tokens=tokens)
+        with AppServer(create_app(fleet=fleet), port):
+            yield ConsoleServer(url=f"http://127.0.0.1:{port}", fleet=fleet, broker_url=console_broker,
+                                tokens=tokens)
     finally:
-        server.stop()
         device_ids = [d.device_id for d in fleet.devices.find(limit=100_000)]
         fleet.stop()
         clear_retained(console_broker, device_ids)

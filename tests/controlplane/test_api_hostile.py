@@ -464,7 +464,7 @@ def test_the_api_keeps_its_contract_under_generated_input(fleet: Fleet, admin: d
     # content types and headers, bodies that match their schemas, invalid input refused and valid input accepted,
     # what is deleted is gone, what is created can be read, and no token is refused (401) or ignored.
     pytest.importorskip("schemathesis")
-    from controlplane.demo import _Server
+    from controlplane.demo import AppServer
 
     _seed(fleet, tmp_path)
     config = tmp_path / "schemathesis.toml"
@@ -485,7 +485,7 @@ def test_the_api_keeps_its_contract_under_generated_input(fleet: Fleet, admin: d
     }
 
     # Execute
-    with _Server(create_app(fleet=fleet), port):
+    with AppServer(create_app(fleet=fleet), port):
         results = {name: subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                                         check=False) for name, command in runs.items()}
 

@@ -17,7 +17,7 @@ from controlplane.app import create_app
 from controlplane.auth import Role, create_token, verify_token
 from controlplane.cli import app
 from controlplane.db import create_db_engine
-from controlplane.demo import _Server
+from controlplane.demo import AppServer
 from controlplane.wiring import Fleet
 from tests._services import fleet_settings, free_port, port_open, wait_for
 
@@ -107,7 +107,7 @@ def served(mosquitto_url: str, tmp_path: Path) -> Iterator[tuple[Fleet, list[str
     _, token = create_token(fleet.engine, Role.OPERATOR, "cli")
     port = free_port()
     try:
-        with _Server(create_app(fleet=fleet), port):
+        with AppServer(create_app(fleet=fleet), port):
             yield fleet, ["--url", f"http://127.0.0.1:{port}", "--token", token]
     finally:
         fleet.stop()

@@ -94,7 +94,7 @@ class Device:
 def fx_served(fleet: Fleet, mosquitto_url: str) -> Iterator[tuple[Fleet, list[str]]]:
     """The fleet served over HTTP: cam-0 online with three telemetry records, cam-1 (another profile and tag)
     and gone-0 enrolled but never connected; model m1 registered. Yields the CLI options (an admin token)."""
-    from controlplane.demo import _Server
+    from controlplane.demo import AppServer
 
     fleet.devices.enroll(DeviceCreate(device_id="cam-0", profile="raspberry-pi-5", tags=["lab", "cam"]))
     fleet.devices.enroll(DeviceCreate(device_id="cam-1", profile="jetson-orin-nano", tags=["yard"]))
@@ -108,7 +108,7 @@ def fx_served(fleet: Fleet, mosquitto_url: str) -> Iterator[tuple[Fleet, list[st
             device.telemetry(seq, ts)
         wait_for(lambda: fleet.devices.get("cam-0").online and fleet.devices.get("cam-0").last_seq == 2,
                  what="cam-0 online with its telemetry")
-        with _Server(create_app(fleet=fleet), port):
+        with AppServer(create_app(fleet=fleet), port):
             yield fleet, ["--url", f"http://127.0.0.1:{port}", "--token", token]
     finally:
         device.close()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from controlplane.app import create_app
-from controlplane.demo import _Server
+from controlplane.demo import AppServer
 from controlplane.deployments.schemas import DeploymentCreate, Targets
 from controlplane.devices.schemas import DeviceCreate
 from controlplane.settings import Settings
@@ -76,7 +76,7 @@ def fx_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
     monkeypatch.setenv(TASKS_ENV, f"{TASK_NAME}={__name__}:BreastCancerTask")
     fleet = Fleet(Settings(data_dir=tmp_path / "cp", embedded_broker_port=free_port())).start()
     port = free_port()
-    with _Server(create_app(fleet=fleet), port):
+    with AppServer(create_app(fleet=fleet), port):
         yield fleet, f"http://127.0.0.1:{port}"
     fleet.stop()
 

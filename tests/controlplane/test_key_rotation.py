@@ -292,7 +292,7 @@ def test_forced_completion_reaches_a_device_that_was_away_in_order(
 def test_a_real_agents_active_model_survives_the_retirement_of_its_signing_key_and_a_restart(
         fleet: Fleet, tmp_path: Path) -> None:
     # Prepare: a served control plane; a real agent installs a release signed by the first key
-    from controlplane.demo import _Server
+    from controlplane.demo import AppServer
     from controlplane.keys import KeyService
     from tests._services import free_port
     from tests.controlplane.test_rollout_e2e import start_agent, stop
@@ -302,7 +302,7 @@ def test_a_real_agents_active_model_survives_the_retirement_of_its_signing_key_a
     data_dir = tmp_path / "pi5"
     old_key_id = fleet.signer.key_id
     port = free_port()
-    with _Server(create_app(fleet=fleet), port):
+    with AppServer(create_app(fleet=fleet), port):
         url = f"http://127.0.0.1:{port}"
         agent = start_agent(creds, url, data_dir)
         try:
@@ -352,7 +352,7 @@ def test_a_real_agent_learns_the_new_key_and_installs_a_release_signed_by_it(fle
     # Prepare: a served control plane and a real agent enrolled with the first key
     import httpx
 
-    from controlplane.demo import _Server
+    from controlplane.demo import AppServer
     from tests._services import free_port
     from tests.controlplane.test_rollout_e2e import start_agent, stop
 
@@ -360,7 +360,7 @@ def test_a_real_agent_learns_the_new_key_and_installs_a_release_signed_by_it(fle
     creds = fleet.devices.enroll(DeviceCreate(device_id="pi5-rot", profile=PROFILE))
     _, admin = create_token(fleet.engine, Role.ADMIN)
     port = free_port()
-    with _Server(create_app(fleet=fleet), port):
+    with AppServer(create_app(fleet=fleet), port):
         url = f"http://127.0.0.1:{port}"
         client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=30)
         agent = start_agent(creds, url, tmp_path / "pi5")
@@ -398,14 +398,14 @@ def test_the_cli_rotates_shows_who_is_missing_and_completes_only_when_told(
     from typer.testing import CliRunner
 
     from controlplane.cli.keys import app as keys_cli
-    from controlplane.demo import _Server
+    from controlplane.demo import AppServer
     from tests._services import free_port
 
     runner = CliRunner()
     _, admin = create_token(fleet.engine, Role.ADMIN)
     devices["rot-a"].connect()
     port = free_port()
-    with _Server(create_app(fleet=fleet), port):
+    with AppServer(create_app(fleet=fleet), port):
         common = ["--url", f"http://127.0.0.1:{port}", "--token", admin]
         # Execute
         rotated = runner.invoke(keys_cli, ["rotate", *common])

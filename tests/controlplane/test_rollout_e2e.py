@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.app import create_app
-from controlplane.demo import _Server
+from controlplane.demo import AppServer
 from controlplane.deployments.schemas import DeploymentCreate, Targets
 from controlplane.devices.schemas import CommandCreate, DeviceCreate, DeviceEnrolled
 from controlplane.settings import Settings
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def fx_served(tmp_path: Path) -> Iterator[tuple[Fleet, str]]:
     fleet = Fleet(Settings(data_dir=tmp_path / "cp", embedded_broker_port=free_port())).start()
     port = free_port()
-    with _Server(create_app(fleet=fleet), port):
+    with AppServer(create_app(fleet=fleet), port):
         yield fleet, f"http://127.0.0.1:{port}"
     fleet.stop()
 

@@ -324,7 +324,7 @@ def printed_json(output: str) -> Any:
 def test_the_deployments_cli_against_a_served_control_plane(fleet: Fleet, mosquitto_url: str,
                                                             tmp_path: Path) -> None:
     # Prepare: a served control plane; pi-0 online (installs), pi-1 offline
-    from controlplane.demo import _Server
+    from controlplane.demo import AppServer
     from tests._services import free_port
 
     register_starter(fleet, "m-old", STARTER)
@@ -336,7 +336,7 @@ def test_the_deployments_cli_against_a_served_control_plane(fleet: Fleet, mosqui
     common = ["--url", f"http://127.0.0.1:{port}", "--token", token]
     try:
         online(fleet, "pi-0")
-        with _Server(create_app(fleet=fleet), port):
+        with AppServer(create_app(fleet=fleet), port):
             # Execute
             created = runner.invoke(cli, ["deployments", "create", "m-new", "--device", "pi-0", "--device", "pi-1",
                                           "--deadline", "600", "--json", *common])
@@ -379,14 +379,14 @@ def test_the_deployments_cli_against_a_served_control_plane(fleet: Fleet, mosqui
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_real_agent_offline_at_the_rollout_installs_the_model_when_it_starts(fleet: Fleet, tmp_path: Path) -> None:
     # Prepare: a served control plane; the device is enrolled, its agent not started yet
-    from controlplane.demo import _Server
+    from controlplane.demo import AppServer
     from tests._services import free_port
     from tests.controlplane.test_rollout_e2e import start_agent, stop
 
     register_starter(fleet, "m1", STARTER, real_golden=True)
     creds = fleet.devices.enroll(DeviceCreate(device_id="pi5-late", profile="raspberry-pi-5"))
     port = free_port()
-    with _Server(create_app(fleet=fleet), port):
+    with AppServer(create_app(fleet=fleet), port):
         created = fleet.deployments.create(DeploymentCreate(model_version="m1", targets=Targets(all=True)))
         steps(fleet)  # the offline device stays pending, nothing halts
         waiting = fleet.deployments.get(created.id)
@@ -415,7 +415,7 @@ def test_a_real_agent_that_gets_a_cancelled_command_late_is_not_wedged(fleet: Fl
     import os
     import signal
 
-    from controlplane.demo import _Server
+    from controlplane.demo import AppServer
     from tests._services import free_port
     from tests.controlplane.test_rollout_e2e import start_agent, stop
 
@@ -423,7 +423,7 @@ def test_a_real_agent_that_gets_a_cancelled_command_late_is_not_wedged(fleet: Fl
     register_starter(fleet, "m2", STARTER, real_golden=True)
     creds = fleet.devices.enroll(DeviceCreate(device_id="pi5-frozen", profile="raspberry-pi-5"))
     port = free_port()
-    with _Server(create_app(fleet=fleet), port):
+    with AppServer(create_app(fleet=fleet), port):
         agent = start_agent(creds, f"http://127.0.0.1:{port}", tmp_path / "pi5")
         try:
             online(fleet, "pi5-frozen")

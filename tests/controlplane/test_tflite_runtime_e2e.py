@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from controlplane.app import create_app
-from controlplane.demo import _Server
+from controlplane.demo import AppServer
 from controlplane.deployments.schemas import DeploymentCreate, Targets
 from controlplane.deployments.service import choose_variant
 from controlplane.devices.schemas import DeviceCreate, DeviceEnrolled
@@ -38,7 +38,7 @@ MAX_GAP = 0.02  # on-device accuracy at most this far below the gate's figure fo
 def fx_served(tmp_path: Path) -> Iterator[tuple[Fleet, str]]:
     fleet = Fleet(Settings(data_dir=tmp_path / "cp", embedded_broker_port=free_port())).start()
     port = free_port()
-    with _Server(create_app(fleet=fleet), port):
+    with AppServer(create_app(fleet=fleet), port):
         yield fleet, f"http://127.0.0.1:{port}"
     fleet.stop()
 
